@@ -1,0 +1,68 @@
+//! The contract between business logic and the runtime.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use aura_embed::{EmbedError, Embedder};
+use aura_events::{Event, EventError};
+use aura_store::{StoreError, VectorStore};
+
+/// What a handler may use. Handlers get capabilities, never broker clients.
+#[derive(Clone)]
+pub struct HandlerContext {
+    pub store: Arc<dyn VectorStore>,
+    pub embedder: Arc<dyn Embedder>,
+    /// `EMBEDDING_VERSION`, stamped on vectors and points so a re-embedding can tell old from new.
+    pub embedding_version: String,
+}
+
+/// Why a handler failed, classified by what the runtime should do next.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HandlerError {
+    /// A dependency is down or overloaded: retry the same event later, do not skip it.
+    #[error("transient: {0}")]
+    Transient(String),
+    /// The event itself cannot be processed (bad schema, rejected input): dead-letter it.
+    #[error("permanent: {0}")]
+    Permanent(String),
+}
+
+impl HandlerError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Transient(_))
+    }
+
+    pub fn message(&self) -> &str {
+        match self {
+            Self::Transient(m) | Self::Permanent(m) => m,
+        }
+    }
+}
+
+impl From<EventError> for HandlerError {
+    fn from(error: EventError) -> Self {
+        Self::Permanent(error.to_string())
+    }
+}
+
+impl From<StoreError> for HandlerError {
+    fn from(error: StoreError) -> Self {
+        if error.is_transient() { Self::Transient(error.to_string()) } else { Self::Permanent(error.to_string()) }
+    }
+}
+
+impl From<EmbedError> for HandlerError {
+    fn from(error: EmbedError) -> Self {
+        if error.is_transient() { Self::Transient(error.to_string()) } else { Self::Permanent(error.to_string()) }
+    }
+}
+
+#[async_trait]
+pub trait Handler: Send + Sync {
+    /// The name used in `DISABLED_HANDLERS`, metrics and dead letters.
+    fn name(&self) -> &'static str;
+    /// The event types this handler consumes.
+    fn event_types(&self) -> &'static [&'static str];
+    /// Processes one event and returns the events it produces (published by the runtime, not the handler).
+    async fn handle(&self, event: &Event, ctx: &HandlerContext) -> Result<Vec<Event>, HandlerError>;
+}

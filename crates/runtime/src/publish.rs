@@ -1,0 +1,116 @@
+//! `publish_event`: how a produced event leaves the process, whatever the backend.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use async_trait::async_trait;
+use aura_events::Event;
+
+/// The messaging backend a process runs on (`MESSAGING_BACKEND`), plus the in-process bus.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Backend {
+    Kafka,
+    Celery,
+    Disabled,
+    Memory,
+}
+
+impl Backend {
+    /// The values `MESSAGING_BACKEND` accepts.
+    pub const CONFIGURABLE: [&'static str; 3] = ["kafka", "celery", "disabled"];
+
+    pub fn parse(value: &str) -> Option<Self> {
+        match value.trim().to_ascii_lowercase().as_str() {
+            "kafka" => Some(Self::Kafka),
+            "celery" => Some(Self::Celery),
+            "disabled" => Some(Self::Disabled),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Kafka => "kafka",
+            Self::Celery => "celery",
+            Self::Disabled => "disabled",
+            Self::Memory => "memory",
+        }
+    }
+
+    /// The value of the `aura360_messaging_backend` gauge (DESIGN §9).
+    pub fn gauge(self) -> f64 {
+        match self {
+            Self::Kafka => 1.0,
+            Self::Celery => 2.0,
+            Self::Disabled | Self::Memory => 0.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PublishError {
+    /// The broker did not take the event (down, timed out, refused): retry.
+    #[error("publishing {event_type} {event_id} via {backend} failed: {reason}")]
+    Unavailable { backend: &'static str, event_type: String, event_id: String, reason: String },
+    /// The event cannot be published anywhere (no topic or task for its type).
+    #[error("cannot publish {event_type} {event_id}: {reason}")]
+    Unroutable { event_type: String, event_id: String, reason: String },
+}
+
+impl PublishError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Unavailable { .. })
+    }
+}
+
+#[async_trait]
+pub trait Publisher: Send + Sync {
+    fn backend(&self) -> Backend;
+    /// Sends one event and returns once the backend has accepted it (never fire-and-forget).
+    async fn publish(&self, event: &Event) -> Result<(), PublishError>;
+}
+
+/// Publishes through `publisher` and counts it in `aura360_events_published_total{backend,event_type}`.
+pub async fn publish_event(publisher: &dyn Publisher, event: &Event) -> Result<(), PublishError> {
+    publisher.publish(event).await?;
+    metrics::counter!(
+        "aura360_events_published_total",
+        "backend" => publisher.backend().as_str(),
+        "event_type" => event.event_type.clone()
+    )
+    .increment(1);
+    Ok(())
+}
+
+/// `MESSAGING_BACKEND=disabled`: events are logged and counted, not sent.
+#[derive(Debug, Default)]
+pub struct DisabledPublisher {
+    dropped: AtomicU64,
+}
+
+impl DisabledPublisher {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// How many events this publisher was asked to send.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+#[async_trait]
+impl Publisher for DisabledPublisher {
+    fn backend(&self) -> Backend {
+        Backend::Disabled
+    }
+
+    async fn publish(&self, event: &Event) -> Result<(), PublishError> {
+        self.dropped.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            event_id = %event.event_id,
+            event_type = %event.event_type,
+            "messaging disabled: event not sent"
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,394 @@
+//! Layered configuration (DESIGN §8): built-in defaults < `config/default.toml` < `config/${ENV}.toml` <
+//! environment variables, with a `.env` file in the working directory read first as the Python services did.
+//!
+//! Every value is read as text and parsed here, so a bad value fails start-up with one message that names the
+//! variable, what was given and what is accepted — whichever layer it came from. Secrets are wrapped in
+//! [`Secret`] and URLs that may carry a password in [`SecretUrl`]; their `Debug` never shows the secret.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use config::{Config, Environment, File, FileFormat};
+
+use crate::Backend;
+
+const BUILTIN_DEFAULTS: &str = include_str!("../../../config/default.toml");
+const ENVIRONMENTS: [&str; 3] = ["development", "staging", "production"];
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{var}={value:?} is invalid: {reason}")]
+    Invalid { var: String, value: String, reason: String },
+    #[error("cannot read configuration: {0}")]
+    Source(String),
+}
+
+/// A secret value: usable, never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// A connection URL that may carry a password (`redis://:pw@host/0`): `Debug`/`Display` mask the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretUrl(String);
+
+impl SecretUrl {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL with any password replaced by `***`.
+    pub fn redacted(&self) -> String {
+        redact_url(&self.0)
+    }
+}
+
+impl fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.redacted())
+    }
+}
+
+impl fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+/// Replaces the password (or a lone user-info token) of `scheme://user:password@host` with `***`.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else { return url.to_owned() };
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else { return url.to_owned() };
+    let userinfo = &rest[..at];
+    let masked = match userinfo.split_once(':') {
+        Some((user, _)) => format!("{user}:***"),
+        None => "***".to_owned(),
+    };
+    format!("{}{}{}", &url[..scheme_end], masked, &rest[at..])
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EmbeddingProvider {
+    Hash,
+    OpenAi,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct KafkaSettings {
+    pub bootstrap_servers: String,
+    /// `PLAINTEXT`, `SSL`, `SASL_PLAINTEXT` or `SASL_SSL`, as librdkafka spells it.
+    pub security_protocol: String,
+    /// `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`.
+    pub sasl_mechanism: String,
+    pub api_key: Option<String>,
+    pub api_secret: Option<Secret>,
+    pub group_id: String,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct CelerySettings {
+    pub broker_url: SecretUrl,
+    pub result_backend: SecretUrl,
+    pub queues: Vec<String>,
+    pub concurrency: usize,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct QdrantSettings {
+    /// Set: a Qdrant server (gRPC). Unset: embedded Qdrant under `path`.
+    pub url: Option<String>,
+    pub api_key: Option<Secret>,
+    pub path: PathBuf,
+    pub collection: String,
+    pub distance: aura_store::Distance,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct EmbeddingSettings {
+    pub provider: EmbeddingProvider,
+    pub dimension: usize,
+    pub version: String,
+    pub model: String,
+    pub url: Option<String>,
+    pub api_key: Option<Secret>,
+    pub batch_size: usize,
+    pub timeout: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Settings {
+    /// `ENV`: which `config/${ENV}.toml` was layered in, if any.
+    pub environment: Option<String>,
+    pub messaging_backend: Backend,
+    pub kafka: KafkaSettings,
+    pub celery: CelerySettings,
+    pub qdrant: QdrantSettings,
+    pub embedding: EmbeddingSettings,
+    pub disabled_handlers: Vec<String>,
+    pub http_addr: SocketAddr,
+    pub log_format: LogFormat,
+}
+
+impl Settings {
+    /// Reads `.env` (without overriding variables already set), then the layers, from the process environment.
+    /// Files come from `CONFIG_DIR` (default `./config`).
+    pub fn load() -> Result<Self, ConfigError> {
+        match dotenvy::dotenv() {
+            Ok(_) => {}
+            Err(e) if e.not_found() => {}
+            Err(e) => return Err(ConfigError::Source(format!(".env: {e}"))),
+        }
+        let env: HashMap<String, String> = std::env::vars().collect();
+        let dir = env.get("CONFIG_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("config"));
+        Self::from_sources(&dir, &env)
+    }
+
+    /// Builds settings from a config directory and an explicit environment (for tests and tools).
+    pub fn from_sources(config_dir: &Path, env: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        let environment = match env.get("ENV").map(|v| v.trim().to_ascii_lowercase()).filter(|v| !v.is_empty()) {
+            Some(name) if ENVIRONMENTS.contains(&name.as_str()) => Some(name),
+            Some(name) => return Err(invalid("ENV", &name, &format!("accepted values: {}", ENVIRONMENTS.join(", ")))),
+            None => None,
+        };
+        let mut builder = Config::builder()
+            .add_source(File::from_str(BUILTIN_DEFAULTS, FileFormat::Toml))
+            .add_source(File::from(config_dir.join("default.toml")).required(false));
+        if let Some(name) = &environment {
+            builder = builder.add_source(File::from(config_dir.join(format!("{name}.toml"))).required(false));
+        }
+        let env_lower: HashMap<String, String> = env.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.clone())).collect();
+        let layered = builder
+            .add_source(Environment::default().source(Some(env_lower)))
+            .build()
+            .map_err(|e| ConfigError::Source(e.to_string()))?;
+        Layers(layered).settings(environment)
+    }
+}
+
+struct Layers(Config);
+
+impl Layers {
+    fn settings(&self, environment: Option<String>) -> Result<Settings, ConfigError> {
+        let provider = self.choice("embedding_provider", &[("hash", EmbeddingProvider::Hash), ("openai", EmbeddingProvider::OpenAi)])?;
+        let embedding = EmbeddingSettings {
+            provider,
+            dimension: self.number("embedding_dim", 1)?,
+            version: self.required("embedding_version")?,
+            model: self.required("default_embedding_model")?,
+            url: self.text("embedding_url"),
+            api_key: self.text("embedding_api_key").map(Secret),
+            batch_size: self.number("embedding_batch_size", 1)?,
+            timeout: Duration::from_secs(self.number("embedding_timeout_s", 1)?),
+        };
+        if provider == EmbeddingProvider::OpenAi && embedding.url.is_none() {
+            return Err(invalid("EMBEDDING_URL", "", "required when EMBEDDING_PROVIDER=openai"));
+        }
+        let backend_text = self.required("messaging_backend")?;
+        let messaging_backend = Backend::parse(&backend_text).ok_or_else(|| {
+            invalid("MESSAGING_BACKEND", &backend_text, &format!("accepted values: {}", Backend::CONFIGURABLE.join(", ")))
+        })?;
+        let distance_text = self.required("vector_distance")?;
+        let distance = aura_store::Distance::parse(&distance_text).ok_or_else(|| {
+            invalid("VECTOR_DISTANCE", &distance_text, &format!("accepted values: {}", aura_store::Distance::NAMES.join(", ")))
+        })?;
+        let http_text = self.required("http_addr")?;
+        let http_addr = http_text
+            .parse()
+            .map_err(|_| invalid("HTTP_ADDR", &http_text, "expected host:port, e.g. 0.0.0.0:8080"))?;
+        let queues = list(&self.required("celery_queues")?);
+        if queues.is_empty() {
+            return Err(invalid("CELERY_QUEUES", "", "name at least one queue"));
+        }
+        Ok(Settings {
+            environment,
+            messaging_backend,
+            kafka: KafkaSettings {
+                bootstrap_servers: self.required("kafka_bootstrap_servers")?,
+                security_protocol: self.choice(
+                    "kafka_security_protocol",
+                    &[("PLAINTEXT", "PLAINTEXT"), ("SSL", "SSL"), ("SASL_PLAINTEXT", "SASL_PLAINTEXT"), ("SASL_SSL", "SASL_SSL")],
+                )?
+                .to_owned(),
+                sasl_mechanism: self
+                    .choice(
+                        "kafka_sasl_mechanism",
+                        &[("PLAIN", "PLAIN"), ("SCRAM-SHA-256", "SCRAM-SHA-256"), ("SCRAM-SHA-512", "SCRAM-SHA-512")],
+                    )?
+                    .to_owned(),
+                api_key: self.text("kafka_api_key"),
+                api_secret: self.text("kafka_api_secret").map(Secret),
+                group_id: self.required("kafka_group_id")?,
+            },
+            celery: CelerySettings {
+                broker_url: SecretUrl(self.required("broker_url")?),
+                result_backend: SecretUrl(self.required("result_backend")?),
+                queues,
+                concurrency: self.number("celery_concurrency", 1)?,
+            },
+            qdrant: QdrantSettings {
+                url: self.text("qdrant_url"),
+                api_key: self.text("qdrant_api_key").map(Secret),
+                path: PathBuf::from(self.required("qdrant_path")?),
+                collection: self.required("qdrant_collection")?,
+                distance,
+            },
+            embedding,
+            disabled_handlers: list(&self.text("disabled_handlers").unwrap_or_default()),
+            http_addr,
+            log_format: self.choice("log_format", &[("text", LogFormat::Text), ("json", LogFormat::Json)])?,
+        })
+    }
+
+    /// A value, trimmed; empty counts as unset (`QDRANT_URL=` means "no server").
+    fn text(&self, key: &str) -> Option<String> {
+        self.0.get_string(key).ok().map(|v| v.trim().to_owned()).filter(|v| !v.is_empty())
+    }
+
+    fn required(&self, key: &str) -> Result<String, ConfigError> {
+        self.text(key).ok_or_else(|| invalid(&key.to_ascii_uppercase(), "", "must not be empty"))
+    }
+
+    fn number<T: FromStr + PartialOrd + fmt::Display>(&self, key: &str, min: T) -> Result<T, ConfigError> {
+        let text = self.required(key)?;
+        match text.parse::<T>() {
+            Ok(n) if n >= min => Ok(n),
+            _ => Err(invalid(&key.to_ascii_uppercase(), &text, &format!("expected a whole number >= {min}"))),
+        }
+    }
+
+    fn choice<T: Copy>(&self, key: &str, accepted: &[(&str, T)]) -> Result<T, ConfigError> {
+        let text = self.required(key)?;
+        accepted
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case(&text))
+            .map(|(_, value)| *value)
+            .ok_or_else(|| {
+                let names: Vec<&str> = accepted.iter().map(|(n, _)| *n).collect();
+                invalid(&key.to_ascii_uppercase(), &text, &format!("accepted values: {}", names.join(", ")))
+            })
+    }
+}
+
+fn list(text: &str) -> Vec<String> {
+    text.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect()
+}
+
+fn invalid(var: &str, value: &str, reason: &str) -> ConfigError {
+    ConfigError::Invalid { var: var.to_owned(), value: value.to_owned(), reason: reason.to_owned() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    fn load(dir: &Path, pairs: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        Settings::from_sources(dir, &env(pairs))
+    }
+
+    #[test]
+    fn defaults_alone_give_an_embedded_offline_setup() {
+        let s = load(Path::new("/nonexistent"), &[]).unwrap();
+        assert_eq!(s.messaging_backend, Backend::Kafka);
+        assert_eq!(s.kafka.group_id, "vectordb-context-processor");
+        assert_eq!(s.qdrant.url, None);
+        assert_eq!(s.qdrant.path, PathBuf::from("./data/qdrant"));
+        assert_eq!(s.qdrant.collection, "user_context");
+        assert_eq!(s.embedding.provider, EmbeddingProvider::Hash);
+        assert_eq!(s.embedding.dimension, 384);
+        assert_eq!(s.celery.queues, ["celery"]);
+    }
+
+    #[test]
+    fn env_file_and_env_vars_layer_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("default.toml"), "embedding_dim = 768\ncelery_concurrency = 3\n").unwrap();
+        std::fs::write(dir.path().join("staging.toml"), "embedding_dim = 1024\nlog_format = \"json\"\n").unwrap();
+        let s = load(dir.path(), &[("ENV", "staging"), ("EMBEDDING_DIM", "512"), ("DISABLED_HANDLERS", "a, b,")]).unwrap();
+        assert_eq!(s.embedding.dimension, 512, "env beats files");
+        assert_eq!(s.log_format, LogFormat::Json, "ENV file beats default file");
+        assert_eq!(s.celery.concurrency, 3, "default file beats built-ins");
+        assert_eq!(s.disabled_handlers, ["a", "b"]);
+        assert_eq!(s.environment.as_deref(), Some("staging"));
+    }
+
+    #[test]
+    fn a_bad_value_names_the_variable_and_the_accepted_values() {
+        let dir = Path::new("/nonexistent");
+        let err = load(dir, &[("MESSAGING_BACKEND", "rabbit")]).unwrap_err().to_string();
+        assert_eq!(err, "MESSAGING_BACKEND=\"rabbit\" is invalid: accepted values: kafka, celery, disabled");
+        let err = load(dir, &[("EMBEDDING_DIM", "big")]).unwrap_err().to_string();
+        assert!(err.starts_with("EMBEDDING_DIM=\"big\" is invalid"), "{err}");
+        let err = load(dir, &[("ENV", "prod")]).unwrap_err().to_string();
+        assert!(err.contains("development, staging, production"), "{err}");
+        let err = load(dir, &[("KAFKA_SECURITY_PROTOCOL", "TLS")]).unwrap_err().to_string();
+        assert!(err.contains("SASL_SSL"), "{err}");
+        let err = load(dir, &[("EMBEDDING_PROVIDER", "openai")]).unwrap_err().to_string();
+        assert!(err.starts_with("EMBEDDING_URL"), "{err}");
+        assert!(load(dir, &[("EMBEDDING_DIM", "0")]).is_err());
+        assert!(load(dir, &[("HTTP_ADDR", "localhost")]).is_err());
+    }
+
+    #[test]
+    fn case_of_enumerated_values_does_not_matter() {
+        let s = load(Path::new("/nonexistent"), &[("MESSAGING_BACKEND", "Celery"), ("kafka_security_protocol", "sasl_ssl")]).unwrap();
+        assert_eq!(s.messaging_backend, Backend::Celery);
+        assert_eq!(s.kafka.security_protocol, "SASL_SSL");
+    }
+
+    #[test]
+    fn secrets_never_appear_in_debug_output() {
+        let s = load(
+            Path::new("/nonexistent"),
+            &[
+                ("KAFKA_API_SECRET", "kafka-s3cret"),
+                ("QDRANT_API_KEY", "qdrant-s3cret"),
+                ("EMBEDDING_API_KEY", "embed-s3cret"),
+                ("BROKER_URL", "redis://:redis-s3cret@cache:6379/0"),
+                ("RESULT_BACKEND", "rediss://default:redis-s3cret2@cache:6380/1"),
+            ],
+        )
+        .unwrap();
+        let shown = format!("{s:?}");
+        for secret in ["kafka-s3cret", "qdrant-s3cret", "embed-s3cret", "redis-s3cret"] {
+            assert!(!shown.contains(secret), "{secret} leaked: {shown}");
+        }
+        assert!(shown.contains("redis://:***@cache:6379/0"), "{shown}");
+        assert_eq!(s.kafka.api_secret.as_ref().map(Secret::expose), Some("kafka-s3cret"));
+    }
+
+    #[test]
+    fn url_redaction_handles_user_info_forms() {
+        assert_eq!(redact_url("redis://localhost:6379/0"), "redis://localhost:6379/0");
+        assert_eq!(redact_url("redis://:pw@h:1/0"), "redis://:***@h:1/0");
+        assert_eq!(redact_url("redis://user:pw@h/0"), "redis://user:***@h/0");
+        assert_eq!(redact_url("redis://token@h/0"), "redis://***@h/0");
+        assert_eq!(redact_url("http://h/path@x"), "http://h/path@x");
+    }
+}

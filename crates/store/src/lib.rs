@@ -1,0 +1,122 @@
+//! Where vectors land: one [`VectorStore`] trait, two engines.
+//!
+//! [`EdgeStore`] embeds Qdrant in-process (`qdrant-edge`) under a directory — the default, so the pipeline runs
+//! with no server. [`QdrantServerStore`] talks gRPC to a Qdrant server when `QDRANT_URL` is set. Both create the
+//! collection on open (cosine, HNSW m=16 ef_construct=256, on-disk, keyword indexes on the filter fields) and
+//! refuse to open a collection whose vector size differs from the configured one: writing 768-d vectors into a
+//! 384-d collection would fail on every event, so it is a start-up error instead.
+//!
+//! `upsert` returns only once the points are durable (`wait=true` on the server; flushed to disk embedded), because
+//! the caller acknowledges the input message right after.
+
+mod edge;
+mod server;
+
+use async_trait::async_trait;
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+pub use edge::EdgeStore;
+pub use server::QdrantServerStore;
+
+/// Keyword payload fields that get an index (the fields searches filter on).
+pub const KEYWORD_INDEXES: [&str; 5] = ["user_id", "snapshot_type", "source_type", "embedding_model", "version"];
+
+/// The collection every store opens or creates.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CollectionSpec {
+    pub name: String,
+    pub dimension: usize,
+    pub distance: Distance,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Distance {
+    Cosine,
+    Dot,
+    Euclid,
+}
+
+impl Distance {
+    pub const NAMES: [&'static str; 3] = ["cosine", "dot", "euclid"];
+
+    pub fn parse(name: &str) -> Option<Self> {
+        match name.trim().to_ascii_lowercase().as_str() {
+            "cosine" => Some(Self::Cosine),
+            "dot" => Some(Self::Dot),
+            "euclid" | "euclidean" => Some(Self::Euclid),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Point {
+    pub id: Uuid,
+    pub vector: Vec<f32>,
+    pub payload: Map<String, Value>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Hit {
+    pub id: String,
+    pub score: f32,
+    pub payload: Map<String, Value>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct CollectionInfo {
+    pub name: String,
+    pub points: u64,
+    pub dimension: usize,
+    pub distance: Distance,
+    pub engine: &'static str,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "collection `{collection}` holds {existing}-dimensional vectors but EMBEDDING_DIM is {configured}; \
+         use another QDRANT_COLLECTION or the matching EMBEDDING_DIM"
+    )]
+    DimensionMismatch { collection: String, existing: usize, configured: usize },
+    #[error("collection `{collection}` uses {existing:?} distance but VECTOR_DISTANCE is {configured:?}")]
+    DistanceMismatch { collection: String, existing: Distance, configured: Distance },
+    /// The store could not be reached or failed on its side: worth retrying.
+    #[error("vector store unavailable: {0}")]
+    Unavailable(String),
+    /// The request itself is wrong (e.g. a vector of the wrong length): retrying cannot help.
+    #[error("vector store rejected the request: {0}")]
+    Invalid(String),
+}
+
+impl StoreError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Unavailable(_))
+    }
+}
+
+#[async_trait]
+pub trait VectorStore: Send + Sync {
+    fn collection(&self) -> &CollectionSpec;
+    /// Inserts or overwrites the points; returns once they are durable.
+    async fn upsert(&self, points: Vec<Point>) -> Result<(), StoreError>;
+    /// Nearest points to `vector`, restricted to `user_id` when given.
+    async fn search(&self, vector: Vec<f32>, user_id: Option<&str>, limit: usize) -> Result<Vec<Hit>, StoreError>;
+    /// Exact number of points, restricted to `user_id` when given.
+    async fn count(&self, user_id: Option<&str>) -> Result<u64, StoreError>;
+    async fn info(&self) -> Result<CollectionInfo, StoreError>;
+}
+
+fn check_vectors(spec: &CollectionSpec, points: &[Point]) -> Result<(), StoreError> {
+    match points.iter().find(|p| p.vector.len() != spec.dimension) {
+        Some(p) => Err(StoreError::Invalid(format!(
+            "point {} has a {}-dimensional vector; collection `{}` takes {}",
+            p.id,
+            p.vector.len(),
+            spec.name,
+            spec.dimension
+        ))),
+        None => Ok(()),
+    }
+}

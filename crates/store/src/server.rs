@@ -1,0 +1,199 @@
+//! A Qdrant server over gRPC (`qdrant-client`), used when `QDRANT_URL` is set.
+//!
+//! Transport failures are [`StoreError::Unavailable`] (retry); a collection of the wrong size is refused at open.
+
+use async_trait::async_trait;
+use qdrant_client::qdrant::{
+    Condition, CountPointsBuilder, CreateCollectionBuilder, CreateFieldIndexCollectionBuilder, FieldType, Filter,
+    HnswConfigDiffBuilder, PointStruct, SearchPointsBuilder, UpsertPointsBuilder, VectorParamsBuilder,
+    point_id::PointIdOptions, vectors_config,
+};
+use qdrant_client::{Payload, Qdrant, QdrantError};
+use serde_json::Value;
+
+use crate::{CollectionInfo, CollectionSpec, Distance, Hit, KEYWORD_INDEXES, Point, StoreError, VectorStore, check_vectors};
+
+pub struct QdrantServerStore {
+    spec: CollectionSpec,
+    url: String,
+    client: Qdrant,
+}
+
+impl std::fmt::Debug for QdrantServerStore {
+    // The client holds the API key: show only what is safe.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QdrantServerStore").field("spec", &self.spec).field("url", &self.url).finish()
+    }
+}
+
+impl QdrantServerStore {
+    /// Connects, creates the collection if missing, refuses a size or distance mismatch.
+    pub async fn connect(url: &str, api_key: Option<&str>, spec: CollectionSpec) -> Result<Self, StoreError> {
+        let client = Qdrant::from_url(url)
+            .api_key(api_key.map(str::to_owned))
+            .timeout(std::time::Duration::from_secs(30))
+            .skip_compatibility_check()
+            .build()
+            .map_err(|e| unavailable(url, e))?;
+        let store = Self { spec, url: url.to_owned(), client };
+        store.ensure_collection().await?;
+        Ok(store)
+    }
+
+    async fn ensure_collection(&self) -> Result<(), StoreError> {
+        let name = &self.spec.name;
+        let exists = self.client.collection_exists(name).await.map_err(|e| self.error(e))?;
+        if exists {
+            let (dimension, distance) = self.vector_params().await?;
+            if dimension != self.spec.dimension {
+                return Err(StoreError::DimensionMismatch {
+                    collection: name.clone(),
+                    existing: dimension,
+                    configured: self.spec.dimension,
+                });
+            }
+            if distance != self.spec.distance {
+                return Err(StoreError::DistanceMismatch {
+                    collection: name.clone(),
+                    existing: distance,
+                    configured: self.spec.distance,
+                });
+            }
+        } else {
+            let vectors = VectorParamsBuilder::new(self.spec.dimension as u64, server_distance(self.spec.distance)).on_disk(true);
+            let create = CreateCollectionBuilder::new(name.clone())
+                .vectors_config(vectors)
+                .hnsw_config(HnswConfigDiffBuilder::default().m(16).ef_construct(256).on_disk(true))
+                .on_disk_payload(true);
+            if let Err(e) = self.client.create_collection(create).await {
+                // Another process may have created it between our check and our create.
+                if !self.client.collection_exists(name).await.unwrap_or(false) {
+                    return Err(self.error(e));
+                }
+            }
+        }
+        for field in KEYWORD_INDEXES {
+            // Idempotent on the server: creating an existing index is accepted.
+            self.client
+                .create_field_index(CreateFieldIndexCollectionBuilder::new(name.clone(), field, FieldType::Keyword).wait(true))
+                .await
+                .map_err(|e| self.error(e))?;
+        }
+        Ok(())
+    }
+
+    async fn vector_params(&self) -> Result<(usize, Distance), StoreError> {
+        let info = self.client.collection_info(&self.spec.name).await.map_err(|e| self.error(e))?;
+        let config = info
+            .result
+            .and_then(|r| r.config)
+            .and_then(|c| c.params)
+            .and_then(|p| p.vectors_config)
+            .and_then(|v| v.config);
+        match config {
+            Some(vectors_config::Config::Params(params)) => Ok((params.size as usize, from_server_distance(params.distance))),
+            _ => Err(StoreError::Invalid(format!(
+                "collection `{}` has no single unnamed dense vector (named vectors are not supported)",
+                self.spec.name
+            ))),
+        }
+    }
+
+    fn error(&self, error: QdrantError) -> StoreError {
+        unavailable(&self.url, error)
+    }
+}
+
+fn unavailable(url: &str, error: QdrantError) -> StoreError {
+    StoreError::Unavailable(format!("Qdrant at {url}: {error}"))
+}
+
+fn server_distance(distance: Distance) -> qdrant_client::qdrant::Distance {
+    match distance {
+        Distance::Cosine => qdrant_client::qdrant::Distance::Cosine,
+        Distance::Dot => qdrant_client::qdrant::Distance::Dot,
+        Distance::Euclid => qdrant_client::qdrant::Distance::Euclid,
+    }
+}
+
+fn from_server_distance(raw: i32) -> Distance {
+    match qdrant_client::qdrant::Distance::try_from(raw) {
+        Ok(qdrant_client::qdrant::Distance::Dot) => Distance::Dot,
+        Ok(qdrant_client::qdrant::Distance::Euclid) | Ok(qdrant_client::qdrant::Distance::Manhattan) => Distance::Euclid,
+        _ => Distance::Cosine,
+    }
+}
+
+fn user_filter(user_id: Option<&str>) -> Option<Filter> {
+    user_id.map(|user| Filter::must([Condition::matches("user_id", user.to_owned())]))
+}
+
+#[async_trait]
+impl VectorStore for QdrantServerStore {
+    fn collection(&self) -> &CollectionSpec {
+        &self.spec
+    }
+
+    async fn upsert(&self, points: Vec<Point>) -> Result<(), StoreError> {
+        if points.is_empty() {
+            return Ok(());
+        }
+        check_vectors(&self.spec, &points)?;
+        let points: Vec<PointStruct> = points
+            .into_iter()
+            .map(|p| {
+                let payload = Payload::from(p.payload);
+                PointStruct::new(p.id.to_string(), p.vector, payload)
+            })
+            .collect();
+        self.client
+            .upsert_points(UpsertPointsBuilder::new(self.spec.name.clone(), points).wait(true))
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(())
+    }
+
+    async fn search(&self, vector: Vec<f32>, user_id: Option<&str>, limit: usize) -> Result<Vec<Hit>, StoreError> {
+        let mut request = SearchPointsBuilder::new(self.spec.name.clone(), vector, limit as u64).with_payload(true);
+        if let Some(filter) = user_filter(user_id) {
+            request = request.filter(filter);
+        }
+        let response = self.client.search_points(request).await.map_err(|e| self.error(e))?;
+        Ok(response
+            .result
+            .into_iter()
+            .map(|p| {
+                let id = match p.id.and_then(|id| id.point_id_options) {
+                    Some(PointIdOptions::Uuid(u)) => u,
+                    Some(PointIdOptions::Num(n)) => n.to_string(),
+                    None => String::new(),
+                };
+                let payload = match Value::from(Payload::from(p.payload)) {
+                    Value::Object(map) => map,
+                    _ => Default::default(),
+                };
+                Hit { id, score: p.score, payload }
+            })
+            .collect())
+    }
+
+    async fn count(&self, user_id: Option<&str>) -> Result<u64, StoreError> {
+        let mut request = CountPointsBuilder::new(self.spec.name.clone()).exact(true);
+        if let Some(filter) = user_filter(user_id) {
+            request = request.filter(filter);
+        }
+        let response = self.client.count(request).await.map_err(|e| self.error(e))?;
+        Ok(response.result.map(|r| r.count).unwrap_or(0))
+    }
+
+    async fn info(&self) -> Result<CollectionInfo, StoreError> {
+        let (dimension, distance) = self.vector_params().await?;
+        Ok(CollectionInfo {
+            name: self.spec.name.clone(),
+            points: self.count(None).await?,
+            dimension,
+            distance,
+            engine: "server",
+        })
+    }
+}

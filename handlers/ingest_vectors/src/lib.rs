@@ -1,0 +1,196 @@
+//! `ingest_vectors`: the vectors of a `context.vectorized` event become points in the `user_context` collection.
+//!
+//! Point ids are UUIDv5 of the chain's origin event id and the chunk index, so a redelivered event, a replay or a
+//! re-run of the whole chain (which mints new intermediate event ids) overwrites the same points instead of adding
+//! new ones. The upsert is durable before `handle` returns, and the runtime acknowledges the input only after that.
+
+use async_trait::async_trait;
+use aura_runtime::events::payload::VectorizedContext;
+use aura_runtime::events::{Event, EventError, Timestamp, types};
+use aura_runtime::store::Point;
+use aura_runtime::{Handler, HandlerContext, HandlerError};
+use serde_json::{Map, Value, json};
+use uuid::Uuid;
+
+/// Namespace of point ids: `uuid5(NAMESPACE_URL, "aura360:vectordb:user_context")`.
+pub fn point_namespace() -> Uuid {
+    Uuid::new_v5(&Uuid::NAMESPACE_URL, b"aura360:vectordb:user_context")
+}
+
+/// The point id of chunk `chunk_index` of the chain started by `origin_event_id`.
+pub fn point_id(origin_event_id: &str, chunk_index: usize) -> Uuid {
+    Uuid::new_v5(&point_namespace(), format!("{origin_event_id}:{chunk_index}").as_bytes())
+}
+
+pub struct IngestVectors;
+
+#[async_trait]
+impl Handler for IngestVectors {
+    fn name(&self) -> &'static str {
+        "ingest_vectors"
+    }
+
+    fn event_types(&self) -> &'static [&'static str] {
+        &[types::CONTEXT_VECTORIZED]
+    }
+
+    async fn handle(&self, event: &Event, ctx: &HandlerContext) -> Result<Vec<Event>, HandlerError> {
+        let points = points(event)?;
+        ctx.store.upsert(points).await?;
+        Ok(Vec::new())
+    }
+}
+
+/// The points for one `context.vectorized` event.
+pub fn points(event: &Event) -> Result<Vec<Point>, EventError> {
+    let vectorized = VectorizedContext::from_event(event)?;
+    let snapshot = &vectorized.context_data;
+    let user_id = match event.user_id.as_deref().filter(|u| !u.trim().is_empty()) {
+        Some(user) => user.to_owned(),
+        None if !snapshot.user_id.trim().is_empty() => snapshot.user_id.clone(),
+        None => return Err(EventError::schema("user_id", "missing or empty")),
+    };
+    let origin = event.origin_event_id();
+    let created_at = snapshot
+        .timestamp
+        .as_deref()
+        .and_then(|t| Timestamp::parse(t).ok())
+        .unwrap_or_else(|| event.timestamp.clone())
+        .epoch_seconds();
+
+    let mut shared = Map::new();
+    shared.insert("user_id".into(), json!(user_id));
+    shared.insert("doc_id".into(), json!(origin));
+    shared.insert("source_type".into(), json!("user_context"));
+    shared.insert("category".into(), json!("user_context"));
+    shared.insert("snapshot_type".into(), json!(snapshot.snapshot_type));
+    shared.insert("timeframe".into(), json!(snapshot.timeframe));
+    shared.insert("created_at".into(), json!(created_at));
+    shared.insert("embedding_model".into(), json!(vectorized.embedding_model));
+    shared.insert("version".into(), json!(vectorized.embedding_version));
+    shared.insert("trace_id".into(), json!(event.trace_id));
+    shared.insert("origin_event_id".into(), json!(origin));
+    shared.insert("aggregated_event_id".into(), json!(event.causation_id()));
+    shared.insert("vectorized_event_id".into(), json!(event.event_id.to_string()));
+    if let Some(source) = &snapshot.source_event {
+        shared.insert("source_event".into(), source.clone());
+    }
+    for (key, summary) in [("mood_summary", &snapshot.mood_summary), ("activity_summary", &snapshot.activity_summary)] {
+        if let Some(summary) = summary {
+            shared.insert(key.into(), summary.clone());
+        }
+    }
+    // Other summaries of the snapshot (ikigai_summary, psychosocial_factors, …) travel along as they came.
+    for (key, value) in &snapshot.extra {
+        shared.entry(key.clone()).or_insert_with(|| value.clone());
+    }
+
+    Ok(vectorized
+        .chunks
+        .iter()
+        .zip(vectorized.vectors)
+        .enumerate()
+        .map(|(index, (text, vector))| {
+            let mut payload = shared.clone();
+            payload.insert("chunk_index".into(), json!(index));
+            payload.insert("text".into(), Value::String(text.clone()));
+            Point { id: point_id(&origin, index), vector, payload }
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aura_runtime::store::VectorStore;
+    use aura_runtime::testing::{FlakyStore, TEST_DIM, context_with, embedded};
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
+
+    fn vectorized(chunks: usize) -> Event {
+        let mut e = Event::new(types::CONTEXT_VECTORIZED, Some("u9".into()), Some("trace-9".into()));
+        e.metadata.insert("origin_event_id".into(), json!("origin-1"));
+        e.metadata.insert("causation_id".into(), json!("agg-1"));
+        let vectorized = VectorizedContext {
+            context_data: serde_json::from_value(json!({
+                "user_id": "u9", "timestamp": "2025-03-01T00:00:00", "text_representation": "t",
+                "mood_summary": {"recent_score": 3}, "ikigai_summary": {"purpose": "care"}
+            }))
+            .unwrap(),
+            chunks: (0..chunks).map(|i| format!("chunk {i}")).collect(),
+            vectors: (0..chunks).map(|i| (0..TEST_DIM).map(|d| if d == i { 1.0 } else { 0.0 }).collect()).collect(),
+            embedding_model: "hash-ngram-v1".into(),
+            embedding_version: "test-v1".into(),
+        };
+        vectorized.apply_to(&mut e);
+        e
+    }
+
+    #[test]
+    fn point_ids_are_deterministic_per_origin_and_chunk() {
+        assert_eq!(point_id("origin-1", 0), point_id("origin-1", 0));
+        assert_ne!(point_id("origin-1", 0), point_id("origin-1", 1));
+        assert_ne!(point_id("origin-1", 0), point_id("origin-2", 0));
+        assert_eq!(point_id("origin-1", 0).get_version_num(), 5);
+    }
+
+    #[tokio::test]
+    async fn ingest_writes_one_point_per_chunk_with_the_full_payload() {
+        let fixture = embedded();
+        let (ctx, store) = (&fixture.ctx, &fixture.store);
+        let event = vectorized(2);
+        assert!(IngestVectors.handle(&event, ctx).await.unwrap().is_empty());
+        assert_eq!(store.count(Some("u9")).await.unwrap(), 2);
+
+        let hits = store.search(points(&event).unwrap()[1].vector.clone(), Some("u9"), 1).await.unwrap();
+        assert_eq!(hits[0].id, point_id("origin-1", 1).to_string());
+        let p = &hits[0].payload;
+        assert_eq!(p["chunk_index"], 1);
+        assert_eq!(p["text"], "chunk 1");
+        assert_eq!(p["doc_id"], "origin-1");
+        assert_eq!(p["source_type"], "user_context");
+        assert_eq!(p["category"], "user_context");
+        assert_eq!(p["created_at"], 1_740_787_200);
+        assert_eq!(p["version"], "test-v1");
+        assert_eq!(p["embedding_model"], "hash-ngram-v1");
+        assert_eq!(p["trace_id"], "trace-9");
+        assert_eq!(p["aggregated_event_id"], "agg-1");
+        assert_eq!(p["mood_summary"], json!({"recent_score": 3}));
+        assert_eq!(p["ikigai_summary"], json!({"purpose": "care"}));
+
+        // Redelivery overwrites.
+        IngestVectors.handle(&event, ctx).await.unwrap();
+        assert_eq!(store.count(None).await.unwrap(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_store_that_is_down_is_a_transient_error() {
+        let fixture = embedded();
+        let store = &fixture.store;
+        let flaky = Arc::new(FlakyStore::new(store.clone(), 1));
+        let ctx = context_with(flaky.clone());
+        let err = IngestVectors.handle(&vectorized(1), &ctx).await.unwrap_err();
+        assert!(matches!(err, HandlerError::Transient(_)), "{err}");
+        IngestVectors.handle(&vectorized(1), &ctx).await.unwrap();
+        assert_eq!(flaky.attempts.load(Ordering::SeqCst), 2);
+        assert_eq!(store.count(None).await.unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn vectors_of_the_wrong_size_or_a_missing_user_are_permanent() {
+        let fixture = embedded();
+        let ctx = &fixture.ctx;
+        let mut wrong_size = vectorized(1);
+        wrong_size.set_field("vectors", json!([[1.0, 0.0]]));
+        assert!(matches!(IngestVectors.handle(&wrong_size, ctx).await, Err(HandlerError::Permanent(_))));
+
+        let mut no_user = vectorized(1);
+        no_user.user_id = None;
+        no_user.set_field("context_data", json!({"user_id": "", "text_representation": "t"}));
+        assert!(matches!(IngestVectors.handle(&no_user, ctx).await, Err(HandlerError::Permanent(_))));
+
+        let mut no_vectors = vectorized(1);
+        no_vectors.fields.remove("vectors");
+        assert!(matches!(IngestVectors.handle(&no_vectors, ctx).await, Err(HandlerError::Permanent(_))));
+    }
+}
