@@ -24,14 +24,20 @@ impl HashEmbedder {
     pub const MODEL: &'static str = "hash-ngram-v1";
 
     pub fn new(dimension: usize) -> Self {
-        Self { dimension: dimension.max(1), model: Self::MODEL.to_owned() }
+        Self {
+            dimension: dimension.max(1),
+            model: Self::MODEL.to_owned(),
+        }
     }
 
     /// Embeds one text synchronously (the work is a few microseconds; no need to leave the thread).
     pub fn embed_one(&self, text: &str) -> Result<Vec<f32>, EmbedError> {
         let mut vector = vec![0.0f32; self.dimension];
         let lowered = text.to_lowercase();
-        let words: Vec<&str> = lowered.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).collect();
+        let words: Vec<&str> = lowered
+            .split(|c: char| !c.is_alphanumeric())
+            .filter(|w| !w.is_empty())
+            .collect();
         let mut add = |feature: &[&[u8]], weight: f32| {
             let hash = fnv1a(feature);
             let bucket = (hash % self.dimension as u64) as usize;
@@ -41,9 +47,15 @@ impl HashEmbedder {
         for (i, word) in words.iter().enumerate() {
             add(&[b"w:", word.as_bytes()], WORD_WEIGHT);
             if let Some(next) = words.get(i + 1) {
-                add(&[b"b:", word.as_bytes(), b" ", next.as_bytes()], BIGRAM_WEIGHT);
+                add(
+                    &[b"b:", word.as_bytes(), b" ", next.as_bytes()],
+                    BIGRAM_WEIGHT,
+                );
             }
-            let padded: Vec<char> = std::iter::once('<').chain(word.chars()).chain(std::iter::once('>')).collect();
+            let padded: Vec<char> = std::iter::once('<')
+                .chain(word.chars())
+                .chain(std::iter::once('>'))
+                .collect();
             let mut buf = [0u8; 12];
             for window in padded.windows(3) {
                 let mut len = 0;
@@ -54,7 +66,9 @@ impl HashEmbedder {
             }
         }
         if words.is_empty() {
-            return Err(EmbedError::Rejected(format!("text has no words to embed: {text:?}")));
+            return Err(EmbedError::Rejected(format!(
+                "text has no words to embed: {text:?}"
+            )));
         }
         l2_normalize(&mut vector)?;
         Ok(vector)
@@ -81,8 +95,14 @@ impl Embedder for HashEmbedder {
     }
 
     async fn embed(&self, texts: &[String]) -> Result<Embeddings, EmbedError> {
-        let vectors = texts.iter().map(|t| self.embed_one(t)).collect::<Result<_, _>>()?;
-        Ok(Embeddings { model: self.model.clone(), vectors })
+        let vectors = texts
+            .iter()
+            .map(|t| self.embed_one(t))
+            .collect::<Result<_, _>>()?;
+        Ok(Embeddings {
+            model: self.model.clone(),
+            vectors,
+        })
     }
 }
 
@@ -97,8 +117,12 @@ mod tests {
     #[test]
     fn same_text_same_vector_of_the_configured_size_and_unit_norm() {
         let embedder = HashEmbedder::new(384);
-        let a = embedder.embed_one("Mood Score: 7/10 | Mood Tags: calm").unwrap();
-        let b = embedder.embed_one("Mood Score: 7/10 | Mood Tags: calm").unwrap();
+        let a = embedder
+            .embed_one("Mood Score: 7/10 | Mood Tags: calm")
+            .unwrap();
+        let b = embedder
+            .embed_one("Mood Score: 7/10 | Mood Tags: calm")
+            .unwrap();
         assert_eq!(a, b);
         assert_eq!(a.len(), 384);
         assert!((cosine(&a, &a) - 1.0).abs() < 1e-5);
@@ -107,14 +131,23 @@ mod tests {
     #[test]
     fn related_texts_are_closer_than_unrelated_ones() {
         let embedder = HashEmbedder::new(384);
-        let anchor = embedder.embed_one("feeling anxious about work deadlines").unwrap();
-        let related = embedder.embed_one("anxious about deadlines at work").unwrap();
-        let unrelated = embedder.embed_one("went swimming with friends at the lake").unwrap();
+        let anchor = embedder
+            .embed_one("feeling anxious about work deadlines")
+            .unwrap();
+        let related = embedder
+            .embed_one("anxious about deadlines at work")
+            .unwrap();
+        let unrelated = embedder
+            .embed_one("went swimming with friends at the lake")
+            .unwrap();
         assert!(cosine(&anchor, &related) > cosine(&anchor, &unrelated) + 0.3);
     }
 
     #[test]
     fn text_without_words_is_an_error_not_a_zero_vector() {
-        assert!(matches!(HashEmbedder::new(8).embed_one(" | -- "), Err(EmbedError::Rejected(_))));
+        assert!(matches!(
+            HashEmbedder::new(8).embed_one(" | -- "),
+            Err(EmbedError::Rejected(_))
+        ));
     }
 }

@@ -48,7 +48,9 @@ impl EmbedError {
 pub fn l2_normalize(vector: &mut [f32]) -> Result<(), EmbedError> {
     let norm = vector.iter().map(|x| x * x).sum::<f32>().sqrt();
     if !norm.is_finite() || norm == 0.0 {
-        return Err(EmbedError::Rejected(format!("vector has norm {norm}; cannot normalise")));
+        return Err(EmbedError::Rejected(format!(
+            "vector has norm {norm}; cannot normalise"
+        )));
     }
     vector.iter_mut().for_each(|x| *x /= norm);
     Ok(())

@@ -69,15 +69,25 @@ impl OpenAiEmbedder {
             .timeout(config.timeout)
             .build()
             .map_err(|e| EmbedError::Rejected(format!("cannot build HTTP client: {e}")))?;
-        Ok(Self { endpoint: endpoint(&config.url), config, client })
+        Ok(Self {
+            endpoint: endpoint(&config.url),
+            config,
+            client,
+        })
     }
 
     pub fn endpoint(&self) -> &str {
         &self.endpoint
     }
 
-    async fn embed_batch(&self, texts: &[String]) -> Result<(Option<String>, Vec<Vec<f32>>), EmbedError> {
-        let mut request = self.client.post(&self.endpoint).json(&Request { model: &self.config.model, input: texts });
+    async fn embed_batch(
+        &self,
+        texts: &[String],
+    ) -> Result<(Option<String>, Vec<Vec<f32>>), EmbedError> {
+        let mut request = self.client.post(&self.endpoint).json(&Request {
+            model: &self.config.model,
+            input: texts,
+        });
         if let Some(key) = &self.config.api_key {
             request = request.bearer_auth(key);
         }
@@ -87,17 +97,26 @@ impl OpenAiEmbedder {
         let status = response.status();
         if !status.is_success() {
             let body = response.text().await.unwrap_or_default();
-            let message = format!("POST {} returned {status}: {}", self.endpoint, truncate(&body, 300));
-            return Err(if status.is_server_error() || status.as_u16() == 429 || status.as_u16() == 408 {
-                EmbedError::Unavailable(message)
-            } else {
-                EmbedError::Rejected(message)
-            });
+            let message = format!(
+                "POST {} returned {status}: {}",
+                self.endpoint,
+                truncate(&body, 300)
+            );
+            return Err(
+                if status.is_server_error() || status.as_u16() == 429 || status.as_u16() == 408 {
+                    EmbedError::Unavailable(message)
+                } else {
+                    EmbedError::Rejected(message)
+                },
+            );
         }
-        let parsed: Response = response
-            .json()
-            .await
-            .map_err(|e| EmbedError::Rejected(format!("POST {}: unreadable response: {}", self.endpoint, without_url(&e))))?;
+        let parsed: Response = response.json().await.map_err(|e| {
+            EmbedError::Rejected(format!(
+                "POST {}: unreadable response: {}",
+                self.endpoint,
+                without_url(&e)
+            ))
+        })?;
         if parsed.data.len() != texts.len() {
             return Err(EmbedError::Rejected(format!(
                 "asked for {} embeddings, got {}",
@@ -108,9 +127,9 @@ impl OpenAiEmbedder {
         let mut ordered: Vec<Option<Vec<f32>>> = vec![None; texts.len()];
         for (position, item) in parsed.data.into_iter().enumerate() {
             let index = item.index.unwrap_or(position);
-            let slot = ordered
-                .get_mut(index)
-                .ok_or_else(|| EmbedError::Rejected(format!("response index {index} out of range")))?;
+            let slot = ordered.get_mut(index).ok_or_else(|| {
+                EmbedError::Rejected(format!("response index {index} out of range"))
+            })?;
             if item.embedding.len() != self.config.dimension {
                 return Err(EmbedError::Rejected(format!(
                     "model `{}` returned {}-dimensional vectors but EMBEDDING_DIM is {}",
@@ -126,7 +145,9 @@ impl OpenAiEmbedder {
         let vectors = ordered
             .into_iter()
             .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| EmbedError::Rejected("response repeats an index and misses another".into()))?;
+            .ok_or_else(|| {
+                EmbedError::Rejected("response repeats an index and misses another".into())
+            })?;
         Ok((parsed.model, vectors))
     }
 }
@@ -149,7 +170,10 @@ impl Embedder for OpenAiEmbedder {
             model = model.or(reported);
             vectors.extend(batch_vectors);
         }
-        Ok(Embeddings { model: model.unwrap_or_else(|| self.config.model.clone()), vectors })
+        Ok(Embeddings {
+            model: model.unwrap_or_else(|| self.config.model.clone()),
+            vectors,
+        })
     }
 }
 
@@ -190,7 +214,10 @@ mod tests {
     #[test]
     fn endpoint_accepts_base_v1_and_full_urls() {
         assert_eq!(endpoint("http://tei:8080"), "http://tei:8080/v1/embeddings");
-        assert_eq!(endpoint("https://api.openai.com/v1/"), "https://api.openai.com/v1/embeddings");
+        assert_eq!(
+            endpoint("https://api.openai.com/v1/"),
+            "https://api.openai.com/v1/embeddings"
+        );
         assert_eq!(endpoint("http://x/v1/embeddings"), "http://x/v1/embeddings");
     }
 
@@ -204,7 +231,10 @@ mod tests {
             batch_size: 2,
             timeout: Duration::from_secs(1),
         };
-        let shown = format!("{config:?} {:?}", OpenAiEmbedder::new(config.clone()).unwrap());
+        let shown = format!(
+            "{config:?} {:?}",
+            OpenAiEmbedder::new(config.clone()).unwrap()
+        );
         assert!(!shown.contains("sk-very-secret"), "{shown}");
     }
 }

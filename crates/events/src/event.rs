@@ -37,13 +37,20 @@ pub enum EventError {
 
 impl EventError {
     pub fn schema(field: impl Into<String>, reason: impl Into<String>) -> Self {
-        Self::Schema { field: field.into(), reason: reason.into() }
+        Self::Schema {
+            field: field.into(),
+            reason: reason.into(),
+        }
     }
 }
 
 impl Event {
     /// A fresh event (new id, current time) with no per-type fields yet.
-    pub fn new(event_type: impl Into<String>, user_id: Option<String>, trace_id: Option<String>) -> Self {
+    pub fn new(
+        event_type: impl Into<String>,
+        user_id: Option<String>,
+        trace_id: Option<String>,
+    ) -> Self {
         Self {
             event_id: Uuid::new_v4(),
             event_type: event_type.into(),
@@ -60,8 +67,14 @@ impl Event {
     pub fn caused_by(cause: &Event, event_type: impl Into<String>) -> Self {
         let mut event = Self::new(event_type, cause.user_id.clone(), cause.trace_id.clone());
         event.metadata = cause.metadata.clone();
-        event.metadata.insert("causation_id".into(), Value::String(cause.event_id.to_string()));
-        event.metadata.insert("origin_event_id".into(), Value::String(cause.origin_event_id().to_string()));
+        event.metadata.insert(
+            "causation_id".into(),
+            Value::String(cause.event_id.to_string()),
+        );
+        event.metadata.insert(
+            "origin_event_id".into(),
+            Value::String(cause.origin_event_id().to_string()),
+        );
         event
     }
 
@@ -132,13 +145,18 @@ fn classify(error: serde_json::Error) -> EventError {
                 .filter(|_| message.starts_with("missing field"))
                 .unwrap_or("event")
                 .to_owned();
-            EventError::Schema { field, reason: message }
+            EventError::Schema {
+                field,
+                reason: message,
+            }
         }
         _ => EventError::Json(error),
     }
 }
 
-fn null_as_empty<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Map<String, Value>, D::Error> {
+fn null_as_empty<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Map<String, Value>, D::Error> {
     Ok(Option::<Map<String, Value>>::deserialize(deserializer)?.unwrap_or_default())
 }
 
@@ -148,7 +166,9 @@ fn lenient_user_id<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
         Some(Value::Number(n)) => Ok(Some(n.to_string())),
-        Some(other) => Err(serde::de::Error::custom(format!("user_id must be a string, got {other}"))),
+        Some(other) => Err(serde::de::Error::custom(format!(
+            "user_id must be a string, got {other}"
+        ))),
     }
 }
 
@@ -164,7 +184,10 @@ mod tests {
         let event = Event::from_slice(PYTHON_MOOD_EVENT.as_bytes()).unwrap();
         assert_eq!(event.event_type, "user.mood.created");
         assert_eq!(event.field("schema_version"), Some(&json!(3)));
-        assert_eq!(String::from_utf8(event.to_vec()).unwrap(), PYTHON_MOOD_EVENT);
+        assert_eq!(
+            String::from_utf8(event.to_vec()).unwrap(),
+            PYTHON_MOOD_EVENT
+        );
     }
 
     #[test]
@@ -175,17 +198,28 @@ mod tests {
         assert_ne!(second.event_id, first.event_id);
         assert_eq!(third.trace_id.as_deref(), Some("trace-1"));
         assert_eq!(third.user_id.as_deref(), Some("user-42"));
-        assert_eq!(third.causation_id(), Some(second.event_id.to_string().as_str()));
+        assert_eq!(
+            third.causation_id(),
+            Some(second.event_id.to_string().as_str())
+        );
         assert_eq!(third.origin_event_id(), first.event_id.to_string());
         assert_eq!(third.metadata.get("source"), Some(&json!("django")));
     }
 
     #[test]
     fn not_json_is_a_decode_error_and_a_missing_envelope_field_is_a_schema_error() {
-        assert!(matches!(Event::from_slice(b"{not json"), Err(EventError::Json(_))));
-        let missing = Event::from_slice(br#"{"event_type":"x","timestamp":"2025-01-01T00:00:00"}"#).unwrap_err();
-        assert!(matches!(&missing, EventError::Schema { field, .. } if field == "event_id"), "{missing}");
-        let bad_id = Event::from_slice(br#"{"event_id":"nope","event_type":"x","timestamp":"2025-01-01"}"#);
+        assert!(matches!(
+            Event::from_slice(b"{not json"),
+            Err(EventError::Json(_))
+        ));
+        let missing = Event::from_slice(br#"{"event_type":"x","timestamp":"2025-01-01T00:00:00"}"#)
+            .unwrap_err();
+        assert!(
+            matches!(&missing, EventError::Schema { field, .. } if field == "event_id"),
+            "{missing}"
+        );
+        let bad_id =
+            Event::from_slice(br#"{"event_id":"nope","event_type":"x","timestamp":"2025-01-01"}"#);
         assert!(matches!(bad_id, Err(EventError::Schema { .. })));
     }
 
@@ -198,7 +232,10 @@ mod tests {
         .unwrap();
         assert_eq!(event.user_id.as_deref(), Some("42"));
         assert!(event.metadata.is_empty());
-        assert_eq!(event.origin_event_id(), "5f0c6f0e-8f0a-4a53-9d55-2b0d3c1f7a10");
+        assert_eq!(
+            event.origin_event_id(),
+            "5f0c6f0e-8f0a-4a53-9d55-2b0d3c1f7a10"
+        );
     }
 
     #[test]

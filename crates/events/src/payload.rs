@@ -26,7 +26,12 @@ impl MoodEntry {
         let score = match (data.get("mood_score"), data.get("level")) {
             (Some(v), _) if !v.is_null() => number(v, "data.mood_score")?,
             (_, Some(v)) if !v.is_null() => number(v, "data.level")?,
-            _ => return Err(EventError::schema("data.mood_score", "missing (neither `mood_score` nor `level`)")),
+            _ => {
+                return Err(EventError::schema(
+                    "data.mood_score",
+                    "missing (neither `mood_score` nor `level`)",
+                ));
+            }
         };
         Ok(Self {
             score,
@@ -52,7 +57,10 @@ impl ActivityEntry {
             .filter(|t| !t.trim().is_empty())
             .ok_or_else(|| EventError::schema("data.activity_type", "missing"))?;
         let optional_number = |keys: &[&str], field: &str| -> Result<Option<f64>, EventError> {
-            match keys.iter().find_map(|k| data.get(*k).filter(|v| !v.is_null())) {
+            match keys
+                .iter()
+                .find_map(|k| data.get(*k).filter(|v| !v.is_null()))
+            {
                 Some(v) => number(v, field).map(Some),
                 None => Ok(None),
             }
@@ -100,7 +108,10 @@ impl ContextSnapshot {
     pub fn from_event(event: &Event) -> Result<Self, EventError> {
         let snapshot: Self = event.decode_field("context_data")?;
         if snapshot.text_representation.trim().is_empty() {
-            return Err(EventError::schema("context_data.text_representation", "empty"));
+            return Err(EventError::schema(
+                "context_data.text_representation",
+                "empty",
+            ));
         }
         Ok(snapshot)
     }
@@ -147,15 +158,24 @@ impl VectorizedContext {
         event.set_field("context_data", self.context_data.to_value());
         event.set_field("chunks", serde_json::json!(self.chunks));
         event.set_field("vectors", serde_json::json!(self.vectors));
-        event.set_field("embedding_model", Value::String(self.embedding_model.clone()));
-        event.set_field("embedding_version", Value::String(self.embedding_version.clone()));
+        event.set_field(
+            "embedding_model",
+            Value::String(self.embedding_model.clone()),
+        );
+        event.set_field(
+            "embedding_version",
+            Value::String(self.embedding_version.clone()),
+        );
     }
 }
 
 fn object_field<'a>(event: &'a Event, name: &str) -> Result<&'a Map<String, Value>, EventError> {
     match event.field(name) {
         Some(Value::Object(map)) => Ok(map),
-        Some(other) => Err(EventError::schema(name, format!("expected an object, got {}", kind(other)))),
+        Some(other) => Err(EventError::schema(
+            name,
+            format!("expected an object, got {}", kind(other)),
+        )),
         None => Err(EventError::schema(name, "missing")),
     }
 }
@@ -179,18 +199,34 @@ fn string_list(value: Option<&Value>, field: &str) -> Result<Vec<String>, EventE
             .iter()
             .map(|item| match item {
                 Value::String(s) => Ok(s.clone()),
-                other => Err(EventError::schema(field, format!("expected strings, got {other}"))),
+                other => Err(EventError::schema(
+                    field,
+                    format!("expected strings, got {other}"),
+                )),
             })
             .collect(),
-        Some(other) => Err(EventError::schema(field, format!("expected a list of strings, got {}", kind(other)))),
+        Some(other) => Err(EventError::schema(
+            field,
+            format!("expected a list of strings, got {}", kind(other)),
+        )),
     }
 }
 
-fn first_text(data: &Map<String, Value>, keys: &[&str], field: &str) -> Result<Option<String>, EventError> {
-    match keys.iter().find_map(|k| data.get(*k).filter(|v| !v.is_null())) {
+fn first_text(
+    data: &Map<String, Value>,
+    keys: &[&str],
+    field: &str,
+) -> Result<Option<String>, EventError> {
+    match keys
+        .iter()
+        .find_map(|k| data.get(*k).filter(|v| !v.is_null()))
+    {
         None => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(other) => Err(EventError::schema(field, format!("expected a string, got {}", kind(other)))),
+        Some(other) => Err(EventError::schema(
+            field,
+            format!("expected a string, got {}", kind(other)),
+        )),
     }
 }
 
@@ -218,7 +254,10 @@ mod tests {
 
     #[test]
     fn python_mood_shape_is_read() {
-        let e = event("user.mood.created", json!({"mood_score": 7, "tags": ["calm", "rested"], "notes": "good day", "created_at": "2025-03-01T10:00:00"}));
+        let e = event(
+            "user.mood.created",
+            json!({"mood_score": 7, "tags": ["calm", "rested"], "notes": "good day", "created_at": "2025-03-01T10:00:00"}),
+        );
         let mood = MoodEntry::from_event(&e).unwrap();
         assert_eq!(mood.score, 7.0);
         assert_eq!(mood.tags, ["calm", "rested"]);
@@ -228,7 +267,10 @@ mod tests {
 
     #[test]
     fn django_mood_shape_is_read() {
-        let e = event("user.mood.created", json!({"mood_id": 9, "level": "4", "recorded_at": "2025-03-01T10:00:00Z", "note": "tired", "tags": null}));
+        let e = event(
+            "user.mood.created",
+            json!({"mood_id": 9, "level": "4", "recorded_at": "2025-03-01T10:00:00Z", "note": "tired", "tags": null}),
+        );
         let mood = MoodEntry::from_event(&e).unwrap();
         assert_eq!(mood.score, 4.0);
         assert!(mood.tags.is_empty());
@@ -248,15 +290,32 @@ mod tests {
         ];
         for (data, field) in cases {
             let err = MoodEntry::from_event(&event("user.mood.created", data.clone())).unwrap_err();
-            assert!(matches!(&err, EventError::Schema { field: f, .. } if f == field), "{data} -> {err}");
+            assert!(
+                matches!(&err, EventError::Schema { field: f, .. } if f == field),
+                "{data} -> {err}"
+            );
         }
     }
 
     #[test]
     fn activity_accepts_aliases_and_requires_a_type() {
-        let a = ActivityEntry::from_event(&event("user.activity.created", json!({"activity_type": "running", "duration_minutes": 30, "calories_burned": "250.5"}))).unwrap();
-        assert_eq!(a, ActivityEntry { activity_type: "running".into(), duration_minutes: Some(30.0), calories: Some(250.5) });
-        assert!(ActivityEntry::from_event(&event("user.activity.created", json!({"duration": 3}))).is_err());
+        let a = ActivityEntry::from_event(&event(
+            "user.activity.created",
+            json!({"activity_type": "running", "duration_minutes": 30, "calories_burned": "250.5"}),
+        ))
+        .unwrap();
+        assert_eq!(
+            a,
+            ActivityEntry {
+                activity_type: "running".into(),
+                duration_minutes: Some(30.0),
+                calories: Some(250.5)
+            }
+        );
+        assert!(
+            ActivityEntry::from_event(&event("user.activity.created", json!({"duration": 3})))
+                .is_err()
+        );
     }
 
     #[test]
@@ -265,14 +324,20 @@ mod tests {
         e.set_field("context_data", json!({"user_id": "u1", "text_representation": "User: u1", "ikigai_summary": {"purpose": "x"}}));
         let snapshot = ContextSnapshot::from_event(&e).unwrap();
         assert_eq!(snapshot.snapshot_type, "incremental");
-        assert_eq!(snapshot.to_value()["ikigai_summary"], json!({"purpose": "x"}));
+        assert_eq!(
+            snapshot.to_value()["ikigai_summary"],
+            json!({"purpose": "x"})
+        );
     }
 
     #[test]
     fn vectorized_context_requires_one_chunk_per_vector() {
         let mut e = Event::new("context.vectorized", Some("u1".into()), None);
         let ctx = VectorizedContext {
-            context_data: serde_json::from_value(json!({"user_id": "u1", "text_representation": "t"})).unwrap(),
+            context_data: serde_json::from_value(
+                json!({"user_id": "u1", "text_representation": "t"}),
+            )
+            .unwrap(),
             chunks: vec!["t".into()],
             vectors: vec![vec![1.0, 0.0]],
             embedding_model: "hash".into(),
@@ -281,6 +346,11 @@ mod tests {
         ctx.apply_to(&mut e);
         assert_eq!(VectorizedContext::from_event(&e).unwrap(), ctx);
         e.set_field("chunks", json!(["a", "b"]));
-        assert!(VectorizedContext::from_event(&e).unwrap_err().to_string().contains("2 chunks for 1 vectors"));
+        assert!(
+            VectorizedContext::from_event(&e)
+                .unwrap_err()
+                .to_string()
+                .contains("2 chunks for 1 vectors")
+        );
     }
 }

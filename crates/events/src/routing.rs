@@ -9,7 +9,11 @@ pub const CONTEXT_AGGREGATED_TOPIC: &str = "aura360.context.aggregated";
 pub const CONTEXT_VECTORIZED_TOPIC: &str = "aura360.context.vectorized";
 
 /// The topics the consumer subscribes to.
-pub const TOPICS: [&str; 3] = [USER_EVENTS_TOPIC, CONTEXT_AGGREGATED_TOPIC, CONTEXT_VECTORIZED_TOPIC];
+pub const TOPICS: [&str; 3] = [
+    USER_EVENTS_TOPIC,
+    CONTEXT_AGGREGATED_TOPIC,
+    CONTEXT_VECTORIZED_TOPIC,
+];
 
 /// The dead-letter topic of a source topic.
 pub fn dead_letter_topic(topic: &str) -> String {
@@ -27,20 +31,38 @@ pub fn topic_for(event_type: &str) -> Option<&'static str> {
 }
 
 const TASKS: [(&str, &str); 4] = [
-    (types::MOOD_CREATED, "vectosvc.worker.tasks.process_mood_created"),
-    (types::ACTIVITY_CREATED, "vectosvc.worker.tasks.process_activity_created"),
-    (types::CONTEXT_AGGREGATED, "vectosvc.worker.tasks.process_context_aggregated"),
-    (types::CONTEXT_VECTORIZED, "vectosvc.worker.tasks.ingest_vectors"),
+    (
+        types::MOOD_CREATED,
+        "vectosvc.worker.tasks.process_mood_created",
+    ),
+    (
+        types::ACTIVITY_CREATED,
+        "vectosvc.worker.tasks.process_activity_created",
+    ),
+    (
+        types::CONTEXT_AGGREGATED,
+        "vectosvc.worker.tasks.process_context_aggregated",
+    ),
+    (
+        types::CONTEXT_VECTORIZED,
+        "vectosvc.worker.tasks.ingest_vectors",
+    ),
 ];
 
 /// Celery task name for an event type.
 pub fn task_for(event_type: &str) -> Option<&'static str> {
-    TASKS.iter().find(|(t, _)| *t == event_type).map(|(_, task)| *task)
+    TASKS
+        .iter()
+        .find(|(t, _)| *t == event_type)
+        .map(|(_, task)| *task)
 }
 
 /// Event type carried by a Celery task name.
 pub fn event_type_for_task(task: &str) -> Option<&'static str> {
-    TASKS.iter().find(|(_, name)| *name == task).map(|(t, _)| *t)
+    TASKS
+        .iter()
+        .find(|(_, name)| *name == task)
+        .map(|(t, _)| *t)
 }
 
 #[cfg(test)]
@@ -51,9 +73,15 @@ mod tests {
     fn every_user_event_goes_to_the_user_topic() {
         assert_eq!(topic_for("user.mood.created"), Some(USER_EVENTS_TOPIC));
         assert_eq!(topic_for("user.profile.updated"), Some(USER_EVENTS_TOPIC));
-        assert_eq!(topic_for("context.vectorized"), Some(CONTEXT_VECTORIZED_TOPIC));
+        assert_eq!(
+            topic_for("context.vectorized"),
+            Some(CONTEXT_VECTORIZED_TOPIC)
+        );
         assert_eq!(topic_for("billing.invoice"), None);
-        assert_eq!(dead_letter_topic(USER_EVENTS_TOPIC), "aura360.user.events.dlq");
+        assert_eq!(
+            dead_letter_topic(USER_EVENTS_TOPIC),
+            "aura360.user.events.dlq"
+        );
     }
 
     #[test]

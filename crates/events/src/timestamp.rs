@@ -38,7 +38,10 @@ impl Timestamp {
         } else {
             return Err(format!("`{text}` is not an ISO-8601 timestamp"));
         };
-        Ok(Self { instant, text: text.to_owned() })
+        Ok(Self {
+            instant,
+            text: text.to_owned(),
+        })
     }
 
     pub fn instant(&self) -> DateTime<Utc> {
@@ -55,11 +58,20 @@ impl Timestamp {
 }
 
 fn parse_naive(text: &str) -> Option<NaiveDateTime> {
-    const FORMATS: [&str; 4] = ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M", "%Y-%m-%d %H:%M"];
+    const FORMATS: [&str; 4] = [
+        "%Y-%m-%dT%H:%M:%S%.f",
+        "%Y-%m-%d %H:%M:%S%.f",
+        "%Y-%m-%dT%H:%M",
+        "%Y-%m-%d %H:%M",
+    ];
     FORMATS
         .iter()
         .find_map(|format| NaiveDateTime::parse_from_str(text, format).ok())
-        .or_else(|| NaiveDate::parse_from_str(text, "%Y-%m-%d").ok().and_then(|d| d.and_hms_opt(0, 0, 0)))
+        .or_else(|| {
+            NaiveDate::parse_from_str(text, "%Y-%m-%d")
+                .ok()
+                .and_then(|d| d.and_hms_opt(0, 0, 0))
+        })
 }
 
 impl fmt::Display for Timestamp {
@@ -88,8 +100,14 @@ mod tests {
     #[test]
     fn naive_python_utcnow_is_read_as_utc_and_kept_verbatim() {
         let ts = Timestamp::parse("2025-03-01T12:30:45.123456").unwrap();
-        assert_eq!(ts.instant().to_rfc3339(), "2025-03-01T12:30:45.123456+00:00");
-        assert_eq!(serde_json::to_string(&ts).unwrap(), "\"2025-03-01T12:30:45.123456\"");
+        assert_eq!(
+            ts.instant().to_rfc3339(),
+            "2025-03-01T12:30:45.123456+00:00"
+        );
+        assert_eq!(
+            serde_json::to_string(&ts).unwrap(),
+            "\"2025-03-01T12:30:45.123456\""
+        );
     }
 
     #[test]
@@ -102,8 +120,16 @@ mod tests {
 
     #[test]
     fn space_separator_and_bare_dates_are_accepted() {
-        assert_eq!(Timestamp::parse("2025-03-01 12:30:45").unwrap().epoch_seconds(), 1_740_832_245);
-        assert_eq!(Timestamp::parse("2025-03-01").unwrap().epoch_seconds(), 1_740_787_200);
+        assert_eq!(
+            Timestamp::parse("2025-03-01 12:30:45")
+                .unwrap()
+                .epoch_seconds(),
+            1_740_832_245
+        );
+        assert_eq!(
+            Timestamp::parse("2025-03-01").unwrap().epoch_seconds(),
+            1_740_787_200
+        );
     }
 
     #[test]

@@ -56,7 +56,9 @@ impl InMemoryBus {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Event>> {
         // A panic while holding this lock cannot leave the queue half-updated (push/pop are atomic on it).
-        self.queue.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.queue
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn pop(&self) -> Option<Event> {
@@ -65,7 +67,12 @@ impl InMemoryBus {
 
     /// Processes queued events — and everything they produce — until the queue is empty. `dispatcher` must publish
     /// into this bus for the chain to continue.
-    pub async fn run(&self, dispatcher: &Dispatcher, policy: &RetryPolicy, concurrency: usize) -> BusReport {
+    pub async fn run(
+        &self,
+        dispatcher: &Dispatcher,
+        policy: &RetryPolicy,
+        concurrency: usize,
+    ) -> BusReport {
         let mut report = BusReport::default();
         let mut in_flight = FuturesUnordered::new();
         loop {
@@ -76,9 +83,16 @@ impl InMemoryBus {
                     (event, result)
                 });
             }
-            let Some((event, result)) = in_flight.next().await else { break };
+            let Some((event, result)) = in_flight.next().await else {
+                break;
+            };
             match result {
-                Ok(Outcome::Handled { .. }) => *report.handled_by_type.entry(event.event_type.clone()).or_default() += 1,
+                Ok(Outcome::Handled { .. }) => {
+                    *report
+                        .handled_by_type
+                        .entry(event.event_type.clone())
+                        .or_default() += 1
+                }
                 Ok(Outcome::Unhandled) => report.unhandled += 1,
                 Ok(Outcome::Disabled { .. }) => report.parked.push(event),
                 Err(failure) => {

@@ -16,7 +16,10 @@ use crate::{HandlerContext, HandlerError, Publisher, Registry, RetryPolicy, Rout
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// Handled; `produced` events were published.
-    Handled { handler: &'static str, produced: usize },
+    Handled {
+        handler: &'static str,
+        produced: usize,
+    },
     /// No handler for this type: acknowledge and move on (counted).
     Unhandled,
     /// Its handler is disabled: the mount must keep the input.
@@ -52,8 +55,16 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
-    pub fn new(registry: Arc<Registry>, context: HandlerContext, publisher: Arc<dyn Publisher>) -> Self {
-        Self { registry, context, publisher }
+    pub fn new(
+        registry: Arc<Registry>,
+        context: HandlerContext,
+        publisher: Arc<dyn Publisher>,
+    ) -> Self {
+        Self {
+            registry,
+            context,
+            publisher,
+        }
     }
 
     pub fn registry(&self) -> &Registry {
@@ -81,21 +92,39 @@ impl Dispatcher {
         let name = handler.name();
         let started = Instant::now();
         let result = self.handle_and_publish(handler.as_ref(), event).await;
-        metrics::histogram!("aura360_handler_duration_seconds", "handler" => name).record(started.elapsed().as_secs_f64());
+        metrics::histogram!("aura360_handler_duration_seconds", "handler" => name)
+            .record(started.elapsed().as_secs_f64());
         match result {
             Ok(produced) => {
                 record(name, "success");
-                Ok(Outcome::Handled { handler: name, produced })
+                Ok(Outcome::Handled {
+                    handler: name,
+                    produced,
+                })
             }
             Err(error) => {
-                record(name, if error.is_transient() { "transient_error" } else { "permanent_error" });
-                Err(Failure { handler: Some(name), error })
+                record(
+                    name,
+                    if error.is_transient() {
+                        "transient_error"
+                    } else {
+                        "permanent_error"
+                    },
+                );
+                Err(Failure {
+                    handler: Some(name),
+                    error,
+                })
             }
         }
     }
 
     /// Attempts until success, a permanent failure, or the policy gives up on a transient one.
-    pub async fn dispatch_with_retry(&self, event: &Event, policy: &RetryPolicy) -> Result<Outcome, Failure> {
+    pub async fn dispatch_with_retry(
+        &self,
+        event: &Event,
+        policy: &RetryPolicy,
+    ) -> Result<Outcome, Failure> {
         let mut attempt = 1;
         loop {
             match self.dispatch(event).await {
@@ -113,17 +142,28 @@ impl Dispatcher {
         }
     }
 
-    async fn handle_and_publish(&self, handler: &dyn crate::Handler, event: &Event) -> Result<usize, HandlerError> {
+    async fn handle_and_publish(
+        &self,
+        handler: &dyn crate::Handler,
+        event: &Event,
+    ) -> Result<usize, HandlerError> {
         let outputs = handler.handle(event, &self.context).await?;
         for output in &outputs {
-            publish_event(self.publisher.as_ref(), output).await.map_err(|e| {
-                if e.is_transient() { HandlerError::Transient(e.to_string()) } else { HandlerError::Permanent(e.to_string()) }
-            })?;
+            publish_event(self.publisher.as_ref(), output)
+                .await
+                .map_err(|e| {
+                    if e.is_transient() {
+                        HandlerError::Transient(e.to_string())
+                    } else {
+                        HandlerError::Permanent(e.to_string())
+                    }
+                })?;
         }
         Ok(outputs.len())
     }
 }
 
 fn record(handler: &'static str, outcome: &'static str) {
-    metrics::counter!("aura360_events_processed_total", "handler" => handler, "outcome" => outcome).increment(1);
+    metrics::counter!("aura360_events_processed_total", "handler" => handler, "outcome" => outcome)
+        .increment(1);
 }

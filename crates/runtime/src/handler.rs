@@ -47,13 +47,21 @@ impl From<EventError> for HandlerError {
 
 impl From<StoreError> for HandlerError {
     fn from(error: StoreError) -> Self {
-        if error.is_transient() { Self::Transient(error.to_string()) } else { Self::Permanent(error.to_string()) }
+        if error.is_transient() {
+            Self::Transient(error.to_string())
+        } else {
+            Self::Permanent(error.to_string())
+        }
     }
 }
 
 impl From<EmbedError> for HandlerError {
     fn from(error: EmbedError) -> Self {
-        if error.is_transient() { Self::Transient(error.to_string()) } else { Self::Permanent(error.to_string()) }
+        if error.is_transient() {
+            Self::Transient(error.to_string())
+        } else {
+            Self::Permanent(error.to_string())
+        }
     }
 }
 
@@ -64,5 +72,6 @@ pub trait Handler: Send + Sync {
     /// The event types this handler consumes.
     fn event_types(&self) -> &'static [&'static str];
     /// Processes one event and returns the events it produces (published by the runtime, not the handler).
-    async fn handle(&self, event: &Event, ctx: &HandlerContext) -> Result<Vec<Event>, HandlerError>;
+    async fn handle(&self, event: &Event, ctx: &HandlerContext)
+    -> Result<Vec<Event>, HandlerError>;
 }

@@ -50,10 +50,19 @@ impl Backend {
 pub enum PublishError {
     /// The broker did not take the event (down, timed out, refused): retry.
     #[error("publishing {event_type} {event_id} via {backend} failed: {reason}")]
-    Unavailable { backend: &'static str, event_type: String, event_id: String, reason: String },
+    Unavailable {
+        backend: &'static str,
+        event_type: String,
+        event_id: String,
+        reason: String,
+    },
     /// The event cannot be published anywhere (no topic or task for its type).
     #[error("cannot publish {event_type} {event_id}: {reason}")]
-    Unroutable { event_type: String, event_id: String, reason: String },
+    Unroutable {
+        event_type: String,
+        event_id: String,
+        reason: String,
+    },
 }
 
 impl PublishError {

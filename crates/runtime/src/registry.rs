@@ -47,7 +47,10 @@ impl Registry {
                 continue;
             }
             if !self.handlers.iter().any(|h| h.name() == name) {
-                return Err(UnknownHandler { name: name.to_owned(), known: self.names().join(", ") });
+                return Err(UnknownHandler {
+                    name: name.to_owned(),
+                    known: self.names().join(", "),
+                });
             }
             self.disabled.insert(name.to_owned());
         }
@@ -55,7 +58,11 @@ impl Registry {
     }
 
     pub fn route(&self, event_type: &str) -> Route {
-        match self.handlers.iter().find(|h| h.event_types().contains(&event_type)) {
+        match self
+            .handlers
+            .iter()
+            .find(|h| h.event_types().contains(&event_type))
+        {
             Some(h) if self.disabled.contains(h.name()) => Route::Disabled(h.name()),
             Some(h) => Route::Handler(h.clone()),
             None => Route::Unhandled,
@@ -67,11 +74,17 @@ impl Registry {
     }
 
     pub fn enabled(&self) -> Vec<&'static str> {
-        self.names().into_iter().filter(|n| !self.disabled.contains(*n)).collect()
+        self.names()
+            .into_iter()
+            .filter(|n| !self.disabled.contains(*n))
+            .collect()
     }
 
     pub fn disabled(&self) -> Vec<&'static str> {
-        self.names().into_iter().filter(|n| self.disabled.contains(*n)).collect()
+        self.names()
+            .into_iter()
+            .filter(|n| self.disabled.contains(*n))
+            .collect()
     }
 
     /// Event types with an enabled handler.

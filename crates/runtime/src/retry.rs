@@ -16,7 +16,12 @@ pub struct RetryPolicy {
 impl RetryPolicy {
     /// Short retries for in-process runs: a flaky dependency gets a few chances before the dead letter.
     pub fn in_process() -> Self {
-        Self { max_attempts: Some(5), base: Duration::from_millis(50), cap: Duration::from_secs(2), jitter: 0.2 }
+        Self {
+            max_attempts: Some(5),
+            base: Duration::from_millis(50),
+            cap: Duration::from_secs(2),
+            jitter: 0.2,
+        }
     }
 
     /// Delay before attempt `attempt + 1`, given `attempt` failures so far (1-based).
@@ -45,7 +50,12 @@ mod tests {
 
     #[test]
     fn delays_grow_exponentially_up_to_the_cap() {
-        let policy = RetryPolicy { max_attempts: Some(4), base: Duration::from_secs(60), cap: Duration::from_secs(600), jitter: 0.0 };
+        let policy = RetryPolicy {
+            max_attempts: Some(4),
+            base: Duration::from_secs(60),
+            cap: Duration::from_secs(600),
+            jitter: 0.0,
+        };
         let delays: Vec<u64> = (1..=6).map(|a| policy.delay(a).as_secs()).collect();
         assert_eq!(delays, [60, 120, 240, 480, 600, 600]);
         assert!(!policy.gives_up_after(3));
@@ -54,7 +64,12 @@ mod tests {
 
     #[test]
     fn jitter_stays_within_its_fraction() {
-        let policy = RetryPolicy { max_attempts: None, base: Duration::from_secs(10), cap: Duration::from_secs(10), jitter: 0.2 };
+        let policy = RetryPolicy {
+            max_attempts: None,
+            base: Duration::from_secs(10),
+            cap: Duration::from_secs(10),
+            jitter: 0.2,
+        };
         for _ in 0..100 {
             let d = policy.delay(1).as_secs_f64();
             assert!((8.0..=12.0).contains(&d), "{d}");

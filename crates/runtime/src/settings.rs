@@ -22,7 +22,11 @@ const ENVIRONMENTS: [&str; 3] = ["development", "staging", "production"];
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
     #[error("{var}={value:?} is invalid: {reason}")]
-    Invalid { var: String, value: String, reason: String },
+    Invalid {
+        var: String,
+        value: String,
+        reason: String,
+    },
     #[error("cannot read configuration: {0}")]
     Source(String),
 }
@@ -72,10 +76,14 @@ impl fmt::Display for SecretUrl {
 
 /// Replaces the password (or a lone user-info token) of `scheme://user:password@host` with `***`.
 pub fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://").map(|i| i + 3) else { return url.to_owned() };
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
     let rest = &url[scheme_end..];
     let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let Some(at) = rest[..authority_end].rfind('@') else { return url.to_owned() };
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_owned();
+    };
     let userinfo = &rest[..at];
     let masked = match userinfo.split_once(':') {
         Some((user, _)) => format!("{user}:***"),
@@ -162,24 +170,44 @@ impl Settings {
             Err(e) => return Err(ConfigError::Source(format!(".env: {e}"))),
         }
         let env: HashMap<String, String> = std::env::vars().collect();
-        let dir = env.get("CONFIG_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("config"));
+        let dir = env
+            .get("CONFIG_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("config"));
         Self::from_sources(&dir, &env)
     }
 
     /// Builds settings from a config directory and an explicit environment (for tests and tools).
-    pub fn from_sources(config_dir: &Path, env: &HashMap<String, String>) -> Result<Self, ConfigError> {
-        let environment = match env.get("ENV").map(|v| v.trim().to_ascii_lowercase()).filter(|v| !v.is_empty()) {
+    pub fn from_sources(
+        config_dir: &Path,
+        env: &HashMap<String, String>,
+    ) -> Result<Self, ConfigError> {
+        let environment = match env
+            .get("ENV")
+            .map(|v| v.trim().to_ascii_lowercase())
+            .filter(|v| !v.is_empty())
+        {
             Some(name) if ENVIRONMENTS.contains(&name.as_str()) => Some(name),
-            Some(name) => return Err(invalid("ENV", &name, &format!("accepted values: {}", ENVIRONMENTS.join(", ")))),
+            Some(name) => {
+                return Err(invalid(
+                    "ENV",
+                    &name,
+                    &format!("accepted values: {}", ENVIRONMENTS.join(", ")),
+                ));
+            }
             None => None,
         };
         let mut builder = Config::builder()
             .add_source(File::from_str(BUILTIN_DEFAULTS, FileFormat::Toml))
             .add_source(File::from(config_dir.join("default.toml")).required(false));
         if let Some(name) = &environment {
-            builder = builder.add_source(File::from(config_dir.join(format!("{name}.toml"))).required(false));
+            builder = builder
+                .add_source(File::from(config_dir.join(format!("{name}.toml"))).required(false));
         }
-        let env_lower: HashMap<String, String> = env.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.clone())).collect();
+        let env_lower: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+            .collect();
         let layered = builder
             .add_source(Environment::default().source(Some(env_lower)))
             .build()
@@ -192,7 +220,13 @@ struct Layers(Config);
 
 impl Layers {
     fn settings(&self, environment: Option<String>) -> Result<Settings, ConfigError> {
-        let provider = self.choice("embedding_provider", &[("hash", EmbeddingProvider::Hash), ("openai", EmbeddingProvider::OpenAi)])?;
+        let provider = self.choice(
+            "embedding_provider",
+            &[
+                ("hash", EmbeddingProvider::Hash),
+                ("openai", EmbeddingProvider::OpenAi),
+            ],
+        )?;
         let embedding = EmbeddingSettings {
             provider,
             dimension: self.number("embedding_dim", 1)?,
@@ -204,20 +238,39 @@ impl Layers {
             timeout: Duration::from_secs(self.number("embedding_timeout_s", 1)?),
         };
         if provider == EmbeddingProvider::OpenAi && embedding.url.is_none() {
-            return Err(invalid("EMBEDDING_URL", "", "required when EMBEDDING_PROVIDER=openai"));
+            return Err(invalid(
+                "EMBEDDING_URL",
+                "",
+                "required when EMBEDDING_PROVIDER=openai",
+            ));
         }
         let backend_text = self.required("messaging_backend")?;
         let messaging_backend = Backend::parse(&backend_text).ok_or_else(|| {
-            invalid("MESSAGING_BACKEND", &backend_text, &format!("accepted values: {}", Backend::CONFIGURABLE.join(", ")))
+            invalid(
+                "MESSAGING_BACKEND",
+                &backend_text,
+                &format!("accepted values: {}", Backend::CONFIGURABLE.join(", ")),
+            )
         })?;
         let distance_text = self.required("vector_distance")?;
         let distance = aura_store::Distance::parse(&distance_text).ok_or_else(|| {
-            invalid("VECTOR_DISTANCE", &distance_text, &format!("accepted values: {}", aura_store::Distance::NAMES.join(", ")))
+            invalid(
+                "VECTOR_DISTANCE",
+                &distance_text,
+                &format!(
+                    "accepted values: {}",
+                    aura_store::Distance::NAMES.join(", ")
+                ),
+            )
         })?;
         let http_text = self.required("http_addr")?;
-        let http_addr = http_text
-            .parse()
-            .map_err(|_| invalid("HTTP_ADDR", &http_text, "expected host:port, e.g. 0.0.0.0:8080"))?;
+        let http_addr = http_text.parse().map_err(|_| {
+            invalid(
+                "HTTP_ADDR",
+                &http_text,
+                "expected host:port, e.g. 0.0.0.0:8080",
+            )
+        })?;
         let queues = list(&self.required("celery_queues")?);
         if queues.is_empty() {
             return Err(invalid("CELERY_QUEUES", "", "name at least one queue"));
@@ -227,15 +280,25 @@ impl Layers {
             messaging_backend,
             kafka: KafkaSettings {
                 bootstrap_servers: self.required("kafka_bootstrap_servers")?,
-                security_protocol: self.choice(
-                    "kafka_security_protocol",
-                    &[("PLAINTEXT", "PLAINTEXT"), ("SSL", "SSL"), ("SASL_PLAINTEXT", "SASL_PLAINTEXT"), ("SASL_SSL", "SASL_SSL")],
-                )?
-                .to_owned(),
+                security_protocol: self
+                    .choice(
+                        "kafka_security_protocol",
+                        &[
+                            ("PLAINTEXT", "PLAINTEXT"),
+                            ("SSL", "SSL"),
+                            ("SASL_PLAINTEXT", "SASL_PLAINTEXT"),
+                            ("SASL_SSL", "SASL_SSL"),
+                        ],
+                    )?
+                    .to_owned(),
                 sasl_mechanism: self
                     .choice(
                         "kafka_sasl_mechanism",
-                        &[("PLAIN", "PLAIN"), ("SCRAM-SHA-256", "SCRAM-SHA-256"), ("SCRAM-SHA-512", "SCRAM-SHA-512")],
+                        &[
+                            ("PLAIN", "PLAIN"),
+                            ("SCRAM-SHA-256", "SCRAM-SHA-256"),
+                            ("SCRAM-SHA-512", "SCRAM-SHA-512"),
+                        ],
                     )?
                     .to_owned(),
                 api_key: self.text("kafka_api_key"),
@@ -258,24 +321,40 @@ impl Layers {
             embedding,
             disabled_handlers: list(&self.text("disabled_handlers").unwrap_or_default()),
             http_addr,
-            log_format: self.choice("log_format", &[("text", LogFormat::Text), ("json", LogFormat::Json)])?,
+            log_format: self.choice(
+                "log_format",
+                &[("text", LogFormat::Text), ("json", LogFormat::Json)],
+            )?,
         })
     }
 
     /// A value, trimmed; empty counts as unset (`QDRANT_URL=` means "no server").
     fn text(&self, key: &str) -> Option<String> {
-        self.0.get_string(key).ok().map(|v| v.trim().to_owned()).filter(|v| !v.is_empty())
+        self.0
+            .get_string(key)
+            .ok()
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
     }
 
     fn required(&self, key: &str) -> Result<String, ConfigError> {
-        self.text(key).ok_or_else(|| invalid(&key.to_ascii_uppercase(), "", "must not be empty"))
+        self.text(key)
+            .ok_or_else(|| invalid(&key.to_ascii_uppercase(), "", "must not be empty"))
     }
 
-    fn number<T: FromStr + PartialOrd + fmt::Display>(&self, key: &str, min: T) -> Result<T, ConfigError> {
+    fn number<T: FromStr + PartialOrd + fmt::Display>(
+        &self,
+        key: &str,
+        min: T,
+    ) -> Result<T, ConfigError> {
         let text = self.required(key)?;
         match text.parse::<T>() {
             Ok(n) if n >= min => Ok(n),
-            _ => Err(invalid(&key.to_ascii_uppercase(), &text, &format!("expected a whole number >= {min}"))),
+            _ => Err(invalid(
+                &key.to_ascii_uppercase(),
+                &text,
+                &format!("expected a whole number >= {min}"),
+            )),
         }
     }
 
@@ -287,17 +366,29 @@ impl Layers {
             .map(|(_, value)| *value)
             .ok_or_else(|| {
                 let names: Vec<&str> = accepted.iter().map(|(n, _)| *n).collect();
-                invalid(&key.to_ascii_uppercase(), &text, &format!("accepted values: {}", names.join(", ")))
+                invalid(
+                    &key.to_ascii_uppercase(),
+                    &text,
+                    &format!("accepted values: {}", names.join(", ")),
+                )
             })
     }
 }
 
 fn list(text: &str) -> Vec<String> {
-    text.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect()
+    text.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
 }
 
 fn invalid(var: &str, value: &str, reason: &str) -> ConfigError {
-    ConfigError::Invalid { var: var.to_owned(), value: value.to_owned(), reason: reason.to_owned() }
+    ConfigError::Invalid {
+        var: var.to_owned(),
+        value: value.to_owned(),
+        reason: reason.to_owned(),
+    }
 }
 
 #[cfg(test)]
@@ -305,7 +396,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     fn load(dir: &Path, pairs: &[(&str, &str)]) -> Result<Settings, ConfigError> {
@@ -328,9 +422,25 @@ mod tests {
     #[test]
     fn env_file_and_env_vars_layer_in_order() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("default.toml"), "embedding_dim = 768\ncelery_concurrency = 3\n").unwrap();
-        std::fs::write(dir.path().join("staging.toml"), "embedding_dim = 1024\nlog_format = \"json\"\n").unwrap();
-        let s = load(dir.path(), &[("ENV", "staging"), ("EMBEDDING_DIM", "512"), ("DISABLED_HANDLERS", "a, b,")]).unwrap();
+        std::fs::write(
+            dir.path().join("default.toml"),
+            "embedding_dim = 768\ncelery_concurrency = 3\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("staging.toml"),
+            "embedding_dim = 1024\nlog_format = \"json\"\n",
+        )
+        .unwrap();
+        let s = load(
+            dir.path(),
+            &[
+                ("ENV", "staging"),
+                ("EMBEDDING_DIM", "512"),
+                ("DISABLED_HANDLERS", "a, b,"),
+            ],
+        )
+        .unwrap();
         assert_eq!(s.embedding.dimension, 512, "env beats files");
         assert_eq!(s.log_format, LogFormat::Json, "ENV file beats default file");
         assert_eq!(s.celery.concurrency, 3, "default file beats built-ins");
@@ -341,15 +451,26 @@ mod tests {
     #[test]
     fn a_bad_value_names_the_variable_and_the_accepted_values() {
         let dir = Path::new("/nonexistent");
-        let err = load(dir, &[("MESSAGING_BACKEND", "rabbit")]).unwrap_err().to_string();
-        assert_eq!(err, "MESSAGING_BACKEND=\"rabbit\" is invalid: accepted values: kafka, celery, disabled");
-        let err = load(dir, &[("EMBEDDING_DIM", "big")]).unwrap_err().to_string();
+        let err = load(dir, &[("MESSAGING_BACKEND", "rabbit")])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "MESSAGING_BACKEND=\"rabbit\" is invalid: accepted values: kafka, celery, disabled"
+        );
+        let err = load(dir, &[("EMBEDDING_DIM", "big")])
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("EMBEDDING_DIM=\"big\" is invalid"), "{err}");
         let err = load(dir, &[("ENV", "prod")]).unwrap_err().to_string();
         assert!(err.contains("development, staging, production"), "{err}");
-        let err = load(dir, &[("KAFKA_SECURITY_PROTOCOL", "TLS")]).unwrap_err().to_string();
+        let err = load(dir, &[("KAFKA_SECURITY_PROTOCOL", "TLS")])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("SASL_SSL"), "{err}");
-        let err = load(dir, &[("EMBEDDING_PROVIDER", "openai")]).unwrap_err().to_string();
+        let err = load(dir, &[("EMBEDDING_PROVIDER", "openai")])
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("EMBEDDING_URL"), "{err}");
         assert!(load(dir, &[("EMBEDDING_DIM", "0")]).is_err());
         assert!(load(dir, &[("HTTP_ADDR", "localhost")]).is_err());
@@ -357,7 +478,14 @@ mod tests {
 
     #[test]
     fn case_of_enumerated_values_does_not_matter() {
-        let s = load(Path::new("/nonexistent"), &[("MESSAGING_BACKEND", "Celery"), ("kafka_security_protocol", "sasl_ssl")]).unwrap();
+        let s = load(
+            Path::new("/nonexistent"),
+            &[
+                ("MESSAGING_BACKEND", "Celery"),
+                ("kafka_security_protocol", "sasl_ssl"),
+            ],
+        )
+        .unwrap();
         assert_eq!(s.messaging_backend, Backend::Celery);
         assert_eq!(s.kafka.security_protocol, "SASL_SSL");
     }
@@ -371,21 +499,35 @@ mod tests {
                 ("QDRANT_API_KEY", "qdrant-s3cret"),
                 ("EMBEDDING_API_KEY", "embed-s3cret"),
                 ("BROKER_URL", "redis://:redis-s3cret@cache:6379/0"),
-                ("RESULT_BACKEND", "rediss://default:redis-s3cret2@cache:6380/1"),
+                (
+                    "RESULT_BACKEND",
+                    "rediss://default:redis-s3cret2@cache:6380/1",
+                ),
             ],
         )
         .unwrap();
         let shown = format!("{s:?}");
-        for secret in ["kafka-s3cret", "qdrant-s3cret", "embed-s3cret", "redis-s3cret"] {
+        for secret in [
+            "kafka-s3cret",
+            "qdrant-s3cret",
+            "embed-s3cret",
+            "redis-s3cret",
+        ] {
             assert!(!shown.contains(secret), "{secret} leaked: {shown}");
         }
         assert!(shown.contains("redis://:***@cache:6379/0"), "{shown}");
-        assert_eq!(s.kafka.api_secret.as_ref().map(Secret::expose), Some("kafka-s3cret"));
+        assert_eq!(
+            s.kafka.api_secret.as_ref().map(Secret::expose),
+            Some("kafka-s3cret")
+        );
     }
 
     #[test]
     fn url_redaction_handles_user_info_forms() {
-        assert_eq!(redact_url("redis://localhost:6379/0"), "redis://localhost:6379/0");
+        assert_eq!(
+            redact_url("redis://localhost:6379/0"),
+            "redis://localhost:6379/0"
+        );
         assert_eq!(redact_url("redis://:pw@h:1/0"), "redis://:***@h:1/0");
         assert_eq!(redact_url("redis://user:pw@h/0"), "redis://user:***@h/0");
         assert_eq!(redact_url("redis://token@h/0"), "redis://***@h/0");

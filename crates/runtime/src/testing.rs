@@ -5,7 +5,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use async_trait::async_trait;
 use aura_embed::HashEmbedder;
-use aura_store::{CollectionInfo, CollectionSpec, Distance, EdgeStore, Hit, Point, StoreError, VectorStore};
+use aura_store::{
+    CollectionInfo, CollectionSpec, Distance, EdgeStore, Hit, Point, StoreError, VectorStore,
+};
 
 use crate::HandlerContext;
 
@@ -22,9 +24,18 @@ pub struct Embedded {
 
 pub fn embedded() -> Embedded {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("temp dir: {e}"));
-    let spec = CollectionSpec { name: "user_context".into(), dimension: TEST_DIM, distance: Distance::Cosine };
-    let store = Arc::new(EdgeStore::open(dir.path(), spec).unwrap_or_else(|e| panic!("open store: {e}")));
-    Embedded { ctx: context_with(store.clone()), store, _dir: dir }
+    let spec = CollectionSpec {
+        name: "user_context".into(),
+        dimension: TEST_DIM,
+        distance: Distance::Cosine,
+    };
+    let store =
+        Arc::new(EdgeStore::open(dir.path(), spec).unwrap_or_else(|e| panic!("open store: {e}")));
+    Embedded {
+        ctx: context_with(store.clone()),
+        store,
+        _dir: dir,
+    }
 }
 
 pub fn context_with(store: Arc<dyn VectorStore>) -> HandlerContext {
@@ -44,7 +55,11 @@ pub struct FlakyStore {
 
 impl FlakyStore {
     pub fn new(inner: Arc<dyn VectorStore>, failures: u32) -> Self {
-        Self { inner, remaining_failures: AtomicU32::new(failures), attempts: AtomicU32::new(0) }
+        Self {
+            inner,
+            remaining_failures: AtomicU32::new(failures),
+            attempts: AtomicU32::new(0),
+        }
     }
 }
 
@@ -66,8 +81,17 @@ impl VectorStore for FlakyStore {
         self.inner.upsert(points).await
     }
 
-    async fn search(&self, vector: Vec<f32>, user_id: Option<&str>, limit: usize) -> Result<Vec<Hit>, StoreError> {
+    async fn search(
+        &self,
+        vector: Vec<f32>,
+        user_id: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Hit>, StoreError> {
         self.inner.search(vector, user_id, limit).await
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        self.inner.flush().await
     }
 
     async fn count(&self, user_id: Option<&str>) -> Result<u64, StoreError> {

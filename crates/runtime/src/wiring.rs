@@ -3,13 +3,19 @@
 use std::sync::Arc;
 
 use aura_embed::{EmbedError, Embedder, HashEmbedder, OpenAiConfig, OpenAiEmbedder};
-use aura_store::{CollectionSpec, EdgeStore, QdrantServerStore, StoreError, VectorStore};
+use aura_store::{
+    CollectionSpec, Durability, EdgeStore, QdrantServerStore, StoreError, VectorStore,
+};
 
 use crate::Settings;
 use crate::settings::{EmbeddingProvider, Secret};
 
-/// The Qdrant server when `QDRANT_URL` is set, else embedded Qdrant under `QDRANT_PATH`.
-pub async fn build_store(settings: &Settings) -> Result<Arc<dyn VectorStore>, StoreError> {
+/// The Qdrant server when `QDRANT_URL` is set, else embedded Qdrant under `QDRANT_PATH` with `durability`
+/// (the server always confirms writes with `wait=true`).
+pub async fn build_store(
+    settings: &Settings,
+    durability: Durability,
+) -> Result<Arc<dyn VectorStore>, StoreError> {
     let spec = CollectionSpec {
         name: settings.qdrant.collection.clone(),
         dimension: settings.embedding.dimension,
@@ -20,7 +26,11 @@ pub async fn build_store(settings: &Settings) -> Result<Arc<dyn VectorStore>, St
             let key = settings.qdrant.api_key.as_ref().map(Secret::expose);
             Arc::new(QdrantServerStore::connect(url, key, spec).await?)
         }
-        None => Arc::new(EdgeStore::open(&settings.qdrant.path, spec)?),
+        None => Arc::new(EdgeStore::open_with(
+            &settings.qdrant.path,
+            spec,
+            durability,
+        )?),
     })
 }
 

@@ -1,12 +1,17 @@
 //! Embedded Qdrant (`qdrant-edge`), one shard directory per collection under `QDRANT_PATH`.
 //!
 //! Durability: `qdrant-edge` 0.7 writes each update to its WAL but does not replay the WAL on load — only flushed
-//! segments survive a crash. So an upsert is acknowledged only after a flush that started after it was applied.
-//! Flushes are group-committed: concurrent upserts wait for the same flush, so the cost of one fsync is shared by
-//! every upsert that arrived while the previous one ran.
+//! segments survive a crash. So an upsert is acknowledged only after a flush that covers it.
 //!
-//! The engine is synchronous and `EdgeShard::flush` panics if the WAL lock is taken concurrently, so every call into
-//! the shard that writes or flushes holds `write_lock` and runs on the blocking thread pool.
+//! Throughput: applying one update per upsert and flushing behind a lock serialises every writer behind every
+//! flush. Instead one writer task takes all upserts waiting at that moment, applies them as a single update, flushes
+//! once, and answers them all (group commit). Concurrent callers share the cost of a flush; a lone caller pays it.
+//!
+//! A bulk load that acknowledges nothing to anyone (the `pipeline` command) can open the store with
+//! [`Durability::OnFlush`]: rounds then skip the flush, and [`VectorStore::flush`] makes everything so far durable.
+//!
+//! The engine is synchronous, and `EdgeShard::flush` panics if the WAL lock is held concurrently, so every writing
+//! call runs on the blocking pool under `write_lock` (the writer task and `optimize`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,36 +19,60 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 use qdrant_edge::{
-    Condition, CountRequest, CreateIndex, EdgeConfig, EdgeShard, EdgeVectorParams, FieldCondition, FieldIndexOperations,
-    Filter, JsonPath, Match, PayloadFieldSchema, PayloadSchemaType, PointId, PointInsertOperations, PointOperations,
-    PointStruct, QueryEnum, SearchRequest, UpdateOperation, WithPayloadInterface, WithVector,
+    Condition, CountRequest, CreateIndex, EdgeConfig, EdgeShard, EdgeVectorParams, FieldCondition,
+    FieldIndexOperations, Filter, JsonPath, Match, PayloadFieldSchema, PayloadSchemaType, PointId,
+    PointInsertOperations, PointOperations, PointStruct, PointStructPersisted, QueryEnum,
+    SearchRequest, UpdateOperation, WithPayloadInterface, WithVector,
 };
 use serde_json::Value;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::{
-    CollectionInfo, CollectionSpec, Distance, Hit, KEYWORD_INDEXES, Point, StoreError, VectorStore, check_vectors,
+    CollectionInfo, CollectionSpec, Distance, Hit, KEYWORD_INDEXES, Point, StoreError, VectorStore,
+    check_vectors,
 };
 
 const DEFAULT_VECTOR: &str = "";
 
+/// When an upsert becomes durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// Before `upsert` returns: what a consumer needs, since it acknowledges its input right after.
+    EveryWrite,
+    /// At the next `flush` (and when the store is dropped): for bulk loads that can simply be re-run.
+    OnFlush,
+}
+
 pub struct EdgeStore {
     spec: CollectionSpec,
+    durability: Durability,
     path: PathBuf,
     shard: Arc<EdgeShard>,
     write_lock: Arc<Mutex<()>>,
-    commits: GroupCommit,
+    writer: mpsc::UnboundedSender<WriteRequest>,
 }
 
 impl std::fmt::Debug for EdgeStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EdgeStore").field("spec", &self.spec).field("path", &self.path).finish()
+        f.debug_struct("EdgeStore")
+            .field("spec", &self.spec)
+            .field("path", &self.path)
+            .finish()
     }
 }
 
 impl EdgeStore {
     /// Opens the collection under `root`, creating it if missing; refuses a size or distance mismatch.
+    /// Upserts are durable on return.
     pub fn open(root: &Path, spec: CollectionSpec) -> Result<Self, StoreError> {
+        Self::open_with(root, spec, Durability::EveryWrite)
+    }
+
+    pub fn open_with(
+        root: &Path,
+        spec: CollectionSpec,
+        durability: Durability,
+    ) -> Result<Self, StoreError> {
         let path = root.join(&spec.name);
         let exists = path.join("edge_config.json").exists() || path.join("segments").exists();
         let shard = if exists {
@@ -57,9 +86,16 @@ impl EdgeStore {
         ensure_keyword_indexes(&shard).map_err(|e| engine(&path, e))?;
         let shard = Arc::new(shard);
         let write_lock = Arc::new(Mutex::new(()));
-        let commits = GroupCommit::start(Arc::downgrade(&shard), write_lock.clone());
+        let writer = spawn_writer(Arc::downgrade(&shard), write_lock.clone())?;
         tracing::debug!(path = %path.display(), collection = %spec.name, "embedded Qdrant collection open");
-        Ok(Self { spec, path, shard, write_lock, commits })
+        Ok(Self {
+            spec,
+            durability,
+            path,
+            shard,
+            write_lock,
+            writer,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -75,6 +111,24 @@ impl EdgeStore {
             shard.optimize()
         })
         .await
+    }
+
+    /// Hands points to the writer task and waits for the round that applies (and, if asked, flushes) them.
+    async fn write(
+        &self,
+        points: Vec<PointStructPersisted>,
+        flush: bool,
+    ) -> Result<(), StoreError> {
+        let (done, outcome) = oneshot::channel();
+        let stopped = || StoreError::Unavailable("embedded store writer has stopped".into());
+        self.writer
+            .send(WriteRequest {
+                points,
+                flush,
+                done,
+            })
+            .map_err(|_| stopped())?;
+        outcome.await.map_err(|_| stopped())?
     }
 
     async fn read<T: Send + 'static>(
@@ -94,14 +148,19 @@ fn edge_config(spec: &CollectionSpec) -> EdgeConfig {
     config.on_disk_payload = true;
     config.vectors.insert(
         DEFAULT_VECTOR.into(),
-        EdgeVectorParams::builder(spec.dimension, edge_distance(spec.distance)).on_disk(true).build(),
+        EdgeVectorParams::builder(spec.dimension, edge_distance(spec.distance))
+            .on_disk(true)
+            .build(),
     );
     config
 }
 
 fn check_existing(spec: &CollectionSpec, config: &EdgeConfig) -> Result<(), StoreError> {
     let Some(params) = config.vectors.get(DEFAULT_VECTOR) else {
-        return Err(StoreError::Invalid(format!("collection `{}` has no default dense vector", spec.name)));
+        return Err(StoreError::Invalid(format!(
+            "collection `{}` has no default dense vector",
+            spec.name
+        )));
     };
     if params.size != spec.dimension {
         return Err(StoreError::DimensionMismatch {
@@ -112,7 +171,11 @@ fn check_existing(spec: &CollectionSpec, config: &EdgeConfig) -> Result<(), Stor
     }
     let existing = from_edge_distance(params.distance);
     if existing != spec.distance {
-        return Err(StoreError::DistanceMismatch { collection: spec.name.clone(), existing, configured: spec.distance });
+        return Err(StoreError::DistanceMismatch {
+            collection: spec.name.clone(),
+            existing,
+            configured: spec.distance,
+        });
     }
     Ok(())
 }
@@ -124,10 +187,12 @@ fn ensure_keyword_indexes(shard: &EdgeShard) -> qdrant_edge::OperationResult<()>
         if existing.contains_key(&path) {
             continue;
         }
-        shard.update(UpdateOperation::FieldIndexOperation(FieldIndexOperations::CreateIndex(CreateIndex {
-            field_name: path,
-            field_schema: Some(PayloadFieldSchema::FieldType(PayloadSchemaType::Keyword)),
-        })))?;
+        shard.update(UpdateOperation::FieldIndexOperation(
+            FieldIndexOperations::CreateIndex(CreateIndex {
+                field_name: path,
+                field_schema: Some(PayloadFieldSchema::FieldType(PayloadSchemaType::Keyword)),
+            }),
+        ))?;
     }
     Ok(())
 }
@@ -155,8 +220,9 @@ fn user_filter(user_id: Option<&str>) -> qdrant_edge::OperationResult<Option<Fil
 }
 
 fn json_path(field: &str) -> qdrant_edge::OperationResult<JsonPath> {
-    JsonPath::try_from(field)
-        .map_err(|_| qdrant_edge::OperationError::service_error(format!("invalid payload path `{field}`")))
+    JsonPath::try_from(field).map_err(|_| {
+        qdrant_edge::OperationError::service_error(format!("invalid payload path `{field}`"))
+    })
 }
 
 fn engine(path: &Path, error: impl std::fmt::Display) -> StoreError {
@@ -169,7 +235,9 @@ async fn blocking<T: Send + 'static>(
     match tokio::task::spawn_blocking(op).await {
         Ok(Ok(value)) => Ok(value),
         Ok(Err(e)) => Err(StoreError::Unavailable(format!("embedded Qdrant: {e}"))),
-        Err(join) => Err(StoreError::Unavailable(format!("embedded Qdrant task failed: {join}"))),
+        Err(join) => Err(StoreError::Unavailable(format!(
+            "embedded Qdrant task failed: {join}"
+        ))),
     }
 }
 
@@ -184,25 +252,24 @@ impl VectorStore for EdgeStore {
             return Ok(());
         }
         check_vectors(&self.spec, &points)?;
-        let persisted = points
+        let points = points
             .into_iter()
             .map(|p| PointStruct::new(PointId::Uuid(p.id), p.vector, Value::Object(p.payload)).0)
             .collect();
-        let shard = self.shard.clone();
-        let lock = self.write_lock.clone();
-        blocking(move || {
-            let _guard = lock.lock().unwrap_or_else(|p| p.into_inner());
-            shard.update(UpdateOperation::PointOperation(PointOperations::UpsertPoints(
-                PointInsertOperations::PointsList(persisted),
-            )))
-        })
-        .await?;
-        // Numbered only now that the write is applied, so the flush it waits for is guaranteed to include it.
-        let sequence = self.commits.next_write();
-        self.commits.wait_durable(sequence).await
+        self.write(points, self.durability == Durability::EveryWrite)
+            .await
     }
 
-    async fn search(&self, vector: Vec<f32>, user_id: Option<&str>, limit: usize) -> Result<Vec<Hit>, StoreError> {
+    async fn flush(&self) -> Result<(), StoreError> {
+        self.write(Vec::new(), true).await
+    }
+
+    async fn search(
+        &self,
+        vector: Vec<f32>,
+        user_id: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Hit>, StoreError> {
         if vector.len() != self.spec.dimension {
             return Err(StoreError::Invalid(format!(
                 "query vector has {} dimensions; collection takes {}",
@@ -214,7 +281,10 @@ impl VectorStore for EdgeStore {
         let points = self
             .read(move |shard| {
                 shard.search(SearchRequest {
-                    query: QueryEnum::Nearest(qdrant_edge::NamedQuery { query: vector.into(), using: None }),
+                    query: QueryEnum::Nearest(qdrant_edge::NamedQuery {
+                        query: vector.into(),
+                        using: None,
+                    }),
                     filter,
                     params: None,
                     limit,
@@ -230,14 +300,24 @@ impl VectorStore for EdgeStore {
             .map(|p| Hit {
                 id: p.id.to_string(),
                 score: p.score,
-                payload: p.payload.map(|payload| payload.0.into_iter().collect()).unwrap_or_default(),
+                payload: p
+                    .payload
+                    .map(|payload| payload.0.into_iter().collect())
+                    .unwrap_or_default(),
             })
             .collect())
     }
 
     async fn count(&self, user_id: Option<&str>) -> Result<u64, StoreError> {
         let filter = user_filter(user_id).map_err(|e| StoreError::Invalid(e.to_string()))?;
-        let count = self.read(move |shard| shard.count(CountRequest { filter, exact: true })).await?;
+        let count = self
+            .read(move |shard| {
+                shard.count(CountRequest {
+                    filter,
+                    exact: true,
+                })
+            })
+            .await?;
         Ok(count as u64)
     }
 
@@ -252,65 +332,91 @@ impl VectorStore for EdgeStore {
     }
 }
 
-/// Group commit of embedded writes: `next_write` numbers an applied write, `wait_durable` returns once a flush that
-/// began after it has finished. One background task runs the flushes back to back while writes keep arriving. It
-/// holds the shard weakly, so dropping the store closes (and finally flushes) the shard right away.
-struct GroupCommit {
-    written: watch::Sender<u64>,
-    durable: watch::Receiver<Result<u64, String>>,
+struct WriteRequest {
+    points: Vec<PointStructPersisted>,
+    flush: bool,
+    done: oneshot::Sender<Result<(), StoreError>>,
 }
 
-impl GroupCommit {
-    fn start(shard: std::sync::Weak<EdgeShard>, lock: Arc<Mutex<()>>) -> Self {
-        let (written, mut written_rx) = watch::channel(0u64);
-        let (durable_tx, durable) = watch::channel(Ok(0u64));
-        let run = async move {
-            while written_rx.changed().await.is_ok() {
-                let target = *written_rx.borrow_and_update();
-                let Some(shard) = shard.upgrade() else { break };
-                let lock = lock.clone();
-                let flushed = tokio::task::spawn_blocking(move || {
-                    let _guard = lock.lock().unwrap_or_else(|p| p.into_inner());
-                    // `flush` panics on I/O failure; turn that into an error for the waiting writers.
-                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| shard.flush()))
-                })
-                .await;
-                let outcome = match flushed {
-                    Ok(Ok(())) => Ok(target),
-                    Ok(Err(_)) | Err(_) => Err("flushing the embedded store to disk failed".to_owned()),
-                };
-                if durable_tx.send(outcome).is_err() {
-                    break;
+/// Points per combined update: bounds the latency of one round and the size of one WAL record.
+const MAX_POINTS_PER_WRITE: usize = 4096;
+
+/// The writer task: one round = every request waiting now → one update → one flush → answer them all.
+/// It holds the shard weakly, so dropping the store closes (and finally flushes) the shard at once.
+fn spawn_writer(
+    shard: std::sync::Weak<EdgeShard>,
+    lock: Arc<Mutex<()>>,
+) -> Result<mpsc::UnboundedSender<WriteRequest>, StoreError> {
+    let handle = tokio::runtime::Handle::try_current().map_err(|_| {
+        StoreError::Invalid("the embedded store must be opened inside a Tokio runtime".into())
+    })?;
+    let (tx, mut rx) = mpsc::unbounded_channel::<WriteRequest>();
+    handle.spawn(async move {
+        while let Some(first) = rx.recv().await {
+            let mut round = vec![first];
+            let mut points = round[0].points.len();
+            while points < MAX_POINTS_PER_WRITE {
+                match rx.try_recv() {
+                    Ok(request) => {
+                        points += request.points.len();
+                        round.push(request);
+                    }
+                    Err(_) => break,
                 }
             }
-        };
-        match tokio::runtime::Handle::try_current() {
-            Ok(handle) => {
-                handle.spawn(run);
+            let flush = round.iter().any(|r| r.flush);
+            let (batch, waiters): (Vec<_>, Vec<_>) =
+                round.into_iter().map(|r| (r.points, r.done)).unzip();
+            let Some(shard) = shard.upgrade() else { break };
+            let lock = lock.clone();
+            let requests = waiters.len();
+            let outcome = tokio::task::spawn_blocking(move || {
+                write_round(&shard, &lock, batch.concat(), flush, requests)
+            })
+            .await
+            .unwrap_or_else(|e| {
+                Err(StoreError::Unavailable(format!(
+                    "embedded store write task failed: {e}"
+                )))
+            });
+            for waiter in waiters {
+                // A caller that gave up waiting is fine: its points are written either way.
+                let _ = waiter.send(outcome.clone());
             }
-            Err(_) => tracing::warn!("EdgeStore opened outside a Tokio runtime: upserts will not be flushed"),
         }
-        Self { written, durable }
-    }
+    });
+    Ok(tx)
+}
 
-    fn next_write(&self) -> u64 {
-        let mut sequence = 0;
-        self.written.send_modify(|n| {
-            *n += 1;
-            sequence = *n;
-        });
-        sequence
+fn write_round(
+    shard: &EdgeShard,
+    lock: &Mutex<()>,
+    points: Vec<PointStructPersisted>,
+    flush: bool,
+    requests: usize,
+) -> Result<(), StoreError> {
+    let _guard = lock.lock().unwrap_or_else(|p| p.into_inner());
+    let started = std::time::Instant::now();
+    let count = points.len();
+    if !points.is_empty() {
+        let upsert = PointOperations::UpsertPoints(PointInsertOperations::PointsList(points));
+        shard
+            .update(UpdateOperation::PointOperation(upsert))
+            .map_err(|e| StoreError::Unavailable(format!("embedded Qdrant upsert: {e}")))?;
     }
-
-    async fn wait_durable(&self, sequence: u64) -> Result<(), StoreError> {
-        let mut durable = self.durable.clone();
-        loop {
-            match &*durable.borrow_and_update() {
-                Ok(done) if *done >= sequence => return Ok(()),
-                Err(message) => return Err(StoreError::Unavailable(message.clone())),
-                Ok(_) => {}
-            }
-            durable.changed().await.map_err(|_| StoreError::Unavailable("embedded store flusher stopped".into()))?;
-        }
+    let applied = started.elapsed();
+    if flush {
+        // `flush` panics on I/O failure; make that an error for the waiting callers instead of killing the process.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| shard.flush())).map_err(|_| {
+            StoreError::Unavailable("flushing the embedded store to disk failed".into())
+        })?;
     }
+    tracing::debug!(
+        points = count,
+        requests,
+        apply_ms = applied.as_secs_f64() * 1e3,
+        flush_ms = (started.elapsed() - applied).as_secs_f64() * 1e3,
+        "embedded write round"
+    );
+    Ok(())
 }

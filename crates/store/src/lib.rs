@@ -16,11 +16,17 @@ use async_trait::async_trait;
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
-pub use edge::EdgeStore;
+pub use edge::{Durability, EdgeStore};
 pub use server::QdrantServerStore;
 
 /// Keyword payload fields that get an index (the fields searches filter on).
-pub const KEYWORD_INDEXES: [&str; 5] = ["user_id", "snapshot_type", "source_type", "embedding_model", "version"];
+pub const KEYWORD_INDEXES: [&str; 5] = [
+    "user_id",
+    "snapshot_type",
+    "source_type",
+    "embedding_model",
+    "version",
+];
 
 /// The collection every store opens or creates.
 #[derive(Clone, Debug, PartialEq)]
@@ -73,15 +79,25 @@ pub struct CollectionInfo {
     pub engine: &'static str,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
     #[error(
         "collection `{collection}` holds {existing}-dimensional vectors but EMBEDDING_DIM is {configured}; \
          use another QDRANT_COLLECTION or the matching EMBEDDING_DIM"
     )]
-    DimensionMismatch { collection: String, existing: usize, configured: usize },
-    #[error("collection `{collection}` uses {existing:?} distance but VECTOR_DISTANCE is {configured:?}")]
-    DistanceMismatch { collection: String, existing: Distance, configured: Distance },
+    DimensionMismatch {
+        collection: String,
+        existing: usize,
+        configured: usize,
+    },
+    #[error(
+        "collection `{collection}` uses {existing:?} distance but VECTOR_DISTANCE is {configured:?}"
+    )]
+    DistanceMismatch {
+        collection: String,
+        existing: Distance,
+        configured: Distance,
+    },
     /// The store could not be reached or failed on its side: worth retrying.
     #[error("vector store unavailable: {0}")]
     Unavailable(String),
@@ -99,10 +115,20 @@ impl StoreError {
 #[async_trait]
 pub trait VectorStore: Send + Sync {
     fn collection(&self) -> &CollectionSpec;
-    /// Inserts or overwrites the points; returns once they are durable.
+    /// Inserts or overwrites the points; returns once they are durable (unless the store was opened for bulk
+    /// loading with [`Durability::OnFlush`], where [`VectorStore::flush`] makes them durable).
     async fn upsert(&self, points: Vec<Point>) -> Result<(), StoreError>;
+    /// Makes every upsert so far durable. A no-op where upserts are durable on return.
+    async fn flush(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// Nearest points to `vector`, restricted to `user_id` when given.
-    async fn search(&self, vector: Vec<f32>, user_id: Option<&str>, limit: usize) -> Result<Vec<Hit>, StoreError>;
+    async fn search(
+        &self,
+        vector: Vec<f32>,
+        user_id: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Hit>, StoreError>;
     /// Exact number of points, restricted to `user_id` when given.
     async fn count(&self, user_id: Option<&str>) -> Result<u64, StoreError>;
     async fn info(&self) -> Result<CollectionInfo, StoreError>;

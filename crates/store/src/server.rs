@@ -4,14 +4,17 @@
 
 use async_trait::async_trait;
 use qdrant_client::qdrant::{
-    Condition, CountPointsBuilder, CreateCollectionBuilder, CreateFieldIndexCollectionBuilder, FieldType, Filter,
-    HnswConfigDiffBuilder, PointStruct, SearchPointsBuilder, UpsertPointsBuilder, VectorParamsBuilder,
-    point_id::PointIdOptions, vectors_config,
+    Condition, CountPointsBuilder, CreateCollectionBuilder, CreateFieldIndexCollectionBuilder,
+    FieldType, Filter, HnswConfigDiffBuilder, PointStruct, SearchPointsBuilder,
+    UpsertPointsBuilder, VectorParamsBuilder, point_id::PointIdOptions, vectors_config,
 };
 use qdrant_client::{Payload, Qdrant, QdrantError};
 use serde_json::Value;
 
-use crate::{CollectionInfo, CollectionSpec, Distance, Hit, KEYWORD_INDEXES, Point, StoreError, VectorStore, check_vectors};
+use crate::{
+    CollectionInfo, CollectionSpec, Distance, Hit, KEYWORD_INDEXES, Point, StoreError, VectorStore,
+    check_vectors,
+};
 
 pub struct QdrantServerStore {
     spec: CollectionSpec,
@@ -22,27 +25,42 @@ pub struct QdrantServerStore {
 impl std::fmt::Debug for QdrantServerStore {
     // The client holds the API key: show only what is safe.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("QdrantServerStore").field("spec", &self.spec).field("url", &self.url).finish()
+        f.debug_struct("QdrantServerStore")
+            .field("spec", &self.spec)
+            .field("url", &self.url)
+            .finish()
     }
 }
 
 impl QdrantServerStore {
     /// Connects, creates the collection if missing, refuses a size or distance mismatch.
-    pub async fn connect(url: &str, api_key: Option<&str>, spec: CollectionSpec) -> Result<Self, StoreError> {
+    pub async fn connect(
+        url: &str,
+        api_key: Option<&str>,
+        spec: CollectionSpec,
+    ) -> Result<Self, StoreError> {
         let client = Qdrant::from_url(url)
             .api_key(api_key.map(str::to_owned))
             .timeout(std::time::Duration::from_secs(30))
             .skip_compatibility_check()
             .build()
             .map_err(|e| unavailable(url, e))?;
-        let store = Self { spec, url: url.to_owned(), client };
+        let store = Self {
+            spec,
+            url: url.to_owned(),
+            client,
+        };
         store.ensure_collection().await?;
         Ok(store)
     }
 
     async fn ensure_collection(&self) -> Result<(), StoreError> {
         let name = &self.spec.name;
-        let exists = self.client.collection_exists(name).await.map_err(|e| self.error(e))?;
+        let exists = self
+            .client
+            .collection_exists(name)
+            .await
+            .map_err(|e| self.error(e))?;
         if exists {
             let (dimension, distance) = self.vector_params().await?;
             if dimension != self.spec.dimension {
@@ -60,10 +78,19 @@ impl QdrantServerStore {
                 });
             }
         } else {
-            let vectors = VectorParamsBuilder::new(self.spec.dimension as u64, server_distance(self.spec.distance)).on_disk(true);
+            let vectors = VectorParamsBuilder::new(
+                self.spec.dimension as u64,
+                server_distance(self.spec.distance),
+            )
+            .on_disk(true);
             let create = CreateCollectionBuilder::new(name.clone())
                 .vectors_config(vectors)
-                .hnsw_config(HnswConfigDiffBuilder::default().m(16).ef_construct(256).on_disk(true))
+                .hnsw_config(
+                    HnswConfigDiffBuilder::default()
+                        .m(16)
+                        .ef_construct(256)
+                        .on_disk(true),
+                )
                 .on_disk_payload(true);
             if let Err(e) = self.client.create_collection(create).await {
                 // Another process may have created it between our check and our create.
@@ -75,7 +102,10 @@ impl QdrantServerStore {
         for field in KEYWORD_INDEXES {
             // Idempotent on the server: creating an existing index is accepted.
             self.client
-                .create_field_index(CreateFieldIndexCollectionBuilder::new(name.clone(), field, FieldType::Keyword).wait(true))
+                .create_field_index(
+                    CreateFieldIndexCollectionBuilder::new(name.clone(), field, FieldType::Keyword)
+                        .wait(true),
+                )
                 .await
                 .map_err(|e| self.error(e))?;
         }
@@ -83,7 +113,11 @@ impl QdrantServerStore {
     }
 
     async fn vector_params(&self) -> Result<(usize, Distance), StoreError> {
-        let info = self.client.collection_info(&self.spec.name).await.map_err(|e| self.error(e))?;
+        let info = self
+            .client
+            .collection_info(&self.spec.name)
+            .await
+            .map_err(|e| self.error(e))?;
         let config = info
             .result
             .and_then(|r| r.config)
@@ -91,7 +125,9 @@ impl QdrantServerStore {
             .and_then(|p| p.vectors_config)
             .and_then(|v| v.config);
         match config {
-            Some(vectors_config::Config::Params(params)) => Ok((params.size as usize, from_server_distance(params.distance))),
+            Some(vectors_config::Config::Params(params)) => {
+                Ok((params.size as usize, from_server_distance(params.distance)))
+            }
             _ => Err(StoreError::Invalid(format!(
                 "collection `{}` has no single unnamed dense vector (named vectors are not supported)",
                 self.spec.name
@@ -119,7 +155,8 @@ fn server_distance(distance: Distance) -> qdrant_client::qdrant::Distance {
 fn from_server_distance(raw: i32) -> Distance {
     match qdrant_client::qdrant::Distance::try_from(raw) {
         Ok(qdrant_client::qdrant::Distance::Dot) => Distance::Dot,
-        Ok(qdrant_client::qdrant::Distance::Euclid) | Ok(qdrant_client::qdrant::Distance::Manhattan) => Distance::Euclid,
+        Ok(qdrant_client::qdrant::Distance::Euclid)
+        | Ok(qdrant_client::qdrant::Distance::Manhattan) => Distance::Euclid,
         _ => Distance::Cosine,
     }
 }
@@ -153,12 +190,22 @@ impl VectorStore for QdrantServerStore {
         Ok(())
     }
 
-    async fn search(&self, vector: Vec<f32>, user_id: Option<&str>, limit: usize) -> Result<Vec<Hit>, StoreError> {
-        let mut request = SearchPointsBuilder::new(self.spec.name.clone(), vector, limit as u64).with_payload(true);
+    async fn search(
+        &self,
+        vector: Vec<f32>,
+        user_id: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Hit>, StoreError> {
+        let mut request = SearchPointsBuilder::new(self.spec.name.clone(), vector, limit as u64)
+            .with_payload(true);
         if let Some(filter) = user_filter(user_id) {
             request = request.filter(filter);
         }
-        let response = self.client.search_points(request).await.map_err(|e| self.error(e))?;
+        let response = self
+            .client
+            .search_points(request)
+            .await
+            .map_err(|e| self.error(e))?;
         Ok(response
             .result
             .into_iter()
@@ -172,7 +219,11 @@ impl VectorStore for QdrantServerStore {
                     Value::Object(map) => map,
                     _ => Default::default(),
                 };
-                Hit { id, score: p.score, payload }
+                Hit {
+                    id,
+                    score: p.score,
+                    payload,
+                }
             })
             .collect())
     }
@@ -182,7 +233,11 @@ impl VectorStore for QdrantServerStore {
         if let Some(filter) = user_filter(user_id) {
             request = request.filter(filter);
         }
-        let response = self.client.count(request).await.map_err(|e| self.error(e))?;
+        let response = self
+            .client
+            .count(request)
+            .await
+            .map_err(|e| self.error(e))?;
         Ok(response.result.map(|r| r.count).unwrap_or(0))
     }
 

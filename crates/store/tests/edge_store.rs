@@ -1,38 +1,62 @@
 //! The embedded store, for real, on a temporary directory.
 
-use aura_store::{CollectionSpec, Distance, EdgeStore, Point, StoreError, VectorStore};
+use aura_store::{CollectionSpec, Distance, Durability, EdgeStore, Point, StoreError, VectorStore};
 use serde_json::{Map, Value, json};
 use uuid::Uuid;
 
 const DIM: usize = 8;
 
 fn spec(dimension: usize) -> CollectionSpec {
-    CollectionSpec { name: "user_context".into(), dimension, distance: Distance::Cosine }
+    CollectionSpec {
+        name: "user_context".into(),
+        dimension,
+        distance: Distance::Cosine,
+    }
 }
 
 fn point(n: u8, user: &str) -> Point {
     let mut vector = vec![0.1f32; DIM];
     vector[usize::from(n) % DIM] = 1.0;
-    let payload: Map<String, Value> = json!({"user_id": user, "text": format!("point {n}")}).as_object().cloned().unwrap();
-    Point { id: Uuid::new_v5(&Uuid::NAMESPACE_OID, &[n]), vector, payload }
+    let payload: Map<String, Value> = json!({"user_id": user, "text": format!("point {n}")})
+        .as_object()
+        .cloned()
+        .unwrap();
+    Point {
+        id: Uuid::new_v5(&Uuid::NAMESPACE_OID, &[n]),
+        vector,
+        payload,
+    }
 }
 
 #[tokio::test]
 async fn upserted_points_are_counted_searched_per_user_and_overwritten_by_id() {
     let dir = tempfile::tempdir().unwrap();
     let store = EdgeStore::open(dir.path(), spec(DIM)).unwrap();
-    store.upsert((0..6).map(|n| point(n, if n % 2 == 0 { "alice" } else { "bob" })).collect()).await.unwrap();
+    store
+        .upsert(
+            (0..6)
+                .map(|n| point(n, if n % 2 == 0 { "alice" } else { "bob" }))
+                .collect(),
+        )
+        .await
+        .unwrap();
     assert_eq!(store.count(None).await.unwrap(), 6);
     assert_eq!(store.count(Some("alice")).await.unwrap(), 3);
 
-    let hits = store.search(point(2, "x").vector, Some("alice"), 10).await.unwrap();
+    let hits = store
+        .search(point(2, "x").vector, Some("alice"), 10)
+        .await
+        .unwrap();
     assert_eq!(hits.len(), 3);
     assert!(hits.iter().all(|h| h.payload["user_id"] == "alice"));
     assert_eq!(hits[0].payload["text"], "point 2");
     assert!(hits[0].score > hits[1].score);
 
     // Same ids again: overwritten, not duplicated.
-    store.upsert((0..6).map(|n| point(n, "alice")).collect()).await.unwrap();
+    store
+        .upsert((0..6).map(|n| point(n, "alice")).collect())
+        .await
+        .unwrap();
     assert_eq!(store.count(None).await.unwrap(), 6);
     assert_eq!(store.count(Some("alice")).await.unwrap(), 6);
 }
@@ -42,7 +66,10 @@ async fn a_reopened_directory_still_has_the_points() {
     let dir = tempfile::tempdir().unwrap();
     {
         let store = EdgeStore::open(dir.path(), spec(DIM)).unwrap();
-        store.upsert((0..5).map(|n| point(n, "alice")).collect()).await.unwrap();
+        store
+            .upsert((0..5).map(|n| point(n, "alice")).collect())
+            .await
+            .unwrap();
     }
     let store = EdgeStore::open(dir.path(), spec(DIM)).unwrap();
     assert_eq!(store.count(Some("alice")).await.unwrap(), 5);
@@ -51,23 +78,57 @@ async fn a_reopened_directory_still_has_the_points() {
 
 const CRASH_CHILD: &str = "AURA_STORE_CRASH_CHILD_DIR";
 
-#[tokio::test]
-async fn acknowledged_upserts_survive_a_process_crash() {
-    // Child: upsert, then die without any destructor or shutdown flush.
-    if let Ok(dir) = std::env::var(CRASH_CHILD) {
-        let store = EdgeStore::open(std::path::Path::new(&dir), spec(DIM)).unwrap();
-        store.upsert((0..4).map(|n| point(n, "alice")).collect()).await.unwrap();
-        std::process::abort();
-    }
-    let dir = tempfile::tempdir().unwrap();
+/// Re-runs test `name` in a child process that writes into `dir` and then aborts (no destructor, no final flush).
+fn crash_child(name: &str, dir: &std::path::Path) {
     let status = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "acknowledged_upserts_survive_a_process_crash", "--nocapture"])
-        .env(CRASH_CHILD, dir.path())
+        .args(["--exact", name, "--nocapture"])
+        .env(CRASH_CHILD, dir)
         .status()
         .unwrap();
     assert!(!status.success(), "the child must have crashed");
+}
+
+#[tokio::test]
+async fn acknowledged_upserts_survive_a_process_crash() {
+    if let Ok(dir) = std::env::var(CRASH_CHILD) {
+        let store = EdgeStore::open(std::path::Path::new(&dir), spec(DIM)).unwrap();
+        store
+            .upsert((0..4).map(|n| point(n, "alice")).collect())
+            .await
+            .unwrap();
+        std::process::abort();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    crash_child("acknowledged_upserts_survive_a_process_crash", dir.path());
     let reopened = EdgeStore::open(dir.path(), spec(DIM)).unwrap();
     assert_eq!(reopened.count(None).await.unwrap(), 4);
+}
+
+#[tokio::test]
+async fn in_bulk_mode_upserts_are_durable_once_flushed() {
+    if let Ok(dir) = std::env::var(CRASH_CHILD) {
+        let store =
+            EdgeStore::open_with(std::path::Path::new(&dir), spec(DIM), Durability::OnFlush)
+                .unwrap();
+        store
+            .upsert((0..3).map(|n| point(n, "alice")).collect())
+            .await
+            .unwrap();
+        store.flush().await.unwrap();
+        store
+            .upsert((3..6).map(|n| point(n, "alice")).collect())
+            .await
+            .unwrap();
+        std::process::abort();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    crash_child("in_bulk_mode_upserts_are_durable_once_flushed", dir.path());
+    let reopened = EdgeStore::open(dir.path(), spec(DIM)).unwrap();
+    let count = reopened.count(None).await.unwrap();
+    assert!(
+        (3..=6).contains(&count),
+        "the flushed three are there (later ones may be): {count}"
+    );
 }
 
 #[tokio::test]
@@ -75,7 +136,17 @@ async fn a_collection_of_another_size_is_refused_with_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     drop(EdgeStore::open(dir.path(), spec(DIM)).unwrap());
     let err = EdgeStore::open(dir.path(), spec(DIM * 2)).unwrap_err();
-    assert!(matches!(err, StoreError::DimensionMismatch { existing: 8, configured: 16, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            StoreError::DimensionMismatch {
+                existing: 8,
+                configured: 16,
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert!(err.to_string().contains("EMBEDDING_DIM is 16"), "{err}");
 }
 

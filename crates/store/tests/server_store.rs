@@ -11,25 +11,52 @@ async fn server_store_creates_upserts_searches_counts_and_refuses_a_size_mismatc
     let url = std::env::var("QDRANT_URL").expect("QDRANT_URL must point at a Qdrant gRPC endpoint");
     let key = std::env::var("QDRANT_API_KEY").ok();
     let name = format!("aura_test_{}", Uuid::new_v4().simple());
-    let spec = CollectionSpec { name: name.clone(), dimension: 4, distance: Distance::Cosine };
-    let store = QdrantServerStore::connect(&url, key.as_deref(), spec.clone()).await.unwrap();
+    let spec = CollectionSpec {
+        name: name.clone(),
+        dimension: 4,
+        distance: Distance::Cosine,
+    };
+    let store = QdrantServerStore::connect(&url, key.as_deref(), spec.clone())
+        .await
+        .unwrap();
 
     let points: Vec<Point> = (0..4u8)
         .map(|n| Point {
             id: Uuid::new_v5(&Uuid::NAMESPACE_OID, &[n]),
             vector: vec![1.0, f32::from(n), 0.5, 0.1],
-            payload: json!({"user_id": if n < 3 { "alice" } else { "bob" }}).as_object().cloned().unwrap(),
+            payload: json!({"user_id": if n < 3 { "alice" } else { "bob" }})
+                .as_object()
+                .cloned()
+                .unwrap(),
         })
         .collect();
     store.upsert(points.clone()).await.unwrap();
     store.upsert(points).await.unwrap();
     assert_eq!(store.count(None).await.unwrap(), 4);
     assert_eq!(store.count(Some("alice")).await.unwrap(), 3);
-    let hits = store.search(vec![1.0, 1.0, 0.5, 0.1], Some("bob"), 10).await.unwrap();
+    let hits = store
+        .search(vec![1.0, 1.0, 0.5, 0.1], Some("bob"), 10)
+        .await
+        .unwrap();
     assert_eq!(hits.len(), 1);
     assert_eq!(hits[0].payload["user_id"], "bob");
 
-    let wrong = CollectionSpec { dimension: 8, ..spec };
-    let err = QdrantServerStore::connect(&url, key.as_deref(), wrong).await.unwrap_err();
-    assert!(matches!(err, StoreError::DimensionMismatch { existing: 4, configured: 8, .. }), "{err}");
+    let wrong = CollectionSpec {
+        dimension: 8,
+        ..spec
+    };
+    let err = QdrantServerStore::connect(&url, key.as_deref(), wrong)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::DimensionMismatch {
+                existing: 4,
+                configured: 8,
+                ..
+            }
+        ),
+        "{err}"
+    );
 }

@@ -24,12 +24,18 @@ impl Handler for ContextAggregated {
         &[types::CONTEXT_AGGREGATED]
     }
 
-    async fn handle(&self, event: &Event, ctx: &HandlerContext) -> Result<Vec<Event>, HandlerError> {
+    async fn handle(
+        &self,
+        event: &Event,
+        ctx: &HandlerContext,
+    ) -> Result<Vec<Event>, HandlerError> {
         let snapshot = ContextSnapshot::from_event(event)?;
         let chunks = chunk(&snapshot.text_representation, CHUNK_CHARS, CHUNK_OVERLAP);
         let embeddings = ctx.embedder.embed(&chunks).await?;
         let dimension = ctx.embedder.dimension();
-        if embeddings.vectors.len() != chunks.len() || embeddings.vectors.iter().any(|v| v.len() != dimension) {
+        if embeddings.vectors.len() != chunks.len()
+            || embeddings.vectors.iter().any(|v| v.len() != dimension)
+        {
             return Err(HandlerError::Permanent(format!(
                 "embedder returned {} vectors for {} chunks (expected {dimension} dimensions each)",
                 embeddings.vectors.len(),
@@ -72,19 +78,32 @@ mod tests {
     use serde_json::json;
 
     fn aggregated(text: &str) -> Event {
-        let mut e = Event::new(types::CONTEXT_AGGREGATED, Some("u1".into()), Some("t".into()));
+        let mut e = Event::new(
+            types::CONTEXT_AGGREGATED,
+            Some("u1".into()),
+            Some("t".into()),
+        );
         e.set_field("context_data", json!({"user_id": "u1", "text_representation": text, "mood_summary": {"recent_score": 5}}));
         e
     }
 
     #[test]
     fn chunks_are_900_chars_with_150_overlap() {
-        let text: String = (0..2000).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+        let text: String = (0..2000)
+            .map(|i| char::from(b'a' + (i % 26) as u8))
+            .collect();
         let chunks = chunk(&text, CHUNK_CHARS, CHUNK_OVERLAP);
-        assert_eq!(chunks.iter().map(|c| c.chars().count()).collect::<Vec<_>>(), [900, 900, 500]);
+        assert_eq!(
+            chunks.iter().map(|c| c.chars().count()).collect::<Vec<_>>(),
+            [900, 900, 500]
+        );
         assert_eq!(&chunks[0][750..], &chunks[1][..150]);
         assert_eq!(chunk("short", 900, 150), ["short"]);
-        assert_eq!(chunk(&"é".repeat(901), 900, 150).len(), 2, "counted in characters");
+        assert_eq!(
+            chunk(&"é".repeat(901), 900, 150).len(),
+            2,
+            "counted in characters"
+        );
     }
 
     #[tokio::test]
@@ -104,8 +123,14 @@ mod tests {
         }
         assert_eq!(v.embedding_model, "hash-ngram-v1");
         assert_eq!(v.embedding_version, "test-v1");
-        assert_eq!(v.context_data.mood_summary, Some(json!({"recent_score": 5})));
-        assert_eq!(out[0].causation_id(), Some(input.event_id.to_string().as_str()));
+        assert_eq!(
+            v.context_data.mood_summary,
+            Some(json!({"recent_score": 5}))
+        );
+        assert_eq!(
+            out[0].causation_id(),
+            Some(input.event_id.to_string().as_str())
+        );
     }
 
     #[tokio::test]
@@ -114,7 +139,13 @@ mod tests {
         let ctx = &fixture.ctx;
         let mut input = aggregated("x");
         input.set_field("context_data", json!({"user_id": "u1"}));
-        assert!(matches!(ContextAggregated.handle(&input, ctx).await, Err(HandlerError::Permanent(_))));
-        assert!(matches!(ContextAggregated.handle(&aggregated("  "), ctx).await, Err(HandlerError::Permanent(_))));
+        assert!(matches!(
+            ContextAggregated.handle(&input, ctx).await,
+            Err(HandlerError::Permanent(_))
+        ));
+        assert!(matches!(
+            ContextAggregated.handle(&aggregated("  "), ctx).await,
+            Err(HandlerError::Permanent(_))
+        ));
     }
 }

@@ -19,7 +19,10 @@ pub fn point_namespace() -> Uuid {
 
 /// The point id of chunk `chunk_index` of the chain started by `origin_event_id`.
 pub fn point_id(origin_event_id: &str, chunk_index: usize) -> Uuid {
-    Uuid::new_v5(&point_namespace(), format!("{origin_event_id}:{chunk_index}").as_bytes())
+    Uuid::new_v5(
+        &point_namespace(),
+        format!("{origin_event_id}:{chunk_index}").as_bytes(),
+    )
 }
 
 pub struct IngestVectors;
@@ -34,7 +37,11 @@ impl Handler for IngestVectors {
         &[types::CONTEXT_VECTORIZED]
     }
 
-    async fn handle(&self, event: &Event, ctx: &HandlerContext) -> Result<Vec<Event>, HandlerError> {
+    async fn handle(
+        &self,
+        event: &Event,
+        ctx: &HandlerContext,
+    ) -> Result<Vec<Event>, HandlerError> {
         let points = points(event)?;
         ctx.store.upsert(points).await?;
         Ok(Vec::new())
@@ -71,11 +78,17 @@ pub fn points(event: &Event) -> Result<Vec<Point>, EventError> {
     shared.insert("trace_id".into(), json!(event.trace_id));
     shared.insert("origin_event_id".into(), json!(origin));
     shared.insert("aggregated_event_id".into(), json!(event.causation_id()));
-    shared.insert("vectorized_event_id".into(), json!(event.event_id.to_string()));
+    shared.insert(
+        "vectorized_event_id".into(),
+        json!(event.event_id.to_string()),
+    );
     if let Some(source) = &snapshot.source_event {
         shared.insert("source_event".into(), source.clone());
     }
-    for (key, summary) in [("mood_summary", &snapshot.mood_summary), ("activity_summary", &snapshot.activity_summary)] {
+    for (key, summary) in [
+        ("mood_summary", &snapshot.mood_summary),
+        ("activity_summary", &snapshot.activity_summary),
+    ] {
         if let Some(summary) = summary {
             shared.insert(key.into(), summary.clone());
         }
@@ -94,7 +107,11 @@ pub fn points(event: &Event) -> Result<Vec<Point>, EventError> {
             let mut payload = shared.clone();
             payload.insert("chunk_index".into(), json!(index));
             payload.insert("text".into(), Value::String(text.clone()));
-            Point { id: point_id(&origin, index), vector, payload }
+            Point {
+                id: point_id(&origin, index),
+                vector,
+                payload,
+            }
         })
         .collect())
 }
@@ -108,8 +125,13 @@ mod tests {
     use std::sync::atomic::Ordering;
 
     fn vectorized(chunks: usize) -> Event {
-        let mut e = Event::new(types::CONTEXT_VECTORIZED, Some("u9".into()), Some("trace-9".into()));
-        e.metadata.insert("origin_event_id".into(), json!("origin-1"));
+        let mut e = Event::new(
+            types::CONTEXT_VECTORIZED,
+            Some("u9".into()),
+            Some("trace-9".into()),
+        );
+        e.metadata
+            .insert("origin_event_id".into(), json!("origin-1"));
         e.metadata.insert("causation_id".into(), json!("agg-1"));
         let vectorized = VectorizedContext {
             context_data: serde_json::from_value(json!({
@@ -118,7 +140,13 @@ mod tests {
             }))
             .unwrap(),
             chunks: (0..chunks).map(|i| format!("chunk {i}")).collect(),
-            vectors: (0..chunks).map(|i| (0..TEST_DIM).map(|d| if d == i { 1.0 } else { 0.0 }).collect()).collect(),
+            vectors: (0..chunks)
+                .map(|i| {
+                    (0..TEST_DIM)
+                        .map(|d| if d == i { 1.0 } else { 0.0 })
+                        .collect()
+                })
+                .collect(),
             embedding_model: "hash-ngram-v1".into(),
             embedding_version: "test-v1".into(),
         };
@@ -142,7 +170,10 @@ mod tests {
         assert!(IngestVectors.handle(&event, ctx).await.unwrap().is_empty());
         assert_eq!(store.count(Some("u9")).await.unwrap(), 2);
 
-        let hits = store.search(points(&event).unwrap()[1].vector.clone(), Some("u9"), 1).await.unwrap();
+        let hits = store
+            .search(points(&event).unwrap()[1].vector.clone(), Some("u9"), 1)
+            .await
+            .unwrap();
         assert_eq!(hits[0].id, point_id("origin-1", 1).to_string());
         let p = &hits[0].payload;
         assert_eq!(p["chunk_index"], 1);
@@ -169,7 +200,10 @@ mod tests {
         let store = &fixture.store;
         let flaky = Arc::new(FlakyStore::new(store.clone(), 1));
         let ctx = context_with(flaky.clone());
-        let err = IngestVectors.handle(&vectorized(1), &ctx).await.unwrap_err();
+        let err = IngestVectors
+            .handle(&vectorized(1), &ctx)
+            .await
+            .unwrap_err();
         assert!(matches!(err, HandlerError::Transient(_)), "{err}");
         IngestVectors.handle(&vectorized(1), &ctx).await.unwrap();
         assert_eq!(flaky.attempts.load(Ordering::SeqCst), 2);
@@ -182,15 +216,27 @@ mod tests {
         let ctx = &fixture.ctx;
         let mut wrong_size = vectorized(1);
         wrong_size.set_field("vectors", json!([[1.0, 0.0]]));
-        assert!(matches!(IngestVectors.handle(&wrong_size, ctx).await, Err(HandlerError::Permanent(_))));
+        assert!(matches!(
+            IngestVectors.handle(&wrong_size, ctx).await,
+            Err(HandlerError::Permanent(_))
+        ));
 
         let mut no_user = vectorized(1);
         no_user.user_id = None;
-        no_user.set_field("context_data", json!({"user_id": "", "text_representation": "t"}));
-        assert!(matches!(IngestVectors.handle(&no_user, ctx).await, Err(HandlerError::Permanent(_))));
+        no_user.set_field(
+            "context_data",
+            json!({"user_id": "", "text_representation": "t"}),
+        );
+        assert!(matches!(
+            IngestVectors.handle(&no_user, ctx).await,
+            Err(HandlerError::Permanent(_))
+        ));
 
         let mut no_vectors = vectorized(1);
         no_vectors.fields.remove("vectors");
-        assert!(matches!(IngestVectors.handle(&no_vectors, ctx).await, Err(HandlerError::Permanent(_))));
+        assert!(matches!(
+            IngestVectors.handle(&no_vectors, ctx).await,
+            Err(HandlerError::Permanent(_))
+        ));
     }
 }

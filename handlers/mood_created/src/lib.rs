@@ -21,7 +21,11 @@ impl Handler for MoodCreated {
         &[types::MOOD_CREATED, types::ACTIVITY_CREATED]
     }
 
-    async fn handle(&self, event: &Event, _ctx: &HandlerContext) -> Result<Vec<Event>, HandlerError> {
+    async fn handle(
+        &self,
+        event: &Event,
+        _ctx: &HandlerContext,
+    ) -> Result<Vec<Event>, HandlerError> {
         let snapshot = aggregate(event)?;
         let mut aggregated = Event::caused_by(event, types::CONTEXT_AGGREGATED);
         aggregated.set_field("context_data", snapshot.to_value());
@@ -40,10 +44,18 @@ pub fn aggregate(event: &Event) -> Result<ContextSnapshot, EventError> {
             if !mood.tags.is_empty() {
                 parts.push(format!("Mood Tags: {}", mood.tags.join(", ")));
             }
-            if let Some(notes) = mood.notes.as_deref().map(str::trim).filter(|n| !n.is_empty()) {
+            if let Some(notes) = mood
+                .notes
+                .as_deref()
+                .map(str::trim)
+                .filter(|n| !n.is_empty())
+            {
                 parts.push(format!("Notes: {notes}"));
             }
-            (Some(json!({"recent_score": mood.score, "tags": mood.tags, "notes": mood.notes})), None)
+            (
+                Some(json!({"recent_score": mood.score, "tags": mood.tags, "notes": mood.notes})),
+                None,
+            )
         }
         types::ACTIVITY_CREATED => {
             let activity = ActivityEntry::from_event(event)?;
@@ -61,14 +73,21 @@ pub fn aggregate(event: &Event) -> Result<ContextSnapshot, EventError> {
             });
             (None, Some(summary))
         }
-        other => return Err(EventError::schema("event_type", format!("mood_created cannot aggregate `{other}`"))),
+        other => {
+            return Err(EventError::schema(
+                "event_type",
+                format!("mood_created cannot aggregate `{other}`"),
+            ));
+        }
     };
     Ok(ContextSnapshot {
         user_id,
         snapshot_type: "incremental".into(),
         timeframe: "recent".into(),
         timestamp: Some(event.timestamp.as_str().to_owned()),
-        source_event: Some(json!({"event_id": event.event_id.to_string(), "event_type": event.event_type})),
+        source_event: Some(
+            json!({"event_id": event.event_id.to_string(), "event_type": event.event_type}),
+        ),
         mood_summary,
         activity_summary,
         text_representation: parts.join(" | "),
@@ -78,7 +97,11 @@ pub fn aggregate(event: &Event) -> Result<ContextSnapshot, EventError> {
 
 /// `7.0` prints as `7`, `7.5` as `7.5` — as Python's f-strings print the ints and floats they were given.
 fn number(value: f64) -> String {
-    if value.fract() == 0.0 && value.abs() < 1e15 { format!("{}", value as i64) } else { value.to_string() }
+    if value.fract() == 0.0 && value.abs() < 1e15 {
+        format!("{}", value as i64)
+    } else {
+        value.to_string()
+    }
 }
 
 #[cfg(test)]
@@ -107,11 +130,20 @@ mod tests {
         let aggregated = &out[0];
         assert_eq!(aggregated.event_type, types::CONTEXT_AGGREGATED);
         assert_eq!(aggregated.trace_id.as_deref(), Some("trace-7"));
-        assert_eq!(aggregated.causation_id(), Some(input.event_id.to_string().as_str()));
+        assert_eq!(
+            aggregated.causation_id(),
+            Some(input.event_id.to_string().as_str())
+        );
         assert_eq!(aggregated.origin_event_id(), input.event_id.to_string());
         let data = aggregated.field("context_data").unwrap();
-        assert_eq!(data["text_representation"], "User: user-1 | Mood Score: 7/10 | Mood Tags: calm, focused | Notes: Good sleep");
-        assert_eq!(data["mood_summary"], json!({"recent_score": 7.0, "tags": ["calm", "focused"], "notes": "Good sleep"}));
+        assert_eq!(
+            data["text_representation"],
+            "User: user-1 | Mood Score: 7/10 | Mood Tags: calm, focused | Notes: Good sleep"
+        );
+        assert_eq!(
+            data["mood_summary"],
+            json!({"recent_score": 7.0, "tags": ["calm", "focused"], "notes": "Good sleep"})
+        );
         assert_eq!(data["snapshot_type"], "incremental");
         assert_eq!(data["timeframe"], "recent");
         assert_eq!(data["user_id"], "user-1");
@@ -120,16 +152,33 @@ mod tests {
 
     #[test]
     fn django_shape_gives_the_same_text() {
-        let e = event(types::MOOD_CREATED, Some("7"), json!({"mood_id": 3, "level": 4.5, "recorded_at": "2025-03-01", "note": "tired", "tags": []}));
-        assert_eq!(aggregate(&e).unwrap().text_representation, "User: 7 | Mood Score: 4.5/10 | Notes: tired");
+        let e = event(
+            types::MOOD_CREATED,
+            Some("7"),
+            json!({"mood_id": 3, "level": 4.5, "recorded_at": "2025-03-01", "note": "tired", "tags": []}),
+        );
+        assert_eq!(
+            aggregate(&e).unwrap().text_representation,
+            "User: 7 | Mood Score: 4.5/10 | Notes: tired"
+        );
     }
 
     #[test]
     fn activity_becomes_an_activity_summary() {
-        let e = event(types::ACTIVITY_CREATED, Some("u2"), json!({"activity_type": "running", "duration": 30, "calories": 250}));
+        let e = event(
+            types::ACTIVITY_CREATED,
+            Some("u2"),
+            json!({"activity_type": "running", "duration": 30, "calories": 250}),
+        );
         let snapshot = aggregate(&e).unwrap();
-        assert_eq!(snapshot.text_representation, "User: u2 | Activity: running | Duration: 30 minutes | Calories: 250");
-        assert_eq!(snapshot.activity_summary, Some(json!({"activity_type": "running", "duration": 30.0, "calories": 250.0})));
+        assert_eq!(
+            snapshot.text_representation,
+            "User: u2 | Activity: running | Duration: 30 minutes | Calories: 250"
+        );
+        assert_eq!(
+            snapshot.activity_summary,
+            Some(json!({"activity_type": "running", "duration": 30.0, "calories": 250.0}))
+        );
         assert_eq!(snapshot.mood_summary, None);
     }
 
@@ -140,14 +189,25 @@ mod tests {
         let cases = [
             event(types::MOOD_CREATED, None, json!({"mood_score": 5})),
             event(types::MOOD_CREATED, Some("  "), json!({"mood_score": 5})),
-            event(types::MOOD_CREATED, Some("u"), json!({"mood_score": "five"})),
-            event(types::MOOD_CREATED, Some("u"), json!({"mood_score": 5, "tags": "calm"})),
+            event(
+                types::MOOD_CREATED,
+                Some("u"),
+                json!({"mood_score": "five"}),
+            ),
+            event(
+                types::MOOD_CREATED,
+                Some("u"),
+                json!({"mood_score": 5, "tags": "calm"}),
+            ),
             event(types::MOOD_CREATED, Some("u"), json!("not an object")),
             event(types::ACTIVITY_CREATED, Some("u"), json!({"duration": 10})),
         ];
         for input in cases {
             let err = MoodCreated.handle(&input, ctx).await.unwrap_err();
-            assert!(matches!(err, HandlerError::Permanent(_)), "{input:?} -> {err}");
+            assert!(
+                matches!(err, HandlerError::Permanent(_)),
+                "{input:?} -> {err}"
+            );
         }
     }
 }

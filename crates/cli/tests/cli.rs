@@ -1,0 +1,303 @@
+//! The `vectordb` binary as a user runs it: embedded store in a temporary directory, no services.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+const EXAMPLES: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../examples/mood_events.jsonl"
+);
+
+/// Runs `vectordb` in `dir` with a clean environment (no `.env`, no config files, no inherited settings).
+fn vectordb(dir: &Path, env: &[(&str, &str)], args: &[&str]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_vectordb"));
+    command
+        .env_clear()
+        .current_dir(dir)
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    command.env("QDRANT_PATH", dir.join("qdrant"));
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    command.args(args).output().unwrap()
+}
+
+fn json_of(output: &Output) -> Value {
+    assert!(
+        output.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&output.stdout)))
+}
+
+fn write(dir: &Path, name: &str, lines: &[String]) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, lines.join("\n")).unwrap();
+    path
+}
+
+fn mood_line(n: usize, user: &str) -> String {
+    format!(
+        r#"{{"event_id":"00000000-0000-4000-8000-{n:012}","event_type":"user.mood.created","timestamp":"2025-03-01T10:00:00","trace_id":"t{n}","user_id":"{user}","metadata":{{}},"data":{{"mood_score":6,"tags":["calm"],"notes":"note {n}"}}}}"#
+    )
+}
+
+#[test]
+fn pipeline_on_the_example_file_writes_one_point_per_event_and_is_idempotent() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = json_of(&vectordb(
+        dir.path(),
+        &[],
+        &["pipeline", "--events", EXAMPLES, "--json"],
+    ));
+    let events = std::fs::read_to_string(EXAMPLES)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .count() as u64;
+    assert_eq!(first["events_in"], events);
+    assert_eq!(
+        first["points_written"], events,
+        "short texts: one chunk, one point per event"
+    );
+    assert_eq!(first["dead_letters"], serde_json::json!([]));
+    assert_eq!(first["events_by_type"]["context.vectorized"], events);
+    assert!(first["elapsed_s"].as_f64().unwrap() > 0.0);
+
+    let second = json_of(&vectordb(
+        dir.path(),
+        &[],
+        &["pipeline", "--events", EXAMPLES, "--json"],
+    ));
+    assert_eq!(second["points_written"], events);
+    assert_eq!(
+        second["collection_points"], events,
+        "re-running overwrites the same point ids"
+    );
+
+    let stats = json_of(&vectordb(dir.path(), &[], &["stats", "--json"]));
+    assert_eq!(stats["points"], events);
+    assert_eq!(stats["vector_size"], 384);
+    assert_eq!(stats["collection"], "user_context");
+}
+
+#[test]
+fn search_returns_hits_for_that_user_only() {
+    let dir = tempfile::tempdir().unwrap();
+    json_of(&vectordb(
+        dir.path(),
+        &[],
+        &["pipeline", "--events", EXAMPLES, "--json"],
+    ));
+    let hits = json_of(&vectordb(
+        dir.path(),
+        &[],
+        &[
+            "search",
+            "--user",
+            "user-003",
+            "--text",
+            "anxious about work deadline",
+            "--limit",
+            "8",
+            "--json",
+        ],
+    ));
+    let hits = hits.as_array().unwrap();
+    assert_eq!(hits.len(), 8);
+    assert!(
+        hits.iter().all(|h| h["payload"]["user_id"] == "user-003"),
+        "{hits:?}"
+    );
+    let scores: Vec<f64> = hits.iter().map(|h| h["score"].as_f64().unwrap()).collect();
+    assert!(
+        scores.windows(2).all(|w| w[0] >= w[1]),
+        "sorted by score: {scores:?}"
+    );
+
+    let human = vectordb(
+        dir.path(),
+        &[],
+        &["search", "--user", "user-003", "--text", "work"],
+    );
+    assert!(String::from_utf8_lossy(&human.stdout).contains("user=user-003"));
+}
+
+#[test]
+fn malformed_lines_are_dead_letters_with_line_numbers_and_the_run_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = write(
+        dir.path(),
+        "mixed.jsonl",
+        &[
+            mood_line(1, "alice"),
+            "{not json".into(),
+            String::new(),
+            r#"{"event_type":"user.mood.created","timestamp":"2025-03-01T10:00:00"}"#.into(),
+            mood_line(2, "alice").replace(r#""mood_score":6"#, r#""mood_score":"very good""#),
+            mood_line(3, "alice").replace(r#""user_id":"alice""#, r#""user_id":null"#),
+            mood_line(4, "bob"),
+            r#"{"event_id":"00000000-0000-4000-8000-000000000099","event_type":"user.profile.updated","timestamp":"2025-03-01"}"#.into(),
+        ],
+    );
+    let summary = json_of(&vectordb(
+        dir.path(),
+        &[],
+        &["pipeline", "--events", input.to_str().unwrap(), "--json"],
+    ));
+    assert_eq!(summary["events_in"], 7);
+    assert_eq!(summary["points_written"], 2);
+    assert_eq!(
+        summary["skipped"], 1,
+        "unknown event type: skipped, not dead-lettered"
+    );
+    let letters = summary["dead_letters"].as_array().unwrap();
+    assert_eq!(letters.len(), 4, "{letters:?}");
+    let by_source = |source: &str| {
+        letters
+            .iter()
+            .find(|l| l["source"] == source)
+            .unwrap_or_else(|| panic!("{source}: {letters:?}"))
+    };
+    assert!(
+        by_source("line 2")["reason"]
+            .as_str()
+            .unwrap()
+            .contains("undecodable")
+    );
+    assert!(
+        by_source("line 4")["reason"]
+            .as_str()
+            .unwrap()
+            .contains("event_id")
+    );
+    let handler_letters: Vec<&Value> = letters
+        .iter()
+        .filter(|l| l["handler"] == "mood_created")
+        .collect();
+    assert_eq!(handler_letters.len(), 2);
+    assert!(
+        handler_letters
+            .iter()
+            .any(|l| l["reason"].as_str().unwrap().contains("data.mood_score"))
+    );
+    assert!(
+        handler_letters
+            .iter()
+            .any(|l| l["reason"].as_str().unwrap().contains("user_id"))
+    );
+}
+
+#[test]
+fn a_file_with_nothing_processable_exits_non_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = write(dir.path(), "bad.jsonl", &["{oops".into(), "[1,2]".into()]);
+    let output = vectordb(
+        dir.path(),
+        &[],
+        &["pipeline", "--events", input.to_str().unwrap()],
+    );
+    assert_eq!(output.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("line 1") && stdout.contains("line 2"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn a_disabled_handler_parks_its_events_instead_of_dropping_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = write(
+        dir.path(),
+        "two.jsonl",
+        &[mood_line(1, "alice"), mood_line(2, "bob")],
+    );
+    let summary = json_of(&vectordb(
+        dir.path(),
+        &[("DISABLED_HANDLERS", "ingest_vectors")],
+        &["pipeline", "--events", input.to_str().unwrap(), "--json"],
+    ));
+    assert_eq!(summary["parked"], 2);
+    assert_eq!(summary["points_written"], 0);
+    assert_eq!(summary["events_by_type"]["context.aggregated"], 2);
+}
+
+#[test]
+fn bad_configuration_fails_start_up_naming_the_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = vectordb(dir.path(), &[("MESSAGING_BACKEND", "rabbitmq")], &["stats"]);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("MESSAGING_BACKEND=\"rabbitmq\"")
+            && stderr.contains("kafka, celery, disabled"),
+        "{stderr}"
+    );
+
+    let output = vectordb(
+        dir.path(),
+        &[("DISABLED_HANDLERS", "ingest_vector")],
+        &["pipeline", "--events", EXAMPLES],
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && stderr.contains("ingest_vectors"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn an_existing_collection_of_another_size_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    json_of(&vectordb(dir.path(), &[], &["stats", "--json"]));
+    let output = vectordb(dir.path(), &[("EMBEDDING_DIM", "768")], &["stats"]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("384-dimensional") && stderr.contains("EMBEDDING_DIM is 768"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn dotenv_and_config_files_in_the_working_directory_are_read() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("config")).unwrap();
+    std::fs::write(
+        dir.path().join("config/staging.toml"),
+        "qdrant_collection = \"from_staging_file\"\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join(".env"), "ENV=staging\nEMBEDDING_DIM=32\n").unwrap();
+    let stats = json_of(&vectordb(dir.path(), &[], &["stats", "--json"]));
+    assert_eq!(stats["collection"], "from_staging_file");
+    assert_eq!(stats["vector_size"], 32);
+}
+
+#[test]
+fn pipeline_reads_standard_input() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vectordb"))
+        .env_clear()
+        .current_dir(dir.path())
+        .env("QDRANT_PATH", dir.path().join("qdrant"))
+        .args(["pipeline", "--events", "-", "--json"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{}\n{}\n", mood_line(1, "a"), mood_line(2, "b")).as_bytes())
+        .unwrap();
+    let summary = json_of(&child.wait_with_output().unwrap());
+    assert_eq!(summary["points_written"], 2);
+}

@@ -1,0 +1,204 @@
+//! The whole chain — mood_created → context_aggregated → ingest_vectors — on the in-memory bus, into a real
+//! embedded Qdrant collection.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use aura_cli::standard_registry;
+use aura_integration_tests::{mood_event, quick_retry, run_chain, with_data};
+use aura_runtime::store::VectorStore;
+use aura_runtime::testing::{FlakyStore, TEST_DIM, context_with, embedded};
+use handler_ingest_vectors::point_id;
+use serde_json::json;
+
+#[tokio::test]
+async fn one_mood_event_becomes_exactly_the_expected_points() {
+    let fixture = embedded();
+    // 1 200 characters of notes: two chunks (0..900 and 750..end), so two points.
+    let notes = "slept badly, worried about the quarterly review at work. ".repeat(21);
+    let event = mood_event("alice", 4, notes.trim());
+    let origin = event.event_id.to_string();
+    let report = run_chain(
+        standard_registry(),
+        fixture.ctx.clone(),
+        vec![event],
+        quick_retry(3),
+    )
+    .await;
+
+    assert!(report.dead_letters.is_empty(), "{:?}", report.dead_letters);
+    assert_eq!(report.handled_by_type.get("user.mood.created"), Some(&1));
+    assert_eq!(report.handled_by_type.get("context.aggregated"), Some(&1));
+    assert_eq!(report.handled_by_type.get("context.vectorized"), Some(&1));
+    assert_eq!(fixture.store.count(None).await.unwrap(), 2);
+
+    let text = format!(
+        "User: alice | Mood Score: 4/10 | Mood Tags: calm, focused | Notes: {}",
+        notes.trim()
+    );
+    let query = fixture
+        .ctx
+        .embedder
+        .embed(&[text.chars().take(900).collect::<String>()])
+        .await
+        .unwrap();
+    let hits = fixture
+        .store
+        .search(query.vectors[0].clone(), Some("alice"), 10)
+        .await
+        .unwrap();
+    assert_eq!(hits.len(), 2);
+    let first = &hits[0];
+    assert_eq!(first.id, point_id(&origin, 0).to_string());
+    assert!(
+        (first.score - 1.0).abs() < 1e-4,
+        "the stored vector is the embedding of chunk 0: {}",
+        first.score
+    );
+    assert_eq!(hits[1].id, point_id(&origin, 1).to_string());
+
+    let p = &first.payload;
+    assert_eq!(p["user_id"], "alice");
+    assert_eq!(p["doc_id"], origin.as_str());
+    assert_eq!(p["origin_event_id"], origin.as_str());
+    assert_eq!(p["chunk_index"], 0);
+    assert_eq!(p["text"], text.chars().take(900).collect::<String>());
+    assert_eq!(
+        hits[1].payload["text"],
+        text.chars().skip(750).collect::<String>()
+    );
+    assert_eq!(p["trace_id"], "trace-alice");
+    assert_eq!(p["source_type"], "user_context");
+    assert_eq!(p["snapshot_type"], "incremental");
+    assert_eq!(p["timeframe"], "recent");
+    assert_eq!(p["embedding_model"], "hash-ngram-v1");
+    assert_eq!(p["version"], "test-v1");
+    assert_eq!(
+        p["mood_summary"],
+        json!({"recent_score": 4.0, "tags": ["calm", "focused"], "notes": notes.trim()})
+    );
+    assert_eq!(p["source_event"]["event_type"], "user.mood.created");
+    assert!(p["aggregated_event_id"].is_string() && p["vectorized_event_id"].is_string());
+}
+
+#[tokio::test]
+async fn redelivering_the_same_events_overwrites_instead_of_duplicating() {
+    let fixture = embedded();
+    let events: Vec<_> = (0..20)
+        .map(|i| mood_event(&format!("user-{}", i % 4), i % 10, "a short note"))
+        .collect();
+    run_chain(
+        standard_registry(),
+        fixture.ctx.clone(),
+        events.clone(),
+        quick_retry(3),
+    )
+    .await;
+    run_chain(
+        standard_registry(),
+        fixture.ctx.clone(),
+        events,
+        quick_retry(3),
+    )
+    .await;
+    assert_eq!(fixture.store.count(None).await.unwrap(), 20);
+    assert_eq!(fixture.store.count(Some("user-1")).await.unwrap(), 5);
+}
+
+#[tokio::test]
+async fn a_store_outage_is_retried_and_the_chain_completes() {
+    let fixture = embedded();
+    let flaky = Arc::new(FlakyStore::new(fixture.store.clone(), 2));
+    let report = run_chain(
+        standard_registry(),
+        context_with(flaky.clone()),
+        vec![mood_event("bob", 7, "ok")],
+        quick_retry(5),
+    )
+    .await;
+    assert!(report.dead_letters.is_empty(), "{:?}", report.dead_letters);
+    assert_eq!(flaky.attempts.load(Ordering::SeqCst), 3);
+    assert_eq!(fixture.store.count(Some("bob")).await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn a_store_that_stays_down_dead_letters_the_event_with_the_error() {
+    let fixture = embedded();
+    let flaky = Arc::new(FlakyStore::new(fixture.store.clone(), u32::MAX));
+    let report = run_chain(
+        standard_registry(),
+        context_with(flaky.clone()),
+        vec![mood_event("bob", 7, "ok")],
+        quick_retry(3),
+    )
+    .await;
+    assert_eq!(report.dead_letters.len(), 1);
+    let letter = &report.dead_letters[0];
+    assert_eq!(letter.handler.as_deref(), Some("ingest_vectors"));
+    assert_eq!(letter.event_type.as_deref(), Some("context.vectorized"));
+    assert!(
+        letter.error.contains("transient") && letter.error.contains("connection refused"),
+        "{}",
+        letter.error
+    );
+    assert_eq!(flaky.attempts.load(Ordering::SeqCst), 3);
+    assert_eq!(fixture.store.count(None).await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn permanent_errors_are_dead_lettered_at_once_and_good_events_still_flow() {
+    let fixture = embedded();
+    let inputs = vec![
+        with_data("user.mood.created", None, json!({"mood_score": 5})),
+        with_data(
+            "user.mood.created",
+            Some("carol"),
+            json!({"mood_score": [5]}),
+        ),
+        with_data(
+            "user.activity.created",
+            Some("carol"),
+            json!({"activity_type": "yoga", "duration": 30}),
+        ),
+        mood_event("carol", 8, "fine"),
+    ];
+    let report = run_chain(
+        standard_registry(),
+        fixture.ctx.clone(),
+        inputs,
+        quick_retry(5),
+    )
+    .await;
+    assert_eq!(report.dead_letters.len(), 2);
+    assert!(
+        report
+            .dead_letters
+            .iter()
+            .all(|l| l.handler.as_deref() == Some("mood_created")
+                && l.error.starts_with("permanent"))
+    );
+    assert_eq!(fixture.store.count(Some("carol")).await.unwrap(), 2);
+}
+
+#[tokio::test]
+async fn disabled_handlers_keep_their_events() {
+    let fixture = embedded();
+    let mut registry = standard_registry();
+    registry.disable(&["context_aggregated"]).unwrap();
+    let report = run_chain(
+        registry,
+        fixture.ctx.clone(),
+        vec![mood_event("dave", 3, "x"), mood_event("dave", 4, "y")],
+        quick_retry(3),
+    )
+    .await;
+    assert_eq!(report.parked.len(), 2);
+    assert!(
+        report
+            .parked
+            .iter()
+            .all(|e| e.event_type == "context.aggregated")
+    );
+    assert_eq!(fixture.store.count(None).await.unwrap(), 0);
+    assert_eq!(fixture.ctx.store.collection().dimension, TEST_DIM);
+}
