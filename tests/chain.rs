@@ -1,7 +1,6 @@
 //! The whole chain — mood_created → context_aggregated → ingest_vectors — on the in-memory bus, into a real
 //! embedded Qdrant collection.
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use aura_cli::standard_registry;
@@ -108,10 +107,10 @@ async fn redelivering_the_same_events_overwrites_instead_of_duplicating() {
 #[tokio::test]
 async fn a_store_outage_is_retried_and_the_chain_completes() {
     let fixture = embedded();
-    let flaky = Arc::new(FlakyStore::new(fixture.store.clone(), 2));
+    let flaky = FlakyStore::new(fixture.store.clone(), 2);
     let report = run_chain(
         standard_registry(),
-        context_with(flaky.clone()),
+        context_with(flaky.store.clone()),
         vec![mood_event("bob", 7, "ok")],
         quick_retry(5),
     )
@@ -124,10 +123,10 @@ async fn a_store_outage_is_retried_and_the_chain_completes() {
 #[tokio::test]
 async fn a_store_that_stays_down_dead_letters_the_event_with_the_error() {
     let fixture = embedded();
-    let flaky = Arc::new(FlakyStore::new(fixture.store.clone(), u32::MAX));
+    let flaky = FlakyStore::new(fixture.store.clone(), u32::MAX);
     let report = run_chain(
         standard_registry(),
-        context_with(flaky.clone()),
+        context_with(flaky.store.clone()),
         vec![mood_event("bob", 7, "ok")],
         quick_retry(3),
     )

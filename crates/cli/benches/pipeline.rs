@@ -1,5 +1,6 @@
-//! Throughput of `vectordb pipeline` (mood events end to end into the embedded store, `hash` embedder, 384-d),
-//! and the same run against a store that discards points, to split handler/bus time from store time.
+//! Throughput of `vectordb pipeline` (mood events end to end into the embedded store, `hash` embedder, 384-d) in
+//! its bulk mode and in the flush-every-write mode consumers use, and the same run against a store that discards
+//! points, to split handler/bus time from store time.
 //!
 //! `cargo bench -p aura-cli --bench pipeline` — figures and analysis in BENCHMARKS.md.
 
@@ -13,7 +14,8 @@ use aura_cli::standard_registry;
 use aura_runtime::HandlerContext;
 use aura_runtime::embed::{Embedder, HashEmbedder};
 use aura_runtime::store::{
-    CollectionInfo, CollectionSpec, Distance, EdgeStore, Hit, Point, StoreError, VectorStore,
+    CollectionInfo, CollectionSpec, Distance, Durability, EdgeStore, Hit, Point, StoreError,
+    VectorStore,
 };
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
@@ -110,6 +112,19 @@ fn run_once(
     })
 }
 
+/// One run into a fresh embedded collection; only the pipeline itself is timed.
+fn run_into_edge(
+    runtime: &tokio::runtime::Runtime,
+    input: &str,
+    durability: Durability,
+) -> Duration {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let store = runtime
+        .block_on(async { EdgeStore::open_with(dir.path(), spec(), durability) })
+        .unwrap_or_else(|e| panic!("{e}"));
+    run_once(runtime, input, Arc::new(store))
+}
+
 fn bench(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -122,19 +137,25 @@ fn bench(c: &mut Criterion) {
         .sample_size(10)
         .measurement_time(Duration::from_secs(20));
 
-    group.bench_function("mood_events_into_embedded_qdrant", |b| {
+    // As `vectordb pipeline` runs: flush once per batch of lines.
+    group.bench_function("mood_events_into_embedded_qdrant_bulk", |b| {
         b.iter_custom(|iterations| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iterations {
-                let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-                let store = runtime
-                    .block_on(async { EdgeStore::open(dir.path(), spec()) })
-                    .unwrap_or_else(|e| panic!("{e}"));
-                total += run_once(&runtime, &input, Arc::new(store));
-            }
-            total
+            (0..iterations)
+                .map(|_| run_into_edge(&runtime, &input, Durability::OnFlush))
+                .sum()
         })
     });
+    // As a consumer must run (it acknowledges right after the write): every upsert durable before it returns.
+    group.bench_function(
+        "mood_events_into_embedded_qdrant_durable_every_write",
+        |b| {
+            b.iter_custom(|iterations| {
+                (0..iterations)
+                    .map(|_| run_into_edge(&runtime, &input, Durability::EveryWrite))
+                    .sum()
+            })
+        },
+    );
     group.bench_function("mood_events_store_discarded", |b| {
         b.iter_custom(|iterations| {
             (0..iterations)

@@ -8,12 +8,10 @@
 use std::collections::BTreeMap;
 use std::io::BufRead;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use aura_runtime::events::Event;
-use aura_runtime::store::{CollectionInfo, CollectionSpec, Hit, Point, StoreError, VectorStore};
+use aura_runtime::store::InterceptedStore;
 use aura_runtime::{DeadLetter, Dispatcher, HandlerContext, InMemoryBus, Registry, RetryPolicy};
 use serde::Serialize;
 
@@ -83,10 +81,7 @@ pub async fn run(
     mut progress: impl FnMut(&PipelineSummary),
 ) -> anyhow::Result<PipelineSummary> {
     let started = Instant::now();
-    let counting = Arc::new(CountingStore {
-        inner: ctx.store.clone(),
-        points: AtomicU64::new(0),
-    });
+    let counting = Arc::new(InterceptedStore::counting(ctx.store.clone()));
     let ctx = HandlerContext {
         store: counting.clone(),
         ..ctx
@@ -135,12 +130,12 @@ pub async fn run(
         summary
             .dead_letters
             .extend(report.dead_letters.into_iter().map(DeadLetterReport::from));
-        summary.points_written = counting.points.load(Ordering::Relaxed);
+        summary.points_written = counting.points_written();
         summary.dead_letter_count = summary.dead_letters.len() as u64;
         progress(&summary);
     }
 
-    summary.points_written = counting.points.load(Ordering::Relaxed);
+    summary.points_written = counting.points_written();
     summary.collection_points = ctx.store.count(None).await?;
     summary.dead_letter_count = summary.dead_letters.len() as u64;
     let elapsed = started.elapsed().max(Duration::from_micros(1));
@@ -157,47 +152,6 @@ impl From<DeadLetter> for DeadLetterReport {
             handler: letter.handler,
             reason: letter.error,
         }
-    }
-}
-
-/// Counts the points written through it.
-struct CountingStore {
-    inner: Arc<dyn VectorStore>,
-    points: AtomicU64,
-}
-
-#[async_trait]
-impl VectorStore for CountingStore {
-    fn collection(&self) -> &CollectionSpec {
-        self.inner.collection()
-    }
-
-    async fn upsert(&self, points: Vec<Point>) -> Result<(), StoreError> {
-        let n = points.len() as u64;
-        self.inner.upsert(points).await?;
-        self.points.fetch_add(n, Ordering::Relaxed);
-        Ok(())
-    }
-
-    async fn search(
-        &self,
-        vector: Vec<f32>,
-        user_id: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<Hit>, StoreError> {
-        self.inner.search(vector, user_id, limit).await
-    }
-
-    async fn flush(&self) -> Result<(), StoreError> {
-        self.inner.flush().await
-    }
-
-    async fn count(&self, user_id: Option<&str>) -> Result<u64, StoreError> {
-        self.inner.count(user_id).await
-    }
-
-    async fn info(&self) -> Result<CollectionInfo, StoreError> {
-        self.inner.info().await
     }
 }
 

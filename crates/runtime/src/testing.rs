@@ -3,11 +3,8 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use async_trait::async_trait;
 use aura_embed::HashEmbedder;
-use aura_store::{
-    CollectionInfo, CollectionSpec, Distance, EdgeStore, Hit, Point, StoreError, VectorStore,
-};
+use aura_store::{CollectionSpec, Distance, EdgeStore, InterceptedStore, StoreError, VectorStore};
 
 use crate::HandlerContext;
 
@@ -46,59 +43,27 @@ pub fn context_with(store: Arc<dyn VectorStore>) -> HandlerContext {
     }
 }
 
-/// A store that is down for the first `failures` upserts, then delegates to `inner`.
+/// A store that is down for the first `failures` upserts, then writes to `inner`; `attempts` counts every upsert.
 pub struct FlakyStore {
-    pub inner: Arc<dyn VectorStore>,
-    remaining_failures: AtomicU32,
-    pub attempts: AtomicU32,
+    pub store: Arc<InterceptedStore>,
+    pub attempts: Arc<AtomicU32>,
 }
 
 impl FlakyStore {
     pub fn new(inner: Arc<dyn VectorStore>, failures: u32) -> Self {
+        let attempts = Arc::new(AtomicU32::new(0));
+        let remaining = AtomicU32::new(failures);
+        let counter = attempts.clone();
+        let store = InterceptedStore::with_hook(inner, move |_| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            match remaining.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)) {
+                Ok(_) => Err(StoreError::Unavailable("connection refused (test)".into())),
+                Err(_) => Ok(()),
+            }
+        });
         Self {
-            inner,
-            remaining_failures: AtomicU32::new(failures),
-            attempts: AtomicU32::new(0),
+            store: Arc::new(store),
+            attempts,
         }
-    }
-}
-
-#[async_trait]
-impl VectorStore for FlakyStore {
-    fn collection(&self) -> &CollectionSpec {
-        self.inner.collection()
-    }
-
-    async fn upsert(&self, points: Vec<Point>) -> Result<(), StoreError> {
-        self.attempts.fetch_add(1, Ordering::SeqCst);
-        let failing = self
-            .remaining_failures
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok();
-        if failing {
-            return Err(StoreError::Unavailable("connection refused (test)".into()));
-        }
-        self.inner.upsert(points).await
-    }
-
-    async fn search(
-        &self,
-        vector: Vec<f32>,
-        user_id: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<Hit>, StoreError> {
-        self.inner.search(vector, user_id, limit).await
-    }
-
-    async fn flush(&self) -> Result<(), StoreError> {
-        self.inner.flush().await
-    }
-
-    async fn count(&self, user_id: Option<&str>) -> Result<u64, StoreError> {
-        self.inner.count(user_id).await
-    }
-
-    async fn info(&self) -> Result<CollectionInfo, StoreError> {
-        self.inner.info().await
     }
 }

@@ -10,6 +10,7 @@
 //! the caller acknowledges the input message right after.
 
 mod edge;
+mod intercept;
 mod server;
 
 use async_trait::async_trait;
@@ -17,6 +18,7 @@ use serde_json::{Map, Value};
 use uuid::Uuid;
 
 pub use edge::{Durability, EdgeStore};
+pub use intercept::InterceptedStore;
 pub use server::QdrantServerStore;
 
 /// Keyword payload fields that get an index (the fields searches filter on).

@@ -121,7 +121,6 @@ mod tests {
     use super::*;
     use aura_runtime::store::VectorStore;
     use aura_runtime::testing::{FlakyStore, TEST_DIM, context_with, embedded};
-    use std::sync::Arc;
     use std::sync::atomic::Ordering;
 
     fn vectorized(chunks: usize) -> Event {
@@ -198,8 +197,8 @@ mod tests {
     async fn a_store_that_is_down_is_a_transient_error() {
         let fixture = embedded();
         let store = &fixture.store;
-        let flaky = Arc::new(FlakyStore::new(store.clone(), 1));
-        let ctx = context_with(flaky.clone());
+        let flaky = FlakyStore::new(store.clone(), 1);
+        let ctx = context_with(flaky.store.clone());
         let err = IngestVectors
             .handle(&vectorized(1), &ctx)
             .await
