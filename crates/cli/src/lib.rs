@@ -72,9 +72,4 @@ pub fn init_logging(format: LogFormat, default_level: &str) {
     };
 }
 
-/// Shared by the pipeline summary and tests: how many points an `Arc<dyn VectorStore>` holds.
-pub async fn point_count(ctx: &HandlerContext) -> anyhow::Result<u64> {
-    Ok(ctx.store.count(None).await?)
-}
-
 pub use aura_runtime;
