@@ -90,17 +90,18 @@ pub async fn run(
     let dispatcher = Dispatcher::new(Arc::new(registry), ctx.clone(), bus.clone());
     let mut summary = PipelineSummary::default();
 
-    let mut lines = input.lines().enumerate();
+    // Lines as bytes: one line of invalid UTF-8 is that line's dead letter, not the end of the run.
+    let mut lines = input.split(b'\n').enumerate();
     loop {
         let mut batch = 0;
         for (index, line) in lines.by_ref() {
             let line =
                 line.map_err(|e| anyhow::anyhow!("reading input line {}: {e}", index + 1))?;
-            if line.trim().is_empty() {
+            if line.trim_ascii().is_empty() {
                 continue;
             }
             summary.events_in += 1;
-            match Event::from_slice(line.as_bytes()) {
+            match Event::from_slice(line.trim_ascii_end()) {
                 Ok(event) => bus.push(event),
                 Err(error) => summary.dead_letters.push(DeadLetterReport {
                     source: format!("line {}", index + 1),

@@ -193,6 +193,24 @@ fn malformed_lines_are_dead_letters_with_line_numbers_and_the_run_goes_on() {
 }
 
 #[test]
+fn invalid_utf8_and_crlf_lines_do_not_stop_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bytes.jsonl");
+    let mut bytes = format!("{}\r\n", mood_line(1, "alice")).into_bytes();
+    bytes.extend_from_slice(b"{\"event_id\": \"\xff\xfe\"}\n");
+    bytes.extend_from_slice(format!("{}\n", mood_line(2, "bob")).as_bytes());
+    std::fs::write(&path, bytes).unwrap();
+    let summary = json_of(&vectordb(
+        dir.path(),
+        &[],
+        &["pipeline", "--events", path.to_str().unwrap(), "--json"],
+    ));
+    assert_eq!(summary["events_in"], 3);
+    assert_eq!(summary["points_written"], 2);
+    assert_eq!(summary["dead_letters"][0]["source"], "line 2");
+}
+
+#[test]
 fn a_file_with_nothing_processable_exits_non_zero() {
     let dir = tempfile::tempdir().unwrap();
     let input = write(dir.path(), "bad.jsonl", &["{oops".into(), "[1,2]".into()]);

@@ -33,6 +33,9 @@ impl Timestamp {
         let trimmed = text.trim();
         let instant = if let Ok(aware) = DateTime::parse_from_rfc3339(trimmed) {
             aware.with_timezone(&Utc)
+        } else if let Ok(aware) = DateTime::parse_from_str(trimmed, "%Y-%m-%dT%H:%M:%S%.f%z") {
+            // `strftime("%z")` writes the offset without a colon (`+0000`).
+            aware.with_timezone(&Utc)
         } else if let Some(naive) = parse_naive(trimmed) {
             naive.and_utc()
         } else {
@@ -116,6 +119,12 @@ mod tests {
         let plus = Timestamp::parse("2025-03-01T14:30:45+02:00").unwrap();
         assert_eq!(z.instant(), plus.instant());
         assert_eq!(plus.as_str(), "2025-03-01T14:30:45+02:00");
+    }
+
+    #[test]
+    fn offsets_without_a_colon_are_accepted() {
+        let ts = Timestamp::parse("2025-03-01T14:30:45.5+0200").unwrap();
+        assert_eq!(ts.instant().to_rfc3339(), "2025-03-01T12:30:45.500+00:00");
     }
 
     #[test]
