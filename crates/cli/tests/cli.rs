@@ -10,18 +10,21 @@ const EXAMPLES: &str = concat!(
     "/../../examples/mood_events.jsonl"
 );
 
-/// Runs `vectordb` in `dir` with a clean environment (no `.env`, no config files, no inherited settings).
-fn vectordb(dir: &Path, env: &[(&str, &str)], args: &[&str]) -> Output {
+/// `vectordb` in `dir` with a clean environment (no `.env`, no config files, no inherited settings).
+fn command(dir: &Path, env: &[(&str, &str)], args: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_vectordb"));
     command
         .env_clear()
         .current_dir(dir)
-        .env("PATH", std::env::var("PATH").unwrap_or_default());
-    command.env("QDRANT_PATH", dir.join("qdrant"));
-    for (k, v) in env {
-        command.env(k, v);
-    }
-    command.args(args).output().unwrap()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("QDRANT_PATH", dir.join("qdrant"))
+        .envs(env.iter().copied())
+        .args(args);
+    command
+}
+
+fn vectordb(dir: &Path, env: &[(&str, &str)], args: &[&str]) -> Output {
+    command(dir, env, args).output().unwrap()
 }
 
 fn json_of(output: &Output) -> Value {
@@ -301,11 +304,7 @@ fn dotenv_and_config_files_in_the_working_directory_are_read() {
 fn pipeline_reads_standard_input() {
     use std::io::Write;
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vectordb"))
-        .env_clear()
-        .current_dir(dir.path())
-        .env("QDRANT_PATH", dir.path().join("qdrant"))
-        .args(["pipeline", "--events", "-", "--json"])
+    let mut child = command(dir.path(), &[], &["pipeline", "--events", "-", "--json"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()

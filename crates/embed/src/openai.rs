@@ -76,10 +76,6 @@ impl OpenAiEmbedder {
         })
     }
 
-    pub fn endpoint(&self) -> &str {
-        &self.endpoint
-    }
-
     async fn embed_batch(
         &self,
         texts: &[String],

@@ -93,10 +93,6 @@ impl Event {
         serde_json::to_vec(self).unwrap_or_default()
     }
 
-    pub fn to_value(&self) -> Value {
-        serde_json::to_value(self).unwrap_or(Value::Null)
-    }
-
     /// The id of the first event of this chain (`metadata.origin_event_id`, else this event's own id).
     pub fn origin_event_id(&self) -> String {
         match self.metadata.get("origin_event_id") {

@@ -67,14 +67,6 @@ impl Dispatcher {
         }
     }
 
-    pub fn registry(&self) -> &Registry {
-        &self.registry
-    }
-
-    pub fn publisher(&self) -> &Arc<dyn Publisher> {
-        &self.publisher
-    }
-
     /// One attempt: handle the event and publish its outputs.
     pub async fn dispatch(&self, event: &Event) -> Result<Outcome, Failure> {
         let handler = match self.registry.route(&event.event_type) {

@@ -123,3 +123,20 @@ impl Publisher for DisabledPublisher {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_disabled_publisher_counts_and_sends_nothing() {
+        let publisher = DisabledPublisher::new();
+        let event = Event::new("context.aggregated", Some("u1".into()), None);
+        publish_event(&publisher, &event).await.unwrap();
+        publish_event(&publisher, &event).await.unwrap();
+        assert_eq!(publisher.dropped(), 2);
+        assert_eq!(publisher.backend().gauge(), 0.0);
+        assert_eq!(Backend::parse(" Celery ").map(Backend::gauge), Some(2.0));
+        assert_eq!(Backend::parse("rabbit"), None);
+    }
+}

@@ -96,3 +96,64 @@ impl Registry {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{HandlerContext, HandlerError};
+    use async_trait::async_trait;
+    use aura_events::Event;
+
+    struct Named(&'static str, &'static [&'static str]);
+
+    #[async_trait]
+    impl Handler for Named {
+        fn name(&self) -> &'static str {
+            self.0
+        }
+        fn event_types(&self) -> &'static [&'static str] {
+            self.1
+        }
+        async fn handle(&self, _: &Event, _: &HandlerContext) -> Result<Vec<Event>, HandlerError> {
+            Ok(Vec::new())
+        }
+    }
+
+    fn registry() -> Registry {
+        Registry::new()
+            .with(Named(
+                "moods",
+                &["user.mood.created", "user.activity.created"],
+            ))
+            .with(Named("ingest", &["context.vectorized"]))
+    }
+
+    #[test]
+    fn disabled_handlers_route_as_disabled_and_leave_the_enabled_types() {
+        let mut registry = registry();
+        registry.disable(&["ingest", " "]).unwrap();
+        assert!(
+            matches!(registry.route("user.activity.created"), Route::Handler(h) if h.name() == "moods")
+        );
+        assert!(matches!(
+            registry.route("context.vectorized"),
+            Route::Disabled("ingest")
+        ));
+        assert!(matches!(registry.route("billing.paid"), Route::Unhandled));
+        assert_eq!(registry.enabled(), ["moods"]);
+        assert_eq!(registry.disabled(), ["ingest"]);
+        assert_eq!(
+            registry.enabled_event_types(),
+            ["user.mood.created", "user.activity.created"]
+        );
+    }
+
+    #[test]
+    fn disabling_an_unknown_handler_is_an_error_listing_the_known_ones() {
+        let err = registry().disable(&["ingets"]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "DISABLED_HANDLERS names unknown handler `ingets`; known handlers: moods, ingest"
+        );
+    }
+}

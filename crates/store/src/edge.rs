@@ -10,12 +10,11 @@
 //! A bulk load that acknowledges nothing to anyone (the `pipeline` command) can open the store with
 //! [`Durability::OnFlush`]: rounds then skip the flush, and [`VectorStore::flush`] makes everything so far durable.
 //!
-//! The engine is synchronous, and `EdgeShard::flush` panics if the WAL lock is held concurrently, so every writing
-//! call runs on the blocking pool under `write_lock` (the writer task and `optimize`).
+//! The engine is synchronous, and `EdgeShard::flush` panics if its WAL lock is held concurrently: the writer task is
+//! the only code that updates or flushes, one round at a time, on the blocking pool.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::Mutex;
 
 use async_trait::async_trait;
 use qdrant_edge::{
@@ -48,7 +47,6 @@ pub struct EdgeStore {
     durability: Durability,
     path: PathBuf,
     shard: Arc<EdgeShard>,
-    write_lock: Arc<Mutex<()>>,
     writer: mpsc::UnboundedSender<WriteRequest>,
 }
 
@@ -85,32 +83,15 @@ impl EdgeStore {
         };
         ensure_keyword_indexes(&shard).map_err(|e| engine(&path, e))?;
         let shard = Arc::new(shard);
-        let write_lock = Arc::new(Mutex::new(()));
-        let writer = spawn_writer(Arc::downgrade(&shard), write_lock.clone())?;
+        let writer = spawn_writer(Arc::downgrade(&shard))?;
         tracing::debug!(path = %path.display(), collection = %spec.name, "embedded Qdrant collection open");
         Ok(Self {
             spec,
             durability,
             path,
             shard,
-            write_lock,
             writer,
         })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Builds HNSW indexes for segments large enough to deserve one (blocking; call after bulk loads).
-    pub async fn optimize(&self) -> Result<bool, StoreError> {
-        let shard = self.shard.clone();
-        let lock = self.write_lock.clone();
-        blocking(move || {
-            let _guard = lock.lock().unwrap_or_else(|p| p.into_inner());
-            shard.optimize()
-        })
-        .await
     }
 
     /// Hands points to the writer task and waits for the round that applies (and, if asked, flushes) them.
@@ -345,7 +326,6 @@ const MAX_POINTS_PER_WRITE: usize = 4096;
 /// It holds the shard weakly, so dropping the store closes (and finally flushes) the shard at once.
 fn spawn_writer(
     shard: std::sync::Weak<EdgeShard>,
-    lock: Arc<Mutex<()>>,
 ) -> Result<mpsc::UnboundedSender<WriteRequest>, StoreError> {
     let handle = tokio::runtime::Handle::try_current().map_err(|_| {
         StoreError::Invalid("the embedded store must be opened inside a Tokio runtime".into())
@@ -368,10 +348,9 @@ fn spawn_writer(
             let (batch, waiters): (Vec<_>, Vec<_>) =
                 round.into_iter().map(|r| (r.points, r.done)).unzip();
             let Some(shard) = shard.upgrade() else { break };
-            let lock = lock.clone();
             let requests = waiters.len();
             let outcome = tokio::task::spawn_blocking(move || {
-                write_round(&shard, &lock, batch.concat(), flush, requests)
+                write_round(&shard, batch.concat(), flush, requests)
             })
             .await
             .unwrap_or_else(|e| {
@@ -390,12 +369,10 @@ fn spawn_writer(
 
 fn write_round(
     shard: &EdgeShard,
-    lock: &Mutex<()>,
     points: Vec<PointStructPersisted>,
     flush: bool,
     requests: usize,
 ) -> Result<(), StoreError> {
-    let _guard = lock.lock().unwrap_or_else(|p| p.into_inner());
     let started = std::time::Instant::now();
     let count = points.len();
     if !points.is_empty() {
