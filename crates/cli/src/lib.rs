@@ -3,7 +3,9 @@
 //! The binaries themselves (`src/bin/`) only parse arguments and print; everything they do is a function here so
 //! tests and benchmarks call the same code.
 
+pub mod consumer;
 pub mod pipeline;
+pub mod publish;
 
 use anyhow::Context as _;
 use aura_runtime::settings::LogFormat;

@@ -36,6 +36,10 @@ pub enum ConfigError {
 pub struct Secret(String);
 
 impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
     pub fn expose(&self) -> &str {
         &self.0
     }
@@ -114,6 +118,9 @@ pub struct KafkaSettings {
     pub api_key: Option<String>,
     pub api_secret: Option<Secret>,
     pub group_id: String,
+    /// Prepended to every topic name (`KAFKA_TOPIC_PREFIX`, default empty): lets several environments or test runs
+    /// share one cluster. Empty keeps the names of DESIGN §3 that the Python services use.
+    pub topic_prefix: String,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -304,6 +311,7 @@ impl Layers {
                 api_key: self.text("kafka_api_key"),
                 api_secret: self.text("kafka_api_secret").map(Secret),
                 group_id: self.required("kafka_group_id")?,
+                topic_prefix: self.text("kafka_topic_prefix").unwrap_or_default(),
             },
             celery: CelerySettings {
                 broker_url: SecretUrl(self.required("broker_url")?),

@@ -6,6 +6,8 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use aura_cli::pipeline::{self, PipelineOptions};
+use aura_cli::publish::{self, configured_publisher};
+use aura_runtime::events::Event;
 use aura_cli::{configured_registry, handler_context, init_logging};
 use aura_runtime::Settings;
 use aura_runtime::store::Durability;
@@ -16,7 +18,7 @@ use serde_json::json;
 #[command(
     name = "vectordb",
     version,
-    about = "AURA360 vectordb admin: run the pipeline in-process, search and inspect the store."
+    about = "AURA360 vectordb admin: run the pipeline in-process, publish events, manage topics, search and inspect the store."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -50,6 +52,42 @@ enum Command {
     },
     /// Collection, point count and vector size.
     Stats {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Kafka topic administration.
+    Topics {
+        #[command(subcommand)]
+        command: TopicsCommand,
+    },
+    /// Send events through the configured backend (MESSAGING_BACKEND): many from a JSONL file, or one from flags.
+    Publish {
+        /// JSONL file of events (one per line), or `-` for standard input.
+        #[arg(long, value_name = "FILE|-", conflicts_with_all = ["event_type", "user", "data"])]
+        events: Option<PathBuf>,
+        /// Type of the one event to build, e.g. `user.mood.created`.
+        #[arg(long = "type", value_name = "EVENT_TYPE", required_unless_present = "events")]
+        event_type: Option<String>,
+        #[arg(long)]
+        user: Option<String>,
+        /// The event's payload as JSON: `data` for `user.*` events, `context_data` for `context.*` ones.
+        #[arg(long, value_name = "JSON")]
+        data: Option<String>,
+        #[arg(long)]
+        trace_id: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum TopicsCommand {
+    /// Create the three aura360 topics and their `.dlq` topics; existing topics are left as they are.
+    Create {
+        #[arg(long, default_value_t = 3)]
+        partitions: i32,
+        #[arg(long, default_value_t = 1)]
+        replication_factor: i32,
         #[arg(long)]
         json: bool,
     },
@@ -172,6 +210,78 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Topics {
+            command:
+                TopicsCommand::Create {
+                    partitions,
+                    replication_factor,
+                    json,
+                },
+        } => {
+            let names = aura_kafka::TopicNames::from_settings(&settings.kafka).all();
+            let statuses =
+                aura_kafka::create_topics(&settings.kafka, &names, partitions, replication_factor)
+                    .await?;
+            if json {
+                println!("{}", serde_json::to_string(&statuses)?);
+            } else {
+                for status in statuses {
+                    println!("{:8} {}", status.status, status.topic);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Publish {
+            events,
+            event_type,
+            user,
+            data,
+            trace_id,
+            json,
+        } => {
+            let publisher = configured_publisher(&settings)?;
+            let input: Box<dyn BufRead> = match (events, event_type) {
+                (Some(path), _) if path.as_os_str() == "-" => {
+                    Box::new(BufReader::new(std::io::stdin()))
+                }
+                (Some(path), _) => Box::new(BufReader::new(
+                    std::fs::File::open(&path)
+                        .with_context(|| format!("opening {}", path.display()))?,
+                )),
+                (None, Some(event_type)) => {
+                    let event = event_from_flags(event_type, user, data, trace_id)?;
+                    Box::new(std::io::Cursor::new(event.to_vec()))
+                }
+                (None, None) => anyhow::bail!("give --events FILE or --type (see --help)"),
+            };
+            let show_progress = !json && std::io::stderr().is_terminal();
+            let summary = publish::publish_lines(publisher.as_ref(), input, |n| {
+                if show_progress && n % 1000 == 0 {
+                    eprint!("\r{n} events published");
+                    let _ = std::io::stderr().flush();
+                }
+            })
+            .await?;
+            if show_progress && summary.published >= 1000 {
+                eprintln!();
+            }
+            if json {
+                println!("{}", serde_json::to_string(&summary)?);
+            } else {
+                println!("published {} event(s) via {}", summary.published, summary.backend);
+                for (event_type, count) in &summary.by_type {
+                    println!("  {event_type}: {count}");
+                }
+                for failure in &summary.failed {
+                    println!("failed: {failure}");
+                }
+            }
+            Ok(if summary.failed.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
         Command::Stats { json } => {
             let ctx = handler_context(&settings, Durability::EveryWrite).await?;
             let info = ctx.store.info().await?;
@@ -195,4 +305,26 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `publish --type … --user … --data …`: a new event (fresh id and timestamp) with the payload under the field its
+/// type carries.
+fn event_from_flags(
+    event_type: String,
+    user: Option<String>,
+    data: Option<String>,
+    trace_id: Option<String>,
+) -> anyhow::Result<Event> {
+    let field = if event_type.starts_with("context.") {
+        "context_data"
+    } else {
+        "data"
+    };
+    let mut event = Event::new(event_type, user, trace_id);
+    if let Some(data) = data {
+        let value: serde_json::Value =
+            serde_json::from_str(&data).context("--data is not valid JSON")?;
+        event.set_field(field, value);
+    }
+    Ok(event)
 }

@@ -1,0 +1,73 @@
+//! `vectordb publish`: events from a JSONL stream (or one built from flags) through the configured backend.
+
+use std::collections::BTreeMap;
+use std::io::BufRead;
+use std::sync::Arc;
+
+use aura_runtime::events::Event;
+use aura_runtime::{Publisher, Settings, publish_event};
+use futures::StreamExt as _;
+use serde::Serialize;
+
+/// Events in flight at once (each waits for the broker's acknowledgement).
+const IN_FLIGHT: usize = 512;
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct PublishSummary {
+    pub backend: &'static str,
+    pub published: u64,
+    pub by_type: BTreeMap<String, u64>,
+    /// Lines that are not events, and events the backend refused: `line N: reason`.
+    pub failed: Vec<String>,
+}
+
+/// The publisher `MESSAGING_BACKEND` names.
+pub fn configured_publisher(settings: &Settings) -> anyhow::Result<Arc<dyn Publisher>> {
+    use aura_runtime::Backend;
+    Ok(match settings.messaging_backend {
+        Backend::Kafka => Arc::new(aura_kafka::KafkaPublisher::new(&settings.kafka)?),
+        Backend::Disabled | Backend::Memory => Arc::new(aura_runtime::DisabledPublisher::new()),
+        Backend::Celery => anyhow::bail!(
+            "MESSAGING_BACKEND=celery: publishing Celery tasks is not available in this build yet \
+             (it arrives with the Celery mount); use MESSAGING_BACKEND=kafka"
+        ),
+    })
+}
+
+/// Publishes every line of `input` (one JSON event per line; blank lines ignored), in order per key, many in flight.
+pub async fn publish_lines(
+    publisher: &dyn Publisher,
+    input: impl BufRead,
+    mut progress: impl FnMut(u64),
+) -> std::io::Result<PublishSummary> {
+    let mut summary = PublishSummary {
+        backend: publisher.backend().as_str(),
+        ..PublishSummary::default()
+    };
+    let mut events = Vec::new();
+    for (index, line) in input.split(b'\n').enumerate() {
+        let line = line?;
+        let text = line.trim_ascii();
+        if text.is_empty() {
+            continue;
+        }
+        match Event::from_slice(text) {
+            Ok(event) => events.push((index + 1, event)),
+            Err(error) => summary.failed.push(format!("line {}: {error}", index + 1)),
+        }
+    }
+    let mut results = futures::stream::iter(events.iter())
+        .map(|(line, event)| async move { (line, event, publish_event(publisher, event).await) })
+        .buffered(IN_FLIGHT);
+    while let Some((line, event, result)) = results.next().await {
+        match result {
+            Ok(()) => {
+                summary.published += 1;
+                *summary.by_type.entry(event.event_type.clone()).or_default() += 1;
+                progress(summary.published);
+            }
+            Err(error) => summary.failed.push(format!("line {line}: {error}")),
+        }
+    }
+    Ok(summary)
+}

@@ -1,0 +1,631 @@
+//! The consumer-group loop behind `vectordb-consumer` (DESIGN §5, §6).
+//!
+//! One task (the *poller*) receives messages and hands each to its partition's *lane*: a task that processes its
+//! partition's messages one at a time, in offset order. Lanes run concurrently. After an event was handled and
+//! every event it produced was acknowledged by the broker — or after it was written to `<topic>.dlq` — the lane
+//! stores `offset + 1`; librdkafka commits stored offsets every second, on revocation and on close
+//! (`enable.auto.commit` with `enable.auto.offset.store=false`: nothing is committed that was not finished).
+//!
+//! A lane whose event keeps failing transiently retries it with backoff and never skips it; its backlog grows until
+//! the poller pauses the partition, while polling (and so the group session) goes on for the other partitions.
+//! An event whose handler is disabled *holds* its partition: paused, nothing further committed, resumed from the
+//! committed offset by the next process that has the handler enabled.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use aura_runtime::events::Event;
+use aura_runtime::settings::KafkaSettings;
+use aura_runtime::{Dispatcher, Outcome, Registry, RetryPolicy, Route};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::error::KafkaResult;
+use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::publisher::OutgoingRecord;
+use crate::{ClientError, KafkaPublisher, TopicNames, client_config};
+
+#[derive(Clone, Debug)]
+pub struct ConsumerOptions {
+    /// Backoff for transient failures; `max_attempts` is ignored (a partition never skips a failing event).
+    pub retry: RetryPolicy,
+    /// How long SIGTERM (or a revocation) waits for in-flight events before giving up on them (uncommitted).
+    pub grace: Duration,
+    /// A partition is paused when this many of its messages wait in its lane, resumed below `low_water`.
+    pub high_water: usize,
+    pub low_water: usize,
+}
+
+impl Default for ConsumerOptions {
+    fn default() -> Self {
+        Self {
+            retry: RetryPolicy {
+                max_attempts: None,
+                base: Duration::from_millis(200),
+                cap: Duration::from_secs(30),
+                jitter: 0.2,
+            },
+            grace: Duration::from_secs(8),
+            high_water: 1_000,
+            low_water: 100,
+        }
+    }
+}
+
+/// What one run did, for the exit log and tests.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ConsumerReport {
+    pub topics: Vec<String>,
+    pub handled: u64,
+    pub skipped: u64,
+    pub dead_lettered: u64,
+    /// Partitions stopped at an event whose handler is disabled.
+    pub held_partitions: u64,
+}
+
+/// The topics a registry's enabled handlers need: a topic whose event types all belong to disabled handlers is not
+/// subscribed, so its committed offsets stay where they are (DESIGN §5).
+pub fn subscribed_topics(registry: &Registry, topics: &TopicNames) -> Vec<String> {
+    let mut names: Vec<String> = registry
+        .enabled_event_types()
+        .into_iter()
+        .filter_map(|event_type| topics.for_event_type(event_type))
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// Runs the handlers on the consumer group until `shutdown` resolves, then drains in-flight events, commits and
+/// leaves the group. `dead_letters` sends `<topic>.dlq` records (usually the same producer the dispatcher uses).
+pub async fn run_consumer(
+    settings: &KafkaSettings,
+    registry: Arc<Registry>,
+    dispatcher: Dispatcher,
+    dead_letters: KafkaPublisher,
+    options: ConsumerOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<ConsumerReport, ClientError> {
+    let topics = subscribed_topics(&registry, &TopicNames::from_settings(settings));
+    let stopping = CancellationToken::new();
+    let shared = Arc::new(Shared {
+        lanes: Mutex::new(HashMap::new()),
+        grace: options.grace,
+        counters: Counters::default(),
+    });
+    let consumer: Arc<StreamConsumer<MountContext>> = Arc::new(
+        client_config(settings)?
+            .set("group.id", &settings.group_id)
+            .set("enable.auto.commit", "true")
+            .set("auto.commit.interval.ms", "1000")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "false")
+            .set("allow.auto.create.topics", "false")
+            .set("queued.max.messages.kbytes", "16384")
+            .create_with_context(MountContext {
+                shared: shared.clone(),
+            })
+            .map_err(|source| ClientError::Create {
+                role: "consumer",
+                bootstrap: settings.bootstrap_servers.clone(),
+                source,
+            })?,
+    );
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    consumer
+        .subscribe(&names)
+        .map_err(|e| ClientError::kafka(format!("subscribing to {}", topics.join(", ")), e))?;
+    tracing::info!(group = %settings.group_id, topics = %topics.join(","), "consumer subscribed");
+
+    let lane_context = Arc::new(LaneContext {
+        consumer: consumer.clone(),
+        registry,
+        dispatcher,
+        dead_letters,
+        retry: options.retry.clone(),
+        shared: shared.clone(),
+    });
+    let poller = Poller {
+        consumer: consumer.clone(),
+        lanes: lane_context,
+        stopping: stopping.clone(),
+        options,
+    };
+    poller.run(shutdown).await;
+
+    // Stop: no lane starts another event, retries give up, in-flight events finish within the grace period.
+    stopping.cancel();
+    let lanes: Vec<Lane> = shared.lanes().drain().map(|(_, lane)| lane).collect();
+    let deadline = tokio::time::Instant::now() + shared.grace;
+    for lane in lanes {
+        let mut task = lane.task;
+        if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+            tracing::warn!(topic = %lane.topic, partition = lane.partition,
+                "in-flight event did not finish within the grace period; it stays uncommitted");
+            task.abort();
+        }
+    }
+    match consumer.commit_consumer_state(CommitMode::Sync) {
+        Ok(()) => tracing::info!("offsets committed"),
+        Err(rdkafka::error::KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
+        Err(error) => tracing::warn!(%error, "final commit failed; uncommitted events will be redelivered"),
+    }
+    consumer.unsubscribe();
+    let report = shared.counters.report(topics);
+    tracing::info!(
+        handled = report.handled,
+        skipped = report.skipped,
+        dead_lettered = report.dead_lettered,
+        "consumer stopped"
+    );
+    Ok(report)
+}
+
+type PartitionKey = (String, i32);
+
+/// State the poller, the lanes and the rebalance callback share.
+struct Shared {
+    lanes: Mutex<HashMap<PartitionKey, Lane>>,
+    grace: Duration,
+    counters: Counters,
+}
+
+impl Shared {
+    fn lanes(&self) -> MutexGuard<'_, HashMap<PartitionKey, Lane>> {
+        // A panicking lane never holds this lock across its work; the map stays consistent.
+        self.lanes.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Revocation: stop the revoked lanes and give their in-flight events the grace period to finish and store
+    /// their offsets, which librdkafka commits right after this callback returns.
+    fn revoke(&self, partitions: &TopicPartitionList) {
+        let revoked: Vec<Lane> = {
+            let mut lanes = self.lanes();
+            partitions
+                .elements()
+                .iter()
+                .filter_map(|p| lanes.remove(&(p.topic().to_owned(), p.partition())))
+                .collect()
+        };
+        for lane in &revoked {
+            lane.state.cancel.cancel();
+        }
+        let wait = || {
+            let deadline = Instant::now() + self.grace;
+            while revoked.iter().any(|l| l.state.busy.load(Ordering::Acquire))
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        // The callback runs inside the poller's `recv()`; let the runtime move other tasks off this thread.
+        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(wait),
+            _ => wait(),
+        }
+        tracing::info!(partitions = revoked.len(), "partitions revoked");
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    handled: AtomicU64,
+    skipped: AtomicU64,
+    dead_lettered: AtomicU64,
+    held: AtomicU64,
+}
+
+impl Counters {
+    fn report(&self, topics: Vec<String>) -> ConsumerReport {
+        ConsumerReport {
+            topics,
+            handled: self.handled.load(Ordering::Relaxed),
+            skipped: self.skipped.load(Ordering::Relaxed),
+            dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
+            held_partitions: self.held.load(Ordering::Relaxed),
+        }
+    }
+}
+
+struct MountContext {
+    shared: Arc<Shared>,
+}
+
+impl ClientContext for MountContext {}
+
+impl ConsumerContext for MountContext {
+    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(partitions) = rebalance {
+            self.shared.revoke(partitions);
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(partitions) => {
+                tracing::info!(partitions = %describe(partitions), "partitions assigned");
+                // A partition paused under a previous assignment starts afresh.
+                if let Err(error) = consumer.resume(partitions) {
+                    tracing::debug!(%error, "resume after assignment");
+                }
+            }
+            Rebalance::Revoke(_) => {}
+            Rebalance::Error(error) => tracing::warn!(%error, "rebalance error"),
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        match result {
+            Ok(()) => tracing::debug!(offsets = %describe(offsets), "committed"),
+            Err(rdkafka::error::KafkaError::ConsumerCommit(
+                rdkafka::types::RDKafkaErrorCode::NoOffset,
+            )) => {}
+            Err(error) => tracing::warn!(%error, "offset commit failed; will retry on the next commit"),
+        }
+    }
+}
+
+fn describe(partitions: &TopicPartitionList) -> String {
+    partitions
+        .elements()
+        .iter()
+        .map(|p| match p.offset() {
+            Offset::Offset(offset) => format!("{}/{}@{offset}", p.topic(), p.partition()),
+            _ => format!("{}/{}", p.topic(), p.partition()),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// One partition's ordered worker, as the poller sees it.
+struct Lane {
+    topic: String,
+    partition: i32,
+    sender: mpsc::UnboundedSender<OwnedMessage>,
+    state: Arc<LaneState>,
+    paused: bool,
+    task: tokio::task::JoinHandle<()>,
+}
+
+struct LaneState {
+    /// Messages handed to the lane and not finished yet.
+    backlog: AtomicUsize,
+    /// An event is being processed (revocation and shutdown wait for it).
+    busy: AtomicBool,
+    /// Stopped at an event whose handler is disabled.
+    held: AtomicBool,
+    /// Revocation or shutdown: take no further event, abandon retries.
+    cancel: CancellationToken,
+}
+
+struct Poller {
+    consumer: Arc<StreamConsumer<MountContext>>,
+    lanes: Arc<LaneContext>,
+    stopping: CancellationToken,
+    options: ConsumerOptions,
+}
+
+impl Poller {
+    async fn run(&self, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_error: Option<String> = None;
+        loop {
+            tokio::select! {
+                biased;
+                () = &mut shutdown => {
+                    tracing::info!("shutdown requested: no further fetching, finishing in-flight events");
+                    return;
+                }
+                received = self.consumer.recv() => match received {
+                    Ok(message) => {
+                        last_error = None;
+                        self.route(message.detach());
+                    }
+                    Err(error) => {
+                        let text = error.to_string();
+                        if last_error.as_deref() != Some(text.as_str()) {
+                            tracing::warn!(error = %text, "consumer error (run `vectordb topics create` if a topic is missing)");
+                            last_error = Some(text);
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+                _ = tick.tick() => self.adjust_pauses(),
+            }
+        }
+    }
+
+    fn route(&self, message: OwnedMessage) {
+        let key = (message.topic().to_owned(), message.partition());
+        let mut lanes = self.lanes.shared.lanes();
+        let lane = lanes
+            .entry(key)
+            .or_insert_with_key(|(topic, partition)| self.spawn_lane(topic, *partition));
+        if lane.state.held.load(Ordering::Acquire) {
+            // Not processed and not committed: the next owner with the handler enabled starts here.
+            return;
+        }
+        lane.state.backlog.fetch_add(1, Ordering::AcqRel);
+        if lane.sender.send(message).is_err() {
+            lane.state.backlog.fetch_sub(1, Ordering::AcqRel);
+        }
+        if !lane.paused && lane.state.backlog.load(Ordering::Acquire) >= self.options.high_water
+        {
+            lane.paused = set_paused(&self.consumer, lane, true);
+            tracing::info!(topic = %lane.topic, partition = lane.partition,
+                backlog = self.options.high_water, "partition paused: its lane is behind");
+        }
+    }
+
+    fn spawn_lane(&self, topic: &str, partition: i32) -> Lane {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let state = Arc::new(LaneState {
+            backlog: AtomicUsize::new(0),
+            busy: AtomicBool::new(false),
+            held: AtomicBool::new(false),
+            cancel: self.stopping.child_token(),
+        });
+        let task = tokio::spawn(self.lanes.clone().run(receiver, state.clone()));
+        Lane {
+            topic: topic.to_owned(),
+            partition,
+            sender,
+            state,
+            paused: false,
+            task,
+        }
+    }
+
+    /// Resumes lanes that caught up; pauses held ones for good.
+    fn adjust_pauses(&self) {
+        let mut lanes = self.lanes.shared.lanes();
+        for lane in lanes.values_mut() {
+            let held = lane.state.held.load(Ordering::Acquire);
+            let caught_up = lane.state.backlog.load(Ordering::Acquire) <= self.options.low_water;
+            if held && !lane.paused {
+                lane.paused = set_paused(&self.consumer, lane, true);
+            } else if lane.paused && caught_up && !held {
+                lane.paused = set_paused(&self.consumer, lane, false);
+                tracing::info!(topic = %lane.topic, partition = lane.partition, "partition resumed");
+            }
+        }
+    }
+}
+
+/// Pauses or resumes one partition; returns the resulting paused state.
+fn set_paused(consumer: &StreamConsumer<MountContext>, lane: &Lane, pause: bool) -> bool {
+    let mut list = TopicPartitionList::new();
+    list.add_partition(&lane.topic, lane.partition);
+    let result = if pause {
+        consumer.pause(&list)
+    } else {
+        consumer.resume(&list)
+    };
+    match result {
+        Ok(()) => pause,
+        Err(error) => {
+            tracing::warn!(%error, topic = %lane.topic, partition = lane.partition, pause, "pause/resume failed");
+            !pause
+        }
+    }
+}
+
+/// What every lane needs.
+struct LaneContext {
+    consumer: Arc<StreamConsumer<MountContext>>,
+    registry: Arc<Registry>,
+    dispatcher: Dispatcher,
+    dead_letters: KafkaPublisher,
+    retry: RetryPolicy,
+    shared: Arc<Shared>,
+}
+
+/// How one message ended.
+enum Finished {
+    Handled,
+    Skipped,
+    DeadLettered,
+    /// Its handler is disabled: keep it (and everything after it) uncommitted.
+    Held(&'static str),
+    /// Revoked or shutting down while retrying: left uncommitted for redelivery.
+    Abandoned,
+}
+
+impl LaneContext {
+    async fn run(
+        self: Arc<Self>,
+        mut receiver: mpsc::UnboundedReceiver<OwnedMessage>,
+        state: Arc<LaneState>,
+    ) {
+        loop {
+            let message = tokio::select! {
+                biased;
+                () = state.cancel.cancelled() => return,
+                message = receiver.recv() => match message {
+                    Some(message) => message,
+                    None => return,
+                },
+            };
+            state.busy.store(true, Ordering::Release);
+            let finished = self.process(&message, &state.cancel).await;
+            let counters = &self.shared.counters;
+            let counter = match finished {
+                Finished::Handled => &counters.handled,
+                Finished::Skipped => &counters.skipped,
+                Finished::DeadLettered => &counters.dead_lettered,
+                Finished::Held(handler) => {
+                    tracing::warn!(topic = message.topic(), partition = message.partition(), offset = message.offset(),
+                        handler, "handler disabled: partition held at this offset (nothing further committed)");
+                    counters.held.fetch_add(1, Ordering::Relaxed);
+                    state.held.store(true, Ordering::Release);
+                    state.busy.store(false, Ordering::Release);
+                    return;
+                }
+                Finished::Abandoned => {
+                    state.busy.store(false, Ordering::Release);
+                    return;
+                }
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            if let Err(error) = self.store_next_offset(&message) {
+                // The partition was taken away meanwhile: its new owner redelivers (at-least-once).
+                tracing::debug!(%error, topic = message.topic(), partition = message.partition(), "offset not stored");
+            }
+            state.backlog.fetch_sub(1, Ordering::AcqRel);
+            state.busy.store(false, Ordering::Release);
+        }
+    }
+
+    /// Marks everything up to `message` done: the next commit of its partition is `offset + 1`. (`store_offsets`
+    /// stores the offset as given; the older `rd_kafka_offset_store` behind `store_offset` adds 1 itself.)
+    fn store_next_offset(&self, message: &OwnedMessage) -> KafkaResult<()> {
+        let mut list = TopicPartitionList::new();
+        list.add_partition_offset(
+            message.topic(),
+            message.partition(),
+            Offset::Offset(message.offset() + 1),
+        )?;
+        self.consumer.store_offsets(&list)
+    }
+
+    /// Decodes, dispatches and dead-letters one message, retrying transient failures until they pass or the lane is
+    /// cancelled.
+    async fn process(&self, message: &OwnedMessage, cancel: &CancellationToken) -> Finished {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let error = match self.attempt(message).await {
+                Ok(finished) => return finished,
+                Err(error) => error,
+            };
+            let delay = self.retry.delay(attempt);
+            tracing::warn!(topic = message.topic(), partition = message.partition(), offset = message.offset(),
+                attempt, retry_in_ms = delay.as_millis() as u64, %error, "transient failure; retrying (partition held)");
+            tokio::select! {
+                () = cancel.cancelled() => return Finished::Abandoned,
+                () = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    /// One attempt; `Err` is a transient failure worth retrying.
+    async fn attempt(&self, message: &OwnedMessage) -> Result<Finished, String> {
+        let event = match decode(message, &self.registry) {
+            Ok(Decoded::Event(event)) => event,
+            Ok(Decoded::Foreign(event_type)) => {
+                tracing::info!(topic = message.topic(), offset = message.offset(), event_type, "no handler for event type; skipped");
+                metrics::counter!("aura360_events_processed_total", "handler" => "none", "outcome" => "skipped")
+                    .increment(1);
+                return Ok(Finished::Skipped);
+            }
+            Err(reason) => return self.dead_letter(message, "decode", &reason).await,
+        };
+        match self.dispatcher.dispatch(&event).await {
+            Ok(Outcome::Handled { .. }) => Ok(Finished::Handled),
+            Ok(Outcome::Unhandled) => Ok(Finished::Skipped),
+            Ok(Outcome::Disabled { handler }) => Ok(Finished::Held(handler)),
+            Err(failure) if failure.error.is_transient() => Err(failure.to_string()),
+            Err(failure) => {
+                let handler = failure.handler.unwrap_or("decode");
+                self.dead_letter(message, handler, &failure.error.to_string())
+                    .await
+            }
+        }
+    }
+
+    /// The original bytes, key and headers to `<topic>.dlq`, plus why; acknowledged before the source is committed.
+    async fn dead_letter(
+        &self,
+        message: &OwnedMessage,
+        handler: &str,
+        reason: &str,
+    ) -> Result<Finished, String> {
+        let topic = aura_runtime::events::routing::dead_letter_topic(message.topic());
+        let partition = message.partition().to_string();
+        let offset = message.offset().to_string();
+        let mut headers: Vec<(&str, &[u8])> = message
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .filter(|h| !DEAD_LETTER_HEADERS.contains(&h.key))
+                    .map(|h| (h.key, h.value.unwrap_or_default()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        headers.extend([
+            ("error", reason.as_bytes()),
+            ("source_topic", message.topic().as_bytes()),
+            ("source_partition", partition.as_bytes()),
+            ("source_offset", offset.as_bytes()),
+            ("handler", handler.as_bytes()),
+        ]);
+        let record = OutgoingRecord {
+            topic: &topic,
+            key: message.key(),
+            payload: message.payload(),
+            headers,
+        };
+        self.dead_letters
+            .send(record)
+            .await
+            .map_err(|e| format!("writing the dead letter to {topic}: {e}"))?;
+        tracing::warn!(source_topic = message.topic(), partition = message.partition(), offset = message.offset(),
+            handler, reason, dead_letter_topic = %topic, "dead-lettered");
+        metrics::counter!("aura360_dead_letters_total", "backend" => "kafka", "handler" => handler.to_owned())
+            .increment(1);
+        Ok(Finished::DeadLettered)
+    }
+}
+
+const DEAD_LETTER_HEADERS: [&str; 5] = [
+    "error",
+    "source_topic",
+    "source_partition",
+    "source_offset",
+    "handler",
+];
+
+enum Decoded {
+    Event(Event),
+    /// A type announced by the `event_type` header that no handler here knows: skipped without decoding.
+    Foreign(String),
+}
+
+/// The event of a message, routed by its `event_type` header when present (else the JSON body's).
+fn decode(message: &OwnedMessage, registry: &Registry) -> Result<Decoded, String> {
+    let header_type = message.headers().and_then(|headers| {
+        headers
+            .iter()
+            .find(|h| h.key == "event_type")
+            .and_then(|h| h.value)
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .map(str::to_owned)
+    });
+    if let Some(event_type) = &header_type
+        && matches!(registry.route(event_type), Route::Unhandled)
+    {
+        return Ok(Decoded::Foreign(event_type.clone()));
+    }
+    let payload = message
+        .payload()
+        .ok_or_else(|| "empty message (no value)".to_owned())?;
+    let mut event = Event::from_slice(payload).map_err(|e| e.to_string())?;
+    if let Some(event_type) = header_type
+        && event_type != event.event_type
+    {
+        tracing::warn!(header = %event_type, body = %event.event_type, offset = message.offset(),
+            "event_type header and body disagree; routing by the header");
+        event.event_type = event_type;
+    }
+    Ok(Decoded::Event(event))
+}

@@ -1,0 +1,21 @@
+//! The Kafka mount (DESIGN §3, §5, §6).
+//!
+//! - [`KafkaPublisher`]: `publish_event` onto Kafka — topic by event type, key = `user_id`, headers `event_type`,
+//!   `event_id`, `trace_id`, `acks=all`, idempotent; it returns only once the broker acknowledged the event.
+//! - [`consumer`]: the consumer-group loop behind `vectordb-consumer`. One ordered lane per partition, lanes run
+//!   concurrently; an offset is stored for commit only after its event was handled and every produced event was
+//!   acknowledged; transient failures retry forever with backoff while the partition is paused; permanent ones go to
+//!   `<topic>.dlq` with the original bytes.
+//! - [`topics`]: topic names (with `KAFKA_TOPIC_PREFIX`) and `vectordb topics create`.
+
+mod client;
+pub mod consumer;
+mod publisher;
+pub mod topics;
+
+pub use client::{ClientError, client_config};
+pub use consumer::{ConsumerOptions, ConsumerReport, run_consumer};
+pub use publisher::{KafkaPublisher, OutgoingRecord};
+pub use topics::{TopicNames, TopicStatus, create_topics};
+
+pub use rdkafka;

@@ -1,0 +1,165 @@
+//! `publish_event` onto Kafka: the Python producer's record shape, acknowledged by the broker before returning.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aura_runtime::events::Event;
+use aura_runtime::settings::KafkaSettings;
+use aura_runtime::{Backend, PublishError, Publisher};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+
+use crate::{ClientError, TopicNames, client_config};
+
+/// How long librdkafka keeps trying to deliver one record before reporting failure (`delivery.timeout.ms`).
+const DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One record to send as it is: used for dead letters, replays and benchmarks.
+pub struct OutgoingRecord<'a> {
+    pub topic: &'a str,
+    pub key: Option<&'a [u8]>,
+    /// `None` sends a record without a value (what a tombstone was).
+    pub payload: Option<&'a [u8]>,
+    pub headers: Vec<(&'a str, &'a [u8])>,
+}
+
+/// Where an acknowledged record landed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Delivered {
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// The idempotent producer (`acks=all`, `enable.idempotence=true`, lz4 batches).
+#[derive(Clone)]
+pub struct KafkaPublisher {
+    producer: FutureProducer,
+    topics: TopicNames,
+}
+
+impl KafkaPublisher {
+    pub fn new(settings: &KafkaSettings) -> Result<Self, ClientError> {
+        let producer = client_config(settings)?
+            .set("acks", "all")
+            .set("enable.idempotence", "true")
+            .set("compression.type", "lz4")
+            .set("linger.ms", "2")
+            .set(
+                "delivery.timeout.ms",
+                DELIVERY_TIMEOUT.as_millis().to_string(),
+            )
+            .create()
+            .map_err(|source| ClientError::Create {
+                role: "producer",
+                bootstrap: settings.bootstrap_servers.clone(),
+                source,
+            })?;
+        Ok(Self {
+            producer,
+            topics: TopicNames::from_settings(settings),
+        })
+    }
+
+    pub fn topics(&self) -> &TopicNames {
+        &self.topics
+    }
+
+    /// Sends one record and waits for the broker's acknowledgement.
+    pub async fn send(&self, record: OutgoingRecord<'_>) -> Result<Delivered, KafkaError> {
+        let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
+        for (key, value) in &record.headers {
+            headers = headers.insert(Header {
+                key,
+                value: Some(*value),
+            });
+        }
+        let mut future = FutureRecord::<[u8], [u8]>::to(record.topic).headers(headers);
+        if let Some(key) = record.key {
+            future = future.key(key);
+        }
+        if let Some(payload) = record.payload {
+            future = future.payload(payload);
+        }
+        // The queue timeout only bounds waiting for room in librdkafka's local queue; delivery itself is bounded
+        // by `delivery.timeout.ms`.
+        self.producer
+            .send(future, DELIVERY_TIMEOUT)
+            .await
+            .map(|delivery| Delivered {
+                partition: delivery.partition,
+                offset: delivery.offset,
+            })
+            .map_err(|(error, _)| error)
+    }
+
+    /// Waits for every queued record (shutdown).
+    pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
+        self.producer.flush(timeout)
+    }
+}
+
+#[async_trait]
+impl Publisher for KafkaPublisher {
+    fn backend(&self) -> Backend {
+        Backend::Kafka
+    }
+
+    async fn publish(&self, event: &Event) -> Result<(), PublishError> {
+        let Some(topic) = self.topics.for_event_type(&event.event_type) else {
+            return Err(PublishError::Unroutable {
+                event_type: event.event_type.clone(),
+                event_id: event.event_id.to_string(),
+                reason: "no Kafka topic for this event type".into(),
+            });
+        };
+        let payload = event.to_vec();
+        let event_id = event.event_id.to_string();
+        let record = OutgoingRecord {
+            topic: &topic,
+            key: event.user_id.as_deref().map(str::as_bytes),
+            payload: Some(&payload),
+            headers: vec![
+                ("event_type", event.event_type.as_bytes()),
+                ("event_id", event_id.as_bytes()),
+                ("trace_id", event.trace_id.as_deref().unwrap_or("").as_bytes()),
+            ],
+        };
+        let Err(error) = self.send(record).await else {
+            return Ok(());
+        };
+        let reason = format!("{topic}: {error}");
+        let event_type = event.event_type.clone();
+        Err(if is_permanent(&error) {
+            PublishError::Unroutable {
+                event_type,
+                event_id,
+                reason,
+            }
+        } else {
+            PublishError::Unavailable {
+                backend: "kafka",
+                event_type,
+                event_id,
+                reason,
+            }
+        })
+    }
+}
+
+/// Errors no retry can fix: the record itself is refused. Everything else (broker down, timeouts, leader changes,
+/// a topic not created yet) is worth retrying.
+fn is_permanent(error: &KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as Code;
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            Code::MessageSizeTooLarge
+                | Code::InvalidMessage
+                | Code::InvalidMessageSize
+                | Code::InvalidRecord
+                | Code::TopicAuthorizationFailed
+                | Code::InvalidTopic
+        )
+    )
+}

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The test command (README, .ci/run): everything the tests need, then `cargo test`.
+#
+# - a Python venv (.venv) with pinned foreign clients: the tests drive real confluent-kafka;
+# - tansu, a Kafka-protocol broker, installed if missing and started on a free port for this run (stopped at exit);
+# - AURA_TEST_KAFKA / AURA_TEST_PYTHON tell the tests where they are. Extra arguments go to `cargo test`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+if [[ ! -x .venv/bin/python ]]; then
+    "$PYTHON" -m venv .venv
+fi
+.venv/bin/pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
+
+scripts/kafka-test-broker.sh install
+broker_dir=$(mktemp -d "${TMPDIR:-/tmp}/aura-tansu.XXXXXX")
+trap 'scripts/kafka-test-broker.sh stop "$broker_dir"; rm -rf "$broker_dir"' EXIT
+AURA_TEST_KAFKA=$(scripts/kafka-test-broker.sh start "$broker_dir")
+export AURA_TEST_KAFKA
+AURA_TEST_PYTHON=$(pwd)/.venv/bin/python
+export AURA_TEST_PYTHON
+echo "test broker: tansu at $AURA_TEST_KAFKA" >&2
+
+cargo test --workspace --locked "$@"
