@@ -40,16 +40,13 @@ pub async fn run(
             return Ok(None);
         }
         Backend::Disabled | Backend::Memory => {
-            tracing::warn!(
-                "MESSAGING_BACKEND=disabled: consuming nothing, committing nothing"
-            );
+            tracing::warn!("MESSAGING_BACKEND=disabled: consuming nothing, committing nothing");
             shutdown.await;
             return Ok(None);
         }
     }
     let context = handler_context(&settings, Durability::EveryWrite).await?;
-    let publisher =
-        KafkaPublisher::new(&settings.kafka).context("creating the Kafka producer")?;
+    let publisher = KafkaPublisher::new(&settings.kafka).context("creating the Kafka producer")?;
     let dispatcher = Dispatcher::new(registry.clone(), context, Arc::new(publisher.clone()));
     let report = run_consumer(
         &settings.kafka,

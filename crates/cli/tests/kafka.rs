@@ -91,11 +91,7 @@ impl Scenario {
         let mut command = Command::new(env!("CARGO_BIN_EXE_vectordb-consumer"));
         self.configure(&mut command);
         command.envs(env.iter().copied());
-        let child = command
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+        let child = command.stdout(Stdio::null()).stderr(log).spawn().unwrap();
         Consumer {
             child,
             log: log_path,
@@ -196,10 +192,16 @@ impl Scenario {
                 return;
             }
             if let Some(status) = consumer.child.try_wait().unwrap() {
-                panic!("consumer exited ({status}) while waiting for {what}:\n{}", consumer.log());
+                panic!(
+                    "consumer exited ({status}) while waiting for {what}:\n{}",
+                    consumer.log()
+                );
             }
             if started.elapsed() > limit {
-                panic!("{what}: not reached after {limit:?}; offsets (committed, end) {offsets:?}\n{}", consumer.log());
+                panic!(
+                    "{what}: not reached after {limit:?}; offsets (committed, end) {offsets:?}\n{}",
+                    consumer.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(300));
         }
@@ -334,7 +336,10 @@ fn a_consumer_killed_mid_stream_resumes_and_every_event_becomes_exactly_its_poin
     );
     consumer.kill_9();
     let (committed, end) = kafka.offsets(USER_TOPIC);
-    assert!(committed < end, "killed too late to prove anything: {committed}/{end}");
+    assert!(
+        committed < end,
+        "killed too late to prove anything: {committed}/{end}"
+    );
 
     let mut consumer = kafka.start_consumer(&[]);
     kafka.wait_drained(&mut consumer, 2_000);
@@ -384,7 +389,10 @@ fn poison_messages_are_dead_lettered_with_their_reason_and_good_ones_processed()
                 && offsets.iter().all(|(committed, end)| committed == end)
         },
     );
-    assert!(consumer.child.try_wait().unwrap().is_none(), "consumer died");
+    assert!(
+        consumer.child.try_wait().unwrap().is_none(),
+        "consumer died"
+    );
     consumer.stop();
 
     assert_eq!(kafka.points(), 60);
@@ -395,19 +403,37 @@ fn poison_messages_are_dead_lettered_with_their_reason_and_good_ones_processed()
         assert_eq!(headers["source_topic"], topic.as_str());
         let offset: i64 = headers["source_offset"].as_str().unwrap().parse().unwrap();
         assert!((0..66).contains(&offset));
-        assert!(headers["source_partition"].as_str().unwrap().parse::<i32>().is_ok());
+        assert!(
+            headers["source_partition"]
+                .as_str()
+                .unwrap()
+                .parse::<i32>()
+                .is_ok()
+        );
         assert!(!headers["error"].as_str().unwrap().is_empty());
         assert!(headers["handler"].is_string());
         // The original bytes, unchanged.
-        assert!(poison.iter().any(|p| p["value"] == letter["value"]), "{letter}");
+        assert!(
+            poison.iter().any(|p| p["value"] == letter["value"]),
+            "{letter}"
+        );
     }
     let reasons: Vec<&str> = dead
         .iter()
         .map(|l| l["headers"]["error"].as_str().unwrap())
         .collect();
-    assert!(reasons.iter().any(|r| r.contains("undecodable event")), "{reasons:?}");
-    assert!(reasons.iter().any(|r| r.contains("empty message")), "{reasons:?}");
-    assert!(reasons.iter().any(|r| r.contains("mood_score")), "{reasons:?}");
+    assert!(
+        reasons.iter().any(|r| r.contains("undecodable event")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("empty message")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("mood_score")),
+        "{reasons:?}"
+    );
     assert!(reasons.iter().any(|r| r.contains("user_id")), "{reasons:?}");
 }
 

@@ -15,10 +15,7 @@ pub enum ClientError {
         source: KafkaError,
     },
     #[error("{action}: {source}")]
-    Kafka {
-        action: String,
-        source: KafkaError,
-    },
+    Kafka { action: String, source: KafkaError },
 }
 
 impl ClientError {

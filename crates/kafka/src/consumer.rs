@@ -155,8 +155,12 @@ pub async fn run_consumer(
     }
     match consumer.commit_consumer_state(CommitMode::Sync) {
         Ok(()) => tracing::info!("offsets committed"),
-        Err(rdkafka::error::KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
-        Err(error) => tracing::warn!(%error, "final commit failed; uncommitted events will be redelivered"),
+        Err(rdkafka::error::KafkaError::ConsumerCommit(
+            rdkafka::types::RDKafkaErrorCode::NoOffset,
+        )) => {}
+        Err(error) => {
+            tracing::warn!(%error, "final commit failed; uncommitted events will be redelivered")
+        }
     }
     consumer.unsubscribe();
     let report = shared.counters.report(topics);
@@ -181,7 +185,9 @@ struct Shared {
 impl Shared {
     fn lanes(&self) -> MutexGuard<'_, HashMap<PartitionKey, Lane>> {
         // A panicking lane never holds this lock across its work; the map stays consistent.
-        self.lanes.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.lanes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Revocation: stop the revoked lanes and give their in-flight events the grace period to finish and store
@@ -268,7 +274,9 @@ impl ConsumerContext for MountContext {
             Err(rdkafka::error::KafkaError::ConsumerCommit(
                 rdkafka::types::RDKafkaErrorCode::NoOffset,
             )) => {}
-            Err(error) => tracing::warn!(%error, "offset commit failed; will retry on the next commit"),
+            Err(error) => {
+                tracing::warn!(%error, "offset commit failed; will retry on the next commit")
+            }
         }
     }
 }
@@ -359,8 +367,7 @@ impl Poller {
         if lane.sender.send(message).is_err() {
             lane.state.backlog.fetch_sub(1, Ordering::AcqRel);
         }
-        if !lane.paused && lane.state.backlog.load(Ordering::Acquire) >= self.options.high_water
-        {
+        if !lane.paused && lane.state.backlog.load(Ordering::Acquire) >= self.options.high_water {
             lane.paused = set_paused(&self.consumer, lane, true);
             tracing::info!(topic = %lane.topic, partition = lane.partition,
                 backlog = self.options.high_water, "partition paused: its lane is behind");
@@ -464,8 +471,13 @@ impl LaneContext {
                 Finished::Skipped => &counters.skipped,
                 Finished::DeadLettered => &counters.dead_lettered,
                 Finished::Held(handler) => {
-                    tracing::warn!(topic = message.topic(), partition = message.partition(), offset = message.offset(),
-                        handler, "handler disabled: partition held at this offset (nothing further committed)");
+                    tracing::warn!(
+                        topic = message.topic(),
+                        partition = message.partition(),
+                        offset = message.offset(),
+                        handler,
+                        "handler disabled: partition held at this offset (nothing further committed)"
+                    );
                     counters.held.fetch_add(1, Ordering::Relaxed);
                     state.held.store(true, Ordering::Release);
                     state.busy.store(false, Ordering::Release);
@@ -523,7 +535,12 @@ impl LaneContext {
         let event = match decode(message, &self.registry) {
             Ok(Decoded::Event(event)) => event,
             Ok(Decoded::Foreign(event_type)) => {
-                tracing::info!(topic = message.topic(), offset = message.offset(), event_type, "no handler for event type; skipped");
+                tracing::info!(
+                    topic = message.topic(),
+                    offset = message.offset(),
+                    event_type,
+                    "no handler for event type; skipped"
+                );
                 metrics::counter!("aura360_events_processed_total", "handler" => "none", "outcome" => "skipped")
                     .increment(1);
                 return Ok(Finished::Skipped);
@@ -596,7 +613,7 @@ const DEAD_LETTER_HEADERS: [&str; 5] = [
 ];
 
 enum Decoded {
-    Event(Event),
+    Event(Box<Event>),
     /// A type announced by the `event_type` header that no handler here knows: skipped without decoding.
     Foreign(String),
 }
@@ -627,5 +644,5 @@ fn decode(message: &OwnedMessage, registry: &Registry) -> Result<Decoded, String
             "event_type header and body disagree; routing by the header");
         event.event_type = event_type;
     }
-    Ok(Decoded::Event(event))
+    Ok(Decoded::Event(Box::new(event)))
 }

@@ -122,7 +122,10 @@ impl Publisher for KafkaPublisher {
             headers: vec![
                 ("event_type", event.event_type.as_bytes()),
                 ("event_id", event_id.as_bytes()),
-                ("trace_id", event.trace_id.as_deref().unwrap_or("").as_bytes()),
+                (
+                    "trace_id",
+                    event.trace_id.as_deref().unwrap_or("").as_bytes(),
+                ),
             ],
         };
         let Err(error) = self.send(record).await else {

@@ -116,7 +116,11 @@ mod tests {
             Some("aura360.user.events")
         );
         assert_eq!(plain.all().len(), 6);
-        assert!(plain.all().contains(&"aura360.context.vectorized.dlq".to_owned()));
+        assert!(
+            plain
+                .all()
+                .contains(&"aura360.context.vectorized.dlq".to_owned())
+        );
         let prefixed = TopicNames::new("t42-");
         assert_eq!(
             prefixed.for_event_type("context.aggregated").as_deref(),

@@ -7,9 +7,9 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use aura_cli::pipeline::{self, PipelineOptions};
 use aura_cli::publish::{self, configured_publisher};
-use aura_runtime::events::Event;
 use aura_cli::{configured_registry, handler_context, init_logging};
 use aura_runtime::Settings;
+use aura_runtime::events::Event;
 use aura_runtime::store::Durability;
 use clap::{Parser, Subcommand};
 use serde_json::json;
@@ -66,7 +66,11 @@ enum Command {
         #[arg(long, value_name = "FILE|-", conflicts_with_all = ["event_type", "user", "data"])]
         events: Option<PathBuf>,
         /// Type of the one event to build, e.g. `user.mood.created`.
-        #[arg(long = "type", value_name = "EVENT_TYPE", required_unless_present = "events")]
+        #[arg(
+            long = "type",
+            value_name = "EVENT_TYPE",
+            required_unless_present = "events"
+        )]
         event_type: Option<String>,
         #[arg(long)]
         user: Option<String>,
@@ -268,7 +272,10 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             if json {
                 println!("{}", serde_json::to_string(&summary)?);
             } else {
-                println!("published {} event(s) via {}", summary.published, summary.backend);
+                println!(
+                    "published {} event(s) via {}",
+                    summary.published, summary.backend
+                );
                 for (event_type, count) in &summary.by_type {
                     println!("  {event_type}: {count}");
                 }
