@@ -106,7 +106,18 @@ fn start(
     tokio::sync::oneshot::Sender<()>,
     tokio::task::JoinHandle<aura_kafka::ConsumerReport>,
 ) {
-    let registry = Arc::new(Registry::new().with(recorder.clone()));
+    start_with(settings, Registry::new().with(recorder.clone()), ctx)
+}
+
+fn start_with(
+    settings: &KafkaSettings,
+    registry: Registry,
+    ctx: HandlerContext,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<aura_kafka::ConsumerReport>,
+) {
+    let registry = Arc::new(registry);
     let publisher = KafkaPublisher::new(settings).unwrap();
     let dispatcher = Dispatcher::new(registry.clone(), ctx, Arc::new(publisher.clone()));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -175,11 +186,11 @@ async fn a_rebalance_hands_partitions_over_without_losing_or_repeating_events() 
     let sent = produce(&settings, 12, 100).await;
     let embedded = aura_runtime::testing::embedded();
     let first = Recorder {
-        delay: Duration::from_millis(20),
+        delay: Duration::from_millis(40),
         ..Recorder::default()
     };
     let second = Recorder {
-        delay: Duration::from_millis(20),
+        delay: Duration::from_millis(40),
         ..Recorder::default()
     };
     let (stop_first, first_task) = start(&settings, &first, embedded.ctx.clone());
@@ -189,6 +200,7 @@ async fn a_rebalance_hands_partitions_over_without_losing_or_repeating_events() 
         || first.handled.lock().unwrap().len() >= 60,
     )
     .await;
+    let joined = Instant::now();
     let (stop_second, second_task) = start(&settings, &second, embedded.ctx.clone());
     let total = || first.handled.lock().unwrap().len() + second.handled.lock().unwrap().len();
     wait_for(
@@ -200,7 +212,8 @@ async fn a_rebalance_hands_partitions_over_without_losing_or_repeating_events() 
     // Both members took part.
     assert!(
         !second.handled.lock().unwrap().is_empty(),
-        "the second member never got a partition"
+        "the second member never got a partition ({:?} after it started)",
+        joined.elapsed()
     );
     stop_first.send(()).unwrap();
     stop_second.send(()).unwrap();
@@ -215,4 +228,87 @@ async fn a_rebalance_hands_partitions_over_without_losing_or_repeating_events() 
     assert_eq!(seen.len(), sent, "every event handled");
     // Revocation waits for in-flight events and commits them: the new owner starts after them.
     assert_eq!(all.len(), sent, "events handled twice across the rebalance");
+}
+
+/// A second handler on the same topic, disabled in the test below.
+#[derive(Clone, Default)]
+struct Other;
+
+#[async_trait]
+impl Handler for Other {
+    fn name(&self) -> &'static str {
+        "other"
+    }
+
+    fn event_types(&self) -> &'static [&'static str] {
+        &["user.test.other"]
+    }
+
+    async fn handle(&self, _: &Event, _: &HandlerContext) -> Result<Vec<Event>, HandlerError> {
+        Ok(Vec::new())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_of_a_disabled_handler_holds_its_partition_uncommitted() {
+    let settings = settings("held");
+    let topics = aura_kafka::TopicNames::from_settings(&settings);
+    create_topics(&settings, &topics.all(), 1, 1).await.unwrap();
+    let publisher = KafkaPublisher::new(&settings).unwrap();
+    for (seq, event_type) in [
+        (0, EVENT_TYPE),
+        (1, EVENT_TYPE),
+        (2, "user.test.other"),
+        (3, EVENT_TYPE),
+    ] {
+        let mut event = Event::new(event_type, Some("user-0".into()), None);
+        event.set_field("seq", seq.into());
+        publish_event(&publisher, &event).await.unwrap();
+    }
+    let embedded = aura_runtime::testing::embedded();
+    let recorder = Recorder::default();
+    let mut registry = Registry::new().with(recorder.clone()).with(Other);
+    registry.disable(&["other"]).unwrap();
+    let (stop, task) = start_with(&settings, registry, embedded.ctx.clone());
+    wait_for(
+        "the events before the held one",
+        Duration::from_secs(60),
+        || recorder.handled.lock().unwrap().len() >= 2,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.send(()).unwrap();
+    let report = task.await.unwrap();
+
+    // Handled up to the held event and not past it; committed exactly up to it.
+    let seqs: Vec<u64> = recorder
+        .handled
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, s)| *s)
+        .collect();
+    assert_eq!(seqs, [0, 1]);
+    assert_eq!(report.held_partitions, 1);
+    let topic = topics.for_event_type(EVENT_TYPE).unwrap();
+    assert_eq!(committed(&settings, &topic, 0), Some(2));
+}
+
+fn committed(settings: &KafkaSettings, topic: &str, partition: i32) -> Option<i64> {
+    use aura_kafka::rdkafka::consumer::{BaseConsumer, Consumer as _};
+    use aura_kafka::rdkafka::{Offset, TopicPartitionList};
+    let consumer: BaseConsumer = aura_kafka::client_config(settings)
+        .unwrap()
+        .set("group.id", &settings.group_id)
+        .create()
+        .unwrap();
+    let mut list = TopicPartitionList::new();
+    list.add_partition(topic, partition);
+    let committed = consumer
+        .committed_offsets(list, Duration::from_secs(10))
+        .unwrap();
+    match committed.elements()[0].offset() {
+        Offset::Offset(offset) => Some(offset),
+        _ => None,
+    }
 }
