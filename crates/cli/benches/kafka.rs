@@ -102,6 +102,8 @@ fn kafka_settings(prefix: &str, group: &str) -> KafkaSettings {
         std::env::var("AURA_TEST_KAFKA").expect("AURA_TEST_KAFKA: run scripts/bench-kafka.sh");
     settings.topic_prefix = prefix.to_owned();
     settings.group_id = group.to_owned();
+    // tansu holds every fetch for the full `fetch.wait.max.ms`; Kafka answers as soon as data arrives.
+    settings.fetch_wait_max_ms = 20;
     settings
 }
 
@@ -147,6 +149,7 @@ async fn raw_loop(settings: &KafkaSettings, topic: &str, n: usize) -> (Duration,
         .set("enable.auto.commit", "true")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", settings.fetch_wait_max_ms.to_string())
         .create()
         .expect("consumer");
     consumer.subscribe(&[topic]).expect("subscribe");

@@ -59,6 +59,8 @@ impl Scenario {
             .env("KAFKA_BOOTSTRAP_SERVERS", &self.bootstrap)
             .env("KAFKA_TOPIC_PREFIX", &self.prefix)
             .env("KAFKA_GROUP_ID", &self.group)
+            // tansu holds every fetch for the full wait; Kafka answers as soon as data arrives.
+            .env("KAFKA_FETCH_WAIT_MAX_MS", "50")
             .env("QDRANT_PATH", self.dir.path().join("qdrant"))
             .env("EMBEDDING_DIM", "64")
             .env("RUST_LOG", "info,librdkafka=warn")

@@ -63,6 +63,7 @@ mod tests {
             api_secret: Some(Secret::new("s3cr3t-value")),
             group_id: "g".into(),
             topic_prefix: String::new(),
+            fetch_wait_max_ms: 500,
         }
     }
 

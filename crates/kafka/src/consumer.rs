@@ -38,7 +38,9 @@ pub struct ConsumerOptions {
     pub retry: RetryPolicy,
     /// How long SIGTERM (or a revocation) waits for in-flight events before giving up on them (uncommitted).
     pub grace: Duration,
-    /// A partition is paused when this many of its messages wait in its lane, resumed below `low_water`.
+    /// A partition is paused while its lane retries an event, or when this many of its messages wait in its lane
+    /// (a memory bound); it is resumed once the lane is healthy and below `low_water`. Pausing discards librdkafka's
+    /// prefetched messages for the partition, so it is kept for lanes that are really stuck.
     pub high_water: usize,
     pub low_water: usize,
 }
@@ -53,8 +55,8 @@ impl Default for ConsumerOptions {
                 jitter: 0.2,
             },
             grace: Duration::from_secs(8),
-            high_water: 1_000,
-            low_water: 100,
+            high_water: 20_000,
+            low_water: 2_000,
         }
     }
 }
@@ -110,6 +112,7 @@ pub async fn run_consumer(
             .set("enable.partition.eof", "false")
             .set("allow.auto.create.topics", "false")
             .set("queued.max.messages.kbytes", "16384")
+            .set("fetch.wait.max.ms", settings.fetch_wait_max_ms.to_string())
             .create_with_context(MountContext {
                 shared: shared.clone(),
             })
@@ -310,6 +313,8 @@ struct LaneState {
     busy: AtomicBool,
     /// Stopped at an event whose handler is disabled.
     held: AtomicBool,
+    /// Retrying a transiently failing event.
+    retrying: AtomicBool,
     /// Revocation or shutdown: take no further event, abandon retries.
     cancel: CancellationToken,
 }
@@ -380,6 +385,7 @@ impl Poller {
             backlog: AtomicUsize::new(0),
             busy: AtomicBool::new(false),
             held: AtomicBool::new(false),
+            retrying: AtomicBool::new(false),
             cancel: self.stopping.child_token(),
         });
         let task = tokio::spawn(self.lanes.clone().run(receiver, state.clone()));
@@ -393,15 +399,17 @@ impl Poller {
         }
     }
 
-    /// Resumes lanes that caught up; pauses held ones for good.
+    /// Pauses held and retrying lanes; resumes lanes that are healthy again and caught up.
     fn adjust_pauses(&self) {
         let mut lanes = self.lanes.shared.lanes();
         for lane in lanes.values_mut() {
-            let held = lane.state.held.load(Ordering::Acquire);
+            let stuck = lane.state.held.load(Ordering::Acquire)
+                || lane.state.retrying.load(Ordering::Acquire);
             let caught_up = lane.state.backlog.load(Ordering::Acquire) <= self.options.low_water;
-            if held && !lane.paused {
+            if stuck && !lane.paused {
                 lane.paused = set_paused(&self.consumer, lane, true);
-            } else if lane.paused && caught_up && !held {
+                tracing::info!(topic = %lane.topic, partition = lane.partition, "partition paused: its lane is retrying or held");
+            } else if lane.paused && caught_up && !stuck {
                 lane.paused = set_paused(&self.consumer, lane, false);
                 tracing::info!(topic = %lane.topic, partition = lane.partition, "partition resumed");
             }
@@ -464,7 +472,7 @@ impl LaneContext {
                 },
             };
             state.busy.store(true, Ordering::Release);
-            let finished = self.process(&message, &state.cancel).await;
+            let finished = self.process(&message, &state).await;
             let counters = &self.shared.counters;
             let counter = match finished {
                 Finished::Handled => &counters.handled,
@@ -512,19 +520,23 @@ impl LaneContext {
 
     /// Decodes, dispatches and dead-letters one message, retrying transient failures until they pass or the lane is
     /// cancelled.
-    async fn process(&self, message: &OwnedMessage, cancel: &CancellationToken) -> Finished {
+    async fn process(&self, message: &OwnedMessage, state: &LaneState) -> Finished {
         let mut attempt = 0;
         loop {
             attempt += 1;
             let error = match self.attempt(message).await {
-                Ok(finished) => return finished,
+                Ok(finished) => {
+                    state.retrying.store(false, Ordering::Release);
+                    return finished;
+                }
                 Err(error) => error,
             };
+            state.retrying.store(true, Ordering::Release);
             let delay = self.retry.delay(attempt);
             tracing::warn!(topic = message.topic(), partition = message.partition(), offset = message.offset(),
                 attempt, retry_in_ms = delay.as_millis() as u64, %error, "transient failure; retrying (partition held)");
             tokio::select! {
-                () = cancel.cancelled() => return Finished::Abandoned,
+                () = state.cancel.cancelled() => return Finished::Abandoned,
                 () = tokio::time::sleep(delay) => {}
             }
         }

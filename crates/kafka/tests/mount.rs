@@ -66,6 +66,7 @@ fn settings(name: &str) -> KafkaSettings {
         api_secret: None,
         group_id: format!("{name}-{id}"),
         topic_prefix: format!("{name}-{}.", &id[..8]),
+        fetch_wait_max_ms: 50,
     }
 }
 

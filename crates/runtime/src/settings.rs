@@ -121,6 +121,10 @@ pub struct KafkaSettings {
     /// Prepended to every topic name (`KAFKA_TOPIC_PREFIX`, default empty): lets several environments or test runs
     /// share one cluster. Empty keeps the names of DESIGN §3 that the Python services use.
     pub topic_prefix: String,
+    /// `KAFKA_FETCH_WAIT_MAX_MS` (librdkafka `fetch.wait.max.ms`, default 500): how long a fetch may wait for data.
+    /// Kafka answers as soon as data arrives; brokers that always hold the fetch this long (tansu) add it to every
+    /// hop of the chain, so tests lower it.
+    pub fetch_wait_max_ms: u32,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -312,6 +316,7 @@ impl Layers {
                 api_secret: self.text("kafka_api_secret").map(Secret),
                 group_id: self.required("kafka_group_id")?,
                 topic_prefix: self.text("kafka_topic_prefix").unwrap_or_default(),
+                fetch_wait_max_ms: self.number("kafka_fetch_wait_max_ms", 1)?,
             },
             celery: CelerySettings {
                 broker_url: SecretUrl(self.required("broker_url")?),
