@@ -2,7 +2,9 @@
 //!
 //! 1. Dispatch overhead: the same topic of N records consumed by (a) a raw rdkafka `StreamConsumer` loop that stores
 //!    each offset, (b) `run_consumer` with a no-op handler, (c) the Python confluent-kafka loop
-//!    (`tests/python/consume_bench.py`, when `AURA_TEST_PYTHON` is set) — each in a fresh group.
+//!    (`tests/python/consume_bench.py`, when `AURA_TEST_PYTHON` is set) — each in a fresh group. (a) and (b) first
+//!    prefetch for 15 s and are timed from local queues: tansu serves fetches slower than either loop consumes, so
+//!    without it both would measure the broker.
 //! 2. End to end: mood events through all three handlers into the embedded store (every write durable), as a
 //!    backlog (events/s) and paced (latency from produce to point written, p50/p99).
 //!
@@ -26,7 +28,8 @@ use handler_mood_created::MoodCreated;
 
 const NOOP_TYPE: &str = "user.bench.noop";
 
-struct NoOp(Arc<AtomicU64>);
+/// Counts; every call waits until the gate opens, so the consumer can prefetch before the clock starts.
+struct NoOp(Arc<AtomicU64>, tokio::sync::watch::Receiver<bool>);
 
 #[async_trait]
 impl Handler for NoOp {
@@ -37,6 +40,8 @@ impl Handler for NoOp {
         &[NOOP_TYPE]
     }
     async fn handle(&self, _: &Event, _: &HandlerContext) -> Result<Vec<Event>, HandlerError> {
+        let mut gate = self.1.clone();
+        let _ = gate.wait_for(|open| *open).await;
         self.0.fetch_add(1, Ordering::Relaxed);
         Ok(Vec::new())
     }
@@ -154,6 +159,8 @@ async fn raw_loop(settings: &KafkaSettings, topic: &str, n: usize) -> (Duration,
         .expect("consumer");
     consumer.subscribe(&[topic]).expect("subscribe");
     let first = consumer.recv().await.expect("first message");
+    // Let librdkafka prefetch, as the mounted loop does behind its gate: both then run from local queues.
+    tokio::time::sleep(PREFETCH).await;
     let started = Instant::now();
     let cpu = cpu_seconds();
     consumer.store_offset_from_message(&first).expect("store");
@@ -165,10 +172,14 @@ async fn raw_loop(settings: &KafkaSettings, topic: &str, n: usize) -> (Duration,
     (started.elapsed(), cpu_seconds() - cpu)
 }
 
-/// `run_consumer` with the no-op handler; timed from the first handled event to the n-th.
+/// How long both loops prefetch before the clock starts (the broker is not what is measured here).
+const PREFETCH: Duration = Duration::from_secs(15);
+
+/// `run_consumer` with the no-op handler; timed from the gate's opening to the n-th handled event.
 async fn mounted_loop(settings: &KafkaSettings, n: usize, ctx: HandlerContext) -> (Duration, f64) {
     let count = Arc::new(AtomicU64::new(0));
-    let registry = Arc::new(Registry::new().with(NoOp(count.clone())));
+    let (open, gate) = tokio::sync::watch::channel(false);
+    let registry = Arc::new(Registry::new().with(NoOp(count.clone(), gate)));
     let publisher = KafkaPublisher::new(settings).expect("producer");
     let dispatcher = Dispatcher::new(registry.clone(), ctx, Arc::new(publisher.clone()));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -187,10 +198,9 @@ async fn mounted_loop(settings: &KafkaSettings, n: usize, ctx: HandlerContext) -
         )
         .await
     });
-    while count.load(Ordering::Relaxed) == 0 {
-        tokio::time::sleep(Duration::from_micros(200)).await;
-    }
+    tokio::time::sleep(PREFETCH).await;
     let started = Instant::now();
+    let _ = open.send(true);
     let cpu = cpu_seconds();
     while count.load(Ordering::Relaxed) < n as u64 {
         tokio::time::sleep(Duration::from_millis(2)).await;
