@@ -492,3 +492,60 @@ fn sigterm_under_load_exits_zero_within_ten_seconds_and_loses_nothing() {
     consumer.stop();
     assert_eq!(kafka.points(), 1_500);
 }
+
+#[test]
+fn topics_create_is_idempotent_and_publish_sends_the_python_record_shape() {
+    let kafka = Scenario::new("publish");
+    let again: Vec<Value> =
+        serde_json::from_str(&kafka.vectordb(&["topics", "create", "--json"])).unwrap();
+    assert_eq!(again.len(), 6);
+    assert!(again.iter().all(|t| t["status"] == "exists"), "{again:?}");
+
+    let lines: Vec<&str> = include_str!("../../../examples/mood_events.jsonl")
+        .lines()
+        .take(5)
+        .collect();
+    let file = kafka.dir.path().join("five.jsonl");
+    std::fs::write(&file, lines.join("\n")).unwrap();
+    let summary: Value = serde_json::from_str(&kafka.vectordb(&[
+        "publish",
+        "--events",
+        file.to_str().unwrap(),
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(summary["published"], 5, "{summary}");
+    assert_eq!(summary["backend"], "kafka");
+    let one: Value = serde_json::from_str(&kafka.vectordb(&[
+        "publish",
+        "--type",
+        "context.aggregated",
+        "--user",
+        "user-9",
+        "--data",
+        r#"{"text_representation": "User: user-9"}"#,
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(one["published"], 1, "{one}");
+
+    let records = kafka.read_topic(USER_TOPIC);
+    assert_eq!(records.len(), 5);
+    for record in &records {
+        let value: Value = serde_json::from_str(record["value"].as_str().unwrap()).unwrap();
+        let sent: Value = lines
+            .iter()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .find(|e| e["event_id"] == value["event_id"])
+            .expect("a published event");
+        assert_eq!(value, sent, "the event travels unchanged");
+        assert_eq!(record["key"], sent["user_id"]);
+        assert_eq!(record["headers"]["event_type"], sent["event_type"]);
+        assert_eq!(record["headers"]["event_id"], sent["event_id"]);
+    }
+    let aggregated = kafka.read_topic(AGGREGATED_TOPIC);
+    assert_eq!(aggregated.len(), 1);
+    let value: Value = serde_json::from_str(aggregated[0]["value"].as_str().unwrap()).unwrap();
+    assert_eq!(value["context_data"]["text_representation"], "User: user-9");
+    assert_eq!(aggregated[0]["key"], "user-9");
+}
