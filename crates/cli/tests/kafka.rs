@@ -61,6 +61,7 @@ impl Scenario {
             .env("KAFKA_GROUP_ID", &self.group)
             // tansu holds every fetch for the full wait; Kafka answers as soon as data arrives.
             .env("KAFKA_FETCH_WAIT_MAX_MS", "50")
+            .env("KAFKA_SESSION_TIMEOUT_MS", "6000")
             .env("QDRANT_PATH", self.dir.path().join("qdrant"))
             .env("EMBEDDING_DIM", "64")
             .env("RUST_LOG", "info,librdkafka=warn")
@@ -343,6 +344,9 @@ fn a_consumer_killed_mid_stream_resumes_and_every_event_becomes_exactly_its_poin
         committed < end,
         "killed too late to prove anything: {committed}/{end}"
     );
+    // Let the group expire the dead member (KAFKA_SESSION_TIMEOUT_MS=6000) before its successor joins: tansu can hand
+    // the successor an empty assignment when it joins while the dead member is still registered; Kafka does not.
+    std::thread::sleep(Duration::from_secs(8));
 
     let mut consumer = kafka.start_consumer(&[]);
     kafka.wait_drained(&mut consumer, 2_000);

@@ -64,6 +64,7 @@ mod tests {
             group_id: "g".into(),
             topic_prefix: String::new(),
             fetch_wait_max_ms: 500,
+            session_timeout_ms: 45_000,
         }
     }
 

@@ -67,6 +67,7 @@ fn settings(name: &str) -> KafkaSettings {
         group_id: format!("{name}-{id}"),
         topic_prefix: format!("{name}-{}.", &id[..8]),
         fetch_wait_max_ms: 50,
+        session_timeout_ms: 6_000,
     }
 }
 

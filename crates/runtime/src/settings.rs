@@ -125,6 +125,9 @@ pub struct KafkaSettings {
     /// Kafka answers as soon as data arrives; brokers that always hold the fetch this long (tansu) add it to every
     /// hop of the chain, so tests lower it.
     pub fetch_wait_max_ms: u32,
+    /// `KAFKA_SESSION_TIMEOUT_MS` (librdkafka `session.timeout.ms`, default 45000): how soon the group notices a
+    /// member that died without leaving (kill -9) and hands its partitions on.
+    pub session_timeout_ms: u32,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -317,6 +320,7 @@ impl Layers {
                 group_id: self.required("kafka_group_id")?,
                 topic_prefix: self.text("kafka_topic_prefix").unwrap_or_default(),
                 fetch_wait_max_ms: self.number("kafka_fetch_wait_max_ms", 1)?,
+                session_timeout_ms: self.number("kafka_session_timeout_ms", 1)?,
             },
             celery: CelerySettings {
                 broker_url: SecretUrl(self.required("broker_url")?),
