@@ -113,7 +113,10 @@ pub async fn run_consumer(
             .set("allow.auto.create.topics", "false")
             .set("queued.max.messages.kbytes", "16384")
             .set("fetch.wait.max.ms", settings.fetch_wait_max_ms.to_string())
-            .set("session.timeout.ms", settings.session_timeout_ms.to_string())
+            .set(
+                "session.timeout.ms",
+                settings.session_timeout_ms.to_string(),
+            )
             .create_with_context(MountContext {
                 shared: shared.clone(),
             })
