@@ -182,22 +182,9 @@ async fn mounted_loop(settings: &KafkaSettings, n: usize, ctx: HandlerContext) -
     let registry = Arc::new(Registry::new().with(NoOp(count.clone(), gate)));
     let publisher = KafkaPublisher::new(settings).expect("producer");
     let dispatcher = Dispatcher::new(registry.clone(), ctx, Arc::new(publisher.clone()));
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let mut settings = settings.clone();
     settings.group_id = format!("{}-mounted", settings.group_id);
-    let task = tokio::spawn(async move {
-        run_consumer(
-            &settings,
-            registry,
-            dispatcher,
-            publisher,
-            ConsumerOptions::default(),
-            async {
-                let _ = stopped.await;
-            },
-        )
-        .await
-    });
+    let (stop, task) = spawn_consumer(settings, registry, dispatcher, publisher);
     tokio::time::sleep(PREFETCH).await;
     let started = Instant::now();
     let _ = open.send(true);
@@ -209,6 +196,34 @@ async fn mounted_loop(settings: &KafkaSettings, n: usize, ctx: HandlerContext) -
     let _ = stop.send(());
     task.await.expect("join").expect("consumer");
     elapsed
+}
+
+type ConsumerTask =
+    tokio::task::JoinHandle<Result<aura_kafka::ConsumerReport, aura_kafka::ClientError>>;
+
+/// `run_consumer` on a task until the returned sender fires.
+fn spawn_consumer(
+    settings: KafkaSettings,
+    registry: Arc<Registry>,
+    dispatcher: Dispatcher,
+    publisher: KafkaPublisher,
+) -> (tokio::sync::oneshot::Sender<()>, ConsumerTask) {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let shutdown = async {
+            let _ = stopped.await;
+        };
+        run_consumer(
+            &settings,
+            registry,
+            dispatcher,
+            publisher,
+            ConsumerOptions::default(),
+            shutdown,
+        )
+        .await
+    });
+    (stop, task)
 }
 
 fn python_loop(settings: &KafkaSettings, topic: &str, n: usize) -> Option<f64> {
@@ -278,21 +293,7 @@ async fn end_to_end(settings: &KafkaSettings, n: usize, paced: usize, rate: u64)
             .expect("produce");
     }
     let dispatcher = Dispatcher::new(registry.clone(), ctx.clone(), Arc::new(publisher.clone()));
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let consumer_settings = settings.clone();
-    let task = tokio::spawn(async move {
-        run_consumer(
-            &consumer_settings,
-            registry,
-            dispatcher,
-            publisher,
-            ConsumerOptions::default(),
-            async {
-                let _ = stopped.await;
-            },
-        )
-        .await
-    });
+    let (stop, task) = spawn_consumer(settings.clone(), registry, dispatcher, publisher);
     let points = || latencies.lock().unwrap_or_else(|p| p.into_inner()).len();
     while points() == 0 {
         tokio::time::sleep(Duration::from_millis(1)).await;
