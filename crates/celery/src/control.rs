@@ -1,0 +1,281 @@
+//! Remote control (`celery inspect ping`, `stats`, `active`, …; Flower's worker pages) over kombu's pidbox.
+//!
+//! Requests are fanout messages published on `/<db>.celery.pidbox`; every worker reads them and answers those
+//! addressed to it (`destination` null or naming its hostname). An answer `{"<hostname>": <reply>}` is a message on
+//! the direct exchange `reply.celery.pidbox`: kombu looks up the queues bound with the request's reply routing key
+//! in `_kombu.binding.reply.celery.pidbox` and `LPUSH`es to each — the client `BRPOP`s its reply queue.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use futures::StreamExt as _;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::events::EventSender;
+use crate::protocol::Envelope;
+use crate::pyjson;
+use crate::transport::{Patience, RedisLink};
+
+const SEP: &str = "\x06\x16";
+
+/// What remote control reports about the worker; updated by the worker as tasks start and finish.
+pub struct ControlState {
+    pub queues: Vec<String>,
+    pub registered: Vec<String>,
+    pub concurrency: usize,
+    pub prefetch: usize,
+    started: Instant,
+    active: Mutex<HashMap<String, Value>>,
+    totals: Mutex<BTreeMap<String, u64>>,
+    revoked: Mutex<HashSet<String>>,
+}
+
+impl ControlState {
+    pub fn new(
+        queues: Vec<String>,
+        registered: Vec<String>,
+        concurrency: usize,
+        prefetch: usize,
+    ) -> Self {
+        Self {
+            queues,
+            registered,
+            concurrency,
+            prefetch,
+            started: Instant::now(),
+            active: Mutex::new(HashMap::new()),
+            totals: Mutex::new(BTreeMap::new()),
+            revoked: Mutex::new(HashSet::new()),
+        }
+    }
+
+    pub fn task_started(&self, id: &str, info: Value) {
+        if let Ok(mut active) = self.active.lock() {
+            active.insert(id.to_owned(), info);
+        }
+    }
+
+    pub fn task_finished(&self, id: &str, name: &str) {
+        if let Ok(mut active) = self.active.lock() {
+            active.remove(id);
+        }
+        if let Ok(mut totals) = self.totals.lock() {
+            *totals.entry(name.to_owned()).or_default() += 1;
+        }
+    }
+
+    /// Whether `revoke` named this task id (it is then not run: `REVOKED`).
+    pub fn is_revoked(&self, id: &str) -> bool {
+        self.revoked.lock().map(|r| r.contains(id)).unwrap_or(false)
+    }
+
+    fn reply(&self, method: &str, arguments: &Value, events: &EventSender) -> Option<Value> {
+        let hostname = &events.identity().hostname;
+        Some(match method {
+            "ping" => json!({"ok": "pong"}),
+            "clock" => json!({"clock": events.tick()}),
+            "hello" => {
+                if arguments.get("from_node").and_then(Value::as_str) == Some(hostname.as_str()) {
+                    return None;
+                }
+                json!({"revoked": self.revoked.lock().map(|r| r.iter().cloned().collect::<Vec<_>>()).unwrap_or_default(),
+                       "clock": events.tick()})
+            }
+            "stats" => {
+                let totals = self.totals.lock().map(|t| t.clone()).unwrap_or_default();
+                json!({
+                    "total": totals,
+                    "pid": events.identity().pid,
+                    "clock": events.tick().to_string(),
+                    "uptime": self.started.elapsed().as_secs(),
+                    "pool": {"implementation": "tokio", "max-concurrency": self.concurrency,
+                             "processes": [events.identity().pid], "timeouts": [0, 0]},
+                    "prefetch_count": self.prefetch,
+                    "sw_ident": events.identity().sw_ident,
+                    "sw_ver": events.identity().sw_ver,
+                    "broker": {"transport": "redis"},
+                    "rusage": {},
+                })
+            }
+            "active" => Value::Array(self.active.lock().map(|a| a.values().cloned().collect()).unwrap_or_default()),
+            "active_queues" => Value::Array(
+                self.queues
+                    .iter()
+                    .map(|q| {
+                        json!({"name": q, "exchange": {"name": q, "type": "direct", "arguments": null,
+                               "durable": true, "passive": false, "auto_delete": false, "delivery_mode": null,
+                               "no_declare": false}, "routing_key": q, "queue_arguments": null,
+                               "binding_arguments": null, "consumer_arguments": null, "durable": true,
+                               "exclusive": false, "auto_delete": false, "no_ack": false, "alias": null,
+                               "bindings": [], "no_declare": null, "expires": null, "message_ttl": null,
+                               "max_length": null, "max_length_bytes": null, "max_priority": null})
+                    })
+                    .collect(),
+            ),
+            "registered" => json!(self.registered),
+            "scheduled" | "reserved" => json!([]),
+            "revoked" => json!(self.revoked.lock().map(|r| r.iter().cloned().collect::<Vec<_>>()).unwrap_or_default()),
+            "revoke" => {
+                let ids: Vec<String> = match arguments.get("task_id") {
+                    Some(Value::String(id)) => vec![id.clone()],
+                    Some(Value::Array(ids)) => ids.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect(),
+                    _ => Vec::new(),
+                };
+                if let Ok(mut revoked) = self.revoked.lock() {
+                    revoked.extend(ids.iter().cloned());
+                }
+                json!({"ok": format!("tasks {} flagged as revoked", ids.join(", "))})
+            }
+            "conf" => json!({"worker_concurrency": self.concurrency, "task_acks_late": true}),
+            "report" => json!({"ok": format!("{} (aura360 vectordb-worker)", events.identity().sw_ver)}),
+            other => json!({"error": format!("No such method: {other}")}),
+        })
+    }
+}
+
+/// Answers remote-control requests until `shutdown`, resubscribing after connection loss.
+pub async fn serve_control(
+    link: Arc<RedisLink>,
+    events: Arc<EventSender>,
+    state: Arc<ControlState>,
+    shutdown: CancellationToken,
+) {
+    let channel = format!("/{}.celery.pidbox", link.db());
+    let mut failures = 0u32;
+    while !shutdown.is_cancelled() {
+        let subscribed = async {
+            let mut pubsub = link.client().get_async_pubsub().await?;
+            pubsub.psubscribe(&channel).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        }
+        .await;
+        let mut pubsub = match subscribed {
+            Ok(pubsub) => {
+                failures = 0;
+                pubsub
+            }
+            Err(error) => {
+                failures += 1;
+                let delay = Duration::from_millis((200 * u64::from(failures)).min(5_000));
+                tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "remote control: subscribing failed");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => continue,
+                    _ = shutdown.cancelled() => return,
+                }
+            }
+        };
+        let mut messages = pubsub.on_message();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                message = messages.next() => match message {
+                    Some(message) => handle(&link, &events, &state, message.get_payload_bytes()).await,
+                    None => {
+                        tracing::warn!("remote control: subscription lost; resubscribing");
+                        break;
+                    }
+                },
+            }
+        }
+    }
+}
+
+async fn handle(link: &RedisLink, events: &EventSender, state: &ControlState, payload: &[u8]) {
+    let request = match Envelope::from_slice(payload)
+        .ok()
+        .and_then(|envelope| envelope.body_bytes().ok())
+        .and_then(|body| serde_json::from_slice::<Value>(&body).ok())
+    {
+        Some(request) => request,
+        None => {
+            tracing::warn!("remote control: unreadable request ignored");
+            return;
+        }
+    };
+    let hostname = &events.identity().hostname;
+    if let Some(destination) = request.get("destination").and_then(Value::as_array)
+        && !destination.is_empty()
+        && !destination
+            .iter()
+            .any(|d| d.as_str() == Some(hostname.as_str()))
+    {
+        return;
+    }
+    let method = request.get("method").and_then(Value::as_str).unwrap_or("");
+    let arguments = request.get("arguments").cloned().unwrap_or(Value::Null);
+    if method == "heartbeat" {
+        let _ = events.send_worker_event("worker-heartbeat").await;
+        return;
+    }
+    let Some(reply) = state.reply(method, &arguments, events) else {
+        return;
+    };
+    let Some(reply_to) = request.get("reply_to") else {
+        return;
+    };
+    let exchange = reply_to
+        .get("exchange")
+        .and_then(Value::as_str)
+        .unwrap_or("reply.celery.pidbox");
+    let routing_key = reply_to
+        .get("routing_key")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let ticket = request.get("ticket").cloned().unwrap_or(Value::Null);
+    let envelope = json!({
+        "body": base64::engine::general_purpose::STANDARD.encode(pyjson::to_vec(&json!({hostname.as_str(): reply}))),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": {"ticket": ticket, "clock": events.tick()},
+        "properties": {
+            "delivery_mode": 1,
+            "delivery_info": {"exchange": exchange, "routing_key": routing_key},
+            "priority": 0,
+            "body_encoding": "base64",
+            "delivery_tag": Uuid::new_v4().to_string(),
+        },
+    });
+    let payload = pyjson::to_vec(&envelope);
+    let bindings_key = format!("_kombu.binding.{exchange}");
+    let result = link
+        .run(
+            "remote control reply",
+            Patience::Until(Duration::from_secs(2)),
+            |mut conn| {
+                let bindings_key = bindings_key.clone();
+                let payload = payload.clone();
+                async move {
+                    let members: Vec<String> = redis::cmd("SMEMBERS")
+                        .arg(&bindings_key)
+                        .query_async(&mut conn)
+                        .await?;
+                    let mut queues: Vec<String> = members
+                        .iter()
+                        .filter_map(|m| {
+                            let mut parts = m.split(SEP);
+                            let rk = parts.next()?;
+                            let queue = parts.nth(1)?;
+                            (rk == routing_key).then(|| queue.to_owned())
+                        })
+                        .collect();
+                    if queues.is_empty() {
+                        queues.push(format!("{routing_key}.{exchange}"));
+                    }
+                    let mut pipe = redis::pipe();
+                    for queue in &queues {
+                        pipe.lpush(queue, &payload).ignore();
+                    }
+                    pipe.query_async::<()>(&mut conn).await
+                }
+            },
+        )
+        .await;
+    match result {
+        Ok(()) => tracing::debug!(method, "remote control: replied"),
+        Err(error) => tracing::warn!(method, %error, "remote control: reply failed"),
+    }
+}

@@ -1,0 +1,703 @@
+//! Celery message protocol v2 as it travels through kombu's Redis transport.
+//!
+//! A Redis list element is a JSON *envelope* (`body`, `content-encoding`, `content-type`, `headers`,
+//! `properties`); its `body` is base64 of the JSON *body* `[args, kwargs, {callbacks, errbacks, chain, chord}]`.
+//! Headers and properties stay JSON maps in their original key order: a message we requeue, retry or restore is
+//! re-serialised with only the fields Celery itself changes, and everything we do not know about (stamps, custom
+//! headers, newer protocol fields) survives. Typed views ([`TaskMessage`]) are read leniently — floats where ints
+//! are expected, nulls anywhere — because Python producers write both.
+//!
+//! [`TaskBuilder`] writes messages the way `app.send_task(...)` does (same keys, same order, same separators), so
+//! a Python worker cannot tell our messages from its own.
+
+use base64::Engine as _;
+use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+use chrono::{DateTime, NaiveDateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+use uuid::Uuid;
+
+use crate::pyjson;
+
+/// kombu's base64: standard alphabet; padding accepted whether present or not.
+const BASE64: GeneralPurpose = GeneralPurpose::new(
+    &base64::alphabet::STANDARD,
+    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
+
+/// How long `argsrepr` may grow (Celery's `argsrepr_maxsize`).
+const ARGSREPR_MAX: usize = 1024;
+/// Nesting depth `saferepr` prints before writing `[...]` / `{...}` (Celery's `maxlevels`).
+const REPR_MAX_LEVELS: usize = 3;
+
+/// Why a message cannot be run. Each is permanent: the message is dead-lettered with this text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MessageError {
+    #[error("message is not JSON: {0}")]
+    NotJson(String),
+    #[error("message is not a kombu envelope: {0}")]
+    BadEnvelope(String),
+    #[error("message body is not valid base64: {0}")]
+    BadBase64(String),
+    #[error("content type {0:?} is not supported (only application/json)")]
+    UnsupportedContentType(String),
+    #[error("message body is not JSON: {0}")]
+    BodyNotJson(String),
+    #[error("message body is not [args, kwargs, embed]: {0}")]
+    BadBody(String),
+    #[error("message has no `{0}` header (Celery message protocol v2 required)")]
+    MissingHeader(&'static str),
+}
+
+/// The kombu envelope: the Redis list element.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    pub body: String,
+    #[serde(rename = "content-encoding", default = "utf8")]
+    pub content_encoding: String,
+    #[serde(rename = "content-type", default = "application_json")]
+    pub content_type: String,
+    #[serde(default)]
+    pub headers: Map<String, Value>,
+    #[serde(default)]
+    pub properties: Map<String, Value>,
+    /// Anything else a producer put at the top level, kept.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+fn utf8() -> String {
+    "utf-8".into()
+}
+
+fn application_json() -> String {
+    "application/json".into()
+}
+
+impl Envelope {
+    pub fn from_slice(raw: &[u8]) -> Result<Self, MessageError> {
+        let value: Value =
+            serde_json::from_slice(raw).map_err(|e| MessageError::NotJson(e.to_string()))?;
+        serde_json::from_value(value).map_err(|e| MessageError::BadEnvelope(e.to_string()))
+    }
+
+    /// The envelope as Python's `json.dumps` writes it.
+    pub fn to_vec(&self) -> Vec<u8> {
+        pyjson::to_vec(self)
+    }
+
+    pub fn header_str(&self, key: &str) -> Option<&str> {
+        self.headers.get(key).and_then(Value::as_str)
+    }
+
+    pub fn property_str(&self, key: &str) -> Option<&str> {
+        self.properties.get(key).and_then(Value::as_str)
+    }
+
+    pub fn delivery_tag(&self) -> Option<&str> {
+        self.property_str("delivery_tag")
+    }
+
+    /// `properties.delivery_info.{exchange, routing_key}`.
+    pub fn delivery_info(&self) -> (String, Option<String>) {
+        let info = self.properties.get("delivery_info");
+        let field = |key| {
+            info.and_then(|i| i.get(key))
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        };
+        (field("exchange").unwrap_or_default(), field("routing_key"))
+    }
+
+    /// `properties.priority`, clamped to 0..=255 (kombu's Redis transport then maps it to 0, 3, 6 or 9).
+    pub fn priority(&self) -> u8 {
+        self.properties
+            .get("priority")
+            .and_then(lenient_f64)
+            .map(|p| p.clamp(0.0, 255.0) as u8)
+            .unwrap_or(0)
+    }
+
+    /// The decoded body bytes (`properties.body_encoding`: `base64` or absent).
+    pub fn body_bytes(&self) -> Result<Vec<u8>, MessageError> {
+        match self.property_str("body_encoding") {
+            Some("base64") => BASE64
+                .decode(self.body.trim())
+                .map_err(|e| MessageError::BadBase64(e.to_string())),
+            _ => Ok(self.body.clone().into_bytes()),
+        }
+    }
+
+    /// Marks the envelope the way kombu's restore does before putting it back on its queue.
+    pub fn mark_redelivered(&mut self) {
+        self.headers.insert("redelivered".into(), Value::Bool(true));
+        if let Some(Value::Object(info)) = self.properties.get_mut("delivery_info") {
+            info.insert("redelivered".into(), Value::Bool(true));
+        }
+    }
+}
+
+/// A task message, read: the envelope plus the typed fields the worker acts on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskMessage {
+    pub envelope: Envelope,
+    pub task: String,
+    pub id: String,
+    pub retries: u32,
+    pub eta: Option<DateTime<Utc>>,
+    pub expires: Option<DateTime<Utc>>,
+    /// `timelimit = [hard, soft]` in seconds; either may be null.
+    pub time_limit: Option<f64>,
+    pub soft_time_limit: Option<f64>,
+    pub root_id: Option<String>,
+    pub parent_id: Option<String>,
+    pub body: TaskBody,
+}
+
+/// `[args, kwargs, embed]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskBody {
+    pub args: Vec<Value>,
+    pub kwargs: Map<String, Value>,
+    /// `callbacks`, `errbacks`, `chain`, `chord`: signature dicts or null, kept as sent.
+    pub embed: Map<String, Value>,
+}
+
+impl TaskBody {
+    pub fn parse(bytes: &[u8]) -> Result<Self, MessageError> {
+        let value: Value =
+            serde_json::from_slice(bytes).map_err(|e| MessageError::BodyNotJson(e.to_string()))?;
+        let Value::Array(mut parts) = value else {
+            return Err(MessageError::BadBody(format!(
+                "expected a JSON array, got {}",
+                kind(&value)
+            )));
+        };
+        if parts.is_empty() || parts.len() > 3 {
+            return Err(MessageError::BadBody(format!(
+                "expected 1 to 3 elements, got {}",
+                parts.len()
+            )));
+        }
+        let embed = match parts.get_mut(2).map(Value::take) {
+            None | Some(Value::Null) => Map::new(),
+            Some(Value::Object(map)) => map,
+            Some(other) => {
+                return Err(MessageError::BadBody(format!(
+                    "embed must be an object, got {}",
+                    kind(&other)
+                )));
+            }
+        };
+        let kwargs = match parts.get_mut(1).map(Value::take) {
+            None | Some(Value::Null) => Map::new(),
+            Some(Value::Object(map)) => map,
+            Some(other) => {
+                return Err(MessageError::BadBody(format!(
+                    "kwargs must be an object, got {}",
+                    kind(&other)
+                )));
+            }
+        };
+        let args = match parts[0].take() {
+            Value::Array(args) => args,
+            Value::Null => Vec::new(),
+            other => {
+                return Err(MessageError::BadBody(format!(
+                    "args must be an array, got {}",
+                    kind(&other)
+                )));
+            }
+        };
+        Ok(Self {
+            args,
+            kwargs,
+            embed,
+        })
+    }
+}
+
+impl TaskMessage {
+    /// Reads a Redis list element. The envelope is returned with the error when it could be read, so the caller
+    /// can still acknowledge and dead-letter by its delivery tag.
+    pub fn parse(raw: &[u8]) -> Result<Self, (Option<Envelope>, MessageError)> {
+        let envelope = Envelope::from_slice(raw).map_err(|e| (None, e))?;
+        match Self::from_envelope(&envelope) {
+            Ok(fields) => Ok(Self { envelope, ..fields }),
+            Err(error) => Err((Some(envelope), error)),
+        }
+    }
+
+    fn from_envelope(envelope: &Envelope) -> Result<Self, MessageError> {
+        let headers = &envelope.headers;
+        let task = envelope
+            .header_str("task")
+            .ok_or(MessageError::MissingHeader("task"))?
+            .to_owned();
+        let id = envelope
+            .header_str("id")
+            .or_else(|| envelope.property_str("correlation_id"))
+            .ok_or(MessageError::MissingHeader("id"))?
+            .to_owned();
+        let content_type = envelope.content_type.trim().to_ascii_lowercase();
+        if content_type != "application/json" && content_type != "application/x-json" {
+            return Err(MessageError::UnsupportedContentType(
+                envelope.content_type.clone(),
+            ));
+        }
+        let body = TaskBody::parse(&envelope.body_bytes()?)?;
+        let (time_limit, soft_time_limit) = match headers.get("timelimit") {
+            Some(Value::Array(limits)) => (
+                limits.first().and_then(lenient_f64),
+                limits.get(1).and_then(lenient_f64),
+            ),
+            _ => (None, None),
+        };
+        Ok(Self {
+            envelope: envelope.clone(),
+            task,
+            id,
+            retries: headers
+                .get("retries")
+                .and_then(lenient_f64)
+                .map(|r| r.max(0.0) as u32)
+                .unwrap_or(0),
+            eta: headers.get("eta").and_then(lenient_time),
+            expires: headers.get("expires").and_then(lenient_time),
+            time_limit: time_limit.filter(|l| *l > 0.0),
+            soft_time_limit: soft_time_limit.filter(|l| *l > 0.0),
+            root_id: envelope.header_str("root_id").map(str::to_owned),
+            parent_id: envelope.header_str("parent_id").map(str::to_owned),
+            body,
+        })
+    }
+
+    /// The message Celery's `Task.retry` sends: same id and body, `retries + 1`, a new `eta`, a new delivery tag.
+    pub fn retry_envelope(&self, eta: DateTime<Utc>) -> Envelope {
+        let mut envelope = self.envelope.clone();
+        envelope
+            .headers
+            .insert("retries".into(), json!(self.retries + 1));
+        envelope.headers.insert("eta".into(), json!(iso(eta)));
+        envelope.headers.remove("redelivered");
+        envelope
+            .properties
+            .insert("delivery_tag".into(), json!(Uuid::new_v4().to_string()));
+        if let Some(Value::Object(info)) = envelope.properties.get_mut("delivery_info") {
+            info.remove("redelivered");
+        }
+        envelope
+    }
+}
+
+/// A number, or a string holding one (Python producers write `2`, `2.0` and occasionally `"2"`).
+pub fn lenient_f64(value: &Value) -> Option<f64> {
+    match value {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+/// An ISO-8601 time (offset or naive = UTC), or epoch seconds.
+pub fn lenient_time(value: &Value) -> Option<DateTime<Utc>> {
+    match value {
+        Value::String(text) => {
+            let text = text.trim();
+            DateTime::parse_from_rfc3339(text)
+                .map(|t| t.with_timezone(&Utc))
+                .ok()
+                .or_else(|| {
+                    NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f")
+                        .ok()
+                        .map(|t| t.and_utc())
+                })
+        }
+        Value::Number(n) => n
+            .as_f64()
+            .and_then(|s| DateTime::from_timestamp_micros((s * 1e6) as i64)),
+        _ => None,
+    }
+}
+
+/// A time as Celery writes it: `2026-11-28T09:31:06.988132+00:00`.
+pub fn iso(time: DateTime<Utc>) -> String {
+    time.to_rfc3339_opts(SecondsFormat::Micros, false)
+}
+
+fn kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// What `send_task` needs besides the task name and arguments.
+#[derive(Debug, Clone, Default)]
+pub struct TaskOptions {
+    pub id: Option<String>,
+    pub queue: String,
+    pub priority: Option<u8>,
+    pub eta: Option<DateTime<Utc>>,
+    pub expires: Option<DateTime<Utc>>,
+    /// `[hard, soft]` seconds.
+    pub time_limit: (Option<f64>, Option<f64>),
+    pub root_id: Option<String>,
+    pub parent_id: Option<String>,
+    /// `origin` header: `gen<pid>@<host>` in Python.
+    pub origin: String,
+    /// `reply_to`: the producing app's id (a uuid per process in Python).
+    pub reply_to: String,
+}
+
+/// A task message ready to push: its id, the list it goes to, and the envelope.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutgoingTask {
+    pub id: String,
+    pub queue: String,
+    pub priority: u8,
+    pub envelope: Envelope,
+}
+
+/// Writes task messages as `app.send_task(name, args=args, kwargs=kwargs, **options)` does.
+pub fn build_task<A: Serialize>(
+    name: &str,
+    args: &[A],
+    kwargs: &Map<String, Value>,
+    options: &TaskOptions,
+) -> OutgoingTask {
+    let id = options
+        .id
+        .clone()
+        .unwrap_or_else(|| Uuid::new_v4().to_string());
+    let embed = json!({"callbacks": null, "errbacks": null, "chain": null, "chord": null});
+    let body = pyjson::to_vec(&(args, kwargs, &embed));
+    let args_value = serde_json::to_value(args).unwrap_or(Value::Null);
+    let headers = json!({
+        "lang": "py",
+        "task": name,
+        "id": id,
+        "shadow": null,
+        "eta": options.eta.map(iso),
+        "expires": options.expires.map(iso),
+        "group": null,
+        "group_index": null,
+        "retries": 0,
+        "timelimit": [options.time_limit.0, options.time_limit.1],
+        "root_id": options.root_id.clone().unwrap_or_else(|| id.clone()),
+        "parent_id": options.parent_id,
+        "argsrepr": saferepr(&args_value, ARGSREPR_MAX),
+        "kwargsrepr": saferepr(&Value::Object(kwargs.clone()), ARGSREPR_MAX),
+        "origin": options.origin,
+        "ignore_result": null,
+        "replaced_task_nesting": 0,
+        "stamped_headers": null,
+        "stamps": {},
+    });
+    let priority = options.priority.unwrap_or(0);
+    let mut properties = Map::new();
+    properties.insert("correlation_id".into(), json!(id));
+    properties.insert("reply_to".into(), json!(options.reply_to));
+    properties.insert("delivery_mode".into(), json!(2));
+    if let Some(expires) = options.expires {
+        // kombu turns `expires` into a per-message TTL in milliseconds, as a string.
+        let ms = (expires - Utc::now()).num_milliseconds().max(0);
+        properties.insert("expiration".into(), json!(ms.to_string()));
+    }
+    properties.insert(
+        "delivery_info".into(),
+        json!({"exchange": "", "routing_key": options.queue}),
+    );
+    properties.insert("priority".into(), json!(priority));
+    properties.insert("body_encoding".into(), json!("base64"));
+    properties.insert("delivery_tag".into(), json!(Uuid::new_v4().to_string()));
+    OutgoingTask {
+        id,
+        queue: options.queue.clone(),
+        priority,
+        envelope: Envelope {
+            body: BASE64.encode(body),
+            content_encoding: utf8(),
+            content_type: application_json(),
+            headers: match headers {
+                Value::Object(map) => map,
+                _ => Map::new(),
+            },
+            properties,
+            extra: Map::new(),
+        },
+    }
+}
+
+/// Celery's `saferepr`: Python `repr` of JSON data, nested containers past three levels as `[...]`/`{...}`, cut
+/// at `max_len` characters. Shown by Flower and in logs; never parsed.
+pub fn saferepr(value: &Value, max_len: usize) -> String {
+    let mut out = String::new();
+    repr_into(value, 1, &mut out, max_len);
+    if out.len() > max_len {
+        let mut cut = max_len;
+        while !out.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        out.truncate(cut);
+        out.push_str("...");
+    }
+    out
+}
+
+fn repr_into(value: &Value, level: usize, out: &mut String, max_len: usize) {
+    if out.len() > max_len {
+        return;
+    }
+    match value {
+        Value::Null => out.push_str("None"),
+        Value::Bool(true) => out.push_str("True"),
+        Value::Bool(false) => out.push_str("False"),
+        Value::Number(n) => match (n.as_i64(), n.as_u64(), n.as_f64()) {
+            (Some(i), _, _) => out.push_str(&i.to_string()),
+            (None, Some(u), _) => out.push_str(&u.to_string()),
+            (_, _, Some(f)) => out.push_str(&pyjson::python_float_repr(f)),
+            _ => out.push_str(&n.to_string()),
+        },
+        Value::String(s) => py_str_repr(s, out),
+        Value::Array(items) if level > REPR_MAX_LEVELS => {
+            out.push_str(if items.is_empty() { "[]" } else { "[...]" })
+        }
+        Value::Object(map) if level > REPR_MAX_LEVELS => {
+            out.push_str(if map.is_empty() { "{}" } else { "{...}" })
+        }
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                repr_into(item, level + 1, out, max_len);
+            }
+            out.push(']');
+        }
+        Value::Object(map) => {
+            out.push('{');
+            for (i, (key, item)) in map.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                py_str_repr(key, out);
+                out.push_str(": ");
+                repr_into(item, level + 1, out, max_len);
+            }
+            out.push('}');
+        }
+    }
+}
+
+/// Python's `repr(str)`: single quotes unless the text holds `'` and no `"`.
+fn py_str_repr(text: &str, out: &mut String) {
+    let quote = if text.contains('\'') && !text.contains('"') {
+        '"'
+    } else {
+        '\''
+    };
+    out.push(quote);
+    for ch in text.chars() {
+        match ch {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c == quote => {
+                out.push('\\');
+                out.push(c);
+            }
+            c if (c as u32) < 0x20 || c == '\x7f' => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push(quote);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FIXTURES: &str = include_str!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/send_task_envelopes.json"
+    ));
+
+    fn fixtures() -> Vec<(String, String, String)> {
+        let all: Map<String, Value> = serde_json::from_str(FIXTURES).unwrap();
+        all.into_iter()
+            .map(|(name, v)| {
+                (
+                    name,
+                    v["redis_list_key"].as_str().unwrap().to_owned(),
+                    v["raw"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_captured_envelope_round_trips_byte_for_byte() {
+        let all = fixtures();
+        assert_eq!(all.len(), 6);
+        for (name, _, raw) in all {
+            let message =
+                TaskMessage::parse(raw.as_bytes()).unwrap_or_else(|(_, e)| panic!("{name}: {e}"));
+            assert_eq!(
+                String::from_utf8(message.envelope.to_vec()).unwrap(),
+                raw,
+                "{name}"
+            );
+            let body = message.envelope.body_bytes().unwrap();
+            let value: Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(pyjson::to_vec(&value), body, "{name}: body");
+            assert_eq!(message.task, "vectosvc.worker.tasks.process_mood_created");
+            assert_eq!(message.body.args.len(), 1, "{name}");
+            assert_eq!(
+                message.body.args[0]["event_type"], "user.mood.created",
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn captured_options_are_read() {
+        let all = fixtures();
+        let get = |wanted: &str| {
+            let (_, key, raw) = all.iter().find(|(n, _, _)| n == wanted).unwrap();
+            (key.clone(), TaskMessage::parse(raw.as_bytes()).unwrap())
+        };
+        let (key, priority) = get("priority_5");
+        assert_eq!(key, "celery\x06\x163");
+        assert_eq!(priority.envelope.priority(), 5);
+        let (_, countdown) = get("countdown_3");
+        assert!(countdown.eta.is_some());
+        let (_, limits) = get("time_limit_float");
+        assert_eq!(
+            (limits.time_limit, limits.soft_time_limit),
+            (Some(2.5), Some(2.0))
+        );
+        let (_, expires) = get("expires");
+        assert!(expires.expires.is_some());
+        let (_, link) = get("link_callback");
+        assert_eq!(
+            link.body.embed["callbacks"][0]["task"],
+            "vectosvc.worker.tasks.process_context_aggregated"
+        );
+        let (_, plain) = get("plain");
+        assert_eq!(plain.root_id.as_deref(), Some(plain.id.as_str()));
+        assert_eq!(
+            plain.envelope.delivery_info(),
+            ("".into(), Some("celery".into()))
+        );
+    }
+
+    #[test]
+    fn built_tasks_match_what_send_task_writes() {
+        let (_, _, raw) = fixtures()
+            .into_iter()
+            .find(|(n, _, _)| n == "plain")
+            .unwrap();
+        let python = TaskMessage::parse(raw.as_bytes()).unwrap();
+        let options = TaskOptions {
+            id: Some(python.id.clone()),
+            queue: "celery".into(),
+            origin: python.envelope.header_str("origin").unwrap().into(),
+            reply_to: python.envelope.property_str("reply_to").unwrap().into(),
+            ..TaskOptions::default()
+        };
+        let mut ours = build_task(&python.task, &python.body.args, &Map::new(), &options);
+        ours.envelope.properties.insert(
+            "delivery_tag".into(),
+            json!(python.envelope.delivery_tag().unwrap()),
+        );
+        assert_eq!(String::from_utf8(ours.envelope.to_vec()).unwrap(), raw);
+    }
+
+    #[test]
+    fn lenient_reading_of_numbers_nulls_and_shapes() {
+        let body = BASE64.encode(br#"[[1], null, null]"#);
+        let raw = json!({"body": body, "headers": {"task": "t", "id": "i", "retries": 2.0,
+            "timelimit": [null, "3"], "eta": null, "unknown": {"x": 1}},
+            "properties": {"body_encoding": "base64", "priority": 6.0}});
+        let message = TaskMessage::parse(raw.to_string().as_bytes()).unwrap();
+        assert_eq!(message.retries, 2);
+        assert_eq!(message.soft_time_limit, Some(3.0));
+        assert_eq!(message.envelope.priority(), 6);
+        assert!(message.body.kwargs.is_empty());
+        assert_eq!(message.envelope.headers["unknown"]["x"], 1);
+    }
+
+    #[test]
+    fn malformed_messages_say_what_is_wrong() {
+        let envelope = |body: &str, headers: Value| {
+            json!({"body": body, "content-type": "application/json", "headers": headers,
+                "properties": {"body_encoding": "base64", "delivery_tag": "t1"}})
+            .to_string()
+        };
+        let task = json!({"task": "x", "id": "1"});
+        let cases = [
+            ("{not json".to_owned(), "not JSON"),
+            (envelope("!!!", task.clone()), "base64"),
+            (
+                envelope(&BASE64.encode("{\"a\": 1}"), task.clone()),
+                "expected a JSON array",
+            ),
+            (
+                envelope(&BASE64.encode("[1, {}, {}]"), task.clone()),
+                "args must be an array",
+            ),
+            (
+                envelope(&BASE64.encode("[[], {}, {}]"), json!({"id": "1"})),
+                "no `task` header",
+            ),
+        ];
+        for (raw, expected) in cases {
+            let error = TaskMessage::parse(raw.as_bytes()).unwrap_err().1;
+            assert!(error.to_string().contains(expected), "{error} / {expected}");
+        }
+        let pickled = json!({"body": "gAR9", "content-type": "application/x-python-serialize",
+            "headers": task, "properties": {"body_encoding": "base64"}});
+        let (envelope, error) = TaskMessage::parse(pickled.to_string().as_bytes()).unwrap_err();
+        assert!(envelope.is_some());
+        assert!(matches!(error, MessageError::UnsupportedContentType(_)));
+    }
+
+    #[test]
+    fn saferepr_reads_like_celerys() {
+        let value = json!([{"a": "it's", "n": null, "d": {"x": [1, 2], "y": {}}}]);
+        assert_eq!(
+            saferepr(&value, 1024),
+            r#"[{'a': "it's", 'n': None, 'd': {'x': [...], 'y': {}}}]"#
+        );
+        assert!(saferepr(&json!(["x".repeat(2000)]), 1024).ends_with("..."));
+    }
+
+    #[test]
+    fn a_retry_keeps_the_id_and_counts_up() {
+        let (_, _, raw) = fixtures()
+            .into_iter()
+            .find(|(n, _, _)| n == "plain")
+            .unwrap();
+        let message = TaskMessage::parse(raw.as_bytes()).unwrap();
+        let eta = Utc::now();
+        let retried = TaskMessage::parse(&message.retry_envelope(eta).to_vec()).unwrap();
+        assert_eq!(retried.id, message.id);
+        assert_eq!(retried.retries, 1);
+        assert_eq!(
+            retried.eta.map(|t| t.timestamp_micros()),
+            Some(eta.timestamp_micros())
+        );
+        assert_ne!(
+            retried.envelope.delivery_tag(),
+            message.envelope.delivery_tag()
+        );
+        assert_eq!(retried.body, message.body);
+    }
+}

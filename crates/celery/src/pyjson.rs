@@ -1,0 +1,186 @@
+//! JSON written byte for byte the way Python's `json.dumps` writes it (kombu and Celery use its defaults).
+//!
+//! Separators `", "` and `": "`, `ensure_ascii=True` (every non-ASCII character and DEL as `\uXXXX`, astral
+//! characters as surrogate pairs) and floats as Python's `repr` prints them (`1e-05`, `1e+16`, `2.0`). Writing the
+//! same bytes as Python matters where bytes are compared or copied: the `unacked` hash entries kombu restores, the
+//! envelopes a Python worker logs, and the round-trip tests against captured traffic.
+
+use std::io::{self, Write};
+
+use serde::Serialize;
+use serde_json::ser::{CharEscape, Formatter, Serializer};
+
+/// `json.dumps(value)` as Python writes it.
+pub fn to_vec<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    let mut serializer = Serializer::with_formatter(&mut out, PythonFormatter);
+    // Values here are JSON trees and plain structs: serialising them into a Vec cannot fail.
+    if value.serialize(&mut serializer).is_err() {
+        out.clear();
+    }
+    out
+}
+
+/// `to_vec` as a `String` (the output is ASCII).
+pub fn to_string<T: Serialize + ?Sized>(value: &T) -> String {
+    String::from_utf8(to_vec(value)).unwrap_or_default()
+}
+
+struct PythonFormatter;
+
+impl Formatter for PythonFormatter {
+    fn begin_array_value<W: ?Sized + Write>(
+        &mut self,
+        writer: &mut W,
+        first: bool,
+    ) -> io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            writer.write_all(b", ")
+        }
+    }
+
+    fn begin_object_key<W: ?Sized + Write>(
+        &mut self,
+        writer: &mut W,
+        first: bool,
+    ) -> io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            writer.write_all(b", ")
+        }
+    }
+
+    fn begin_object_value<W: ?Sized + Write>(&mut self, writer: &mut W) -> io::Result<()> {
+        writer.write_all(b": ")
+    }
+
+    fn write_string_fragment<W: ?Sized + Write>(
+        &mut self,
+        writer: &mut W,
+        fragment: &str,
+    ) -> io::Result<()> {
+        let mut start = 0;
+        for (index, ch) in fragment.char_indices() {
+            if ch.is_ascii() && ch != '\x7f' {
+                continue;
+            }
+            writer.write_all(&fragment.as_bytes()[start..index])?;
+            let mut units = [0u16; 2];
+            for unit in ch.encode_utf16(&mut units) {
+                write!(writer, "\\u{unit:04x}")?;
+            }
+            start = index + ch.len_utf8();
+        }
+        writer.write_all(&fragment.as_bytes()[start..])
+    }
+
+    fn write_char_escape<W: ?Sized + Write>(
+        &mut self,
+        writer: &mut W,
+        escape: CharEscape,
+    ) -> io::Result<()> {
+        // Python writes the same short escapes as serde_json, and `\u00XX` for other control characters.
+        let text: &[u8] = match escape {
+            CharEscape::Quote => b"\\\"",
+            CharEscape::ReverseSolidus => b"\\\\",
+            CharEscape::Solidus => b"/",
+            CharEscape::Backspace => b"\\b",
+            CharEscape::FormFeed => b"\\f",
+            CharEscape::LineFeed => b"\\n",
+            CharEscape::CarriageReturn => b"\\r",
+            CharEscape::Tab => b"\\t",
+            CharEscape::AsciiControl(byte) => return write!(writer, "\\u{:04x}", byte),
+        };
+        writer.write_all(text)
+    }
+
+    fn write_f64<W: ?Sized + Write>(&mut self, writer: &mut W, value: f64) -> io::Result<()> {
+        writer.write_all(python_float_repr(value).as_bytes())
+    }
+
+    fn write_f32<W: ?Sized + Write>(&mut self, writer: &mut W, value: f32) -> io::Result<()> {
+        writer.write_all(python_float_repr(f64::from(value)).as_bytes())
+    }
+}
+
+/// `repr(float)`: the shortest digits that round-trip, fixed notation for exponents -4..16, else `d.ddde±XX`.
+pub fn python_float_repr(value: f64) -> String {
+    if !value.is_finite() {
+        return if value.is_nan() {
+            "NaN".into()
+        } else if value > 0.0 {
+            "Infinity".into()
+        } else {
+            "-Infinity".into()
+        };
+    }
+    // Rust's `{:e}` gives the shortest round-trip digits, like Python's repr: `1.5e16`, `-2e-5`, `0e0`.
+    let scientific = format!("{value:e}");
+    let (mantissa, exponent) = scientific.split_once('e').unwrap_or((&scientific, "0"));
+    let exponent: i32 = exponent.parse().unwrap_or(0);
+    let (sign, mantissa) = match mantissa.strip_prefix('-') {
+        Some(rest) => ("-", rest),
+        None => ("", mantissa),
+    };
+    let digits: String = mantissa.chars().filter(|c| *c != '.').collect();
+    if (-4..16).contains(&exponent) {
+        let point = exponent + 1; // digits before the decimal point
+        let body = if point <= 0 {
+            format!("0.{}{}", "0".repeat((-point) as usize), digits)
+        } else if point as usize >= digits.len() {
+            format!("{}{}.0", digits, "0".repeat(point as usize - digits.len()))
+        } else {
+            let (int, frac) = digits.split_at(point as usize);
+            format!("{int}.{frac}")
+        };
+        format!("{sign}{body}")
+    } else {
+        let mantissa = if digits.len() > 1 {
+            format!("{}.{}", &digits[..1], &digits[1..])
+        } else {
+            digits
+        };
+        let exp_sign = if exponent < 0 { '-' } else { '+' };
+        format!("{sign}{mantissa}e{exp_sign}{:02}", exponent.abs())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn writes_pythons_separators_and_escapes() {
+        let value = json!({"a": [1, 2.5, null, true], "b": "é ☃ 😀 \u{7f} \n \"q\" /", "c": {}});
+        assert_eq!(
+            to_string(&value),
+            r#"{"a": [1, 2.5, null, true], "b": "\u00e9 \u2603 \ud83d\ude00 \u007f \n \"q\" /", "c": {}}"#
+        );
+    }
+
+    #[test]
+    fn floats_read_like_python_repr() {
+        let cases = [
+            (2.5, "2.5"),
+            (2.0, "2.0"),
+            (0.0, "0.0"),
+            (-0.5, "-0.5"),
+            (1e-4, "0.0001"),
+            (1e-5, "1e-05"),
+            (1.5e-7, "1.5e-07"),
+            (1e15, "1000000000000000.0"),
+            (1e16, "1e+16"),
+            (1.2345e20, "1.2345e+20"),
+            (1795858277.9550505, "1795858277.9550505"),
+            (0.002828841000336979, "0.002828841000336979"),
+            (123.456, "123.456"),
+        ];
+        for (value, text) in cases {
+            assert_eq!(python_float_repr(value), text, "{value}");
+        }
+    }
+}

@@ -1,0 +1,773 @@
+//! kombu's Redis transport: queues as lists, `BRPOP` consumption, the `unacked` bookkeeping that lets any worker —
+//! ours or Python's — restore what a dead worker had taken, and reconnection.
+//!
+//! Keys, as kombu names them (and a Python worker reads them):
+//! - `<queue>` and its priority lists `<queue>\x06\x16<p>` for p = 3, 6, 9; producers `LPUSH`, consumers `BRPOP`
+//!   over all four in that order (0 is the highest priority on Redis);
+//! - `unacked_index` (zset tag → fetch time) and `unacked` (hash tag → `[envelope, exchange, routing_key]`),
+//!   written when a message is taken, removed when it is acknowledged;
+//! - `unacked_mutex`: whoever holds it may push entries older than the visibility timeout back on their queue.
+//!
+//! Departures from kombu, all invisible to Python peers: when messages are waiting we take up to a prefetch
+//! batch in one Lua script that pops and registers each in `unacked` atomically (kombu takes one per `BRPOP` and
+//! registers it in a second round trip, leaving a window where a crash loses it; we keep that window only for
+//! the message a blocking `BRPOP` returns on an idle queue), and a restore only pushes an entry back if it is
+//! still the same entry (a compare-and-set script), so two restorers never duplicate a message.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Client, Pipeline, RedisError, Script, Value as RedisValue};
+use tokio::sync::Mutex;
+
+use crate::protocol::Envelope;
+
+pub const UNACKED: &str = "unacked";
+pub const UNACKED_INDEX: &str = "unacked_index";
+pub const UNACKED_MUTEX: &str = "unacked_mutex";
+/// kombu's priority steps on Redis.
+pub const PRIORITY_STEPS: [u8; 4] = [0, 3, 6, 9];
+/// kombu's separator inside priority list names and binding entries.
+const SEP: &str = "\x06\x16";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("invalid Redis URL {url}: {reason}")]
+    BadUrl { url: String, reason: String },
+    #[error("Redis {what}: {source}")]
+    Redis {
+        what: &'static str,
+        #[source]
+        source: RedisError,
+    },
+    #[error("Redis {what}: gave up after {attempts} attempts: {last}")]
+    GaveUp {
+        what: &'static str,
+        attempts: u32,
+        last: String,
+    },
+}
+
+/// The list a message of `priority` goes to (kombu rounds down to a step: 5 → `<queue>\x06\x163`).
+pub fn priority_key(queue: &str, priority: u8) -> String {
+    let step = PRIORITY_STEPS
+        .iter()
+        .rev()
+        .find(|step| priority >= **step)
+        .copied()
+        .unwrap_or(0);
+    if step == 0 {
+        queue.to_owned()
+    } else {
+        format!("{queue}{SEP}{step}")
+    }
+}
+
+/// A queue's lists in the order `BRPOP` must name them.
+pub fn queue_keys(queue: &str) -> [String; 4] {
+    PRIORITY_STEPS.map(|p| priority_key(queue, p))
+}
+
+/// Where final failures go: `<queue>.dlq`, a list of JSON entries (DESIGN §6).
+pub fn dead_letter_key(queue: &str) -> String {
+    format!("{queue}.dlq")
+}
+
+/// Where a disabled handler's tasks wait until a worker with that handler enabled starts.
+pub fn parked_key(queue: &str, handler: &str) -> String {
+    format!("{queue}.parked.{handler}")
+}
+
+pub fn now_secs() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// One Redis server/database, reconnected on demand: a command that fails on a dropped connection is retried on a
+/// new one with backoff, so a Redis restart or `CLIENT KILL` costs a pause, not the worker (Celery #8030).
+pub struct RedisLink {
+    client: Client,
+    db: i64,
+    url: String,
+    config: AsyncConnectionConfig,
+    cached: Mutex<Option<MultiplexedConnection>>,
+}
+
+impl std::fmt::Debug for RedisLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisLink").field("url", &self.url).finish()
+    }
+}
+
+/// How long a command may keep failing before the caller gets the error.
+#[derive(Clone, Copy, Debug)]
+pub enum Patience {
+    /// Retry until it succeeds (acknowledgements, results: giving up would redeliver, not lose, but why).
+    Forever,
+    Until(Duration),
+}
+
+impl RedisLink {
+    /// `redis://[:password@]host[:port][/db]`, `rediss://…` (TLS), `unix:///path?db=N`. `redacted` is what logs show.
+    pub fn open(
+        url: &str,
+        redacted: String,
+        response_timeout: Option<Duration>,
+    ) -> Result<Self, TransportError> {
+        let client = Client::open(url).map_err(|e| TransportError::BadUrl {
+            url: redacted.clone(),
+            reason: e.to_string(),
+        })?;
+        let db = client.get_connection_info().redis_settings().db();
+        Ok(Self {
+            client,
+            db,
+            url: redacted,
+            config: AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(Duration::from_secs(5)))
+                .set_response_timeout(response_timeout),
+            cached: Mutex::new(None),
+        })
+    }
+
+    pub fn db(&self) -> i64 {
+        self.db
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    async fn connection(&self) -> Result<MultiplexedConnection, RedisError> {
+        let mut cached = self.cached.lock().await;
+        if let Some(conn) = cached.as_ref() {
+            return Ok(conn.clone());
+        }
+        let conn = self
+            .client
+            .get_multiplexed_async_connection_with_config(&self.config)
+            .await?;
+        *cached = Some(conn.clone());
+        Ok(conn)
+    }
+
+    async fn forget(&self) {
+        *self.cached.lock().await = None;
+    }
+
+    /// Runs `op` on a connection, reconnecting and retrying on connection-level failures.
+    pub async fn run<T, F, Fut>(
+        &self,
+        what: &'static str,
+        patience: Patience,
+        op: F,
+    ) -> Result<T, TransportError>
+    where
+        F: Fn(MultiplexedConnection) -> Fut,
+        Fut: Future<Output = Result<T, RedisError>>,
+    {
+        let started = tokio::time::Instant::now();
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let result = match self.connection().await {
+                Ok(conn) => op(conn).await,
+                Err(error) => Err(error),
+            };
+            match result {
+                Ok(value) => {
+                    if attempt > 1 {
+                        tracing::info!(redis = %self.url, what, attempt, "Redis is back");
+                    }
+                    return Ok(value);
+                }
+                Err(error) if !is_retryable(&error) => {
+                    return Err(TransportError::Redis {
+                        what,
+                        source: error,
+                    });
+                }
+                Err(error) => {
+                    self.forget().await;
+                    let delay = backoff(attempt);
+                    let out_of_time = match patience {
+                        Patience::Forever => false,
+                        Patience::Until(limit) => started.elapsed() + delay > limit,
+                    };
+                    if out_of_time {
+                        return Err(TransportError::GaveUp {
+                            what,
+                            attempts: attempt,
+                            last: error.to_string(),
+                        });
+                    }
+                    tracing::warn!(redis = %self.url, what, attempt, retry_in_ms = delay.as_millis() as u64,
+                        %error, "Redis unavailable; reconnecting");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    /// Runs a pipeline (`MULTI`/`EXEC` if it was built `atomic()`).
+    pub async fn pipe<T: redis::FromRedisValue>(
+        &self,
+        what: &'static str,
+        patience: Patience,
+        pipe: &Pipeline,
+    ) -> Result<T, TransportError> {
+        self.run(what, patience, |mut conn| async move {
+            pipe.query_async(&mut conn).await
+        })
+        .await
+    }
+}
+
+/// Connection-level trouble (dropped, refused, timed out, server loading or read-only after a failover) is worth a
+/// retry on a new connection; anything else (a wrong type, a script error) is not.
+fn is_retryable(error: &RedisError) -> bool {
+    error.is_io_error()
+        || error.is_connection_dropped()
+        || error.is_connection_refusal()
+        || error.is_timeout()
+        || matches!(
+            error.kind(),
+            redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading)
+                | redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
+                | redis::ErrorKind::Server(redis::ServerErrorKind::TryAgain)
+                | redis::ErrorKind::Server(redis::ServerErrorKind::ClusterDown)
+        )
+}
+
+fn backoff(attempt: u32) -> Duration {
+    let ms = 100u64
+        .saturating_mul(1 << attempt.min(7).saturating_sub(1))
+        .min(5_000);
+    Duration::from_millis(ms)
+}
+
+/// A message taken from a queue. `tag` is `None` when the element is not a readable envelope: it was not
+/// registered in `unacked` (a Python restorer would choke on it) and must be dead-lettered right away.
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    pub key: String,
+    pub queue: String,
+    pub raw: Vec<u8>,
+    pub tag: Option<String>,
+}
+
+/// Pops up to ARGV[1] messages over KEYS[3..] in order, registering each readable one in `unacked` exactly as
+/// kombu's `QoS.append` does (`[envelope, exchange, routing_key]`, the envelope's bytes unchanged).
+const FETCH_BATCH: &str = r#"
+local out = {}
+local wanted = tonumber(ARGV[1])
+local taken = 0
+for i = 3, #KEYS do
+  while taken < wanted do
+    local msg = redis.call('RPOP', KEYS[i])
+    if not msg then break end
+    taken = taken + 1
+    local tag = ''
+    local ok, obj = pcall(cjson.decode, msg)
+    if ok and type(obj) == 'table' and type(obj['properties']) == 'table'
+        and type(obj['properties']['delivery_tag']) == 'string' then
+      tag = obj['properties']['delivery_tag']
+      local info = obj['properties']['delivery_info']
+      local exchange, rk = '', ARGV[i]
+      if type(info) == 'table' then
+        if type(info['exchange']) == 'string' then exchange = info['exchange'] end
+        if type(info['routing_key']) == 'string' then rk = info['routing_key'] end
+      end
+      redis.call('ZADD', KEYS[1], ARGV[2], tag)
+      redis.call('HSET', KEYS[2], tag, '[' .. msg .. ', ' .. cjson.encode(exchange) .. ', ' .. cjson.encode(rk) .. ']')
+    end
+    table.insert(out, KEYS[i])
+    table.insert(out, msg)
+    table.insert(out, tag)
+  end
+end
+return out
+"#;
+
+/// Pushes ARGV[2] onto KEYS[3] and forgets tag ARGV[1] — only if `unacked[tag]` still equals ARGV[3] (or ARGV[3]
+/// is empty: the caller owns the tag). Returns 1 when it restored.
+const RESTORE_IF_UNCHANGED: &str = r#"
+local current = redis.call('HGET', KEYS[2], ARGV[1])
+if not current then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  return 0
+end
+if ARGV[3] ~= '' and current ~= ARGV[3] then return 0 end
+redis.call('RPUSH', KEYS[3], ARGV[2])
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+return 1
+"#;
+
+/// kombu's mutex release: delete only our own token.
+const RELEASE_MUTEX: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"#;
+
+/// The broker side of a worker: fetch, acknowledge, requeue, restore, publish.
+pub struct Broker {
+    link: Arc<RedisLink>,
+    /// A second connection for blocking `BRPOP`s, so they never stall acknowledgements on the shared one.
+    blocking: RedisLink,
+    visibility_timeout: Duration,
+    fetch_script: Script,
+    restore_script: Script,
+    release_script: Script,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker")
+            .field("url", &self.link.url())
+            .finish()
+    }
+}
+
+impl Broker {
+    /// `url` is `BROKER_URL`; `redacted` its printable form.
+    pub fn open(
+        url: &str,
+        redacted: String,
+        visibility_timeout: Duration,
+    ) -> Result<Self, TransportError> {
+        Ok(Self {
+            link: Arc::new(RedisLink::open(
+                url,
+                redacted.clone(),
+                Some(Duration::from_secs(10)),
+            )?),
+            blocking: RedisLink::open(url, redacted, Some(Duration::from_secs(15)))?,
+            visibility_timeout,
+            fetch_script: Script::new(FETCH_BATCH),
+            restore_script: Script::new(RESTORE_IF_UNCHANGED),
+            release_script: Script::new(RELEASE_MUTEX),
+        })
+    }
+
+    pub fn link(&self) -> &Arc<RedisLink> {
+        &self.link
+    }
+
+    pub fn db(&self) -> i64 {
+        self.link.db()
+    }
+
+    /// Checks the server answers (start-up), within `patience`.
+    pub async fn ping(&self, patience: Patience) -> Result<(), TransportError> {
+        self.link
+            .run("PING", patience, |mut conn| async move {
+                redis::cmd("PING")
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .map(|_| ())
+            })
+            .await
+    }
+
+    /// Declares `queue` as kombu does when a Python app declares it (binding entries in `_kombu.binding.*`).
+    pub async fn declare_queue(&self, queue: &str) -> Result<(), TransportError> {
+        let member = format!("{queue}{SEP}{SEP}{queue}");
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .sadd(format!("_kombu.binding.{queue}"), &member)
+            .ignore()
+            .sadd(format!("_kombu.binding_permanent.{queue}"), &member)
+            .ignore();
+        self.link
+            .pipe::<()>("declare queue", Patience::Forever, &pipe)
+            .await
+    }
+
+    /// Takes up to `max` messages: whatever is waiting, in one atomic script; if nothing is, blocks in `BRPOP` for
+    /// up to `block` and registers what it returns.
+    pub async fn fetch(
+        &self,
+        queues: &[String],
+        max: usize,
+        block: Duration,
+    ) -> Result<Vec<Fetched>, TransportError> {
+        let keys: Vec<(String, String)> = queues
+            .iter()
+            .flat_map(|q| queue_keys(q).into_iter().map(move |k| (k, q.clone())))
+            .collect();
+        let batch = self.fetch_batch(&keys, max.max(1)).await?;
+        if !batch.is_empty() {
+            return Ok(batch);
+        }
+        let names: Vec<&str> = keys.iter().map(|(k, _)| k.as_str()).collect();
+        let popped: Option<(String, Vec<u8>)> = self
+            .blocking
+            .run("BRPOP", Patience::Forever, |mut conn| {
+                let names = names.clone();
+                async move {
+                    redis::cmd("BRPOP")
+                        .arg(&names)
+                        .arg(block.as_secs_f64())
+                        .query_async(&mut conn)
+                        .await
+                }
+            })
+            .await?;
+        let Some((key, raw)) = popped else {
+            return Ok(Vec::new());
+        };
+        let queue = keys
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, q)| q.clone())
+            .unwrap_or_else(|| key.clone());
+        let tag = match Envelope::from_slice(&raw) {
+            Ok(envelope) => match envelope.delivery_tag() {
+                Some(tag) => {
+                    let (exchange, routing_key) = envelope.delivery_info();
+                    self.register_unacked(
+                        tag,
+                        &raw,
+                        &exchange,
+                        routing_key.as_deref().unwrap_or(&queue),
+                    )
+                    .await?;
+                    Some(tag.to_owned())
+                }
+                None => None,
+            },
+            Err(_) => None,
+        };
+        Ok(vec![Fetched {
+            key,
+            queue,
+            raw,
+            tag,
+        }])
+    }
+
+    async fn fetch_batch(
+        &self,
+        keys: &[(String, String)],
+        max: usize,
+    ) -> Result<Vec<Fetched>, TransportError> {
+        let now = now_secs().to_string();
+        let reply: Vec<RedisValue> = self
+            .link
+            .run("fetch", Patience::Forever, |mut conn| {
+                let mut invocation = self.fetch_script.prepare_invoke();
+                invocation.key(UNACKED_INDEX).key(UNACKED);
+                invocation.arg(max).arg(&now);
+                for (key, queue) in keys {
+                    invocation.key(key).arg(queue);
+                }
+                async move { invocation.invoke_async(&mut conn).await }
+            })
+            .await?;
+        let mut out = Vec::with_capacity(reply.len() / 3);
+        for triple in reply.chunks_exact(3) {
+            let key = bulk_string(&triple[0]);
+            let raw = bulk_bytes(&triple[1]);
+            let tag = bulk_string(&triple[2]);
+            let queue = keys
+                .iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, q)| q.clone())
+                .unwrap_or_else(|| key.clone());
+            out.push(Fetched {
+                key,
+                queue,
+                raw,
+                tag: (!tag.is_empty()).then_some(tag),
+            });
+        }
+        Ok(out)
+    }
+
+    async fn register_unacked(
+        &self,
+        tag: &str,
+        raw: &[u8],
+        exchange: &str,
+        routing_key: &str,
+    ) -> Result<(), TransportError> {
+        let mut entry = Vec::with_capacity(raw.len() + routing_key.len() + 16);
+        entry.push(b'[');
+        entry.extend_from_slice(raw);
+        entry.extend_from_slice(b", ");
+        entry.extend_from_slice(&crate::pyjson::to_vec(exchange));
+        entry.extend_from_slice(b", ");
+        entry.extend_from_slice(&crate::pyjson::to_vec(routing_key));
+        entry.push(b']');
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .zadd(UNACKED_INDEX, tag, now_secs())
+            .ignore()
+            .hset(UNACKED, tag, entry)
+            .ignore();
+        self.link
+            .pipe::<()>("register unacked", Patience::Forever, &pipe)
+            .await
+    }
+
+    /// Puts our own message `tag` back at the consuming end of its queue (not started at shutdown, or parked).
+    pub async fn requeue(
+        &self,
+        tag: &str,
+        envelope: &Envelope,
+        queue: &str,
+    ) -> Result<bool, TransportError> {
+        let mut envelope = envelope.clone();
+        envelope.mark_redelivered();
+        self.restore_entry(tag, &envelope, queue, None).await
+    }
+
+    async fn restore_entry(
+        &self,
+        tag: &str,
+        envelope: &Envelope,
+        queue: &str,
+        expected: Option<&[u8]>,
+    ) -> Result<bool, TransportError> {
+        let target = priority_key(queue, envelope.priority());
+        let payload = envelope.to_vec();
+        let expected = expected.unwrap_or(b"");
+        let restored: i64 = self
+            .link
+            .run("restore", Patience::Forever, |mut conn| {
+                let mut invocation = self.restore_script.prepare_invoke();
+                invocation
+                    .key(UNACKED_INDEX)
+                    .key(UNACKED)
+                    .key(&target)
+                    .arg(tag)
+                    .arg(&payload)
+                    .arg(expected);
+                async move { invocation.invoke_async(&mut conn).await }
+            })
+            .await?;
+        Ok(restored == 1)
+    }
+
+    /// kombu's `restore_visible`: under `unacked_mutex`, pushes back every message taken more than the visibility
+    /// timeout ago and never acknowledged (its worker died). Returns how many it restored.
+    pub async fn restore_visible(&self) -> Result<usize, TransportError> {
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        let acquired: Option<String> = self
+            .link
+            .run(
+                "unacked_mutex",
+                Patience::Until(Duration::from_secs(5)),
+                |mut conn| {
+                    let token = token.clone();
+                    async move {
+                        redis::cmd("SET")
+                            .arg(UNACKED_MUTEX)
+                            .arg(token)
+                            .arg("NX")
+                            .arg("PX")
+                            .arg(300_000)
+                            .query_async(&mut conn)
+                            .await
+                    }
+                },
+            )
+            .await?;
+        if acquired.is_none() {
+            return Ok(0); // another worker is restoring
+        }
+        let result = self.restore_expired().await;
+        let release = self
+            .link
+            .run(
+                "unacked_mutex release",
+                Patience::Until(Duration::from_secs(5)),
+                |mut conn| {
+                    let mut invocation = self.release_script.prepare_invoke();
+                    invocation.key(UNACKED_MUTEX).arg(&token);
+                    async move { invocation.invoke_async::<i64>(&mut conn).await }
+                },
+            )
+            .await;
+        if let Err(error) = release {
+            tracing::warn!(%error, "releasing unacked_mutex (it expires by itself in 300 s)");
+        }
+        result
+    }
+
+    async fn restore_expired(&self) -> Result<usize, TransportError> {
+        let ceiling = now_secs() - self.visibility_timeout.as_secs_f64();
+        let expired: Vec<String> = self
+            .link
+            .run(
+                "unacked_index scan",
+                Patience::Until(Duration::from_secs(5)),
+                |mut conn| async move {
+                    redis::cmd("ZRANGEBYSCORE")
+                        .arg(UNACKED_INDEX)
+                        .arg("-inf")
+                        .arg(ceiling)
+                        .arg("LIMIT")
+                        .arg(0)
+                        .arg(1000)
+                        .query_async(&mut conn)
+                        .await
+                },
+            )
+            .await?;
+        let mut restored = 0;
+        for tag in expired {
+            let entry: Option<Vec<u8>> = self
+                .link
+                .run(
+                    "unacked read",
+                    Patience::Until(Duration::from_secs(5)),
+                    |mut conn| {
+                        let tag = tag.clone();
+                        async move {
+                            redis::cmd("HGET")
+                                .arg(UNACKED)
+                                .arg(tag)
+                                .query_async(&mut conn)
+                                .await
+                        }
+                    },
+                )
+                .await?;
+            let Some(entry) = entry else {
+                // Acknowledged meanwhile, or an index entry without its message: drop the index entry.
+                let mut pipe = redis::pipe();
+                pipe.zrem(UNACKED_INDEX, &tag).ignore();
+                self.link
+                    .pipe::<()>(
+                        "unacked index cleanup",
+                        Patience::Until(Duration::from_secs(5)),
+                        &pipe,
+                    )
+                    .await?;
+                continue;
+            };
+            match parse_unacked_entry(&entry) {
+                Some((mut envelope, queue)) => {
+                    envelope.mark_redelivered();
+                    if self
+                        .restore_entry(&tag, &envelope, &queue, Some(&entry))
+                        .await?
+                    {
+                        restored += 1;
+                        tracing::warn!(delivery_tag = %tag, queue = %queue,
+                            task_id = envelope.header_str("id").unwrap_or("-"),
+                            "restored a message its worker never acknowledged (visibility timeout passed)");
+                    }
+                }
+                None => {
+                    tracing::error!(delivery_tag = %tag, "unacked entry is not [envelope, exchange, routing_key]; left in place")
+                }
+            }
+        }
+        Ok(restored)
+    }
+
+    /// Pushes a finished envelope (publisher path, not part of an acknowledgement).
+    pub async fn push(
+        &self,
+        queue: &str,
+        priority: u8,
+        payload: &[u8],
+        patience: Patience,
+    ) -> Result<(), TransportError> {
+        let mut pipe = redis::pipe();
+        pipe.lpush(priority_key(queue, priority), payload).ignore();
+        self.link.pipe::<()>("LPUSH", patience, &pipe).await
+    }
+
+    /// Moves every parked task of `handler` back onto `queue` (a worker with the handler enabled started).
+    pub async fn unpark(&self, queue: &str, handler: &str) -> Result<usize, TransportError> {
+        let parked = parked_key(queue, handler);
+        let mut moved = 0;
+        loop {
+            let item: Option<Vec<u8>> = self
+                .link
+                .run("unpark", Patience::Forever, |mut conn| {
+                    let parked = parked.clone();
+                    let queue = queue.to_owned();
+                    async move {
+                        redis::cmd("LMOVE")
+                            .arg(parked)
+                            .arg(queue)
+                            .arg("RIGHT")
+                            .arg("LEFT")
+                            .query_async(&mut conn)
+                            .await
+                    }
+                })
+                .await?;
+            if item.is_none() {
+                return Ok(moved);
+            }
+            moved += 1;
+        }
+    }
+}
+
+/// `[envelope, exchange, routing_key]` → the envelope and the queue to restore it to. The default exchange routes
+/// by queue name, as does Celery's per-queue direct exchange.
+pub fn parse_unacked_entry(entry: &[u8]) -> Option<(Envelope, String)> {
+    let value: serde_json::Value = serde_json::from_slice(entry).ok()?;
+    let parts = value.as_array()?;
+    let envelope: Envelope = serde_json::from_value(parts.first()?.clone()).ok()?;
+    let routing_key = parts.get(2).and_then(|v| v.as_str()).map(str::to_owned);
+    let queue = routing_key.or_else(|| envelope.delivery_info().1)?;
+    Some((envelope, queue))
+}
+
+fn bulk_bytes(value: &RedisValue) -> Vec<u8> {
+    match value {
+        RedisValue::BulkString(bytes) => bytes.clone(),
+        RedisValue::SimpleString(text) => text.clone().into_bytes(),
+        _ => Vec::new(),
+    }
+}
+
+fn bulk_string(value: &RedisValue) -> String {
+    String::from_utf8_lossy(&bulk_bytes(value)).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn priorities_round_down_to_kombus_steps() {
+        assert_eq!(priority_key("celery", 0), "celery");
+        assert_eq!(priority_key("celery", 2), "celery");
+        assert_eq!(priority_key("celery", 5), "celery\x06\x163");
+        assert_eq!(priority_key("celery", 6), "celery\x06\x166");
+        assert_eq!(priority_key("celery", 200), "celery\x06\x169");
+        assert_eq!(queue_keys("q")[3], "q\x06\x169");
+    }
+
+    #[test]
+    fn unacked_entries_name_their_queue() {
+        let entry = br#"[{"body": "", "headers": {}, "properties": {"delivery_info": {"exchange": "", "routing_key": "celery"}}}, "", "celery"]"#;
+        let (_, queue) = parse_unacked_entry(entry).unwrap();
+        assert_eq!(queue, "celery");
+        assert!(parse_unacked_entry(b"not json").is_none());
+    }
+
+    #[test]
+    fn backoff_grows_to_five_seconds() {
+        assert_eq!(backoff(1), Duration::from_millis(100));
+        assert_eq!(backoff(3), Duration::from_millis(400));
+        assert_eq!(backoff(20), Duration::from_secs(5));
+    }
+}
