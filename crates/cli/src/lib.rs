@@ -6,6 +6,7 @@
 pub mod consumer;
 pub mod pipeline;
 pub mod publish;
+pub mod worker;
 
 use anyhow::Context as _;
 use aura_runtime::settings::LogFormat;

@@ -27,10 +27,10 @@ pub fn configured_publisher(settings: &Settings) -> anyhow::Result<Arc<dyn Publi
     Ok(match settings.messaging_backend {
         Backend::Kafka => Arc::new(aura_kafka::KafkaPublisher::new(&settings.kafka)?),
         Backend::Disabled | Backend::Memory => Arc::new(aura_runtime::DisabledPublisher::new()),
-        Backend::Celery => anyhow::bail!(
-            "MESSAGING_BACKEND=celery: publishing Celery tasks is not available in this build yet \
-             (it arrives with the Celery mount); use MESSAGING_BACKEND=kafka"
-        ),
+        Backend::Celery => Arc::new(aura_celery::CeleryPublisher::new(
+            Arc::new(crate::worker::celery_broker(settings)?),
+            settings.celery.queues[0].clone(),
+        )),
     })
 }
 

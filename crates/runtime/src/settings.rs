@@ -134,8 +134,25 @@ pub struct KafkaSettings {
 pub struct CelerySettings {
     pub broker_url: SecretUrl,
     pub result_backend: SecretUrl,
+    /// Queues the worker consumes; the first is where the Celery publisher sends tasks.
     pub queues: Vec<String>,
     pub concurrency: usize,
+    /// `CELERY_WORKER_NAME` (`name@host`); unset: `vectordb-worker@<hostname>`.
+    pub worker_name: Option<String>,
+    /// `CELERY_PREFETCH_MULTIPLIER` (Celery's `worker_prefetch_multiplier`, default 4).
+    pub prefetch_multiplier: usize,
+    /// `CELERY_VISIBILITY_TIMEOUT` seconds (kombu's `visibility_timeout`, default 3600): how long a taken message may
+    /// stay unacknowledged before any worker restores it. Use the same value as the Python workers.
+    pub visibility_timeout: Duration,
+    /// `CELERY_TASK_EVENTS` (default true): task events for Flower (Celery's `-E`).
+    pub task_events: bool,
+    /// `CELERY_TRACK_STARTED` (default false): store `STARTED` before a task runs.
+    pub track_started: bool,
+    /// `CELERY_MAX_RETRIES` (default 3) and `CELERY_RETRY_BACKOFF_MS` (default 60000; doubles per retry up to 10x).
+    pub max_retries: u32,
+    pub retry_backoff: Duration,
+    /// `CELERY_RESULT_EXPIRES` seconds (Celery's `result_expires`, default 86400).
+    pub result_expires: Duration,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -327,6 +344,16 @@ impl Layers {
                 result_backend: SecretUrl(self.required("result_backend")?),
                 queues,
                 concurrency: self.number("celery_concurrency", 1)?,
+                worker_name: self.text("celery_worker_name"),
+                prefetch_multiplier: self.number("celery_prefetch_multiplier", 1)?,
+                visibility_timeout: Duration::from_secs(
+                    self.number("celery_visibility_timeout", 1)?,
+                ),
+                task_events: self.flag("celery_task_events")?,
+                track_started: self.flag("celery_track_started")?,
+                max_retries: self.number("celery_max_retries", 0)?,
+                retry_backoff: Duration::from_millis(self.number("celery_retry_backoff_ms", 1)?),
+                result_expires: Duration::from_secs(self.number("celery_result_expires", 1)?),
             },
             qdrant: QdrantSettings {
                 url: self.text("qdrant_url"),
@@ -373,6 +400,20 @@ impl Layers {
                 &format!("expected a whole number >= {min}"),
             )),
         }
+    }
+
+    fn flag(&self, key: &str) -> Result<bool, ConfigError> {
+        self.choice(
+            key,
+            &[
+                ("true", true),
+                ("false", false),
+                ("1", true),
+                ("0", false),
+                ("yes", true),
+                ("no", false),
+            ],
+        )
     }
 
     fn choice<T: Copy>(&self, key: &str, accepted: &[(&str, T)]) -> Result<T, ConfigError> {

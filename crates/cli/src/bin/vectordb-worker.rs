@@ -1,0 +1,43 @@
+//! `vectordb-worker`: mounts the enabled handlers on Celery queues over Redis, next to (or instead of) Python
+//! Celery workers (DESIGN §4, §5).
+//!
+//! Configuration is the environment (and `.env`, `config/`); see the README. SIGTERM/SIGINT stop fetching, finish
+//! in-flight tasks, put back the ones not started, and exit 0.
+
+use std::process::ExitCode;
+
+use aura_cli::consumer::shutdown_signal;
+use aura_cli::{init_logging, worker};
+use aura_runtime::Settings;
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(
+    name = "vectordb-worker",
+    version,
+    about = "Runs the vectordb handlers as a Celery worker on CELERY_QUEUES (BROKER_URL, RESULT_BACKEND); \
+             compatible with Python Celery 5 producers, workers, Flower and `celery inspect`. Configured by \
+             environment variables (see README)."
+)]
+struct Cli {}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let _ = Cli::parse();
+    let settings = match Settings::load() {
+        Ok(settings) => settings,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(settings.log_format, "info");
+    match worker::run(settings, shutdown_signal()).await {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

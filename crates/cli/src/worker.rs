@@ -1,0 +1,98 @@
+//! `vectordb-worker`: the handlers on Celery queues, in the mode `MESSAGING_BACKEND` names (DESIGN §5).
+
+use std::future::Future;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use aura_celery::events::host_name;
+use aura_celery::{
+    Broker, CeleryPublisher, CeleryWorker, ResultBackend, WorkerOptions, WorkerReport,
+};
+use aura_runtime::store::Durability;
+use aura_runtime::{Backend, Dispatcher, Publisher, RetryPolicy, Settings};
+
+use crate::{configured_registry, handler_context};
+
+/// `BROKER_URL` as a kombu Redis broker.
+pub fn celery_broker(settings: &Settings) -> anyhow::Result<Broker> {
+    let url = &settings.celery.broker_url;
+    Broker::open(
+        url.expose(),
+        url.redacted(),
+        settings.celery.visibility_timeout,
+    )
+    .with_context(|| format!("BROKER_URL={url}"))
+}
+
+/// The worker's options from the settings.
+pub fn worker_options(settings: &Settings) -> WorkerOptions {
+    let celery = &settings.celery;
+    let hostname = celery
+        .worker_name
+        .clone()
+        .unwrap_or_else(|| format!("vectordb-worker@{}", host_name()));
+    let mut options = WorkerOptions::new(celery.queues.clone(), celery.concurrency, hostname);
+    options.prefetch_multiplier = celery.prefetch_multiplier;
+    options.send_task_events = celery.task_events;
+    options.track_started = celery.track_started;
+    options.retry = RetryPolicy {
+        max_attempts: Some(celery.max_retries + 1),
+        base: celery.retry_backoff,
+        cap: celery.retry_backoff * 10,
+        jitter: 0.2,
+    };
+    options
+}
+
+/// Runs until `shutdown` resolves. `celery`: consume, publish next events as tasks; `kafka`: consume, publish next
+/// events to Kafka; `disabled`: consume nothing.
+pub async fn run(
+    settings: Settings,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<Option<WorkerReport>> {
+    let registry = Arc::new(configured_registry(&settings)?);
+    let backend = settings.messaging_backend;
+    metrics::gauge!("aura360_messaging_backend").set(backend.gauge());
+    let options = worker_options(&settings);
+    tracing::info!(
+        messaging_backend = backend.as_str(),
+        enabled = %registry.enabled().join(","),
+        disabled = %registry.disabled().join(","),
+        broker = %settings.celery.broker_url,
+        result_backend = %settings.celery.result_backend,
+        queues = %options.queues.join(","),
+        "vectordb-worker starting"
+    );
+    if matches!(backend, Backend::Disabled | Backend::Memory) {
+        tracing::warn!("MESSAGING_BACKEND=disabled: consuming nothing; tasks stay on their queues");
+        shutdown.await;
+        return Ok(None);
+    }
+    let broker = Arc::new(celery_broker(&settings)?);
+    let results = &settings.celery.result_backend;
+    let results = Arc::new(
+        ResultBackend::open(
+            results.expose(),
+            results.redacted(),
+            settings.celery.result_expires,
+        )
+        .with_context(|| format!("RESULT_BACKEND={results}"))?,
+    );
+    let publisher: Arc<dyn Publisher> = match backend {
+        Backend::Kafka => Arc::new(
+            aura_kafka::KafkaPublisher::new(&settings.kafka)
+                .context("creating the Kafka producer")?,
+        ),
+        _ => Arc::new(CeleryPublisher::new(
+            broker.clone(),
+            options.queues[0].clone(),
+        )),
+    };
+    let context = handler_context(&settings, Durability::EveryWrite).await?;
+    let dispatcher = Dispatcher::new(registry.clone(), context, publisher);
+    let report = CeleryWorker::new(broker, results, registry, dispatcher, options)
+        .run(shutdown)
+        .await
+        .context("running the Celery worker")?;
+    Ok(Some(report))
+}
