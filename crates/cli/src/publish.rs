@@ -29,7 +29,7 @@ pub fn configured_publisher(settings: &Settings) -> anyhow::Result<Arc<dyn Publi
         Backend::Disabled | Backend::Memory => Arc::new(aura_runtime::DisabledPublisher::new()),
         Backend::Celery => Arc::new(aura_celery::CeleryPublisher::new(
             Arc::new(crate::worker::celery_broker(settings)?),
-            settings.celery.queues[0].clone(),
+            settings.celery.publish_queue(),
         )),
     })
 }

@@ -85,7 +85,7 @@ pub async fn run(
         ),
         _ => Arc::new(CeleryPublisher::new(
             broker.clone(),
-            options.queues[0].clone(),
+            settings.celery.publish_queue(),
         )),
     };
     let context = handler_context(&settings, Durability::EveryWrite).await?;

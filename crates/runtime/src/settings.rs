@@ -134,9 +134,11 @@ pub struct KafkaSettings {
 pub struct CelerySettings {
     pub broker_url: SecretUrl,
     pub result_backend: SecretUrl,
-    /// Queues the worker consumes; the first is where the Celery publisher sends tasks.
+    /// Queues the worker consumes.
     pub queues: Vec<String>,
     pub concurrency: usize,
+    /// `CELERY_PUBLISH_QUEUE`: where produced tasks go; unset: the first of `queues`.
+    pub publish_queue: Option<String>,
     /// `CELERY_WORKER_NAME` (`name@host`); unset: `vectordb-worker@<hostname>`.
     pub worker_name: Option<String>,
     /// `CELERY_PREFETCH_MULTIPLIER` (Celery's `worker_prefetch_multiplier`, default 4).
@@ -344,6 +346,7 @@ impl Layers {
                 result_backend: SecretUrl(self.required("result_backend")?),
                 queues,
                 concurrency: self.number("celery_concurrency", 1)?,
+                publish_queue: self.text("celery_publish_queue"),
                 worker_name: self.text("celery_worker_name"),
                 prefetch_multiplier: self.number("celery_prefetch_multiplier", 1)?,
                 visibility_timeout: Duration::from_secs(
@@ -590,5 +593,15 @@ mod tests {
         assert_eq!(redact_url("redis://user:pw@h/0"), "redis://user:***@h/0");
         assert_eq!(redact_url("redis://token@h/0"), "redis://***@h/0");
         assert_eq!(redact_url("http://h/path@x"), "http://h/path@x");
+    }
+}
+
+impl CelerySettings {
+    /// The queue produced tasks go to.
+    pub fn publish_queue(&self) -> &str {
+        self.publish_queue
+            .as_deref()
+            .or(self.queues.first().map(String::as_str))
+            .unwrap_or("celery")
     }
 }

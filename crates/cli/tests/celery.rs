@@ -1,0 +1,953 @@
+//! `vectordb-worker` and the Celery publisher against real Redis and real Python Celery 5.7.
+//!
+//! Run through `scripts/test.sh` (it creates the venv with the pinned Celery and sets `AURA_TEST_PYTHON`). Each test
+//! owns one database of the machine's Redis (flushed at its start) — pub/sub channels carry the database number, so
+//! events and remote control stay apart too — or, when it restarts Redis, its own `redis-server` on a free port.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+const SHARED_REDIS: &str = "redis://127.0.0.1:6379";
+const MOOD_TASK: &str = "vectosvc.worker.tasks.process_mood_created";
+
+fn python_bin() -> PathBuf {
+    PathBuf::from(std::env::var("AURA_TEST_PYTHON").unwrap_or_else(|_| {
+        panic!("AURA_TEST_PYTHON is not set: run the tests with scripts/test.sh (it creates the Python venv)")
+    }))
+}
+
+fn python_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/python")
+}
+
+fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let started = Instant::now();
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            started.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// One test's Redis database, store directory and processes.
+struct Celery {
+    redis: String,
+    db: u32,
+    dir: tempfile::TempDir,
+}
+
+impl Celery {
+    fn on_shared_redis(db: u32) -> Self {
+        let celery = Self {
+            redis: SHARED_REDIS.into(),
+            db,
+            dir: tempfile::tempdir().unwrap(),
+        };
+        celery.cmd(&["FLUSHDB"]);
+        celery
+    }
+
+    fn broker(&self) -> String {
+        format!("{}/{}", self.redis, self.db)
+    }
+
+    fn conn(&self) -> redis::Connection {
+        redis::Client::open(self.broker())
+            .unwrap()
+            .get_connection()
+            .unwrap()
+    }
+
+    fn cmd(&self, args: &[&str]) -> redis::Value {
+        let mut cmd = redis::cmd(args[0]);
+        for arg in &args[1..] {
+            cmd.arg(*arg);
+        }
+        cmd.query(&mut self.conn()).unwrap()
+    }
+
+    fn int(&self, args: &[&str]) -> i64 {
+        let mut cmd = redis::cmd(args[0]);
+        for arg in &args[1..] {
+            cmd.arg(*arg);
+        }
+        cmd.query(&mut self.conn()).unwrap()
+    }
+
+    fn list(&self, key: &str) -> Vec<Value> {
+        let items: Vec<String> = redis::cmd("LRANGE")
+            .arg(key)
+            .arg(0)
+            .arg(-1)
+            .query(&mut self.conn())
+            .unwrap();
+        items
+            .iter()
+            .map(|i| serde_json::from_str(i).unwrap())
+            .collect()
+    }
+
+    fn result(&self, task_id: &str) -> Option<Value> {
+        let raw: Option<String> = redis::cmd("GET")
+            .arg(format!("celery-task-meta-{task_id}"))
+            .query(&mut self.conn())
+            .unwrap();
+        raw.map(|r| serde_json::from_str(&r).unwrap())
+    }
+
+    /// Results stored so far, by status.
+    fn result_states(&self) -> HashMap<String, usize> {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("celery-task-meta-*")
+            .query(&mut self.conn())
+            .unwrap();
+        let mut states = HashMap::new();
+        for key in keys {
+            let id = key.trim_start_matches("celery-task-meta-");
+            if let Some(meta) = self.result(id) {
+                *states
+                    .entry(meta["status"].as_str().unwrap().to_owned())
+                    .or_default() += 1;
+            }
+        }
+        states
+    }
+
+    fn idle(&self, queue: &str) -> bool {
+        self.int(&["LLEN", queue]) == 0 && self.int(&["HLEN", "unacked"]) == 0
+    }
+
+    fn env(&self, command: &mut Command) {
+        command
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("BROKER_URL", self.broker())
+            .env("RESULT_BACKEND", self.broker())
+            .env("QDRANT_PATH", self.dir.path().join("qdrant"))
+            .env("EMBEDDING_DIM", "64")
+            .env("MESSAGING_BACKEND", "celery")
+            .env("RUST_LOG", "info")
+            .current_dir(self.dir.path());
+    }
+
+    fn start_worker(&self, name: &str, env: &[(&str, &str)]) -> Process {
+        let log = self.dir.path().join(format!("{name}.log"));
+        let mut command = Command::new(env!("CARGO_BIN_EXE_vectordb-worker"));
+        self.env(&mut command);
+        command
+            .env("CELERY_WORKER_NAME", format!("{name}@test"))
+            .envs(env.iter().copied());
+        let child = command
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Process { child, log }
+    }
+
+    /// A Python Celery worker (tests/python/celery_app.py) named `name@test`.
+    fn start_python_worker(&self, name: &str, queue: &str, env: &[(&str, &str)]) -> Process {
+        let log = self.dir.path().join(format!("{name}.log"));
+        let celery = python_bin().parent().unwrap().join("celery");
+        let mut command = Command::new(celery);
+        self.env(&mut command);
+        command
+            .current_dir(python_dir())
+            .args([
+                "-A",
+                "celery_app",
+                "worker",
+                "--pool",
+                "solo",
+                "--without-mingle",
+                "--without-gossip",
+            ])
+            .args([
+                "-Q",
+                queue,
+                "-n",
+                &format!("{name}@test"),
+                "--loglevel",
+                "INFO",
+            ])
+            .envs(env.iter().copied());
+        let child = command
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Process { child, log }
+    }
+
+    fn client(&self, args: &[&str]) -> Value {
+        let mut command = Command::new(python_bin());
+        self.env(&mut command);
+        let output = command
+            .arg(python_dir().join("celery_client.py"))
+            .args(args)
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "celery_client {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).unwrap()
+    }
+
+    fn vectordb(&self, args: &[&str], env: &[(&str, &str)]) -> String {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_vectordb"));
+        self.env(&mut command);
+        let output = command
+            .args(args)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "vectordb {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    }
+
+    /// Points in the embedded store (the worker must be stopped: embedded Qdrant is single-process).
+    fn points(&self) -> u64 {
+        let stats: Value = serde_json::from_str(&self.vectordb(&["stats", "--json"], &[])).unwrap();
+        stats["points"].as_u64().unwrap()
+    }
+}
+
+struct Process {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Process {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    fn stop(mut self) -> (ExitStatus, Duration, String) {
+        let started = Instant::now();
+        self.signal("-TERM");
+        let status = wait_for("the process to exit", Duration::from_secs(30), || {
+            self.child.try_wait().unwrap()
+        });
+        (status, started.elapsed(), self.log())
+    }
+
+    fn kill(mut self) {
+        self.signal("-KILL");
+        let _ = self.child.wait();
+    }
+
+    fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn ids(sent: &Value) -> Vec<String> {
+    sent["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn assert_all_succeeded(sent: &Value) {
+    let states = sent["states"].as_object().unwrap();
+    let bad: Vec<_> = states
+        .iter()
+        .filter(|(_, s)| s["state"] != "SUCCESS")
+        .take(3)
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "AsyncResult(id).get() did not return SUCCESS: {bad:?}"
+    );
+    assert_eq!(states.len(), sent["ids"].as_array().unwrap().len());
+}
+
+#[test]
+fn python_send_task_runs_the_whole_chain_through_celery() {
+    let celery = Celery::on_shared_redis(1);
+    let worker = celery.start_worker(
+        "chain",
+        &[
+            ("CELERY_TRACK_STARTED", "true"),
+            ("CELERY_CONCURRENCY", "16"),
+        ],
+    );
+    let sent = celery.client(&["send", "--count", "300", "--users", "12", "--wait", "180"]);
+    assert_all_succeeded(&sent);
+
+    // Celery options from Python: priority lists, countdown (eta), float time limits, expires.
+    let options: [&[&str]; 4] = [
+        &["--priority", "5"],
+        &["--countdown", "2"],
+        &["--time-limit", "2.5", "--soft-time-limit", "2.0"],
+        &["--expires", "600"],
+    ];
+    for option in options {
+        let mut args = vec!["send", "--count", "5", "--wait", "60"];
+        args.extend_from_slice(option);
+        assert_all_succeeded(&celery.client(&args));
+    }
+
+    // Every mood task produced one context.aggregated task, which produced one ingest task: 3 x 320 results.
+    wait_for("the chain to finish", Duration::from_secs(180), || {
+        (celery.idle("celery") && celery.result_states().get("SUCCESS") == Some(&960)).then_some(())
+    });
+    let states = celery.result_states();
+    assert_eq!(states.len(), 1, "only SUCCESS results: {states:?}");
+    assert_eq!(celery.int(&["LLEN", "celery.dlq"]), 0);
+
+    // Chaining: the mood task's result names its child; the child's result names its parent.
+    let root = &ids(&sent)[0];
+    let meta = celery.result(root).unwrap();
+    let child = meta["children"][0][0][0]
+        .as_str()
+        .expect("a child task id")
+        .to_owned();
+    assert_eq!(celery.result(&child).unwrap()["parent_id"], json!(root));
+
+    let (status, elapsed, log) = worker.stop();
+    assert!(status.success(), "{log}");
+    assert!(elapsed < Duration::from_secs(10), "{elapsed:?}");
+    assert_eq!(celery.points(), 320);
+}
+
+#[test]
+fn our_publisher_feeds_python_workers_intact_events_chained_to_their_parent() {
+    let celery = Celery::on_shared_redis(3);
+    let python = celery.start_python_worker("py", "python", &[("RECORD_KEY", "recorded")]);
+
+    // 1. `vectordb publish` (MESSAGING_BACKEND=celery): every type, each as its task, args == [event].
+    let events: Vec<Value> = (0..40)
+        .map(|n| {
+            let kind = ["user.mood.created", "user.activity.created", "context.aggregated", "context.vectorized"][n % 4];
+            json!({"event_id": uuid::Uuid::new_v4().to_string(), "event_type": kind,
+                   "timestamp": "2026-11-01T08:00:00", "trace_id": format!("trace-{n}"), "user_id": format!("u{n}"),
+                   "metadata": {"n": n, "nested": {"list": [1, 2.5, null, "é"]}}, "data": {"mood_score": n}})
+        })
+        .collect();
+    let file = celery.dir.path().join("events.jsonl");
+    std::fs::write(
+        &file,
+        events
+            .iter()
+            .map(|e| e.to_string() + "\n")
+            .collect::<String>(),
+    )
+    .unwrap();
+    let summary: Value = serde_json::from_str(&celery.vectordb(
+        &["publish", "--events", file.to_str().unwrap(), "--json"],
+        &[("CELERY_QUEUES", "python")],
+    ))
+    .unwrap();
+    assert_eq!(summary["published"], 40, "{summary}");
+    let recorded = wait_for(
+        "the Python worker to run 40 tasks",
+        Duration::from_secs(60),
+        || {
+            let recorded = celery.list("recorded");
+            (recorded.len() >= 40).then_some(recorded)
+        },
+    );
+    let by_event: HashMap<String, &Value> = recorded
+        .iter()
+        .map(|r| (r["args"][0]["event_id"].as_str().unwrap().to_owned(), r))
+        .collect();
+    for event in &events {
+        let record = by_event[event["event_id"].as_str().unwrap()];
+        assert_eq!(record["args"], json!([event]), "args == [event_dict]");
+        assert_eq!(record["kwargs"], json!({}));
+        let expected_task = match event["event_type"].as_str().unwrap() {
+            "user.mood.created" => MOOD_TASK,
+            "user.activity.created" => "vectosvc.worker.tasks.process_activity_created",
+            "context.aggregated" => "vectosvc.worker.tasks.process_context_aggregated",
+            _ => "vectosvc.worker.tasks.ingest_vectors",
+        };
+        assert_eq!(record["task"], expected_task);
+        assert_eq!(
+            record["root_id"], record["id"],
+            "a new chain starts at the published task"
+        );
+    }
+
+    // 2. Our worker handles moods from queue `rust` and sends context.aggregated to the Python worker.
+    let worker = celery.start_worker(
+        "ours",
+        &[
+            ("CELERY_QUEUES", "rust"),
+            ("CELERY_PUBLISH_QUEUE", "python"),
+        ],
+    );
+    let sent = celery.client(&["send", "--count", "20", "--queue", "rust", "--wait", "60"]);
+    assert_all_succeeded(&sent);
+    let mood_ids: HashSet<String> = ids(&sent).into_iter().collect();
+    let trace_of: HashMap<String, String> = sent["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["event_id"].as_str().unwrap().to_owned(),
+                e["trace_id"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let chained = wait_for(
+        "20 chained tasks on the Python worker",
+        Duration::from_secs(60),
+        || {
+            let chained: Vec<Value> = celery
+                .list("recorded")
+                .into_iter()
+                .filter(|r| r["parent_id"].is_string())
+                .collect();
+            (chained.len() >= 20).then_some(chained)
+        },
+    );
+    for record in &chained {
+        let parent = record["parent_id"].as_str().unwrap();
+        assert!(
+            mood_ids.contains(parent),
+            "parent_id is the mood task: {record}"
+        );
+        assert_eq!(record["root_id"], json!(parent));
+        assert_eq!(
+            record["task"],
+            "vectosvc.worker.tasks.process_context_aggregated"
+        );
+        let event = &record["args"][0];
+        let cause = event["metadata"]["causation_id"].as_str().unwrap();
+        assert_eq!(
+            event["trace_id"].as_str(),
+            trace_of.get(cause).map(String::as_str),
+            "trace_id kept"
+        );
+    }
+    assert!(worker.stop().0.success());
+    assert!(python.stop().0.success());
+}
+
+/// Runs `count` mood tasks through a worker that is killed with -9 while it holds messages, then checks that
+/// `finisher` completes every one of them.
+fn killed_worker_scenario(db: u32, finish_with_python: bool) {
+    let celery = Celery::on_shared_redis(db);
+    let sent = celery.client(&["send", "--count", "400"]);
+    let worker = celery.start_worker(
+        "doomed",
+        &[
+            ("CELERY_VISIBILITY_TIMEOUT", "2"),
+            ("CELERY_CONCURRENCY", "4"),
+            ("CELERY_PREFETCH_MULTIPLIER", "16"),
+        ],
+    );
+    wait_for("the worker to get going", Duration::from_secs(60), || {
+        (celery.result_states().get("SUCCESS").copied().unwrap_or(0) >= 20).then_some(())
+    });
+    worker.kill();
+    let held = celery.int(&["HLEN", "unacked"]);
+    let held_tags: Vec<String> = redis::cmd("HKEYS")
+        .arg("unacked")
+        .query(&mut celery.conn())
+        .unwrap();
+    assert!(
+        held > 0,
+        "the worker held no unacknowledged messages when killed"
+    );
+    let held_ids: HashSet<String> = held_tags
+        .iter()
+        .filter_map(|tag| {
+            let entry: String = redis::cmd("HGET")
+                .arg("unacked")
+                .arg(tag)
+                .query(&mut celery.conn())
+                .ok()?;
+            let value: Value = serde_json::from_str(&entry).ok()?;
+            value[0]["headers"]["id"].as_str().map(str::to_owned)
+        })
+        .collect();
+    let done_before = celery.result_states().get("SUCCESS").copied().unwrap_or(0);
+    assert!(done_before < 1200, "killed after the end");
+
+    let finisher = if finish_with_python {
+        celery.start_python_worker(
+            "rescuer",
+            "celery",
+            &[("VISIBILITY_TIMEOUT", "2"), ("RECORD_KEY", "recorded")],
+        )
+    } else {
+        celery.start_worker("rescuer", &[("CELERY_VISIBILITY_TIMEOUT", "2")])
+    };
+    let ids_file = celery.dir.path().join("ids.json");
+    std::fs::write(&ids_file, serde_json::to_string(&ids(&sent)).unwrap()).unwrap();
+    let states = celery.client(&[
+        "results",
+        "--ids-file",
+        ids_file.to_str().unwrap(),
+        "--wait",
+        "180",
+    ]);
+    let bad: Vec<_> = states
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(_, s)| s["state"] != "SUCCESS")
+        .take(3)
+        .collect();
+    assert!(bad.is_empty(), "{bad:?}");
+    if finish_with_python {
+        let ran: HashSet<String> = celery
+            .list("recorded")
+            .iter()
+            .map(|r| r["id"].as_str().unwrap().to_owned())
+            .collect();
+        let mood_held: Vec<&String> = held_ids
+            .iter()
+            .filter(|id| states.get(id.as_str()).is_some())
+            .collect();
+        assert!(!mood_held.is_empty());
+        for id in mood_held {
+            assert!(
+                ran.contains(id),
+                "task {id} held by the killed worker was not run by the Python worker"
+            );
+        }
+    } else {
+        let rescuer_log = finisher.log();
+        assert!(rescuer_log.contains("restored"), "{rescuer_log}");
+    }
+    wait_for(
+        "nothing left unacknowledged",
+        Duration::from_secs(60),
+        || celery.idle("celery").then_some(()),
+    );
+    assert!(finisher.stop().0.success());
+    if !finish_with_python {
+        assert_eq!(celery.points(), 400);
+    }
+}
+
+#[test]
+fn a_killed_workers_tasks_are_restored_and_done_by_our_worker() {
+    killed_worker_scenario(4, false);
+}
+
+#[test]
+fn a_killed_workers_tasks_are_restored_and_done_by_a_python_worker() {
+    killed_worker_scenario(10, true);
+}
+
+#[test]
+fn malformed_messages_are_dead_lettered_with_their_reason_and_the_worker_goes_on() {
+    let celery = Celery::on_shared_redis(5);
+    let good = celery.client(&["send", "--count", "30"]);
+    let envelope = |body: &str, task: &str, tag: &str| {
+        json!({"body": body, "content-encoding": "utf-8", "content-type": "application/json",
+               "headers": {"lang": "py", "task": task, "id": format!("id-{tag}"), "retries": 0, "timelimit": [null, null],
+                           "root_id": format!("id-{tag}"), "parent_id": null},
+               "properties": {"correlation_id": format!("id-{tag}"), "delivery_mode": 2,
+                              "delivery_info": {"exchange": "", "routing_key": "celery"}, "priority": 0,
+                              "body_encoding": "base64", "delivery_tag": tag}})
+        .to_string()
+    };
+    use base64::Engine as _;
+    let b64 = |text: &str| base64::engine::general_purpose::STANDARD.encode(text);
+    let good_body = b64(&format!("[[{}], {{}}, {{}}]", good["events"][0]));
+    let bad = [
+        ("{this is not json".to_owned(), "not JSON"),
+        (
+            envelope("%%% not base64 %%%", MOOD_TASK, "bad-b64"),
+            "base64",
+        ),
+        (
+            envelope(&b64(r#"{"args": []}"#), MOOD_TASK, "bad-shape"),
+            "not [args, kwargs, embed]",
+        ),
+        (
+            envelope(&good_body, "vectosvc.worker.tasks.no_such_task", "unknown"),
+            "not registered",
+        ),
+        (
+            envelope(
+                &b64(r#"[[{"event_type": "user.mood.created"}], {}, {}]"#),
+                MOOD_TASK,
+                "bad-event",
+            ),
+            "invalid event",
+        ),
+    ];
+    for (raw, _) in &bad {
+        celery.cmd(&["LPUSH", "celery", raw]);
+    }
+    let mut worker = celery.start_worker("strict", &[]);
+    let ids_file = celery.dir.path().join("ids.json");
+    std::fs::write(&ids_file, serde_json::to_string(&ids(&good)).unwrap()).unwrap();
+    let states = celery.client(&[
+        "results",
+        "--ids-file",
+        ids_file.to_str().unwrap(),
+        "--wait",
+        "120",
+    ]);
+    assert!(
+        states
+            .as_object()
+            .unwrap()
+            .values()
+            .all(|s| s["state"] == "SUCCESS"),
+        "{states}"
+    );
+    let dead = wait_for("5 dead letters", Duration::from_secs(30), || {
+        let dead = celery.list("celery.dlq");
+        (dead.len() >= 5).then_some(dead)
+    });
+    assert_eq!(dead.len(), 5);
+    for (raw, reason) in &bad {
+        let entry = dead
+            .iter()
+            .find(|d| d["message"] == json!(raw))
+            .expect("original message kept");
+        assert!(
+            entry["error"].as_str().unwrap().contains(reason),
+            "{entry} / {reason}"
+        );
+    }
+    let unknown = celery
+        .result("id-unknown")
+        .expect("a FAILURE result for the unregistered task");
+    assert_eq!(unknown["status"], "FAILURE");
+    assert_eq!(unknown["result"]["exc_type"], "NotRegistered");
+    assert!(worker.alive());
+    let ping = celery.client(&["ping"]);
+    assert_eq!(ping["strict@test"], json!({"ok": "pong"}));
+    wait_for("queue drained", Duration::from_secs(60), || {
+        celery.idle("celery").then_some(())
+    });
+    assert!(worker.stop().0.success());
+}
+
+#[test]
+fn a_disabled_handlers_tasks_are_parked_and_run_when_it_is_enabled_again() {
+    let celery = Celery::on_shared_redis(6);
+    let worker = celery.start_worker("partial", &[("DISABLED_HANDLERS", "context_aggregated")]);
+    assert_all_succeeded(&celery.client(&["send", "--count", "30", "--wait", "60"]));
+    wait_for("30 parked tasks", Duration::from_secs(30), || {
+        (celery.int(&["LLEN", "celery.parked.context_aggregated"]) == 30).then_some(())
+    });
+    assert_eq!(
+        celery.int(&["LLEN", "celery.dlq"]),
+        0,
+        "parked, not dead-lettered"
+    );
+    let (status, elapsed, log) = worker.stop();
+    assert!(
+        status.success() && elapsed < Duration::from_secs(10),
+        "{log}"
+    );
+    assert_eq!(celery.points(), 0);
+
+    let worker = celery.start_worker("whole", &[]);
+    wait_for("the parked tasks to run", Duration::from_secs(60), || {
+        (celery.int(&["LLEN", "celery.parked.context_aggregated"]) == 0
+            && celery.idle("celery")
+            && celery.result_states().get("SUCCESS") == Some(&90))
+        .then_some(())
+    });
+    assert!(worker.stop().0.success());
+    assert_eq!(celery.points(), 30);
+}
+
+#[test]
+fn sigterm_under_load_finishes_in_flight_requeues_the_rest_and_loses_nothing() {
+    let celery = Celery::on_shared_redis(9);
+    let sent = celery.client(&["send", "--count", "600"]);
+    let worker = celery.start_worker("busy", &[("CELERY_CONCURRENCY", "4")]);
+    wait_for("some progress", Duration::from_secs(60), || {
+        (celery.result_states().get("SUCCESS").copied().unwrap_or(0) >= 30).then_some(())
+    });
+    let (status, elapsed, log) = worker.stop();
+    assert!(status.success(), "{log}");
+    assert!(
+        elapsed < Duration::from_secs(10),
+        "shutdown took {elapsed:?}"
+    );
+    assert_eq!(
+        celery.int(&["HLEN", "unacked"]),
+        0,
+        "everything taken was acknowledged or put back"
+    );
+    let done = celery.result_states().get("SUCCESS").copied().unwrap_or(0);
+    assert!(done < 1800, "stopped before the end ({done})");
+
+    let worker = celery.start_worker("after", &[]);
+    let ids_file = celery.dir.path().join("ids.json");
+    std::fs::write(&ids_file, serde_json::to_string(&ids(&sent)).unwrap()).unwrap();
+    let states = celery.client(&[
+        "results",
+        "--ids-file",
+        ids_file.to_str().unwrap(),
+        "--wait",
+        "180",
+    ]);
+    assert!(
+        states
+            .as_object()
+            .unwrap()
+            .values()
+            .all(|s| s["state"] == "SUCCESS")
+    );
+    wait_for("the chain to finish", Duration::from_secs(120), || {
+        celery.idle("celery").then_some(())
+    });
+    assert!(worker.stop().0.success());
+    assert_eq!(celery.points(), 600);
+}
+
+/// A private `redis-server` (append-only, fsync always) on a free port, so the test can restart it.
+struct OwnRedis {
+    port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl OwnRedis {
+    fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut redis = Self {
+            port,
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+        };
+        redis.spawn();
+        redis
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+            ])
+            .args([
+                "--appendfsync",
+                "always",
+                "--dir",
+                self.dir.path().to_str().unwrap(),
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let url = format!("redis://127.0.0.1:{}", self.port);
+        wait_for(
+            "redis-server to accept connections",
+            Duration::from_secs(10),
+            || {
+                redis::Client::open(url.as_str())
+                    .ok()?
+                    .get_connection()
+                    .ok()
+                    .map(|_| ())
+            },
+        );
+    }
+
+    fn restart(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SIGTERM: redis flushes its append-only file and exits.
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let _ = child.wait();
+        }
+        std::thread::sleep(Duration::from_millis(1500));
+        self.spawn();
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+#[test]
+fn the_worker_reconnects_after_client_kill_and_a_redis_restart_and_loses_nothing() {
+    let mut server = OwnRedis::start();
+    let celery = Celery {
+        redis: format!("redis://127.0.0.1:{}", server.port),
+        db: 0,
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let sent = celery.client(&["send", "--count", "500"]);
+    let worker = celery.start_worker(
+        "sturdy",
+        &[
+            ("CELERY_CONCURRENCY", "2"),
+            ("CELERY_VISIBILITY_TIMEOUT", "5"),
+        ],
+    );
+    for round in 0..3 {
+        let target = 60 * (round + 1);
+        wait_for("progress", Duration::from_secs(60), || {
+            (celery.result_states().get("SUCCESS").copied().unwrap_or(0) >= target).then_some(())
+        });
+        celery.cmd(&["CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"]);
+    }
+    let before_restart = celery.result_states().get("SUCCESS").copied().unwrap_or(0);
+    assert!(
+        before_restart < 1500,
+        "the restart must come mid-stream ({before_restart})"
+    );
+    server.restart();
+    let ids_file = celery.dir.path().join("ids.json");
+    std::fs::write(&ids_file, serde_json::to_string(&ids(&sent)).unwrap()).unwrap();
+    let states = celery.client(&[
+        "results",
+        "--ids-file",
+        ids_file.to_str().unwrap(),
+        "--wait",
+        "180",
+    ]);
+    let bad: Vec<_> = states
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(_, s)| s["state"] != "SUCCESS")
+        .take(3)
+        .collect();
+    assert!(bad.is_empty(), "{bad:?}\n{}", worker.log());
+    wait_for("the chain to finish", Duration::from_secs(120), || {
+        celery.idle("celery").then_some(())
+    });
+    let (status, _, log) = worker.stop();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("reconnecting"), "{log}");
+    assert_eq!(celery.points(), 500);
+}
+
+#[test]
+fn flower_lists_our_worker_and_its_tasks_and_inspect_answers() {
+    let celery = Celery::on_shared_redis(11);
+    let worker = celery.start_worker("flowered", &[]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut command = Command::new(python_bin().parent().unwrap().join("celery"));
+    celery.env(&mut command);
+    let flower_log = celery.dir.path().join("flower.log");
+    let flower = command
+        .current_dir(python_dir())
+        .env("FLOWER_UNAUTHENTICATED_API", "true")
+        .args([
+            "-A",
+            "celery_app",
+            "flower",
+            "--address=127.0.0.1",
+            &format!("--port={port}"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&flower_log).unwrap())
+        .spawn()
+        .unwrap();
+    let flower = Process {
+        child: flower,
+        log: flower_log,
+    };
+    let get = |path: &str| -> Option<Value> {
+        let output = Command::new("curl")
+            .args(["-sf", &format!("http://127.0.0.1:{port}{path}")])
+            .output()
+            .ok()?;
+        output
+            .status
+            .success()
+            .then(|| serde_json::from_slice(&output.stdout).ok())
+            .flatten()
+    };
+    wait_for("Flower to start", Duration::from_secs(60), || {
+        get("/api/workers?status=true")
+    });
+    let sent = celery.client(&["send", "--count", "5", "--wait", "60"]);
+    assert_all_succeeded(&sent);
+    let alive = wait_for(
+        "Flower to see our worker online",
+        Duration::from_secs(30),
+        || get("/api/workers?status=true").filter(|w| w["flowered@test"] == json!(true)),
+    );
+    assert_eq!(alive["flowered@test"], true);
+    let tasks = wait_for("Flower to list our tasks", Duration::from_secs(30), || {
+        let tasks = get("/api/tasks")?;
+        ids(&sent)
+            .iter()
+            .all(|id| tasks[id]["state"] == "SUCCESS")
+            .then_some(tasks)
+    });
+    assert_eq!(tasks[&ids(&sent)[0]]["worker"], "flowered@test");
+    let workers = wait_for(
+        "Flower's inspect of our worker",
+        Duration::from_secs(30),
+        || get("/api/workers?refresh=1").filter(|w| w.get("flowered@test").is_some()),
+    );
+    assert!(
+        workers["flowered@test"]["registered"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t == MOOD_TASK),
+        "{workers}"
+    );
+    let stats = celery.client(&["inspect", "--method", "stats"]);
+    assert!(
+        stats["flowered@test"]["total"][MOOD_TASK].as_u64().unwrap() >= 5,
+        "{stats}"
+    );
+    drop(flower);
+    assert!(worker.stop().0.success());
+}
