@@ -22,6 +22,52 @@ use crate::transport::{Patience, RedisLink};
 
 const SEP: &str = "\x06\x16";
 
+/// A running task as `inspect active` lists it; kept light (the JSON is built only when asked).
+#[derive(Debug, Clone)]
+pub struct ActiveTask {
+    id: String,
+    name: String,
+    argsrepr: Option<String>,
+    kwargsrepr: Option<String>,
+    routing_key: String,
+    priority: u8,
+    redelivered: bool,
+    time_start: f64,
+}
+
+impl ActiveTask {
+    pub fn new(
+        fetched: &crate::transport::Fetched,
+        message: &crate::protocol::TaskMessage,
+    ) -> Self {
+        let envelope = &message.envelope;
+        Self {
+            id: message.id.clone(),
+            name: message.task.clone(),
+            argsrepr: envelope.header_str("argsrepr").map(str::to_owned),
+            kwargsrepr: envelope.header_str("kwargsrepr").map(str::to_owned),
+            routing_key: fetched.queue.clone(),
+            priority: envelope.priority(),
+            redelivered: envelope
+                .headers
+                .get("redelivered")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            time_start: crate::transport::now_secs(),
+        }
+    }
+
+    fn to_json(&self, hostname: &str, pid: u32) -> Value {
+        json!({
+            "id": self.id, "name": self.name, "args": self.argsrepr, "kwargs": self.kwargsrepr, "type": self.name,
+            "hostname": hostname, "time_start": self.time_start, "acknowledged": false,
+            "delivery_info": {"exchange": "", "routing_key": self.routing_key, "priority": self.priority,
+                              "redelivered": self.redelivered},
+            "worker_pid": pid,
+        })
+    }
+}
+
 /// What remote control reports about the worker; updated by the worker as tasks start and finish.
 pub struct ControlState {
     pub queues: Vec<String>,
@@ -29,7 +75,7 @@ pub struct ControlState {
     pub concurrency: usize,
     pub prefetch: usize,
     started: Instant,
-    active: Mutex<HashMap<String, Value>>,
+    active: Mutex<HashMap<String, ActiveTask>>,
     totals: Mutex<BTreeMap<String, u64>>,
     revoked: Mutex<HashSet<String>>,
 }
@@ -53,7 +99,7 @@ impl ControlState {
         }
     }
 
-    pub fn task_started(&self, id: &str, info: Value) {
+    pub fn task_started(&self, id: &str, info: ActiveTask) {
         if let Ok(mut active) = self.active.lock() {
             active.insert(id.to_owned(), info);
         }
@@ -101,7 +147,12 @@ impl ControlState {
                     "rusage": {},
                 })
             }
-            "active" => Value::Array(self.active.lock().map(|a| a.values().cloned().collect()).unwrap_or_default()),
+            "active" => Value::Array(
+                self.active
+                    .lock()
+                    .map(|a| a.values().map(|t| t.to_json(hostname, events.identity().pid)).collect())
+                    .unwrap_or_default(),
+            ),
             "active_queues" => Value::Array(
                 self.queues
                     .iter()

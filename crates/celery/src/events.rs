@@ -105,7 +105,10 @@ impl EventSender {
         Value::Object(event)
     }
 
-    pub fn task_received(&self, task: &TaskMessage) -> Value {
+    pub fn task_received(&self, task: &TaskMessage) -> Option<Value> {
+        if !self.enabled {
+            return None;
+        }
         let headers = &task.envelope.headers;
         let repr = |key: &str, fallback: Value| {
             headers
@@ -114,7 +117,7 @@ impl EventSender {
                 .map(|s| json!(s))
                 .unwrap_or_else(|| json!(saferepr(&fallback, 1024)))
         };
-        self.event(
+        Some(self.event(
             "task-received",
             [
                 ("uuid", json!(task.id)),
@@ -133,48 +136,63 @@ impl EventSender {
                 ("eta", json!(task.eta.map(iso))),
                 ("expires", json!(task.expires.map(iso))),
             ],
-        )
+        ))
     }
 
-    pub fn task_started(&self, task_id: &str) -> Value {
-        self.event("task-started", [("uuid", json!(task_id))])
+    pub fn task_started(&self, task_id: &str) -> Option<Value> {
+        if !self.enabled {
+            return None;
+        }
+        Some(self.event("task-started", [("uuid", json!(task_id))]))
     }
 
-    pub fn task_succeeded(&self, task_id: &str, result: &Value, runtime: f64) -> Value {
-        self.event(
+    pub fn task_succeeded(&self, task_id: &str, result: &Value, runtime: f64) -> Option<Value> {
+        if !self.enabled {
+            return None;
+        }
+        Some(self.event(
             "task-succeeded",
             [
                 ("uuid", json!(task_id)),
                 ("result", json!(saferepr(result, 1024))),
                 ("runtime", json!(runtime)),
             ],
-        )
+        ))
     }
 
-    pub fn task_failed(&self, task_id: &str, exception: &str, traceback: &str) -> Value {
-        self.event(
+    pub fn task_failed(&self, task_id: &str, exception: &str, traceback: &str) -> Option<Value> {
+        if !self.enabled {
+            return None;
+        }
+        Some(self.event(
             "task-failed",
             [
                 ("uuid", json!(task_id)),
                 ("exception", json!(exception)),
                 ("traceback", json!(traceback)),
             ],
-        )
+        ))
     }
 
-    pub fn task_retried(&self, task_id: &str, exception: &str, traceback: &str) -> Value {
-        self.event(
+    pub fn task_retried(&self, task_id: &str, exception: &str, traceback: &str) -> Option<Value> {
+        if !self.enabled {
+            return None;
+        }
+        Some(self.event(
             "task-retried",
             [
                 ("uuid", json!(task_id)),
                 ("exception", json!(exception)),
                 ("traceback", json!(traceback)),
             ],
-        )
+        ))
     }
 
-    pub fn task_revoked(&self, task_id: &str, expired: bool) -> Value {
-        self.event(
+    pub fn task_revoked(&self, task_id: &str, expired: bool) -> Option<Value> {
+        if !self.enabled {
+            return None;
+        }
+        Some(self.event(
             "task-revoked",
             [
                 ("uuid", json!(task_id)),
@@ -182,7 +200,7 @@ impl EventSender {
                 ("signum", Value::Null),
                 ("expired", json!(expired)),
             ],
-        )
+        ))
     }
 
     /// Publishes task events as one `task.multi` message (nothing if task events are off or none are given).

@@ -61,9 +61,6 @@ pub struct Envelope {
     pub headers: Map<String, Value>,
     #[serde(default)]
     pub properties: Map<String, Value>,
-    /// Anything else a producer put at the top level, kept.
-    #[serde(flatten)]
-    pub extra: Map<String, Value>,
 }
 
 fn utf8() -> String {
@@ -76,9 +73,10 @@ fn application_json() -> String {
 
 impl Envelope {
     pub fn from_slice(raw: &[u8]) -> Result<Self, MessageError> {
-        let value: Value =
-            serde_json::from_slice(raw).map_err(|e| MessageError::NotJson(e.to_string()))?;
-        serde_json::from_value(value).map_err(|e| MessageError::BadEnvelope(e.to_string()))
+        serde_json::from_slice(raw).map_err(|e| match e.classify() {
+            serde_json::error::Category::Data => MessageError::BadEnvelope(e.to_string()),
+            _ => MessageError::NotJson(e.to_string()),
+        })
     }
 
     /// The envelope as Python's `json.dumps` writes it.
@@ -222,13 +220,18 @@ impl TaskMessage {
     /// can still acknowledge and dead-letter by its delivery tag.
     pub fn parse(raw: &[u8]) -> Result<Self, (Option<Envelope>, MessageError)> {
         let envelope = Envelope::from_slice(raw).map_err(|e| (None, e))?;
-        match Self::from_envelope(&envelope) {
+        Self::from_envelope(envelope).map_err(|(envelope, e)| (Some(envelope), e))
+    }
+
+    fn from_envelope(envelope: Envelope) -> Result<Self, (Envelope, MessageError)> {
+        match Self::read_fields(&envelope) {
             Ok(fields) => Ok(Self { envelope, ..fields }),
-            Err(error) => Err((Some(envelope), error)),
+            Err(error) => Err((envelope, error)),
         }
     }
 
-    fn from_envelope(envelope: &Envelope) -> Result<Self, MessageError> {
+    /// Every field but the envelope itself (left empty).
+    fn read_fields(envelope: &Envelope) -> Result<Self, MessageError> {
         let headers = &envelope.headers;
         let task = envelope
             .header_str("task")
@@ -254,7 +257,13 @@ impl TaskMessage {
             _ => (None, None),
         };
         Ok(Self {
-            envelope: envelope.clone(),
+            envelope: Envelope {
+                body: String::new(),
+                content_encoding: String::new(),
+                content_type: String::new(),
+                headers: Map::new(),
+                properties: Map::new(),
+            },
             task,
             id,
             retries: headers
@@ -352,6 +361,8 @@ pub struct TaskOptions {
     pub origin: String,
     /// `reply_to`: the producing app's id (a uuid per process in Python).
     pub reply_to: String,
+    /// The rest of a `chain` (the body's `embed.chain`), passed on to the next task.
+    pub chain: Option<Value>,
 }
 
 /// A task message ready to push: its id, the list it goes to, and the envelope.
@@ -374,9 +385,9 @@ pub fn build_task<A: Serialize>(
         .id
         .clone()
         .unwrap_or_else(|| Uuid::new_v4().to_string());
-    let embed = json!({"callbacks": null, "errbacks": null, "chain": null, "chord": null});
-    let body = pyjson::to_vec(&(args, kwargs, &embed));
+    let embed = json!({"callbacks": null, "errbacks": null, "chain": options.chain, "chord": null});
     let args_value = serde_json::to_value(args).unwrap_or(Value::Null);
+    let body = pyjson::to_vec(&(&args_value, kwargs, &embed));
     let headers = json!({
         "lang": "py",
         "task": name,
@@ -428,9 +439,76 @@ pub fn build_task<A: Serialize>(
                 _ => Map::new(),
             },
             properties,
-            extra: Map::new(),
         },
     }
+}
+
+/// The tasks Celery sends after a task succeeded: each `link` callback, and the next task of a `chain`, with the
+/// result prepended to their arguments (unless the signature is immutable), chained to the finished task.
+pub fn follow_ups(
+    finished: &TaskMessage,
+    result: &Value,
+    default_queue: &str,
+    origin: &str,
+) -> Vec<OutgoingTask> {
+    let mut signatures: Vec<(Value, Option<Value>)> = Vec::new();
+    if let Some(Value::Array(callbacks)) = finished.body.embed.get("callbacks") {
+        signatures.extend(callbacks.iter().map(|s| (s.clone(), None)));
+    }
+    if let Some(Value::Array(chain)) = finished.body.embed.get("chain")
+        && let Some((next, rest)) = chain.split_last()
+    {
+        let rest = (!rest.is_empty()).then(|| Value::Array(rest.to_vec()));
+        signatures.push((next.clone(), rest));
+    }
+    signatures
+        .into_iter()
+        .filter_map(|(signature, chain)| {
+            let name = signature.get("task")?.as_str()?;
+            let options = signature.get("options").cloned().unwrap_or(Value::Null);
+            let mut args = Vec::new();
+            if !signature
+                .get("immutable")
+                .and_then(Value::as_bool)
+                .unwrap_or(false)
+            {
+                args.push(result.clone());
+            }
+            if let Some(Value::Array(extra)) = signature.get("args") {
+                args.extend(extra.iter().cloned());
+            }
+            let kwargs = match signature.get("kwargs") {
+                Some(Value::Object(kwargs)) => kwargs.clone(),
+                _ => Map::new(),
+            };
+            let task_options = TaskOptions {
+                id: options
+                    .get("task_id")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned),
+                queue: options
+                    .get("queue")
+                    .and_then(Value::as_str)
+                    .unwrap_or(default_queue)
+                    .to_owned(),
+                priority: options
+                    .get("priority")
+                    .and_then(lenient_f64)
+                    .map(|p| p.clamp(0.0, 255.0) as u8),
+                root_id: Some(
+                    finished
+                        .root_id
+                        .clone()
+                        .unwrap_or_else(|| finished.id.clone()),
+                ),
+                parent_id: Some(finished.id.clone()),
+                origin: origin.to_owned(),
+                chain,
+                ..TaskOptions::default()
+            };
+            Some(build_task(name, &args, &kwargs, &task_options))
+        })
+        .collect()
 }
 
 /// Celery's `saferepr`: Python `repr` of JSON data, nested containers past three levels as `[...]`/`{...}`, cut
@@ -677,6 +755,34 @@ mod tests {
             r#"[{'a': "it's", 'n': None, 'd': {'x': [...], 'y': {}}}]"#
         );
         assert!(saferepr(&json!(["x".repeat(2000)]), 1024).ends_with("..."));
+    }
+
+    #[test]
+    fn link_callbacks_and_chains_get_the_result_and_the_parent() {
+        let (_, _, raw) = fixtures()
+            .into_iter()
+            .find(|(n, _, _)| n == "link_callback")
+            .unwrap();
+        let mut message = TaskMessage::parse(raw.as_bytes()).unwrap();
+        message.body.embed.insert(
+            "chain".into(),
+            json!([{"task": "last", "args": [], "kwargs": {}, "options": {}, "immutable": false},
+                   {"task": "next", "args": [7], "kwargs": {"k": 1}, "options": {"queue": "q2"}, "immutable": false}]),
+        );
+        let result = json!({"ok": true});
+        let sent = follow_ups(&message, &result, "celery", "w@h");
+        assert_eq!(sent.len(), 2);
+        let callback = TaskMessage::parse(&sent[0].envelope.to_vec()).unwrap();
+        assert_eq!(
+            callback.task,
+            "vectosvc.worker.tasks.process_context_aggregated"
+        );
+        assert_eq!(callback.body.args, vec![result.clone()]);
+        assert_eq!(callback.parent_id.as_deref(), Some(message.id.as_str()));
+        let next = TaskMessage::parse(&sent[1].envelope.to_vec()).unwrap();
+        assert_eq!((next.task.as_str(), sent[1].queue.as_str()), ("next", "q2"));
+        assert_eq!(next.body.args, vec![result, json!(7)]);
+        assert_eq!(next.body.embed["chain"][0]["task"], "last");
     }
 
     #[test]

@@ -27,9 +27,9 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::control::{ControlState, serve_control};
+use crate::control::{ActiveTask, ControlState, serve_control};
 use crate::events::{EventSender, HEARTBEAT_SECS, WorkerIdentity};
-use crate::protocol::{Envelope, MessageError, TaskMessage, iso};
+use crate::protocol::{Envelope, MessageError, TaskMessage, follow_ups, iso};
 use crate::publisher::TaskScope;
 use crate::pyjson;
 use crate::results::{self, ResultBackend, TaskResult, exception};
@@ -441,7 +441,7 @@ async fn process(shared: &Shared, fetched: Fetched) {
         .await;
         return;
     };
-    let message = match TaskMessage::parse(&fetched.raw) {
+    let mut message = match TaskMessage::parse(&fetched.raw) {
         Ok(message) => message,
         Err((envelope, error)) => {
             let task_id = envelope.as_ref().and_then(|e| {
@@ -461,8 +461,10 @@ async fn process(shared: &Shared, fetched: Fetched) {
             return;
         }
     };
-    let mut events = vec![shared.events.task_received(&message)];
-    let verdict = decide(shared, &fetched, &message, &mut events).await;
+    let mut events: Vec<Value> = shared.events.task_received(&message).into_iter().collect();
+    // The event is moved out of the body, not copied: nothing after the handler needs the arguments.
+    let args = std::mem::take(&mut message.body.args);
+    let verdict = decide(shared, &fetched, &message, args, &mut events).await;
     write(shared, &fetched, &tag, &message, verdict, events).await;
 }
 
@@ -471,6 +473,7 @@ async fn decide(
     shared: &Shared,
     fetched: &Fetched,
     message: &TaskMessage,
+    args: Vec<Value>,
     events: &mut Vec<Value>,
 ) -> Verdict {
     if shared.control.is_revoked(&message.id) {
@@ -505,7 +508,7 @@ async fn decide(
         },
         _ = shared.stopping.cancelled() => return Verdict::Requeue,
     };
-    let event = match decode_event(message, expected_type) {
+    let event = match decode_event(message, args, expected_type) {
         Ok(event) => event,
         Err(error) => {
             return Verdict::Fail {
@@ -546,10 +549,10 @@ async fn decide(
             tracing::warn!(task_id = %message.id, %error, "STARTED state not stored");
         }
     }
-    events.push(shared.events.task_started(&message.id));
+    events.extend(shared.events.task_started(&message.id));
     shared
         .control
-        .task_started(&message.id, active_info(shared, fetched, message));
+        .task_started(&message.id, ActiveTask::new(fetched, message));
     shared
         .events
         .counters
@@ -646,15 +649,17 @@ async fn decide(
 }
 
 /// The task's single argument, the event, checked against the task it came with.
-fn decode_event(message: &TaskMessage, expected_type: &str) -> Result<Event, String> {
-    let args = &message.body.args;
-    let value = match (args.as_slice(), message.body.kwargs.get("event")) {
-        ([event], _) => event.clone(),
-        ([], Some(event)) => event.clone(),
-        _ => {
+fn decode_event(
+    message: &TaskMessage,
+    mut args: Vec<Value>,
+    expected_type: &str,
+) -> Result<Event, String> {
+    let value = match (args.len(), message.body.kwargs.get("event")) {
+        (1, _) => args.remove(0),
+        (0, Some(event)) => event.clone(),
+        (n, _) => {
             return Err(format!(
-                "expected args = [event], got {} positional arguments",
-                args.len()
+                "expected args = [event], got {n} positional arguments"
             ));
         }
     };
@@ -669,22 +674,6 @@ fn decode_event(message: &TaskMessage, expected_type: &str) -> Result<Event, Str
         ));
     }
     Ok(event)
-}
-
-fn active_info(shared: &Shared, fetched: &Fetched, message: &TaskMessage) -> Value {
-    json!({
-        "id": message.id,
-        "name": message.task,
-        "args": message.body.args,
-        "kwargs": message.body.kwargs,
-        "type": message.task,
-        "hostname": shared.options.hostname,
-        "time_start": crate::transport::now_secs(),
-        "acknowledged": false,
-        "delivery_info": {"exchange": "", "routing_key": fetched.queue, "priority": message.envelope.priority(),
-                          "redelivered": message.envelope.headers.get("redelivered").and_then(Value::as_bool).unwrap_or(false)},
-        "worker_pid": std::process::id(),
-    })
 }
 
 /// Turns a verdict into the writes of one commit (or a requeue) and waits until they are done.
@@ -723,7 +712,7 @@ async fn write(
         Verdict::Revoked { expired } => {
             counters.revoked.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(task_id = %message.id, expired, "task revoked; not run");
-            events.push(shared.events.task_revoked(&message.id, expired));
+            events.extend(shared.events.task_revoked(&message.id, expired));
             Some(task_result(
                 message,
                 results::REVOKED,
@@ -742,9 +731,14 @@ async fn write(
             runtime,
         } => {
             counters.succeeded.fetch_add(1, Ordering::Relaxed);
-            events.push(shared.events.task_succeeded(&message.id, &result, runtime));
-            let children = staged.iter().map(|t| t.id.clone()).collect();
-            for task in staged {
+            events.extend(shared.events.task_succeeded(&message.id, &result, runtime));
+            let follow_ups = follow_ups(message, &result, &fetched.queue, &shared.options.hostname);
+            let children = staged
+                .iter()
+                .chain(&follow_ups)
+                .map(|t| t.id.clone())
+                .collect();
+            for task in staged.into_iter().chain(follow_ups) {
                 pushes.push((
                     priority_key(&task.queue, task.priority),
                     task.envelope.to_vec(),
@@ -769,7 +763,7 @@ async fn write(
                 "Retry in {}s: {error}",
                 (eta - Utc::now()).num_seconds().max(0)
             );
-            events.push(shared.events.task_retried(
+            events.extend(shared.events.task_retried(
                 &message.id,
                 &format!("Retry({error:?})"),
                 &traceback,
@@ -875,7 +869,7 @@ fn fail(
     tracing::error!(task_id = task_id.as_deref().unwrap_or("-"), task = task.as_deref().unwrap_or("-"),
         queue = %fetched.queue, error, "task failed; dead-lettered");
     if let Some(id) = &task_id {
-        events.push(shared.events.task_failed(id, error, error));
+        events.extend(shared.events.task_failed(id, error, error));
     }
     let entry = dead_letter_entry(
         fetched,

@@ -1,0 +1,386 @@
+//! The Celery mount against Python Celery 5.7, same Redis, same task semantics, one run (`scripts/bench-celery.sh`).
+//!
+//! Workload: N `process_mood_created` tasks are pushed at once (pipelined `LPUSH`, envelopes as `send_task`
+//! writes them) onto an idle worker. Each mood task publishes one `process_context_aggregated` task (the next hop)
+//! and returns `{"ok": true, …}`; the aggregated task publishes nothing. Both workers: `acks_late`, Redis result
+//! backend (a second database), task events off (Celery's default). Clock: from the first `LPUSH` until all 2N
+//! results are stored (`DBSIZE` of the result database). Python: `celery worker --pool prefork -c <cores>` running
+//! tests/python/celery_app.py (`TASK_MODE=forward`); ours: `CeleryWorker` in-process with handlers that do the
+//! same. Redis `INFO commandstats` before/after gives the commands per task and `INFO cpu` Redis's own CPU time.
+//!
+//! Sizes: `BENCH_PY_TASKS` (mood tasks for Python, default 3000), `BENCH_RUST_TASKS` (default 20000),
+//! `BENCH_RUST_CONCURRENCY` (default 64). Needs `AURA_TEST_PYTHON` (the venv's python) and `redis-server` on PATH.
+
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use aura_celery::protocol::{TaskOptions, build_task};
+use aura_celery::transport::priority_key;
+use aura_celery::{Broker, CeleryPublisher, CeleryWorker, ResultBackend, WorkerOptions};
+use aura_runtime::events::Event;
+use aura_runtime::{Dispatcher, Handler, HandlerContext, HandlerError, Registry};
+use serde_json::{Map, json};
+
+const MOOD_TASK: &str = "vectosvc.worker.tasks.process_mood_created";
+
+/// The benchmark's first hop: a mood event becomes one context.aggregated event (as `TASK_MODE=forward` does).
+struct Forward;
+
+#[async_trait]
+impl Handler for Forward {
+    fn name(&self) -> &'static str {
+        "forward"
+    }
+    fn event_types(&self) -> &'static [&'static str] {
+        &["user.mood.created"]
+    }
+    async fn handle(&self, event: &Event, _: &HandlerContext) -> Result<Vec<Event>, HandlerError> {
+        let mut next = Event::caused_by(event, "context.aggregated");
+        next.set_field("context_data", json!({"mood_summary": event.field("data")}));
+        Ok(vec![next])
+    }
+}
+
+/// The second hop: accepts and produces nothing.
+struct Sink;
+
+#[async_trait]
+impl Handler for Sink {
+    fn name(&self) -> &'static str {
+        "sink"
+    }
+    fn event_types(&self) -> &'static [&'static str] {
+        &["context.aggregated"]
+    }
+    async fn handle(&self, _: &Event, _: &HandlerContext) -> Result<Vec<Event>, HandlerError> {
+        Ok(Vec::new())
+    }
+}
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+struct Redis {
+    child: Child,
+    port: u16,
+}
+
+impl Redis {
+    fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH");
+        let redis = Self { child, port };
+        for _ in 0..100 {
+            if redis.conn(0).is_some() {
+                return redis;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("redis-server did not start");
+    }
+
+    fn url(&self, db: u32) -> String {
+        format!("redis://127.0.0.1:{}/{db}", self.port)
+    }
+
+    fn conn(&self, db: u32) -> Option<redis::Connection> {
+        redis::Client::open(self.url(db))
+            .ok()?
+            .get_connection()
+            .ok()
+    }
+
+    fn dbsize(&self, db: u32) -> u64 {
+        redis::cmd("DBSIZE")
+            .query(&mut self.conn(db).unwrap())
+            .unwrap()
+    }
+
+    fn info(&self, section: &str) -> String {
+        redis::cmd("INFO")
+            .arg(section)
+            .query(&mut self.conn(0).unwrap())
+            .unwrap()
+    }
+
+    fn flushall(&self) {
+        let _: () = redis::cmd("FLUSHALL")
+            .query(&mut self.conn(0).unwrap())
+            .unwrap();
+        let _: () = redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query(&mut self.conn(0).unwrap())
+            .unwrap();
+    }
+
+    /// Pushes `count` mood tasks as `send_task` writes them, in pipelined batches.
+    fn push_moods(&self, count: usize) {
+        let options = TaskOptions {
+            queue: "celery".into(),
+            origin: "bench@localhost".into(),
+            reply_to: uuid::Uuid::new_v4().to_string(),
+            ..TaskOptions::default()
+        };
+        let mut conn = self.conn(0).unwrap();
+        for chunk in (0..count).collect::<Vec<_>>().chunks(1000) {
+            let mut pipe = redis::pipe();
+            for n in chunk {
+                let mut event = Event::new(
+                    "user.mood.created",
+                    Some(format!("user-{}", n % 50)),
+                    Some(format!("trace-{n}")),
+                );
+                event.set_field("data", json!({"mood_score": 1 + n % 10, "tags": ["calm"], "notes": format!("note {n}")}));
+                let task = build_task(MOOD_TASK, &[&event], &Map::new(), &options);
+                pipe.lpush(priority_key("celery", 0), task.envelope.to_vec())
+                    .ignore();
+            }
+            let _: () = pipe.query(&mut conn).unwrap();
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `cmdstat_<name>:calls=N,…` → name → calls.
+fn command_calls(info: &str) -> BTreeMap<String, u64> {
+    info.lines()
+        .filter_map(|line| {
+            let (name, rest) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = rest
+                .split(',')
+                .find_map(|kv| kv.strip_prefix("calls="))?
+                .parse()
+                .ok()?;
+            Some((name.to_owned(), calls))
+        })
+        .collect()
+}
+
+fn redis_cpu(info: &str) -> f64 {
+    info.lines()
+        .filter_map(|line| {
+            line.strip_prefix("used_cpu_sys:")
+                .or_else(|| line.strip_prefix("used_cpu_user:"))
+        })
+        .filter_map(|v| v.trim().parse::<f64>().ok())
+        .sum()
+}
+
+struct Measured {
+    tasks: u64,
+    seconds: f64,
+    redis_cpu: f64,
+    calls: BTreeMap<String, u64>,
+}
+
+impl Measured {
+    fn rate(&self) -> f64 {
+        self.tasks as f64 / self.seconds
+    }
+
+    fn print(&self, label: &str) {
+        println!(
+            "{label}: {} tasks in {:.2} s = {:.0} tasks/s; Redis CPU {:.2} s ({:.0}% of one core)",
+            self.tasks,
+            self.seconds,
+            self.rate(),
+            self.redis_cpu,
+            100.0 * self.redis_cpu / self.seconds
+        );
+        let per_task: Vec<String> = self
+            .calls
+            .iter()
+            .filter(|(_, calls)| **calls as f64 / self.tasks as f64 >= 0.01)
+            .map(|(name, calls)| format!("{name} {:.2}", *calls as f64 / self.tasks as f64))
+            .collect();
+        println!("  Redis commands per task: {}", per_task.join(", "));
+    }
+}
+
+/// Pushes `moods`, waits for 2×moods results, measures.
+fn measure(redis: &Redis, moods: usize) -> Measured {
+    let cpu_before = redis_cpu(&redis.info("cpu"));
+    let calls_before = command_calls(&redis.info("commandstats"));
+    let started = Instant::now();
+    redis.push_moods(moods);
+    let target = 2 * moods as u64;
+    let deadline = Instant::now() + Duration::from_secs(900);
+    while redis.dbsize(1) < target {
+        assert!(
+            Instant::now() < deadline,
+            "timed out: {} of {target} results",
+            redis.dbsize(1)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let calls_after = command_calls(&redis.info("commandstats"));
+    let calls = calls_after
+        .into_iter()
+        .map(|(name, calls)| {
+            let before = calls_before.get(&name).copied().unwrap_or(0);
+            (name, calls - before)
+        })
+        .filter(|(name, _)| name != "dbsize" && name != "info")
+        .collect();
+    Measured {
+        tasks: target,
+        seconds,
+        redis_cpu: redis_cpu(&redis.info("cpu")) - cpu_before,
+        calls,
+    }
+}
+
+fn python_worker(redis: &Redis, python: &str, concurrency: usize) -> Measured {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/python");
+    let celery = std::path::Path::new(python)
+        .parent()
+        .unwrap()
+        .join("celery");
+    let mut child = Command::new(celery)
+        .current_dir(&dir)
+        .env("BROKER_URL", redis.url(0))
+        .env("RESULT_BACKEND", redis.url(1))
+        .env("TASK_MODE", "forward")
+        .args([
+            "-A",
+            "celery_app",
+            "worker",
+            "--pool",
+            "prefork",
+            "-c",
+            &concurrency.to_string(),
+        ])
+        .args([
+            "-Q",
+            "celery",
+            "-n",
+            "pybench@localhost",
+            "--without-mingle",
+            "--without-gossip",
+            "--loglevel",
+            "WARNING",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("celery worker");
+    // Ready when it answers a ping.
+    let ping = Command::new(python)
+        .current_dir(&dir)
+        .env("BROKER_URL", redis.url(0))
+        .args(["-c", "import time,celery_app as a\nfor _ in range(120):\n    r=a.app.control.inspect(timeout=0.5).ping()\n    if r: break\n    time.sleep(0.5)\nprint(bool(r))"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&ping.stdout).contains("True"),
+        "Python worker did not start"
+    );
+    redis.flushall();
+    let moods = env_usize("BENCH_PY_TASKS", 3000);
+    let measured = measure(redis, moods);
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    measured
+}
+
+fn rust_worker(redis: &Redis, concurrency: usize, task_events: bool) -> Measured {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let guard = runtime.enter();
+    let embedded = aura_runtime::testing::embedded();
+    let measured = runtime.block_on(async {
+        let broker =
+            Arc::new(Broker::open(&redis.url(0), redis.url(0), Duration::from_secs(3600)).unwrap());
+        let results = Arc::new(
+            ResultBackend::open(&redis.url(1), redis.url(1), Duration::from_secs(86400)).unwrap(),
+        );
+        let registry = Arc::new(Registry::new().with(Forward).with(Sink));
+        let publisher = Arc::new(CeleryPublisher::new(broker.clone(), "celery"));
+        let dispatcher = Dispatcher::new(registry.clone(), embedded.ctx.clone(), publisher);
+        let mut options =
+            WorkerOptions::new(vec!["celery".into()], concurrency, "rustbench@localhost");
+        options.send_task_events = task_events;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let worker = tokio::spawn(
+            CeleryWorker::new(broker, results, registry, dispatcher, options).run(async {
+                let _ = stopped.await;
+            }),
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        redis.flushall();
+        let moods = env_usize("BENCH_RUST_TASKS", 20000);
+        let measured = tokio::task::block_in_place(|| measure(redis, moods));
+        let _ = stop.send(());
+        let _ = worker.await;
+        measured
+    });
+    drop(embedded);
+    drop(guard);
+    measured
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let python = std::env::var("AURA_TEST_PYTHON")
+        .expect("AURA_TEST_PYTHON: the venv python with celery (scripts/bench-celery.sh)");
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
+    let rust_concurrency = env_usize("BENCH_RUST_CONCURRENCY", 64);
+    let redis = Redis::start();
+    println!(
+        "Celery worker benchmark: {cores} cores, Redis on 127.0.0.1:{}",
+        redis.port
+    );
+
+    let python_run = python_worker(&redis, &python, cores);
+    python_run.print(&format!(
+        "Python Celery 5.7 worker (prefork -c {cores}, acks_late, result backend)"
+    ));
+    redis.flushall();
+    let rust_run = rust_worker(&redis, rust_concurrency, false);
+    rust_run.print(&format!(
+        "vectordb-worker (concurrency {rust_concurrency}, acks_late, result backend)"
+    ));
+    redis.flushall();
+    let rust_events = rust_worker(&redis, rust_concurrency, true);
+    rust_events.print("vectordb-worker with task events on (-E)");
+    println!(
+        "ratio: {:.1}x the Python worker",
+        rust_run.rate() / python_run.rate()
+    );
+}
