@@ -218,15 +218,15 @@ impl TaskBody {
 impl TaskMessage {
     /// Reads a Redis list element. The envelope is returned with the error when it could be read, so the caller
     /// can still acknowledge and dead-letter by its delivery tag.
-    pub fn parse(raw: &[u8]) -> Result<Self, (Option<Envelope>, MessageError)> {
+    pub fn parse(raw: &[u8]) -> Result<Self, (Option<Box<Envelope>>, MessageError)> {
         let envelope = Envelope::from_slice(raw).map_err(|e| (None, e))?;
         Self::from_envelope(envelope).map_err(|(envelope, e)| (Some(envelope), e))
     }
 
-    fn from_envelope(envelope: Envelope) -> Result<Self, (Envelope, MessageError)> {
+    fn from_envelope(envelope: Envelope) -> Result<Self, (Box<Envelope>, MessageError)> {
         match Self::read_fields(&envelope) {
             Ok(fields) => Ok(Self { envelope, ..fields }),
-            Err(error) => Err((envelope, error)),
+            Err(error) => Err((Box::new(envelope), error)),
         }
     }
 

@@ -157,6 +157,16 @@ pub struct CelerySettings {
     pub result_expires: Duration,
 }
 
+impl CelerySettings {
+    /// The queue produced tasks go to.
+    pub fn publish_queue(&self) -> &str {
+        self.publish_queue
+            .as_deref()
+            .or(self.queues.first().map(String::as_str))
+            .unwrap_or("celery")
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct QdrantSettings {
     /// Set: a Qdrant server (gRPC). Unset: embedded Qdrant under `path`.
@@ -478,6 +488,10 @@ mod tests {
         assert_eq!(s.embedding.provider, EmbeddingProvider::Hash);
         assert_eq!(s.embedding.dimension, 384);
         assert_eq!(s.celery.queues, ["celery"]);
+        assert_eq!(s.celery.publish_queue(), "celery");
+        assert_eq!(s.celery.visibility_timeout, Duration::from_secs(3600));
+        assert_eq!(s.celery.max_retries, 3);
+        assert!(s.celery.task_events && !s.celery.track_started);
     }
 
     #[test]
@@ -593,15 +607,5 @@ mod tests {
         assert_eq!(redact_url("redis://user:pw@h/0"), "redis://user:***@h/0");
         assert_eq!(redact_url("redis://token@h/0"), "redis://***@h/0");
         assert_eq!(redact_url("http://h/path@x"), "http://h/path@x");
-    }
-}
-
-impl CelerySettings {
-    /// The queue produced tasks go to.
-    pub fn publish_queue(&self) -> &str {
-        self.publish_queue
-            .as_deref()
-            .or(self.queues.first().map(String::as_str))
-            .unwrap_or("celery")
     }
 }
