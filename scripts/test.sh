@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command (README, .ci/run): everything the tests need, then `cargo test`.
 #
-# - a Python venv (.venv) with pinned foreign clients: the tests drive real confluent-kafka;
+# - a Python venv (.venv) with pinned foreign clients: the tests drive real confluent-kafka, Celery 5.7 and Flower
+#   (the Celery tests use the Redis on 127.0.0.1:6379, one database each, and their own redis-server to restart);
 # - tansu, a Kafka-protocol broker, installed if missing and started on a free port for this run (stopped at exit);
 # - AURA_TEST_KAFKA / AURA_TEST_PYTHON tell the tests where they are. Extra arguments go to `cargo test`.
 set -euo pipefail
@@ -12,6 +13,12 @@ if [[ ! -x .venv/bin/python ]]; then
     "$PYTHON" -m venv .venv
 fi
 .venv/bin/pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
+
+# The Celery tests use the machine's Redis (one database per test) and start private redis-servers.
+if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
+    echo "error: no Redis on 127.0.0.1:6379 (the Celery tests need it, and redis-server on PATH)" >&2
+    exit 1
+fi
 
 scripts/kafka-test-broker.sh install
 broker_dir=$(mktemp -d "${TMPDIR:-/tmp}/aura-tansu.XXXXXX")

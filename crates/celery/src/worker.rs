@@ -23,7 +23,7 @@ use aura_runtime::events::{Event, routing};
 use aura_runtime::{Dispatcher, Failure, HandlerError, Outcome, Registry, RetryPolicy, Route};
 use chrono::Utc;
 use serde_json::{Value, json};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -292,10 +292,7 @@ impl CeleryWorker {
                     for message in messages {
                         let permit = permits.pop();
                         let shared = shared.clone();
-                        tasks.spawn(async move {
-                            process(&shared, message).await;
-                            drop(permit);
-                        });
+                        tasks.spawn(async move { process(&shared, message, permit).await });
                     }
                 }
                 Err(error) => {
@@ -417,7 +414,10 @@ enum Verdict {
     Requeue,
 }
 
-async fn process(shared: &Shared, fetched: Fetched) {
+/// `prefetch_slot` is this message's place in the prefetch bound; it is given back early while the message waits
+/// for its `eta`, so scheduled tasks never stop the worker from taking due ones (Celery raises its prefetch count for
+/// the same reason).
+async fn process(shared: &Shared, fetched: Fetched, prefetch_slot: Option<OwnedSemaphorePermit>) {
     let Some(tag) = fetched.tag.clone() else {
         // Not an envelope we could read: it was not registered in `unacked`, so dead-letter it now.
         let reason = match Envelope::from_slice(&fetched.raw) {
@@ -464,7 +464,7 @@ async fn process(shared: &Shared, fetched: Fetched) {
     let mut events: Vec<Value> = shared.events.task_received(&message).into_iter().collect();
     // The event is moved out of the body, not copied: nothing after the handler needs the arguments.
     let args = std::mem::take(&mut message.body.args);
-    let verdict = decide(shared, &fetched, &message, args, &mut events).await;
+    let verdict = decide(shared, &fetched, &message, args, prefetch_slot, &mut events).await;
     write(shared, &fetched, &tag, &message, verdict, events).await;
 }
 
@@ -474,6 +474,7 @@ async fn decide(
     fetched: &Fetched,
     message: &TaskMessage,
     args: Vec<Value>,
+    prefetch_slot: Option<OwnedSemaphorePermit>,
     events: &mut Vec<Value>,
 ) -> Verdict {
     if shared.control.is_revoked(&message.id) {
@@ -495,6 +496,7 @@ async fn decide(
     if let Some(eta) = message.eta {
         let wait = (eta - Utc::now()).to_std().unwrap_or_default();
         if !wait.is_zero() {
+            drop(prefetch_slot);
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = shared.stopping.cancelled() => return Verdict::Requeue,
