@@ -186,6 +186,22 @@ fn command_calls(info: &str) -> BTreeMap<String, u64> {
         .collect()
 }
 
+/// This process's CPU time (user + system), from /proc/self/stat (clock ticks of 10 ms).
+fn own_cpu() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 fn redis_cpu(info: &str) -> f64 {
     info.lines()
         .filter_map(|line| {
@@ -197,6 +213,8 @@ fn redis_cpu(info: &str) -> f64 {
 }
 
 struct Measured {
+    /// The worker's own CPU time, when it ran in this process.
+    worker_cpu: Option<f64>,
     tasks: u64,
     seconds: f64,
     redis_cpu: f64,
@@ -224,6 +242,13 @@ impl Measured {
             .map(|(name, calls)| format!("{name} {:.2}", *calls as f64 / self.tasks as f64))
             .collect();
         println!("  Redis commands per task: {}", per_task.join(", "));
+        if let Some(cpu) = self.worker_cpu {
+            println!(
+                "  worker process CPU {cpu:.2} s ({:.0}% of one core, {:.1} µs per task; includes pushing the tasks)",
+                100.0 * cpu / self.seconds,
+                1e6 * cpu / self.tasks as f64
+            );
+        }
     }
 }
 
@@ -254,6 +279,7 @@ fn measure(redis: &Redis, moods: usize) -> Measured {
         .filter(|(name, _)| name != "dbsize" && name != "info")
         .collect();
     Measured {
+        worker_cpu: None,
         tasks: target,
         seconds,
         redis_cpu: redis_cpu(&redis.info("cpu")) - cpu_before,
@@ -341,7 +367,12 @@ fn rust_worker(redis: &Redis, concurrency: usize, task_events: bool) -> Measured
         tokio::time::sleep(Duration::from_millis(500)).await;
         redis.flushall();
         let moods = env_usize("BENCH_RUST_TASKS", 20000);
+        let cpu_before = own_cpu();
         let measured = tokio::task::block_in_place(|| measure(redis, moods));
+        let measured = Measured {
+            worker_cpu: Some(own_cpu() - cpu_before),
+            ..measured
+        };
         let _ = stop.send(());
         let _ = worker.await;
         measured
