@@ -765,6 +765,24 @@ mod tests {
     }
 
     #[test]
+    fn broker_urls_of_every_form_open_and_name_their_database() {
+        for (url, db) in [
+            ("redis://localhost:6379/0", 0),
+            ("redis://:s3cret@redis.internal:6380/3", 3),
+            ("redis://user:s3cret@10.0.0.5/7", 7),
+            ("rediss://:s3cret@cache.example.com:6380/1", 1),
+            ("redis://localhost", 0),
+        ] {
+            let link =
+                RedisLink::open(url, "shown".into(), None).unwrap_or_else(|e| panic!("{url}: {e}"));
+            assert_eq!(link.db(), db, "{url}");
+            assert!(!format!("{link:?}").contains("s3cret"));
+        }
+        let error = RedisLink::open("http://nope", "http://nope".into(), None).unwrap_err();
+        assert!(error.to_string().contains("invalid Redis URL"), "{error}");
+    }
+
+    #[test]
     fn backoff_grows_to_five_seconds() {
         assert_eq!(backoff(1), Duration::from_millis(100));
         assert_eq!(backoff(3), Duration::from_millis(400));

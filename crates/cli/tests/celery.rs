@@ -758,6 +758,10 @@ impl OwnRedis {
     }
 
     fn spawn(&mut self) {
+        self.spawn_with(&[]);
+    }
+
+    fn spawn_with(&mut self, extra: &[&str]) {
         let child = Command::new("redis-server")
             .args([
                 "--port",
@@ -775,11 +779,19 @@ impl OwnRedis {
                 "--dir",
                 self.dir.path().to_str().unwrap(),
             ])
+            .args(extra)
             .stdout(Stdio::null())
             .spawn()
             .unwrap();
         self.child = Some(child);
-        let url = format!("redis://127.0.0.1:{}", self.port);
+        let password = extra
+            .iter()
+            .position(|a| *a == "--requirepass")
+            .map(|i| extra[i + 1]);
+        let url = match password {
+            Some(password) => format!("redis://:{password}@127.0.0.1:{}", self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        };
         wait_for(
             "redis-server to accept connections",
             Duration::from_secs(10),
@@ -950,4 +962,35 @@ fn flower_lists_our_worker_and_its_tasks_and_inspect_answers() {
     );
     drop(flower);
     assert!(worker.stop().0.success());
+}
+
+#[test]
+fn a_password_protected_broker_works_and_the_password_never_reaches_the_logs() {
+    let mut server = OwnRedis {
+        port: std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port(),
+        dir: tempfile::tempdir().unwrap(),
+        child: None,
+    };
+    server.spawn_with(&["--requirepass", "Sup3rSecretPw"]);
+    let celery = Celery {
+        redis: format!("redis://:Sup3rSecretPw@127.0.0.1:{}", server.port),
+        db: 2,
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let worker = celery.start_worker("guarded", &[("RUST_LOG", "debug,qdrant_edge=error")]);
+    assert_all_succeeded(&celery.client(&["send", "--count", "5", "--wait", "60"]));
+    let (status, _, log) = worker.stop();
+    assert!(status.success(), "{log}");
+    assert!(
+        log.contains("redis://:***@127.0.0.1"),
+        "the broker is logged, masked: {log}"
+    );
+    assert!(
+        !log.contains("Sup3rSecretPw"),
+        "the password leaked into the log"
+    );
 }
