@@ -205,6 +205,24 @@ impl Celery {
         serde_json::from_slice(&output.stdout).unwrap()
     }
 
+    /// Waits (`AsyncResult(id).get()` in Python) for every task `send` reported and asserts each succeeded.
+    fn await_success(&self, sent: &Value, wait_seconds: &str) -> Value {
+        let ids_file = self
+            .dir
+            .path()
+            .join(format!("ids-{}.json", uuid::Uuid::new_v4()));
+        std::fs::write(&ids_file, serde_json::to_string(&ids(sent)).unwrap()).unwrap();
+        let states = self.client(&[
+            "results",
+            "--ids-file",
+            ids_file.to_str().unwrap(),
+            "--wait",
+            wait_seconds,
+        ]);
+        assert_states_succeeded(&states, sent);
+        states
+    }
+
     fn vectordb(&self, args: &[&str], env: &[(&str, &str)]) -> String {
         let mut command = Command::new(env!("CARGO_BIN_EXE_vectordb"));
         self.env(&mut command);
@@ -282,7 +300,12 @@ fn ids(sent: &Value) -> Vec<String> {
 }
 
 fn assert_all_succeeded(sent: &Value) {
-    let states = sent["states"].as_object().unwrap();
+    assert_states_succeeded(&sent["states"], sent);
+}
+
+/// `states` (task id → {state, …}) covers every id of `sent`, and every state is SUCCESS.
+fn assert_states_succeeded(states: &Value, sent: &Value) {
+    let states = states.as_object().unwrap();
     let bad: Vec<_> = states
         .iter()
         .filter(|(_, s)| s["state"] != "SUCCESS")
@@ -509,23 +532,7 @@ fn killed_worker_scenario(db: u32, finish_with_python: bool) {
     } else {
         celery.start_worker("rescuer", &[("CELERY_VISIBILITY_TIMEOUT", "2")])
     };
-    let ids_file = celery.dir.path().join("ids.json");
-    std::fs::write(&ids_file, serde_json::to_string(&ids(&sent)).unwrap()).unwrap();
-    let states = celery.client(&[
-        "results",
-        "--ids-file",
-        ids_file.to_str().unwrap(),
-        "--wait",
-        "180",
-    ]);
-    let bad: Vec<_> = states
-        .as_object()
-        .unwrap()
-        .iter()
-        .filter(|(_, s)| s["state"] != "SUCCESS")
-        .take(3)
-        .collect();
-    assert!(bad.is_empty(), "{bad:?}");
+    let states = celery.await_success(&sent, "180");
     if finish_with_python {
         let ran: HashSet<String> = celery
             .list("recorded")
@@ -611,23 +618,7 @@ fn malformed_messages_are_dead_lettered_with_their_reason_and_the_worker_goes_on
         celery.cmd(&["LPUSH", "celery", raw]);
     }
     let mut worker = celery.start_worker("strict", &[]);
-    let ids_file = celery.dir.path().join("ids.json");
-    std::fs::write(&ids_file, serde_json::to_string(&ids(&good)).unwrap()).unwrap();
-    let states = celery.client(&[
-        "results",
-        "--ids-file",
-        ids_file.to_str().unwrap(),
-        "--wait",
-        "120",
-    ]);
-    assert!(
-        states
-            .as_object()
-            .unwrap()
-            .values()
-            .all(|s| s["state"] == "SUCCESS"),
-        "{states}"
-    );
+    celery.await_success(&good, "120");
     let dead = wait_for("5 dead letters", Duration::from_secs(30), || {
         let dead = celery.list("celery.dlq");
         (dead.len() >= 5).then_some(dead)
@@ -711,22 +702,7 @@ fn sigterm_under_load_finishes_in_flight_requeues_the_rest_and_loses_nothing() {
     assert!(done < 1800, "stopped before the end ({done})");
 
     let worker = celery.start_worker("after", &[]);
-    let ids_file = celery.dir.path().join("ids.json");
-    std::fs::write(&ids_file, serde_json::to_string(&ids(&sent)).unwrap()).unwrap();
-    let states = celery.client(&[
-        "results",
-        "--ids-file",
-        ids_file.to_str().unwrap(),
-        "--wait",
-        "180",
-    ]);
-    assert!(
-        states
-            .as_object()
-            .unwrap()
-            .values()
-            .all(|s| s["state"] == "SUCCESS")
-    );
+    celery.await_success(&sent, "180");
     wait_for("the chain to finish", Duration::from_secs(120), || {
         celery.idle("celery").then_some(())
     });
@@ -856,23 +832,7 @@ fn the_worker_reconnects_after_client_kill_and_a_redis_restart_and_loses_nothing
         "the restart must come mid-stream ({before_restart})"
     );
     server.restart();
-    let ids_file = celery.dir.path().join("ids.json");
-    std::fs::write(&ids_file, serde_json::to_string(&ids(&sent)).unwrap()).unwrap();
-    let states = celery.client(&[
-        "results",
-        "--ids-file",
-        ids_file.to_str().unwrap(),
-        "--wait",
-        "180",
-    ]);
-    let bad: Vec<_> = states
-        .as_object()
-        .unwrap()
-        .iter()
-        .filter(|(_, s)| s["state"] != "SUCCESS")
-        .take(3)
-        .collect();
-    assert!(bad.is_empty(), "{bad:?}\n{}", worker.log());
+    celery.await_success(&sent, "180");
     wait_for("the chain to finish", Duration::from_secs(120), || {
         celery.idle("celery").then_some(())
     });
