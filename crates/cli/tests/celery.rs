@@ -484,19 +484,26 @@ fn our_publisher_feeds_python_workers_intact_events_chained_to_their_parent() {
 
 /// Runs `count` mood tasks through a worker that is killed with -9 while it holds messages, then checks that
 /// `finisher` completes every one of them.
-fn killed_worker_scenario(db: u32, finish_with_python: bool) {
+/// `count` moods: the Python rescuer (`--pool solo`, recording every task in Redis) runs ~10 tasks/s on a loaded
+/// 2-core machine, so its scenario is smaller.
+fn killed_worker_scenario(db: u32, count: usize, finish_with_python: bool) {
     let celery = Celery::on_shared_redis(db);
-    let sent = celery.client(&["send", "--count", "400"]);
+    let sent = celery.client(&["send", "--count", &count.to_string()]);
     let worker = celery.start_worker(
         "doomed",
         &[
             ("CELERY_VISIBILITY_TIMEOUT", "2"),
-            ("CELERY_CONCURRENCY", "4"),
+            ("CELERY_CONCURRENCY", "2"),
             ("CELERY_PREFETCH_MULTIPLIER", "16"),
         ],
     );
+    // Kill early (a cheap check: result keys exist), while most of the backlog is still ahead.
     wait_for("the worker to get going", Duration::from_secs(60), || {
-        (celery.result_states().get("SUCCESS").copied().unwrap_or(0) >= 20).then_some(())
+        let results: Vec<String> = redis::cmd("KEYS")
+            .arg("celery-task-meta-*")
+            .query(&mut celery.conn())
+            .ok()?;
+        (results.len() >= 10).then_some(())
     });
     worker.kill();
     let held = celery.int(&["HLEN", "unacked"]);
@@ -521,7 +528,7 @@ fn killed_worker_scenario(db: u32, finish_with_python: bool) {
         })
         .collect();
     let done_before = celery.result_states().get("SUCCESS").copied().unwrap_or(0);
-    assert!(done_before < 1200, "killed after the end");
+    assert!(done_before < 3 * count, "killed after the end");
 
     let finisher = if finish_with_python {
         celery.start_python_worker(
@@ -537,7 +544,7 @@ fn killed_worker_scenario(db: u32, finish_with_python: bool) {
     // results alone do not prove the restore, so wait until nothing is left unacknowledged, then look at who ran what.
     wait_for(
         "nothing left unacknowledged",
-        Duration::from_secs(90),
+        Duration::from_secs(180),
         || celery.idle("celery").then_some(()),
     );
     if finish_with_python {
@@ -559,18 +566,18 @@ fn killed_worker_scenario(db: u32, finish_with_python: bool) {
     }
     assert!(finisher.stop().0.success());
     if !finish_with_python {
-        assert_eq!(celery.points(), 400);
+        assert_eq!(celery.points(), count as u64);
     }
 }
 
 #[test]
 fn a_killed_workers_tasks_are_restored_and_done_by_our_worker() {
-    killed_worker_scenario(4, false);
+    killed_worker_scenario(4, 400, false);
 }
 
 #[test]
 fn a_killed_workers_tasks_are_restored_and_done_by_a_python_worker() {
-    killed_worker_scenario(10, true);
+    killed_worker_scenario(10, 150, true);
 }
 
 #[test]
