@@ -5,9 +5,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use aura_celery::CeleryPublisher;
 use aura_kafka::{ConsumerOptions, ConsumerReport, KafkaPublisher, run_consumer};
-use aura_runtime::store::Durability;
-use aura_runtime::{Backend, Dispatcher, Settings};
+use aura_runtime::events::Event;
+use aura_runtime::store::{
+    CollectionInfo, CollectionSpec, Durability, Hit, Point, StoreError, VectorStore,
+};
+use aura_runtime::{
+    Backend, Dispatcher, Handler, HandlerContext, HandlerError, Registry, Settings,
+};
 
 use crate::{configured_registry, handler_context};
 
@@ -30,10 +36,16 @@ pub async fn run(
     );
     match backend {
         Backend::Kafka => {}
+        Backend::Celery if settings.kafka.drain_to_celery => {
+            return forward_to_celery(&settings, options, shutdown)
+                .await
+                .map(Some);
+        }
         Backend::Celery => {
             tracing::warn!(
-                "MESSAGING_BACKEND=celery: this consumer handles nothing; events are processed by vectordb-worker. \
-                 Kafka's backlog stays uncommitted in group {} and is picked up when switching back",
+                "MESSAGING_BACKEND=celery with KAFKA_DRAIN_TO_CELERY=false: this consumer handles nothing; events are \
+                 processed by vectordb-worker. Kafka's backlog stays uncommitted in group {} and is picked up when \
+                 switching back",
                 settings.kafka.group_id
             );
             shutdown.await;
@@ -62,6 +74,117 @@ pub async fn run(
         tracing::warn!(%error, "producer flush at exit");
     }
     Ok(Some(report))
+}
+
+/// Stands in for a handler on the Kafka loop during a rollback to Celery: hands its event on unchanged, so the
+/// dispatcher publishes it — as the handler's Celery task — before the offset is committed.
+struct ForwardToCelery {
+    name: &'static str,
+    event_types: &'static [&'static str],
+}
+
+#[async_trait::async_trait]
+impl Handler for ForwardToCelery {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn event_types(&self) -> &'static [&'static str] {
+        self.event_types
+    }
+
+    async fn handle(&self, event: &Event, _: &HandlerContext) -> Result<Vec<Event>, HandlerError> {
+        Ok(vec![event.clone()])
+    }
+}
+
+/// The store of a process that writes none (the forwarder): every call is refused.
+struct NoStore(CollectionSpec);
+
+#[async_trait::async_trait]
+impl VectorStore for NoStore {
+    fn collection(&self) -> &CollectionSpec {
+        &self.0
+    }
+
+    async fn upsert(&self, _: Vec<Point>) -> Result<(), StoreError> {
+        Err(StoreError::Unavailable(
+            "this process writes no points".into(),
+        ))
+    }
+
+    async fn search(&self, _: Vec<f32>, _: Option<&str>, _: usize) -> Result<Vec<Hit>, StoreError> {
+        Err(StoreError::Unavailable("this process has no store".into()))
+    }
+
+    async fn count(&self, _: Option<&str>) -> Result<u64, StoreError> {
+        Err(StoreError::Unavailable("this process has no store".into()))
+    }
+
+    async fn info(&self) -> Result<CollectionInfo, StoreError> {
+        Err(StoreError::Unavailable("this process has no store".into()))
+    }
+}
+
+/// `MESSAGING_BACKEND=celery` (DESIGN §5): every event on the topics beyond the group's committed offsets — the
+/// backlog at the switch, and whatever producers still send to Kafka — becomes its Celery task, then its offset is
+/// committed. Same loop, same guarantees as the Kafka mode: a task is pushed to Redis before its offset is stored; a
+/// Redis outage retries in place; disabled handlers keep their topics untouched; undecodable records go to `.dlq`.
+async fn forward_to_celery(
+    settings: &Settings,
+    options: ConsumerOptions,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<ConsumerReport> {
+    let mut registry = crate::standard_registry()
+        .handlers()
+        .map(|handler| ForwardToCelery {
+            name: handler.name(),
+            event_types: handler.event_types(),
+        })
+        .fold(Registry::new(), Registry::with);
+    registry
+        .disable(&settings.disabled_handlers)
+        .context("DISABLED_HANDLERS")?;
+    let registry = Arc::new(registry);
+    let broker = Arc::new(crate::worker::celery_broker(settings)?);
+    let publisher = Arc::new(CeleryPublisher::new(
+        broker,
+        settings.celery.publish_queue(),
+    ));
+    tracing::warn!(
+        group = %settings.kafka.group_id,
+        queue = settings.celery.publish_queue(),
+        broker = %settings.celery.broker_url,
+        "MESSAGING_BACKEND=celery: forwarding Kafka's backlog (and anything still produced to Kafka) as Celery tasks; \
+         KAFKA_DRAIN_TO_CELERY=false or --no-drain turns this off"
+    );
+    // Forwarding touches no store, and must not lock the embedded one a worker on this host may be using.
+    let context = HandlerContext {
+        store: Arc::new(NoStore(CollectionSpec {
+            name: settings.qdrant.collection.clone(),
+            dimension: settings.embedding.dimension,
+            distance: settings.qdrant.distance,
+        })),
+        embedder: aura_runtime::build_embedder(settings).context("setting up the embedder")?,
+        embedding_version: settings.embedding.version.clone(),
+    };
+    let dispatcher = Dispatcher::new(registry.clone(), context, publisher);
+    let dead_letters = KafkaPublisher::new(&settings.kafka)
+        .context("creating the Kafka producer for dead letters")?;
+    let report = run_consumer(
+        &settings.kafka,
+        registry,
+        dispatcher,
+        dead_letters.clone(),
+        options,
+        shutdown,
+    )
+    .await
+    .context("forwarding the Kafka backlog to Celery")?;
+    if let Err(error) = dead_letters.flush(Duration::from_secs(1)) {
+        tracing::warn!(%error, "producer flush at exit");
+    }
+    Ok(report)
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -86,12 +86,16 @@ impl Scenario {
     }
 
     fn start_consumer(&self, env: &[(&str, &str)]) -> Consumer {
+        self.start(env!("CARGO_BIN_EXE_vectordb-consumer"), env)
+    }
+
+    fn start(&self, binary: &str, env: &[(&str, &str)]) -> Consumer {
         let log_path = self
             .dir
             .path()
-            .join(format!("consumer-{}.log", uuid_suffix()));
+            .join(format!("process-{}.log", uuid_suffix()));
         let log = std::fs::File::create(&log_path).unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_vectordb-consumer"));
+        let mut command = Command::new(binary);
         self.configure(&mut command);
         command.envs(env.iter().copied());
         let child = command.stdout(Stdio::null()).stderr(log).spawn().unwrap();
@@ -552,4 +556,71 @@ fn topics_create_is_idempotent_and_publish_sends_the_python_record_shape() {
     let value: Value = serde_json::from_str(aggregated[0]["value"].as_str().unwrap()).unwrap();
     assert_eq!(value["context_data"]["text_representation"], "User: user-9");
     assert_eq!(aggregated[0]["key"], "user-9");
+}
+
+#[test]
+fn rolling_back_to_celery_forwards_the_kafka_backlog_as_tasks_and_loses_nothing() {
+    let kafka = Scenario::new("rollback");
+    kafka.produce_moods(100, 5);
+    // Redis database 7 of the machine's Redis is this test's (the Celery tests use others).
+    let redis_url = "redis://127.0.0.1:6379/7";
+    let mut redis = redis::Client::open(redis_url)
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let _: () = redis::cmd("FLUSHDB").query(&mut redis).unwrap();
+    let celery_env = [
+        ("MESSAGING_BACKEND", "celery"),
+        ("BROKER_URL", redis_url),
+        ("RESULT_BACKEND", redis_url),
+    ];
+
+    let mut consumer = kafka.start_consumer(&celery_env);
+    kafka.wait_for(
+        "the backlog forwarded and committed",
+        Duration::from_secs(300),
+        &mut consumer,
+        |offsets| offsets[0] == (100, 100),
+    );
+    consumer.stop();
+    let queued: i64 = redis::cmd("LLEN").arg("celery").query(&mut redis).unwrap();
+    assert_eq!(queued, 100, "one Celery task per event left in Kafka");
+    assert_eq!(
+        kafka.offsets(AGGREGATED_TOPIC),
+        (0, 0),
+        "nothing handled on the Kafka side"
+    );
+
+    let mut worker = kafka.start(env!("CARGO_BIN_EXE_vectordb-worker"), &celery_env);
+    let started = Instant::now();
+    loop {
+        let results: Vec<String> = redis::cmd("KEYS")
+            .arg("celery-task-meta-*")
+            .query(&mut redis)
+            .unwrap();
+        let (queued, unacked): (i64, i64) = redis::pipe()
+            .cmd("LLEN")
+            .arg("celery")
+            .cmd("HLEN")
+            .arg("unacked")
+            .query(&mut redis)
+            .unwrap();
+        if results.len() == 300 && queued == 0 && unacked == 0 {
+            break;
+        }
+        assert!(
+            worker.child.try_wait().unwrap().is_none(),
+            "worker exited:\n{}",
+            worker.log()
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(180),
+            "chain not done: {} results\n{}",
+            results.len(),
+            worker.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    worker.stop();
+    assert_eq!(kafka.points(), 100);
 }

@@ -65,6 +65,7 @@ mod tests {
             topic_prefix: String::new(),
             fetch_wait_max_ms: 500,
             session_timeout_ms: 45_000,
+            drain_to_celery: true,
         }
     }
 

@@ -68,6 +68,7 @@ fn settings(name: &str) -> KafkaSettings {
         topic_prefix: format!("{name}-{}.", &id[..8]),
         fetch_wait_max_ms: 50,
         session_timeout_ms: 6_000,
+        drain_to_celery: true,
     }
 }
 

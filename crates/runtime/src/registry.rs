@@ -69,6 +69,11 @@ impl Registry {
         }
     }
 
+    /// Every registered handler, enabled or not.
+    pub fn handlers(&self) -> impl Iterator<Item = &dyn Handler> {
+        self.handlers.iter().map(|h| h.as_ref())
+    }
+
     pub fn names(&self) -> Vec<&'static str> {
         self.handlers.iter().map(|h| h.name()).collect()
     }

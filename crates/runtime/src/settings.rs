@@ -128,6 +128,10 @@ pub struct KafkaSettings {
     /// `KAFKA_SESSION_TIMEOUT_MS` (librdkafka `session.timeout.ms`, default 45000): how soon the group notices a
     /// member that died without leaving (kill -9) and hands its partitions on.
     pub session_timeout_ms: u32,
+    /// `KAFKA_DRAIN_TO_CELERY` (default true): with `MESSAGING_BACKEND=celery`, `vectordb-consumer` forwards every
+    /// event on its topics beyond the group's committed offsets as a Celery task and commits — a rollback to Celery
+    /// loses nothing that was still in Kafka.
+    pub drain_to_celery: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -350,6 +354,7 @@ impl Layers {
                 topic_prefix: self.text("kafka_topic_prefix").unwrap_or_default(),
                 fetch_wait_max_ms: self.number("kafka_fetch_wait_max_ms", 1)?,
                 session_timeout_ms: self.number("kafka_session_timeout_ms", 1)?,
+                drain_to_celery: self.flag("kafka_drain_to_celery")?,
             },
             celery: CelerySettings {
                 broker_url: SecretUrl(self.required("broker_url")?),

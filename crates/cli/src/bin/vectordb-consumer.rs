@@ -16,20 +16,28 @@ use clap::Parser;
     name = "vectordb-consumer",
     version,
     about = "Runs the vectordb handlers on the Kafka consumer group KAFKA_GROUP_ID (MESSAGING_BACKEND=kafka); \
-             idles in celery and disabled modes. Configured by environment variables (see README)."
+             in celery mode forwards Kafka's backlog as Celery tasks (--no-drain: idles); idles when disabled. Configured by environment variables (see README)."
 )]
-struct Cli {}
+struct Cli {
+    /// With MESSAGING_BACKEND=celery: do not forward Kafka's backlog as Celery tasks (same as
+    /// KAFKA_DRAIN_TO_CELERY=false); the backlog then waits in Kafka until switching back.
+    #[arg(long)]
+    no_drain: bool,
+}
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let _ = Cli::parse();
-    let settings = match Settings::load() {
+    let cli = Cli::parse();
+    let mut settings = match Settings::load() {
         Ok(settings) => settings,
         Err(error) => {
             eprintln!("error: {error}");
             return ExitCode::from(2);
         }
     };
+    if cli.no_drain {
+        settings.kafka.drain_to_celery = false;
+    }
     init_logging(settings.log_format, "info");
     match run(settings, ConsumerOptions::default(), shutdown_signal()).await {
         Ok(_) => ExitCode::SUCCESS,
