@@ -82,10 +82,6 @@ impl EventSender {
         &self.identity
     }
 
-    pub fn task_events_enabled(&self) -> bool {
-        self.enabled
-    }
-
     /// The next Lamport clock value (shared with remote-control replies).
     pub fn tick(&self) -> u64 {
         self.clock.fetch_add(1, Ordering::Relaxed) + 1
@@ -105,10 +101,16 @@ impl EventSender {
         Value::Object(event)
     }
 
+    /// A task event, or `None` when task events are off (nothing is built then: this is on every task's path).
+    fn task_event(
+        &self,
+        kind: &str,
+        fields: impl IntoIterator<Item = (&'static str, Value)>,
+    ) -> Option<Value> {
+        self.enabled.then(|| self.event(kind, fields))
+    }
+
     pub fn task_received(&self, task: &TaskMessage) -> Option<Value> {
-        if !self.enabled {
-            return None;
-        }
         let headers = &task.envelope.headers;
         let repr = |key: &str, fallback: Value| {
             headers
@@ -117,7 +119,7 @@ impl EventSender {
                 .map(|s| json!(s))
                 .unwrap_or_else(|| json!(saferepr(&fallback, 1024)))
         };
-        Some(self.event(
+        self.task_event(
             "task-received",
             [
                 ("uuid", json!(task.id)),
@@ -136,63 +138,51 @@ impl EventSender {
                 ("eta", json!(task.eta.map(iso))),
                 ("expires", json!(task.expires.map(iso))),
             ],
-        ))
+        )
     }
 
     pub fn task_started(&self, task_id: &str) -> Option<Value> {
-        if !self.enabled {
-            return None;
-        }
-        Some(self.event("task-started", [("uuid", json!(task_id))]))
+        self.task_event("task-started", [("uuid", json!(task_id))])
     }
 
     pub fn task_succeeded(&self, task_id: &str, result: &Value, runtime: f64) -> Option<Value> {
-        if !self.enabled {
-            return None;
-        }
-        Some(self.event(
+        self.task_event(
             "task-succeeded",
             [
                 ("uuid", json!(task_id)),
                 ("result", json!(saferepr(result, 1024))),
                 ("runtime", json!(runtime)),
             ],
-        ))
+        )
     }
 
     pub fn task_failed(&self, task_id: &str, exception: &str, traceback: &str) -> Option<Value> {
-        if !self.enabled {
-            return None;
-        }
-        Some(self.event(
-            "task-failed",
-            [
-                ("uuid", json!(task_id)),
-                ("exception", json!(exception)),
-                ("traceback", json!(traceback)),
-            ],
-        ))
+        self.task_error("task-failed", task_id, exception, traceback)
     }
 
     pub fn task_retried(&self, task_id: &str, exception: &str, traceback: &str) -> Option<Value> {
-        if !self.enabled {
-            return None;
-        }
-        Some(self.event(
-            "task-retried",
+        self.task_error("task-retried", task_id, exception, traceback)
+    }
+
+    fn task_error(
+        &self,
+        kind: &str,
+        task_id: &str,
+        exception: &str,
+        traceback: &str,
+    ) -> Option<Value> {
+        self.task_event(
+            kind,
             [
                 ("uuid", json!(task_id)),
                 ("exception", json!(exception)),
                 ("traceback", json!(traceback)),
             ],
-        ))
+        )
     }
 
     pub fn task_revoked(&self, task_id: &str, expired: bool) -> Option<Value> {
-        if !self.enabled {
-            return None;
-        }
-        Some(self.event(
+        self.task_event(
             "task-revoked",
             [
                 ("uuid", json!(task_id)),
@@ -200,7 +190,7 @@ impl EventSender {
                 ("signum", Value::Null),
                 ("expired", json!(expired)),
             ],
-        ))
+        )
     }
 
     /// Publishes task events as one `task.multi` message (nothing if task events are off or none are given).

@@ -362,10 +362,6 @@ impl Broker {
         &self.link
     }
 
-    pub fn db(&self) -> i64 {
-        self.link.db()
-    }
-
     /// Checks the server answers (start-up), within `patience`.
     pub async fn ping(&self, patience: Patience) -> Result<(), TransportError> {
         self.link

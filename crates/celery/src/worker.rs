@@ -452,12 +452,7 @@ async fn process(shared: &Shared, fetched: Fetched, prefetch_slot: Option<OwnedS
             let task = envelope
                 .as_ref()
                 .and_then(|e| e.header_str("task").map(str::to_owned));
-            let verdict = Verdict::Fail {
-                handler: None,
-                error: error.to_string(),
-                exception: exception_for(&error),
-            };
-            finish_without_message(shared, &fetched, &tag, task_id, task, verdict).await;
+            dead_letter_unreadable(shared, &fetched, &tag, task_id, task, &error).await;
             return;
         }
     };
@@ -809,22 +804,17 @@ async fn write(
     commit(shared, Some(tag.to_owned()), result, pushes, events).await;
 }
 
-async fn finish_without_message(
+/// A registered message whose task could not be read: `FAILURE` (when its id is known), dead letter, acknowledge.
+async fn dead_letter_unreadable(
     shared: &Shared,
     fetched: &Fetched,
     tag: &str,
     task_id: Option<String>,
     task: Option<String>,
-    verdict: Verdict,
+    error: &MessageError,
 ) {
-    let Verdict::Fail {
-        handler,
-        error,
-        exception,
-    } = verdict
-    else {
-        return;
-    };
+    let exception = exception_for(error);
+    let error = error.to_string();
     let mut pushes = Vec::new();
     let mut events = Vec::new();
     fail(
@@ -832,7 +822,7 @@ async fn finish_without_message(
         fetched,
         task_id.clone(),
         task,
-        handler,
+        None,
         &error,
         &mut pushes,
         &mut events,
