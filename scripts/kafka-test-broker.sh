@@ -2,7 +2,8 @@
 # A Kafka-protocol test broker (tansu, sqlite storage) on a free 127.0.0.1 port.
 #
 #   scripts/kafka-test-broker.sh install      install tansu if missing (cargo install, ~8-30 min cold; cached after)
-#   scripts/kafka-test-broker.sh start DIR    start it with its data in DIR; prints the bootstrap address
+#   scripts/kafka-test-broker.sh start DIR    start it with its data in DIR; prints the bootstrap address (a restart
+#                                             in the same DIR reuses its port and data)
 #   scripts/kafka-test-broker.sh stop DIR     stop the broker started in DIR
 #
 # tansu speaks the Kafka protocol (consumer groups, commits, idempotent producers) and does not auto-create topics.
@@ -32,12 +33,12 @@ start() {
     local dir=$1 bin port
     bin=$(tansu_bin)
     mkdir -p "$dir"
-    port=$(free_port)
+    if [[ -f "$dir/port" ]]; then port=$(cat "$dir/port"); else port=$(free_port); echo "$port" >"$dir/port"; fi
     # The storage URL is relative to the working directory, hence the subshell.
     (cd "$dir" && exec "$bin" broker \
         --listener-url "tcp://127.0.0.1:$port" \
         --advertised-listener-url "tcp://127.0.0.1:$port" \
-        --storage-engine sqlite://tansu.db >tansu.log 2>&1) &
+        --storage-engine sqlite://tansu.db >>tansu.log 2>&1) &
     echo $! >"$dir/tansu.pid"
     for _ in $(seq 1 100); do
         if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
@@ -54,7 +55,15 @@ start() {
 stop() {
     local dir=$1
     if [[ -f "$dir/tansu.pid" ]]; then
-        kill "$(cat "$dir/tansu.pid")" 2>/dev/null || true
+        local pid
+        pid=$(cat "$dir/tansu.pid")
+        kill "$pid" 2>/dev/null || true
+        # Gone before returning, so a restart in the same DIR can take the port again.
+        for _ in $(seq 1 50); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -9 "$pid" 2>/dev/null || true
         rm -f "$dir/tansu.pid"
     fi
 }

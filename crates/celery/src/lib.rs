@@ -21,5 +21,5 @@ pub mod worker;
 
 pub use publisher::{CeleryPublisher, TaskScope};
 pub use results::ResultBackend;
-pub use transport::{Broker, Patience, TransportError};
+pub use transport::{Broker, Patience, QueueDepth, TransportError};
 pub use worker::{CeleryWorker, WorkerOptions, WorkerReport};

@@ -15,6 +15,8 @@ use aura_runtime::{
     Backend, Dispatcher, Handler, HandlerContext, HandlerError, Registry, Settings,
 };
 
+use crate::ops::{Ops, celery_probe, kafka_probe};
+use crate::publish::with_fallback;
 use crate::{configured_registry, handler_context};
 
 /// Runs until `shutdown` resolves. `kafka`: consume and handle; `disabled`: consume and commit nothing;
@@ -26,6 +28,7 @@ pub async fn run(
 ) -> anyhow::Result<Option<ConsumerReport>> {
     let registry = Arc::new(configured_registry(&settings)?);
     let backend = settings.messaging_backend;
+    let mut ops = Ops::start("vectordb-consumer", &settings, &registry).await?;
     metrics::gauge!("aura360_messaging_backend").set(backend.gauge());
     tracing::info!(
         messaging_backend = backend.as_str(),
@@ -37,7 +40,7 @@ pub async fn run(
     match backend {
         Backend::Kafka => {}
         Backend::Celery if settings.kafka.drain_to_celery => {
-            return forward_to_celery(&settings, options, shutdown)
+            return forward_to_celery(&settings, &mut ops, options, shutdown)
                 .await
                 .map(Some);
         }
@@ -48,18 +51,23 @@ pub async fn run(
                  switching back",
                 settings.kafka.group_id
             );
+            ops.set_idle("MESSAGING_BACKEND=celery, KAFKA_DRAIN_TO_CELERY=false: handling nothing; vectordb-worker does");
             shutdown.await;
             return Ok(None);
         }
         Backend::Disabled | Backend::Memory => {
             tracing::warn!("MESSAGING_BACKEND=disabled: consuming nothing, committing nothing");
+            ops.set_idle("MESSAGING_BACKEND=disabled: consuming nothing, committing nothing");
             shutdown.await;
             return Ok(None);
         }
     }
     let context = handler_context(&settings, Durability::EveryWrite).await?;
     let publisher = KafkaPublisher::new(&settings.kafka).context("creating the Kafka producer")?;
-    let dispatcher = Dispatcher::new(registry.clone(), context, Arc::new(publisher.clone()));
+    let outputs = with_fallback(&settings, Arc::new(publisher.clone()))?;
+    let dispatcher = Dispatcher::new(registry.clone(), context, outputs);
+    ops.watch(&settings, vec![kafka_probe(&settings, &registry)]);
+    ops.health.set_ready(None);
     let report = run_consumer(
         &settings.kafka,
         registry,
@@ -132,6 +140,7 @@ impl VectorStore for NoStore {
 /// Redis outage retries in place; disabled handlers keep their topics untouched; undecodable records go to `.dlq`.
 async fn forward_to_celery(
     settings: &Settings,
+    ops: &mut Ops,
     options: ConsumerOptions,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<ConsumerReport> {
@@ -148,7 +157,7 @@ async fn forward_to_celery(
     let registry = Arc::new(registry);
     let broker = Arc::new(crate::worker::celery_broker(settings)?);
     let publisher = Arc::new(CeleryPublisher::new(
-        broker,
+        broker.clone(),
         settings.celery.publish_queue(),
     ));
     tracing::warn!(
@@ -171,6 +180,20 @@ async fn forward_to_celery(
     let dispatcher = Dispatcher::new(registry.clone(), context, publisher);
     let dead_letters = KafkaPublisher::new(&settings.kafka)
         .context("creating the Kafka producer for dead letters")?;
+    ops.watch(
+        settings,
+        vec![
+            kafka_probe(settings, &registry),
+            celery_probe(
+                settings,
+                broker,
+                vec![settings.celery.publish_queue().to_owned()],
+            ),
+        ],
+    );
+    ops.health.set_ready(Some(
+        "forwarding Kafka's backlog to Celery (MESSAGING_BACKEND=celery)".into(),
+    ));
     let report = run_consumer(
         &settings.kafka,
         registry,

@@ -4,6 +4,7 @@
 //! tests and benchmarks call the same code.
 
 pub mod consumer;
+pub mod ops;
 pub mod pipeline;
 pub mod publish;
 pub mod worker;

@@ -21,17 +21,49 @@ pub struct PublishSummary {
     pub failed: Vec<String>,
 }
 
-/// The publisher `MESSAGING_BACKEND` names.
+/// The publisher `MESSAGING_BACKEND` names (with `MESSAGING_FALLBACK` behind it).
 pub fn configured_publisher(settings: &Settings) -> anyhow::Result<Arc<dyn Publisher>> {
     use aura_runtime::Backend;
     Ok(match settings.messaging_backend {
-        Backend::Kafka => Arc::new(aura_kafka::KafkaPublisher::new(&settings.kafka)?),
+        Backend::Kafka => with_fallback(
+            settings,
+            Arc::new(aura_kafka::KafkaPublisher::new(&settings.kafka)?),
+        )?,
         Backend::Disabled | Backend::Memory => Arc::new(aura_runtime::DisabledPublisher::new()),
         Backend::Celery => Arc::new(aura_celery::CeleryPublisher::new(
             Arc::new(crate::worker::celery_broker(settings)?),
             settings.celery.publish_queue(),
         )),
     })
+}
+
+/// `primary` behind the `MESSAGING_FALLBACK` circuit breaker, or `primary` itself when no fallback is set.
+pub fn with_fallback(
+    settings: &Settings,
+    primary: Arc<dyn Publisher>,
+) -> anyhow::Result<Arc<dyn Publisher>> {
+    let fallback = &settings.fallback;
+    let Some(aura_runtime::Backend::Celery) = fallback.backend else {
+        return Ok(primary);
+    };
+    let celery = Arc::new(aura_celery::CeleryPublisher::new(
+        Arc::new(crate::worker::celery_broker(settings)?),
+        settings.celery.publish_queue(),
+    ));
+    tracing::info!(
+        primary = primary.backend().as_str(),
+        fallback = "celery",
+        queue = settings.celery.publish_queue(),
+        timeout_ms = fallback.timeout.as_millis() as u64,
+        "MESSAGING_FALLBACK=celery: events Kafka does not take go to Celery"
+    );
+    Ok(Arc::new(aura_runtime::FallbackPublisher::new(
+        primary,
+        celery,
+        fallback.timeout,
+        fallback.failures_to_open,
+        fallback.open_for,
+    )))
 }
 
 /// Publishes every line of `input` (one JSON event per line; blank lines ignored), in order per key, many in flight.

@@ -11,6 +11,8 @@ use aura_celery::{
 use aura_runtime::store::Durability;
 use aura_runtime::{Backend, Dispatcher, Publisher, RetryPolicy, Settings};
 
+use crate::ops::{Ops, celery_probe};
+use crate::publish::with_fallback;
 use crate::{configured_registry, handler_context};
 
 /// `BROKER_URL` as a kombu Redis broker.
@@ -52,6 +54,7 @@ pub async fn run(
 ) -> anyhow::Result<Option<WorkerReport>> {
     let registry = Arc::new(configured_registry(&settings)?);
     let backend = settings.messaging_backend;
+    let mut ops = Ops::start("vectordb-worker", &settings, &registry).await?;
     metrics::gauge!("aura360_messaging_backend").set(backend.gauge());
     let options = worker_options(&settings);
     tracing::info!(
@@ -65,6 +68,7 @@ pub async fn run(
     );
     if matches!(backend, Backend::Disabled | Backend::Memory) {
         tracing::warn!("MESSAGING_BACKEND=disabled: consuming nothing; tasks stay on their queues");
+        ops.set_idle("MESSAGING_BACKEND=disabled: consuming nothing; tasks stay on their queues");
         shutdown.await;
         return Ok(None);
     }
@@ -79,10 +83,13 @@ pub async fn run(
         .with_context(|| format!("RESULT_BACKEND={results}"))?,
     );
     let publisher: Arc<dyn Publisher> = match backend {
-        Backend::Kafka => Arc::new(
-            aura_kafka::KafkaPublisher::new(&settings.kafka)
-                .context("creating the Kafka producer")?,
-        ),
+        Backend::Kafka => with_fallback(
+            &settings,
+            Arc::new(
+                aura_kafka::KafkaPublisher::new(&settings.kafka)
+                    .context("creating the Kafka producer")?,
+            ),
+        )?,
         _ => Arc::new(CeleryPublisher::new(
             broker.clone(),
             settings.celery.publish_queue(),
@@ -90,6 +97,15 @@ pub async fn run(
     };
     let context = handler_context(&settings, Durability::EveryWrite).await?;
     let dispatcher = Dispatcher::new(registry.clone(), context, publisher);
+    ops.watch(
+        &settings,
+        vec![celery_probe(
+            &settings,
+            broker.clone(),
+            options.queues.clone(),
+        )],
+    );
+    ops.health.set_ready(None);
     let report = CeleryWorker::new(broker, results, registry, dispatcher, options)
         .run(shutdown)
         .await

@@ -620,7 +620,8 @@ impl LaneContext {
     }
 }
 
-const DEAD_LETTER_HEADERS: [&str; 5] = [
+/// The headers a dead letter adds to the original record's (a replay to the source strips them).
+pub const DEAD_LETTER_HEADERS: [&str; 5] = [
     "error",
     "source_topic",
     "source_partition",

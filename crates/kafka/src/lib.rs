@@ -6,15 +6,17 @@
 //!   concurrently; an offset is stored for commit only after its event was handled and every produced event was
 //!   acknowledged; transient failures retry forever with backoff while the partition is paused; permanent ones go to
 //!   `<topic>.dlq` with the original bytes.
+//! - [`offsets`]: a group's lag, and reading a topic range back (`vectordb lag`, `export`, `replay`).
 //! - [`topics`]: topic names (with `KAFKA_TOPIC_PREFIX`) and `vectordb topics create`.
 
 mod client;
 pub mod consumer;
+pub mod offsets;
 mod publisher;
 pub mod topics;
 
 pub use client::{ClientError, client_config};
-pub use consumer::{ConsumerOptions, ConsumerReport, run_consumer};
+pub use consumer::{ConsumerOptions, ConsumerReport, DEAD_LETTER_HEADERS, run_consumer};
 pub use publisher::{KafkaPublisher, OutgoingRecord};
 pub use topics::{TopicNames, TopicStatus, create_topics};
 

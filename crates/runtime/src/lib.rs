@@ -9,6 +9,7 @@
 
 mod bus;
 mod dispatch;
+mod fallback;
 mod handler;
 mod publish;
 mod registry;
@@ -18,6 +19,7 @@ mod wiring;
 
 pub use bus::{BusReport, InMemoryBus};
 pub use dispatch::{DeadLetter, Dispatcher, Failure, Outcome};
+pub use fallback::FallbackPublisher;
 pub use handler::{Handler, HandlerContext, HandlerError};
 pub use publish::{Backend, DisabledPublisher, PublishError, Publisher, publish_event};
 pub use registry::{Registry, Route, UnknownHandler};

@@ -76,14 +76,21 @@ pub trait Publisher: Send + Sync {
     fn backend(&self) -> Backend;
     /// Sends one event and returns once the backend has accepted it (never fire-and-forget).
     async fn publish(&self, event: &Event) -> Result<(), PublishError>;
+
+    /// [`Publisher::publish`], returning the backend that took the event (a fallback publisher's may differ from
+    /// [`Publisher::backend`]).
+    async fn publish_via(&self, event: &Event) -> Result<Backend, PublishError> {
+        self.publish(event).await.map(|()| self.backend())
+    }
 }
 
-/// Publishes through `publisher` and counts it in `aura360_events_published_total{backend,event_type}`.
+/// Publishes through `publisher` and counts it in `aura360_events_published_total{backend,event_type}` under the
+/// backend that took it.
 pub async fn publish_event(publisher: &dyn Publisher, event: &Event) -> Result<(), PublishError> {
-    publisher.publish(event).await?;
+    let backend = publisher.publish_via(event).await?;
     metrics::counter!(
         "aura360_events_published_total",
-        "backend" => publisher.backend().as_str(),
+        "backend" => backend.as_str(),
         "event_type" => event.event_type.clone()
     )
     .increment(1);

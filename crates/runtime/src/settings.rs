@@ -205,6 +205,30 @@ pub struct Settings {
     pub disabled_handlers: Vec<String>,
     pub http_addr: SocketAddr,
     pub log_format: LogFormat,
+    pub fallback: FallbackSettings,
+    pub ops: OpsSettings,
+}
+
+/// `MESSAGING_FALLBACK`: where `publish_event` sends an event when the primary backend fails (DESIGN §5 extension).
+#[derive(Clone, Debug, PartialEq)]
+pub struct FallbackSettings {
+    /// `None`: no fallback (the default). Only `Celery` is accepted, and only with `MESSAGING_BACKEND=kafka`.
+    pub backend: Option<Backend>,
+    /// `MESSAGING_FALLBACK_TIMEOUT_MS`: how long a Kafka delivery may take before the event goes to the fallback.
+    pub timeout: Duration,
+    /// `MESSAGING_FALLBACK_FAILURES`: consecutive failures that open the circuit (Kafka skipped).
+    pub failures_to_open: u32,
+    /// `MESSAGING_FALLBACK_OPEN_S`: how long the circuit stays open before one event probes Kafka again.
+    pub open_for: Duration,
+}
+
+/// The operations endpoints and sampler.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OpsSettings {
+    /// `HEALTH_BROKER_GRACE_S`: how long a broker may be unreachable before `/health` answers 503.
+    pub broker_grace: Duration,
+    /// `BACKLOG_SAMPLE_S`: how often the broker is probed and the backlog gauges refreshed.
+    pub sample_every: Duration,
 }
 
 impl Settings {
@@ -318,6 +342,25 @@ impl Layers {
                 "expected host:port, e.g. 0.0.0.0:8080",
             )
         })?;
+        let fallback_text = self.text("messaging_fallback").unwrap_or_default();
+        let fallback_backend = match fallback_text.to_ascii_lowercase().as_str() {
+            "" | "none" => None,
+            "celery" if messaging_backend == Backend::Kafka => Some(Backend::Celery),
+            "celery" => {
+                return Err(invalid(
+                    "MESSAGING_FALLBACK",
+                    &fallback_text,
+                    "a fallback is for MESSAGING_BACKEND=kafka only; unset it or set MESSAGING_BACKEND=kafka",
+                ));
+            }
+            _ => {
+                return Err(invalid(
+                    "MESSAGING_FALLBACK",
+                    &fallback_text,
+                    "accepted values: celery, or empty for none",
+                ));
+            }
+        };
         let queues = list(&self.required("celery_queues")?);
         if queues.is_empty() {
             return Err(invalid("CELERY_QUEUES", "", "name at least one queue"));
@@ -387,6 +430,16 @@ impl Layers {
                 "log_format",
                 &[("text", LogFormat::Text), ("json", LogFormat::Json)],
             )?,
+            fallback: FallbackSettings {
+                backend: fallback_backend,
+                timeout: Duration::from_millis(self.number("messaging_fallback_timeout_ms", 1)?),
+                failures_to_open: self.number("messaging_fallback_failures", 1)?,
+                open_for: Duration::from_secs(self.number("messaging_fallback_open_s", 1)?),
+            },
+            ops: OpsSettings {
+                broker_grace: Duration::from_secs(self.number("health_broker_grace_s", 0)?),
+                sample_every: Duration::from_secs(self.number("backlog_sample_s", 1)?),
+            },
         })
     }
 

@@ -1,0 +1,320 @@
+//! `/health`, `/metrics` and the broker probes of both processes, and the backlog report of `vectordb lag`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use aura_celery::{Broker, Patience, QueueDepth};
+use aura_kafka::TopicNames;
+use aura_kafka::consumer::subscribed_topics;
+use aura_kafka::offsets::{PartitionLag, group_lag};
+use aura_ops::{Backlog, Health, Probe, Sampler};
+use aura_runtime::settings::KafkaSettings;
+use aura_runtime::{Registry, Settings};
+use serde::Serialize;
+
+/// The process's ops side: metrics recorder, `/health` + `/metrics` on `HTTP_ADDR`, and the broker sampler.
+pub struct Ops {
+    pub health: Health,
+    pub addr: SocketAddr,
+    sampler: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Ops {
+    /// Installs the recorder and starts serving (a port that cannot be bound is a start-up error).
+    pub async fn start(
+        process: &'static str,
+        settings: &Settings,
+        registry: &Registry,
+    ) -> anyhow::Result<Self> {
+        let metrics = aura_ops::install_metrics()?;
+        let health = Health::new(
+            process,
+            settings.messaging_backend.as_str(),
+            registry.enabled().iter().map(|s| (*s).to_owned()).collect(),
+            registry
+                .disabled()
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect(),
+            settings.ops.broker_grace,
+        );
+        let addr = aura_ops::serve(settings.http_addr, health.clone(), metrics)
+            .await
+            .context("starting the HTTP endpoints")?;
+        Ok(Self {
+            health,
+            addr,
+            sampler: None,
+        })
+    }
+
+    /// Ready, and deliberately consuming nothing (`disabled`, or celery mode without the drain): no broker to watch.
+    pub fn set_idle(&self, detail: &str) {
+        self.health.set_ready(Some(detail.to_owned()));
+    }
+
+    /// Starts probing `probes` every `BACKLOG_SAMPLE_S`; `/health` reflects what they see.
+    pub fn watch(&mut self, settings: &Settings, probes: Vec<Arc<dyn Probe>>) {
+        let sampler = Sampler::new(self.health.clone(), probes, settings.ops.sample_every);
+        self.sampler = Some(sampler.spawn());
+    }
+}
+
+impl Drop for Ops {
+    fn drop(&mut self) {
+        if let Some(sampler) = self.sampler.take() {
+            sampler.abort();
+        }
+    }
+}
+
+/// Kafka: the group's lag on the topics it consumes.
+pub struct KafkaProbe {
+    pub settings: KafkaSettings,
+    pub topics: Vec<String>,
+}
+
+#[async_trait::async_trait]
+impl Probe for KafkaProbe {
+    fn name(&self) -> &'static str {
+        "kafka"
+    }
+
+    fn target(&self) -> String {
+        self.settings.bootstrap_servers.clone()
+    }
+
+    async fn sample(&self) -> Result<Backlog, String> {
+        let (lags, missing) = group_lag(
+            &self.settings,
+            &self.settings.group_id,
+            &self.topics,
+            Duration::from_secs(5),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        if !missing.is_empty() {
+            return Err(format!(
+                "topics missing: {} (create them: vectordb topics create)",
+                missing.join(", ")
+            ));
+        }
+        Ok(kafka_backlog(&lags))
+    }
+}
+
+fn kafka_backlog(lags: &[PartitionLag]) -> Backlog {
+    let mut waiting: Vec<(String, u64)> = Vec::new();
+    for lag in lags {
+        match waiting.iter_mut().find(|(topic, _)| *topic == lag.topic) {
+            Some((_, total)) => *total += lag.lag,
+            None => waiting.push((lag.topic.clone(), lag.lag)),
+        }
+    }
+    Backlog {
+        backend: "kafka",
+        waiting,
+        partitions: lags
+            .iter()
+            .map(|l| aura_ops::PartitionLag {
+                topic: l.topic.clone(),
+                partition: l.partition,
+                lag: l.lag,
+            })
+            .collect(),
+    }
+}
+
+/// Celery: the depth of the queues (and their dead-letter lists).
+pub struct CeleryProbe {
+    pub broker: Arc<Broker>,
+    pub queues: Vec<String>,
+    pub target: String,
+}
+
+#[async_trait::async_trait]
+impl Probe for CeleryProbe {
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+
+    fn target(&self) -> String {
+        self.target.clone()
+    }
+
+    async fn sample(&self) -> Result<Backlog, String> {
+        let mut waiting = Vec::new();
+        for queue in &self.queues {
+            let depth = self
+                .broker
+                .depth(queue, &[], Patience::Until(Duration::from_secs(2)))
+                .await
+                .map_err(|e| e.to_string())?;
+            waiting.push((queue.clone(), depth.waiting));
+            waiting.push((
+                aura_celery::transport::dead_letter_key(queue),
+                depth.dead_letters,
+            ));
+        }
+        Ok(Backlog {
+            backend: "celery",
+            waiting,
+            partitions: Vec::new(),
+        })
+    }
+}
+
+/// The Kafka probe of a consumer: the topics its enabled handlers consume.
+pub fn kafka_probe(settings: &Settings, registry: &Registry) -> Arc<dyn Probe> {
+    Arc::new(KafkaProbe {
+        settings: settings.kafka.clone(),
+        topics: subscribed_topics(registry, &TopicNames::from_settings(&settings.kafka)),
+    })
+}
+
+/// The Celery probe of the queues `queues` on `broker`.
+pub fn celery_probe(
+    settings: &Settings,
+    broker: Arc<Broker>,
+    queues: Vec<String>,
+) -> Arc<dyn Probe> {
+    Arc::new(CeleryProbe {
+        broker,
+        queues,
+        target: settings.celery.broker_url.redacted(),
+    })
+}
+
+/// What `vectordb lag` prints.
+#[derive(Debug, Serialize)]
+pub struct LagReport {
+    pub kafka: Option<KafkaLag>,
+    pub celery: Option<CeleryLag>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct KafkaLag {
+    pub bootstrap_servers: String,
+    pub group: String,
+    pub partitions: Vec<PartitionLag>,
+    pub total_lag: u64,
+    pub missing_topics: Vec<String>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CeleryLag {
+    pub broker: String,
+    pub queues: Vec<QueueDepth>,
+    pub error: Option<String>,
+}
+
+impl LagReport {
+    /// Any backend could not be read.
+    pub fn failed(&self) -> bool {
+        self.kafka.as_ref().is_some_and(|k| k.error.is_some())
+            || self.celery.as_ref().is_some_and(|c| c.error.is_some())
+    }
+}
+
+/// Kafka lag of `group` on every aura360 topic (sources and dead letters), and the depth of `CELERY_QUEUES`.
+pub async fn lag_report(
+    settings: &Settings,
+    group: &str,
+    kafka: bool,
+    celery: bool,
+) -> anyhow::Result<LagReport> {
+    let kafka = if kafka {
+        let topics = TopicNames::from_settings(&settings.kafka).all();
+        let mut report = KafkaLag {
+            bootstrap_servers: settings.kafka.bootstrap_servers.clone(),
+            group: group.to_owned(),
+            partitions: Vec::new(),
+            total_lag: 0,
+            missing_topics: Vec::new(),
+            error: None,
+        };
+        match group_lag(&settings.kafka, group, &topics, Duration::from_secs(10)).await {
+            Ok((partitions, missing)) => {
+                report.total_lag = partitions.iter().map(|p| p.lag).sum();
+                report.partitions = partitions;
+                report.missing_topics = missing;
+            }
+            Err(error) => report.error = Some(error.to_string()),
+        }
+        Some(report)
+    } else {
+        None
+    };
+    let celery = if celery {
+        let broker = crate::worker::celery_broker(settings)?;
+        let handlers = crate::standard_registry().names();
+        let mut report = CeleryLag {
+            broker: settings.celery.broker_url.redacted(),
+            queues: Vec::new(),
+            error: None,
+        };
+        for queue in &settings.celery.queues {
+            match broker
+                .depth(queue, &handlers, Patience::Until(Duration::from_secs(5)))
+                .await
+            {
+                Ok(depth) => report.queues.push(depth),
+                Err(error) => {
+                    report.error = Some(error.to_string());
+                    break;
+                }
+            }
+        }
+        Some(report)
+    } else {
+        None
+    };
+    Ok(LagReport { kafka, celery })
+}
+
+/// `vectordb lag` as text.
+pub fn render_lag(report: &LagReport) -> String {
+    let mut out = String::new();
+    if let Some(kafka) = &report.kafka {
+        out.push_str(&format!(
+            "kafka {}  group {}\n",
+            kafka.bootstrap_servers, kafka.group
+        ));
+        if let Some(error) = &kafka.error {
+            out.push_str(&format!("  error: {error}\n"));
+        } else {
+            out.push_str(&format!(
+                "  {:<40} {:>9} {:>12} {:>12} {:>10}\n",
+                "TOPIC", "PARTITION", "COMMITTED", "END", "LAG"
+            ));
+            for p in &kafka.partitions {
+                let committed = p.committed.map_or("-".to_owned(), |c| c.to_string());
+                out.push_str(&format!(
+                    "  {:<40} {:>9} {:>12} {:>12} {:>10}\n",
+                    p.topic, p.partition, committed, p.end, p.lag
+                ));
+            }
+            out.push_str(&format!("  total lag: {}\n", kafka.total_lag));
+            for topic in &kafka.missing_topics {
+                out.push_str(&format!("  missing topic: {topic}\n"));
+            }
+        }
+    }
+    if let Some(celery) = &report.celery {
+        out.push_str(&format!("celery {}\n", celery.broker));
+        if let Some(error) = &celery.error {
+            out.push_str(&format!("  error: {error}\n"));
+        }
+        for q in &celery.queues {
+            let parked: u64 = q.parked.values().sum();
+            out.push_str(&format!(
+                "  queue {:<30} waiting {:>8}  dead letters {:>6}  parked {:>6}\n",
+                q.queue, q.waiting, q.dead_letters, parked
+            ));
+        }
+    }
+    out
+}

@@ -1,0 +1,180 @@
+//! The HTTP endpoints and the Prometheus recorder.
+
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::Health;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("HTTP_ADDR={addr}: cannot listen: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("installing the Prometheus recorder: {0}")]
+    Recorder(String),
+}
+
+static RECORDER: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Handler durations in seconds: a handler is ~1 ms (aggregation) to seconds (a remote embedder).
+const DURATION_BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
+
+/// Installs the process-wide Prometheus recorder (once; later calls return the same handle).
+pub fn install_metrics() -> Result<PrometheusHandle, ServeError> {
+    if let Some(handle) = RECORDER.get() {
+        return Ok(handle.clone());
+    }
+    let recorder = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full("aura360_handler_duration_seconds".into()),
+            &DURATION_BUCKETS,
+        )
+        .map_err(|e| ServeError::Recorder(e.to_string()))?
+        .build_recorder();
+    let handle = recorder.handle();
+    metrics::set_global_recorder(recorder).map_err(|e| ServeError::Recorder(e.to_string()))?;
+    // Declared up front so a scrape shows them before the first event.
+    metrics::describe_counter!(
+        "aura360_events_published_total",
+        "Events published, by backend and event type"
+    );
+    metrics::describe_counter!(
+        "aura360_events_processed_total",
+        "Events handled, by handler and outcome"
+    );
+    metrics::describe_counter!(
+        "aura360_dead_letters_total",
+        "Messages sent to a dead-letter destination"
+    );
+    metrics::describe_counter!(
+        "aura360_publish_fallback_total",
+        "Events published through the fallback backend because the primary failed"
+    );
+    metrics::describe_gauge!(
+        "aura360_messaging_backend",
+        "MESSAGING_BACKEND: 1 kafka, 2 celery, 0 disabled"
+    );
+    metrics::describe_gauge!(
+        "aura360_backlog",
+        "Messages waiting: Kafka lag per topic, Celery queue depth per queue"
+    );
+    metrics::describe_gauge!(
+        "aura360_consumer_lag",
+        "Kafka consumer-group lag per partition"
+    );
+    metrics::describe_histogram!("aura360_handler_duration_seconds", "Handler run time");
+    Ok(RECORDER.get_or_init(|| handle).clone())
+}
+
+/// Serves `/health` and `/metrics` on `addr` in the background; returns the bound address (port 0 picks one).
+pub async fn serve(
+    addr: SocketAddr,
+    health: Health,
+    metrics: PrometheusHandle,
+) -> Result<SocketAddr, ServeError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind { addr, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| ServeError::Bind { addr, source })?;
+    let app = Router::new()
+        .route("/health", get(health_endpoint))
+        .with_state(health)
+        .merge(
+            Router::new()
+                .route("/metrics", get(metrics_endpoint))
+                .with_state(metrics),
+        );
+    tokio::spawn(async move {
+        if let Err(error) = axum::serve(listener, app).await {
+            tracing::error!(%error, "HTTP server stopped");
+        }
+    });
+    tracing::info!(addr = %bound, "serving /health and /metrics");
+    Ok(bound)
+}
+
+async fn health_endpoint(State(health): State<Health>) -> impl IntoResponse {
+    let report = health.report();
+    let code = StatusCode::from_u16(report.status.http_code())
+        .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (code, axum::Json(report))
+}
+
+async fn metrics_endpoint(State(handle): State<PrometheusHandle>) -> impl IntoResponse {
+    handle.run_upkeep();
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        handle.render(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn health_and_metrics_over_http() {
+        let health = Health::new(
+            "test",
+            "kafka",
+            vec!["mood_created".into()],
+            vec![],
+            Duration::from_secs(30),
+        );
+        health.watch_broker("kafka", "127.0.0.1:1");
+        let handle = install_metrics().unwrap();
+        let addr = serve("127.0.0.1:0".parse().unwrap(), health.clone(), handle)
+            .await
+            .unwrap();
+        let client = reqwest::Client::new();
+        let response = client
+            .get(format!("http://{addr}/health"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 503);
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["status"], "starting");
+        assert_eq!(body["messaging_backend"], "kafka");
+
+        health.set_ready(None);
+        health.broker_checked("kafka", Ok(()));
+        metrics::counter!("aura360_events_processed_total", "handler" => "mood_created", "outcome" => "ok")
+            .increment(3);
+        let response = client
+            .get(format!("http://{addr}/health"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let text = client
+            .get(format!("http://{addr}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            text.contains(
+                r#"aura360_events_processed_total{handler="mood_created",outcome="ok"} 3"#
+            ),
+            "{text}"
+        );
+    }
+}
