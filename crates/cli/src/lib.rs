@@ -3,10 +3,12 @@
 //! The binaries themselves (`src/bin/`) only parse arguments and print; everything they do is a function here so
 //! tests and benchmarks call the same code.
 
+pub mod check;
 pub mod consumer;
 pub mod ops;
 pub mod pipeline;
 pub mod publish;
+pub mod replay;
 pub mod worker;
 
 use anyhow::Context as _;

@@ -66,39 +66,62 @@ pub fn with_fallback(
     )))
 }
 
-/// Publishes every line of `input` (one JSON event per line; blank lines ignored), in order per key, many in flight.
+/// Publishes every line of `input` (one JSON event per line; blank lines ignored) as it arrives — a stream piped into
+/// `vectordb publish --events -` is sent while it is being written — many in flight, results in input order.
 pub async fn publish_lines(
     publisher: &dyn Publisher,
-    input: impl BufRead,
+    input: impl BufRead + Send + 'static,
     mut progress: impl FnMut(u64),
 ) -> std::io::Result<PublishSummary> {
     let mut summary = PublishSummary {
         backend: publisher.backend().as_str(),
         ..PublishSummary::default()
     };
-    let mut events = Vec::new();
-    for (index, line) in input.split(b'\n').enumerate() {
-        let line = line?;
-        let text = line.trim_ascii();
-        if text.is_empty() {
-            continue;
+    // Lines are read on a blocking thread (stdin may be a pipe that is written slowly).
+    let (tx, rx) = tokio::sync::mpsc::channel::<(usize, std::io::Result<Vec<u8>>)>(IN_FLIGHT);
+    tokio::task::spawn_blocking(move || {
+        for (index, line) in input.split(b'\n').enumerate() {
+            let failed = line.is_err();
+            if tx.blocking_send((index + 1, line)).is_err() || failed {
+                return;
+            }
         }
-        match Event::from_slice(text) {
-            Ok(event) => events.push((index + 1, event)),
-            Err(error) => summary.failed.push(format!("line {}: {error}", index + 1)),
-        }
-    }
-    let mut results = futures::stream::iter(events.iter())
-        .map(|(line, event)| async move { (line, event, publish_event(publisher, event).await) })
+    });
+    let lines = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    let results = lines
+        .map(|(line, bytes)| async move {
+            let bytes = bytes?;
+            let text = bytes.trim_ascii();
+            if text.is_empty() {
+                return Ok((line, None));
+            }
+            let outcome = match Event::from_slice(text) {
+                Ok(event) => {
+                    let result = publish_event(publisher, &event)
+                        .await
+                        .map_err(|e| e.to_string());
+                    Ok((event.event_type, result))
+                }
+                Err(error) => Err(error.to_string()),
+            };
+            Ok::<_, std::io::Error>((line, Some(outcome)))
+        })
         .buffered(IN_FLIGHT);
-    while let Some((line, event, result)) = results.next().await {
-        match result {
-            Ok(()) => {
+    let mut results = std::pin::pin!(results);
+    while let Some(item) = results.next().await {
+        let (line, outcome) = item?;
+        match outcome {
+            None => {}
+            Some(Ok((event_type, Ok(())))) => {
                 summary.published += 1;
-                *summary.by_type.entry(event.event_type.clone()).or_default() += 1;
+                *summary.by_type.entry(event_type).or_default() += 1;
                 progress(summary.published);
             }
-            Err(error) => summary.failed.push(format!("line {line}: {error}")),
+            Some(Ok((_, Err(error)))) | Some(Err(error)) => {
+                summary.failed.push(format!("line {line}: {error}"))
+            }
         }
     }
     Ok(summary)

@@ -136,6 +136,7 @@ impl Celery {
             .env("EMBEDDING_DIM", "64")
             .env("MESSAGING_BACKEND", "celery")
             .env("RUST_LOG", "info")
+            .env("HTTP_ADDR", "127.0.0.1:0")
             .current_dir(self.dir.path());
     }
 

@@ -34,9 +34,14 @@ struct Scenario {
 
 impl Scenario {
     fn new(name: &str) -> Self {
+        Self::on_broker(name, required_env("AURA_TEST_KAFKA"))
+    }
+
+    /// A scenario on a broker of the test's own (one it stops and restarts).
+    fn on_broker(name: &str, bootstrap: String) -> Self {
         let id = uuid_suffix();
         let scenario = Self {
-            bootstrap: required_env("AURA_TEST_KAFKA"),
+            bootstrap,
             python: PathBuf::from(required_env("AURA_TEST_PYTHON")),
             prefix: format!("{name}-{id}."),
             group: format!("{name}-{id}"),
@@ -65,6 +70,9 @@ impl Scenario {
             .env("QDRANT_PATH", self.dir.path().join("qdrant"))
             .env("EMBEDDING_DIM", "64")
             .env("RUST_LOG", "info,librdkafka=warn")
+            // Every process serves /health and /metrics; port 0 so parallel tests never collide.
+            .env("HTTP_ADDR", "127.0.0.1:0")
+            .env("NO_COLOR", "1")
             .current_dir(self.dir.path());
     }
 
@@ -623,4 +631,564 @@ fn rolling_back_to_celery_forwards_the_kafka_backlog_as_tasks_and_loses_nothing(
     }
     worker.stop();
     assert_eq!(kafka.points(), 100);
+}
+
+// ---- Operations (issue 5): health and metrics, fallback, switching backends, export/replay, dead-letter replay ----
+
+/// A `redis-server` of the test's own on a free port (no persistence): the Celery side of a switch or fallback.
+struct TestRedis {
+    port: u16,
+    child: Child,
+}
+
+impl TestRedis {
+    fn start() -> Self {
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let redis = Self { port, child };
+        let started = Instant::now();
+        while redis.connection().is_none() {
+            assert!(started.elapsed() < Duration::from_secs(10), "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        redis
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    fn connection(&self) -> Option<redis::Connection> {
+        redis::Client::open(self.url()).ok()?.get_connection().ok()
+    }
+
+    fn int(&self, args: &[&str]) -> i64 {
+        let mut command = redis::cmd(args[0]);
+        for arg in &args[1..] {
+            command.arg(*arg);
+        }
+        command.query(&mut self.connection().unwrap()).unwrap()
+    }
+
+    /// The Celery settings of a process on this Redis.
+    fn env(&self) -> [(&'static str, String); 2] {
+        [("BROKER_URL", self.url()), ("RESULT_BACKEND", self.url())]
+    }
+
+    /// Nothing waiting on or taken from `celery` (a worker finished everything it was given).
+    fn idle(&self) -> bool {
+        self.int(&["LLEN", "celery"]) == 0 && self.int(&["HLEN", "unacked"]) == 0
+    }
+}
+
+impl Drop for TestRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Environment pairs with owned values, as `start` takes them.
+fn pairs<'a>(owned: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    owned.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
+impl Consumer {
+    /// The address the process serves `/health` and `/metrics` on, from its start-up log line.
+    fn http_addr(&mut self) -> String {
+        let started = Instant::now();
+        loop {
+            let log = strip_ansi(&self.log());
+            let found = log
+                .lines()
+                .find(|l| l.contains("serving /health and /metrics"))
+                .and_then(|l| l.split("addr=").nth(1))
+                .and_then(|rest| rest.split_whitespace().next());
+            if let Some(addr) = found {
+                return addr.to_owned();
+            }
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("exited ({status}) before serving HTTP:\n{log}");
+            }
+            assert!(started.elapsed() < Duration::from_secs(60), "no HTTP address logged:\n{log}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until the process has logged `text`.
+    fn wait_log(&mut self, text: &str, limit: Duration) {
+        let started = Instant::now();
+        while !self.log().contains(text) {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("exited ({status}) before logging {text:?}:\n{}", self.log());
+            }
+            assert!(started.elapsed() < limit, "{text:?} not logged:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A plain HTTP/1.1 GET: status and body.
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, body.to_owned())
+}
+
+fn health(addr: &str) -> (u16, Value) {
+    let (status, body) = http_get(addr, "/health");
+    (status, serde_json::from_str(&body).unwrap())
+}
+
+/// `/health` until it answers `status`, or panics with the last answer after `limit`.
+fn wait_health(addr: &str, status: &str, limit: Duration) -> (u16, Value) {
+    let started = Instant::now();
+    loop {
+        let (code, body) = health(addr);
+        if body["status"] == status {
+            return (code, body);
+        }
+        assert!(started.elapsed() < limit, "/health never said {status}: {code} {body}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+impl Scenario {
+    /// `/metrics` parsed by Prometheus's reference parser (Python `prometheus_client`): one JSON per sample.
+    fn metrics(&self, addr: &str) -> Vec<Value> {
+        let (status, text) = http_get(addr, "/metrics");
+        assert_eq!(status, 200);
+        self.python(&["parse_metrics.py"], Some(text))
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    /// `vectordb lag --json --kafka`: (committed, end) summed per source topic.
+    fn lag(&self) -> Value {
+        serde_json::from_str(&self.vectordb(&["lag", "--kafka", "--json"])).unwrap()
+    }
+}
+
+/// The value of the sample `name` whose labels include `labels`.
+fn sample(samples: &[Value], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    samples
+        .iter()
+        .find(|s| s["name"] == name && labels.iter().all(|(k, v)| s["labels"][*k] == *v))
+        .map(|s| s["value"].as_f64().unwrap())
+}
+
+#[test]
+fn health_and_metrics_report_backend_readiness_and_backlog() {
+    let kafka = Scenario::new("ops");
+
+    // A broker that does not answer: not ready, and /health says why.
+    let mut lost = kafka.start_consumer(&[("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:1")]);
+    let addr = lost.http_addr();
+    let (code, body) = health(&addr);
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(body["status"], "starting");
+    lost.kill_9();
+
+    kafka.produce_moods(20, 2);
+    let mut consumer = kafka.start_consumer(&[
+        ("BACKLOG_SAMPLE_S", "1"),
+        ("DISABLED_HANDLERS", ""),
+    ]);
+    let addr = consumer.http_addr();
+    kafka.wait_drained(&mut consumer, 20);
+    let (code, body) = wait_health(&addr, "ok", Duration::from_secs(30));
+    assert_eq!(code, 200);
+    assert_eq!(body["messaging_backend"], "kafka");
+    assert_eq!(body["process"], "vectordb-consumer");
+    assert_eq!(
+        body["handlers"]["enabled"],
+        json!(["mood_created", "context_aggregated", "ingest_vectors"])
+    );
+    assert_eq!(body["brokers"][0]["name"], "kafka");
+    assert_eq!(body["brokers"][0]["reachable"], true);
+
+    // Once the sampler has seen the drained topics, the backlog is 0 on each.
+    let user_topic = kafka.topic(USER_TOPIC);
+    let started = Instant::now();
+    let samples = loop {
+        let samples = kafka.metrics(&addr);
+        let backlog = sample(
+            &samples,
+            "aura360_backlog",
+            &[("backend", "kafka"), ("queue_or_topic", &user_topic)],
+        );
+        if backlog == Some(0.0) {
+            break samples;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "backlog {backlog:?}");
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert_eq!(sample(&samples, "aura360_messaging_backend", &[]), Some(1.0));
+    for handler in ["mood_created", "context_aggregated", "ingest_vectors"] {
+        assert_eq!(
+            sample(
+                &samples,
+                "aura360_events_processed_total",
+                &[("handler", handler), ("outcome", "success")]
+            ),
+            Some(20.0),
+            "{handler}"
+        );
+        assert_eq!(
+            sample(&samples, "aura360_handler_duration_seconds_count", &[("handler", handler)]),
+            Some(20.0)
+        );
+    }
+    assert!(
+        samples
+            .iter()
+            .any(|s| s["family"] == "aura360_handler_duration_seconds" && s["type"] == "histogram")
+    );
+    assert_eq!(
+        sample(
+            &samples,
+            "aura360_events_published_total",
+            &[("backend", "kafka"), ("event_type", "context.aggregated")]
+        ),
+        Some(20.0)
+    );
+    assert_eq!(
+        sample(&samples, "aura360_consumer_lag", &[("topic", &user_topic), ("partition", "0")]),
+        Some(0.0)
+    );
+    consumer.stop();
+
+    // `vectordb lag` agrees: everything committed.
+    let lag = kafka.lag();
+    assert_eq!(lag["kafka"]["total_lag"], 0, "{lag}");
+    let user_partitions: Vec<&Value> = lag["kafka"]["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["topic"] == user_topic.as_str())
+        .collect();
+    assert_eq!(user_partitions.len(), 3);
+    let committed: i64 = user_partitions.iter().map(|p| p["committed"].as_i64().unwrap_or(0)).sum();
+    assert_eq!(committed, 20);
+
+    // Disabled: healthy by design, consuming nothing.
+    let mut disabled = kafka.start_consumer(&[("MESSAGING_BACKEND", "disabled")]);
+    let addr = disabled.http_addr();
+    let (code, body) = wait_health(&addr, "disabled", Duration::from_secs(30));
+    assert_eq!(code, 200);
+    assert_eq!(body["messaging_backend"], "disabled");
+    let samples = kafka.metrics(&addr);
+    assert_eq!(sample(&samples, "aura360_messaging_backend", &[]), Some(0.0));
+    disabled.stop();
+
+    // A Celery worker: its queue depth in the same metric, its disabled handler on /health.
+    let redis = TestRedis::start();
+    let mut env = redis.env().to_vec();
+    env.extend([
+        ("MESSAGING_BACKEND", "celery".to_owned()),
+        ("DISABLED_HANDLERS", "ingest_vectors".to_owned()),
+        ("BACKLOG_SAMPLE_S", "1".to_owned()),
+    ]);
+    let mut worker = kafka.start(env!("CARGO_BIN_EXE_vectordb-worker"), &pairs(&env));
+    let addr = worker.http_addr();
+    let (code, body) = wait_health(&addr, "ok", Duration::from_secs(30));
+    assert_eq!(code, 200);
+    assert_eq!(body["messaging_backend"], "celery");
+    assert_eq!(body["handlers"]["disabled"], json!(["ingest_vectors"]));
+    assert_eq!(body["brokers"][0]["name"], "redis");
+    let samples = kafka.metrics(&addr);
+    assert_eq!(sample(&samples, "aura360_messaging_backend", &[]), Some(2.0));
+    assert_eq!(
+        sample(&samples, "aura360_backlog", &[("backend", "celery"), ("queue_or_topic", "celery")]),
+        Some(0.0)
+    );
+    worker.stop();
+}
+
+/// Event lines of moods `range` (ids from the index), as `vectordb publish` reads them.
+fn mood_lines(range: std::ops::Range<usize>) -> Vec<String> {
+    range
+        .map(|i| {
+            let record = mood_record("", &format!("user-{}", i % 4), i);
+            record["value"].as_str().unwrap().to_owned()
+        })
+        .collect()
+}
+
+fn mood_id(index: usize) -> String {
+    format!("00000000-0000-4000-8000-{index:012}")
+}
+
+/// `vectordb publish --events -` fed while it runs: lines go in as the test writes them.
+struct StreamingPublisher {
+    child: Child,
+    stdin: Option<std::process::ChildStdin>,
+}
+
+impl Scenario {
+    fn start_publisher(&self, env: &[(&str, &str)]) -> StreamingPublisher {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_vectordb"));
+        self.configure(&mut command);
+        command.envs(env.iter().copied());
+        let mut child = command
+            .args(["publish", "--events", "-", "--json"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take();
+        StreamingPublisher { child, stdin }
+    }
+}
+
+impl StreamingPublisher {
+    /// Writes `lines`, one every `pace`.
+    fn feed(&mut self, lines: &[String], pace: Duration) {
+        use std::io::Write as _;
+        let stdin = self.stdin.as_mut().unwrap();
+        for line in lines {
+            writeln!(stdin, "{line}").unwrap();
+            stdin.flush().unwrap();
+            std::thread::sleep(pace);
+        }
+    }
+
+    /// Closes the input and returns the summary.
+    fn finish(mut self) -> Value {
+        drop(self.stdin.take());
+        let output = self.child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "publish failed: {stderr}");
+        serde_json::from_slice(&output.stdout).unwrap_or_else(|_| panic!("no summary: {stderr}"))
+    }
+}
+
+/// The event ids of the `process_mood_created` tasks waiting on `celery`.
+fn queued_mood_ids(redis: &TestRedis) -> Vec<String> {
+    use base64::Engine as _;
+    let messages: Vec<Vec<u8>> = redis::cmd("LRANGE")
+        .arg("celery")
+        .arg(0)
+        .arg(-1)
+        .query(&mut redis.connection().unwrap())
+        .unwrap();
+    messages
+        .iter()
+        .filter_map(|message| {
+            let envelope: Value = serde_json::from_slice(message).unwrap();
+            if !envelope["headers"]["task"].as_str()?.ends_with("process_mood_created") {
+                return None;
+            }
+            let body = base64::engine::general_purpose::STANDARD
+                .decode(envelope["body"].as_str().unwrap())
+                .unwrap();
+            let body: Value = serde_json::from_slice(&body).unwrap();
+            Some(body[0][0]["event_id"].as_str().unwrap().to_owned())
+        })
+        .collect()
+}
+
+/// Runs a Celery worker until the queue is empty and nothing is unacknowledged, then stops it.
+fn run_worker_until_idle(kafka: &Scenario, redis: &TestRedis, env: &[(&str, &str)]) {
+    let mut worker = kafka.start(env!("CARGO_BIN_EXE_vectordb-worker"), env);
+    // The worker must have started consuming before "idle" means "done".
+    worker.wait_log("vectordb-worker starting", Duration::from_secs(60));
+    let started = Instant::now();
+    let mut idle_since: Option<Instant> = None;
+    loop {
+        // Idle for a second in a row: nothing left, nothing produced by the last tasks.
+        if redis.idle() {
+            let since = *idle_since.get_or_insert_with(Instant::now);
+            if since.elapsed() > Duration::from_secs(1) {
+                break;
+            }
+        } else {
+            idle_since = None;
+        }
+        if let Some(status) = worker.child.try_wait().unwrap() {
+            panic!("worker exited ({status}):\n{}", worker.log());
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "Celery queue not drained:\n{}",
+            worker.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    worker.stop();
+}
+
+/// Every source topic committed to its end (whatever the counts).
+fn wait_all_committed(kafka: &Scenario, consumer: &mut Consumer) {
+    kafka.wait_for("every topic committed to its end", Duration::from_secs(480), consumer, |offsets| {
+        offsets.iter().all(|(committed, end)| committed == end)
+    });
+}
+
+#[test]
+fn publishing_falls_back_to_celery_while_kafka_is_down_and_returns_to_kafka_after() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/kafka-test-broker.sh");
+    let broker_dir = tempfile::tempdir().unwrap();
+    let broker = |action: &str| {
+        let output = Command::new("bash")
+            .arg(&script)
+            .arg(action)
+            .arg(broker_dir.path())
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{action}: {}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8(output.stdout).unwrap().trim().to_owned()
+    };
+    let bootstrap = broker("start");
+    let kafka = Scenario::on_broker("fallback", bootstrap.clone());
+    let redis = TestRedis::start();
+    let mut env = redis.env().to_vec();
+    env.extend([
+        ("MESSAGING_FALLBACK", "celery".to_owned()),
+        ("MESSAGING_FALLBACK_TIMEOUT_MS", "2000".to_owned()),
+        ("MESSAGING_FALLBACK_FAILURES", "2".to_owned()),
+        ("MESSAGING_FALLBACK_OPEN_S", "2".to_owned()),
+        ("HEALTH_BROKER_GRACE_S", "2".to_owned()),
+        ("BACKLOG_SAMPLE_S", "1".to_owned()),
+    ]);
+    let env = pairs(&env);
+
+    let mut consumer = kafka.start_consumer(&env);
+    let addr = consumer.http_addr();
+    wait_health(&addr, "ok", Duration::from_secs(60));
+    let mut publisher = kafka.start_publisher(&env);
+    let pace = Duration::from_millis(25);
+    publisher.feed(&mood_lines(0..40), pace);
+    std::thread::sleep(Duration::from_secs(2));
+
+    // Kafka goes away mid-stream; the stream goes on.
+    broker("stop");
+    publisher.feed(&mood_lines(40..80), pace);
+    let (code, body) = wait_health(&addr, "unavailable", Duration::from_secs(30));
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(body["brokers"][0]["reachable"], false);
+
+    // Kafka is back (same port, same data): once the open period is over, the next event probes it.
+    assert_eq!(broker("start"), bootstrap);
+    wait_health(&addr, "ok", Duration::from_secs(120));
+    std::thread::sleep(Duration::from_secs(3));
+    publisher.feed(&mood_lines(80..120), pace);
+    let summary = publisher.finish();
+    assert_eq!(summary["published"], 120, "{summary}");
+    assert_eq!(summary["failed"], json!([]), "{summary}");
+
+    let in_kafka: std::collections::BTreeSet<String> = kafka
+        .read_topic(USER_TOPIC)
+        .iter()
+        .map(|r| r["headers"]["event_id"].as_str().unwrap().to_owned())
+        .collect();
+    let in_celery: std::collections::BTreeSet<String> = queued_mood_ids(&redis).into_iter().collect();
+    assert!(
+        (40..80).any(|i| in_celery.contains(&mood_id(i))),
+        "nothing went through Celery while Kafka was down"
+    );
+    assert!((0..40).all(|i| in_kafka.contains(&mood_id(i))), "before the outage: Kafka");
+    assert!(
+        (80..120).all(|i| in_kafka.contains(&mood_id(i)) && !in_celery.contains(&mood_id(i))),
+        "after the outage: Kafka again"
+    );
+    assert!(
+        (0..120).all(|i| in_kafka.contains(&mood_id(i)) || in_celery.contains(&mood_id(i))),
+        "every event is somewhere"
+    );
+
+    // Both paths processed: the Kafka consumer, then a worker for what went to Celery. 0 lost.
+    wait_all_committed(&kafka, &mut consumer);
+    consumer.stop();
+    let mut worker_env = env.clone();
+    worker_env.push(("MESSAGING_BACKEND", "celery"));
+    run_worker_until_idle(&kafka, &redis, &worker_env);
+    assert_eq!(kafka.points(), 120);
+    broker("stop");
+}
+
+#[test]
+fn switching_kafka_to_celery_and_back_under_load_loses_nothing() {
+    let kafka = Scenario::new("switch");
+    let redis = TestRedis::start();
+    let kafka_env = redis.env().to_vec();
+    let mut celery_env = kafka_env.clone();
+    celery_env.push(("MESSAGING_BACKEND", "celery".to_owned()));
+    let (kafka_env, celery_env) = (pairs(&kafka_env), pairs(&celery_env));
+
+    // A producer that stays on Kafka all along (a service nobody switched), fed from its own thread.
+    let mut steady = kafka.start_publisher(&kafka_env);
+    let feeder = std::thread::spawn(move || {
+        steady.feed(&mood_lines(0..300), Duration::from_millis(40));
+        steady.finish()
+    });
+
+    // Kafka mode.
+    let consumer = kafka.start_consumer(&kafka_env);
+    std::thread::sleep(Duration::from_secs(3));
+
+    // Roll back to Celery: restart both processes with the new env; the switched API publishes tasks.
+    consumer.stop();
+    let mut consumer = kafka.start_consumer(&celery_env);
+    let worker = kafka.start(env!("CARGO_BIN_EXE_vectordb-worker"), &celery_env);
+    let mut switched = kafka.start_publisher(&celery_env);
+    switched.feed(&mood_lines(1000..1100), Duration::from_millis(30));
+    let summary = switched.finish();
+    assert_eq!(summary["published"], 100, "{summary}");
+    assert_eq!(summary["backend"], "celery");
+    consumer.wait_log("forwarding Kafka's backlog", Duration::from_secs(60));
+    std::thread::sleep(Duration::from_secs(1));
+
+    // And back to Kafka. The worker stops too (in production it would keep draining its queue; here it
+    // shares the embedded store with the consumer, which one process holds at a time).
+    consumer.stop();
+    assert!(worker.terminate().0.success());
+    let mut consumer = kafka.start_consumer(&kafka_env);
+    let summary = feeder.join().unwrap();
+    assert_eq!(summary["published"], 300, "{summary}");
+    wait_all_committed(&kafka, &mut consumer);
+    consumer.stop();
+    run_worker_until_idle(&kafka, &redis, &celery_env);
+
+    assert_eq!(kafka.points(), 400, "every event processed once switched around");
+    let lag = kafka.lag();
+    assert_eq!(lag["kafka"]["total_lag"], 0, "{lag}");
 }

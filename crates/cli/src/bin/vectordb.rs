@@ -18,7 +18,8 @@ use serde_json::json;
 #[command(
     name = "vectordb",
     version,
-    about = "AURA360 vectordb admin: run the pipeline in-process, publish events, manage topics, search and inspect the store."
+    about = "AURA360 vectordb admin: run the pipeline in-process, publish events, manage topics, search and inspect the \
+             store; backlog (lag), export/replay and dead-letter replay, configuration check."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -82,6 +83,97 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Backlog: the Kafka group's committed offset, end offset and lag per topic/partition, and Celery queue depths
+    /// (waiting, dead letters, parked).
+    Lag {
+        /// Consumer group (default: KAFKA_GROUP_ID).
+        #[arg(long)]
+        group: Option<String>,
+        /// Only Kafka.
+        #[arg(long, conflicts_with = "celery")]
+        kafka: bool,
+        /// Only Celery.
+        #[arg(long)]
+        celery: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Copy a topic (or a partition/offset range of it) to JSONL, one record per line with its Kafka coordinates,
+    /// key, headers and value bytes.
+    Export {
+        #[command(flatten)]
+        range: RangeArgs,
+        /// Output file, or `-` for standard output.
+        #[arg(long, value_name = "FILE|-", default_value = "-")]
+        out: PathBuf,
+        /// Print the summary as JSON (on stderr when writing to standard output).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replay records into the handlers, Kafka or Celery: a topic range, an export file, or dead letters
+    /// (`--topic <topic>.dlq --to kafka` sends them back to their source topic; `--celery-dlq QUEUE` moves
+    /// `<queue>.dlq` back onto its queue). Safe to re-run: point ids derive from event ids, duplicates overwrite.
+    Replay {
+        #[command(flatten)]
+        range: RangeArgs,
+        /// An export (or a JSONL of events) instead of a topic; `-` for standard input.
+        #[arg(long, value_name = "FILE|-", conflicts_with_all = ["topic", "celery_dlq"])]
+        file: Option<PathBuf>,
+        /// Move every entry of `<QUEUE>.dlq` back onto the queue its task came from.
+        #[arg(long, value_name = "QUEUE", conflicts_with_all = ["topic", "to"])]
+        celery_dlq: Option<String>,
+        /// Where the records go.
+        #[arg(long, value_enum, required_unless_present = "celery_dlq")]
+        to: Option<aura_cli::replay::Target>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Validate the configuration and reach every dependency it names (Kafka, Redis, Qdrant, the embedder);
+    /// print what the processes would do, and a fix for each failure. Exit 1 if anything failed.
+    Check {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// The Kafka records to read: a topic and an optional partition/offset range.
+#[derive(clap::Args)]
+struct RangeArgs {
+    /// Topic to read, e.g. `aura360.user.events` or `aura360.context.aggregated.dlq`.
+    #[arg(long)]
+    topic: Option<String>,
+    /// Only this partition (default: all).
+    #[arg(long)]
+    partition: Option<i32>,
+    /// First offset to read (inclusive; default: the oldest on the broker).
+    #[arg(long, conflicts_with = "from_group")]
+    from_offset: Option<i64>,
+    /// Offset to stop at (exclusive; default: the end offset when reading starts).
+    #[arg(long)]
+    to_offset: Option<i64>,
+    /// Start at this consumer group's committed offsets (what the group has not processed yet);
+    /// `--from-group` alone means KAFKA_GROUP_ID.
+    #[arg(long, num_args = 0..=1, default_missing_value = "")]
+    from_group: Option<String>,
+}
+
+impl RangeArgs {
+    fn range(self, settings: &Settings) -> Option<aura_kafka::offsets::Range> {
+        let topic = self.topic?;
+        Some(aura_kafka::offsets::Range {
+            topic,
+            partition: self.partition,
+            from: self.from_offset,
+            to: self.to_offset,
+            from_group: self.from_group.map(|g| {
+                if g.is_empty() {
+                    settings.kafka.group_id.clone()
+                } else {
+                    g
+                }
+            }),
+        })
+    }
 }
 
 #[derive(Subcommand)]
@@ -244,7 +336,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             json,
         } => {
             let publisher = configured_publisher(&settings)?;
-            let input: Box<dyn BufRead> = match (events, event_type) {
+            let input: Box<dyn BufRead + Send> = match (events, event_type) {
                 (Some(path), _) if path.as_os_str() == "-" => {
                     Box::new(BufReader::new(std::io::stdin()))
                 }
@@ -284,6 +376,160 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
                 }
             }
             Ok(if summary.failed.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Lag {
+            group,
+            kafka,
+            celery,
+            json,
+        } => {
+            let group = group.unwrap_or_else(|| settings.kafka.group_id.clone());
+            let (want_kafka, want_celery) = match (kafka, celery) {
+                (false, false) => (true, true),
+                other => other,
+            };
+            let report =
+                aura_cli::ops::lag_report(&settings, &group, want_kafka, want_celery).await?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{}", aura_cli::ops::render_lag(&report));
+            }
+            Ok(if report.failed() {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        Command::Export { range, out, json } => {
+            let range = range
+                .range(&settings)
+                .context("give --topic (see --help)")?;
+            let to_stdout = out.as_os_str() == "-";
+            let writer: Box<dyn Write + Send> = if to_stdout {
+                Box::new(std::io::stdout())
+            } else {
+                Box::new(
+                    std::fs::File::create(&out)
+                        .with_context(|| format!("creating {}", out.display()))?,
+                )
+            };
+            let show_progress = !json && std::io::stderr().is_terminal();
+            let summary = aura_cli::replay::export(&settings, range, writer, move |n| {
+                if show_progress && n % 1000 == 0 {
+                    eprint!("\r{n} records exported");
+                }
+            })
+            .await?;
+            if json {
+                let line = serde_json::to_string(&summary)?;
+                if to_stdout {
+                    eprintln!("{line}");
+                } else {
+                    println!("{line}");
+                }
+            } else {
+                eprintln!(
+                    "exported {} record(s) of {} to {}",
+                    summary.records,
+                    summary.topic,
+                    out.display()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Replay {
+            range,
+            file,
+            celery_dlq,
+            to,
+            json,
+        } => {
+            let show_progress = !json && std::io::stderr().is_terminal();
+            let progress = |n: u64| {
+                if show_progress && n % 100 == 0 {
+                    eprint!("\r{n} replayed");
+                    let _ = std::io::stderr().flush();
+                }
+            };
+            let summary = match (celery_dlq, file, to) {
+                (Some(queue), _, _) => {
+                    aura_cli::replay::replay_celery_dead_letters(&settings, &queue, |n| {
+                        progress(n as u64)
+                    })
+                    .await?
+                }
+                (None, Some(path), Some(to)) => {
+                    let input: Box<dyn BufRead + Send> = if path.as_os_str() == "-" {
+                        Box::new(BufReader::new(std::io::stdin()))
+                    } else {
+                        Box::new(BufReader::new(
+                            std::fs::File::open(&path)
+                                .with_context(|| format!("opening {}", path.display()))?,
+                        ))
+                    };
+                    aura_cli::replay::replay(
+                        &settings,
+                        aura_cli::replay::Source::File(input),
+                        to,
+                        progress,
+                    )
+                    .await?
+                }
+                (None, None, Some(to)) => {
+                    let range = range
+                        .range(&settings)
+                        .context("give --topic, --file or --celery-dlq (see --help)")?;
+                    aura_cli::replay::replay(
+                        &settings,
+                        aura_cli::replay::Source::Topic(range),
+                        to,
+                        progress,
+                    )
+                    .await?
+                }
+                (None, _, None) => anyhow::bail!("give --to handlers|kafka|celery"),
+            };
+            if show_progress && summary.replayed >= 100 {
+                eprintln!();
+            }
+            if json {
+                println!("{}", serde_json::to_string(&summary)?);
+            } else {
+                println!(
+                    "replayed {} of {} record(s){}",
+                    summary.replayed,
+                    summary.read,
+                    summary
+                        .to
+                        .map(|t| format!(" to {}", format!("{t:?}").to_lowercase()))
+                        .unwrap_or_default()
+                );
+                if let Some(points) = summary.collection_points {
+                    println!("points in the collection: {points}");
+                }
+                for failure in &summary.failed {
+                    println!("failed: {failure}");
+                }
+            }
+            Ok(if summary.failed.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Check { json } => {
+            let report = aura_cli::check::check(&settings).await?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{}", aura_cli::check::render(&report));
+            }
+            Ok(if report.ok() {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE

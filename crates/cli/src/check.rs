@@ -1,0 +1,315 @@
+//! `vectordb check`: the configuration as the processes would read it, and every dependency it names, reached.
+
+use std::time::Duration;
+
+use aura_celery::{Patience, ResultBackend};
+use aura_kafka::TopicNames;
+use aura_kafka::offsets::group_lag;
+use aura_runtime::store::Durability;
+use aura_runtime::{Backend, Settings};
+use serde::Serialize;
+
+/// One line of the report.
+#[derive(Debug, Serialize)]
+pub struct Check {
+    pub name: String,
+    pub ok: bool,
+    /// What was found (or the error).
+    pub detail: String,
+    /// How to fix a failure.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fix: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CheckReport {
+    pub messaging_backend: &'static str,
+    pub fallback: Option<&'static str>,
+    pub enabled_handlers: Vec<&'static str>,
+    pub disabled_handlers: Vec<&'static str>,
+    /// What each process would do with this configuration.
+    pub plan: Vec<String>,
+    pub checks: Vec<Check>,
+}
+
+impl CheckReport {
+    pub fn ok(&self) -> bool {
+        self.checks.iter().all(|c| c.ok)
+    }
+}
+
+fn passed(name: &str, detail: String) -> Check {
+    Check {
+        name: name.to_owned(),
+        ok: true,
+        detail,
+        fix: None,
+    }
+}
+
+fn failed(name: &str, detail: String, fix: &str) -> Check {
+    Check {
+        name: name.to_owned(),
+        ok: false,
+        detail,
+        fix: Some(fix.to_owned()),
+    }
+}
+
+/// Reaches what `settings` names. The settings themselves were already validated by loading them.
+pub async fn check(settings: &Settings) -> anyhow::Result<CheckReport> {
+    let registry = crate::configured_registry(settings)?;
+    let backend = settings.messaging_backend;
+    let fallback = settings.fallback.backend.map(Backend::as_str);
+    let uses_kafka = backend == Backend::Kafka
+        || (backend == Backend::Celery && settings.kafka.drain_to_celery);
+    let uses_redis = backend == Backend::Celery || fallback.is_some();
+    let plan = plan(settings, &registry.enabled());
+    let mut checks = vec![passed(
+        "config",
+        format!(
+            "ENV={}, MESSAGING_BACKEND={}, HTTP_ADDR={}",
+            settings.environment.as_deref().unwrap_or("(none)"),
+            backend.as_str(),
+            settings.http_addr
+        ),
+    )];
+    if uses_kafka {
+        checks.push(check_kafka(settings).await);
+    }
+    if uses_redis || backend == Backend::Kafka {
+        // The worker consumes Celery queues in kafka mode too.
+        checks.push(check_redis("broker", settings).await);
+        checks.push(check_results(settings).await);
+    }
+    if backend != Backend::Disabled {
+        checks.push(check_store(settings).await);
+        checks.push(check_embedder(settings).await);
+    }
+    Ok(CheckReport {
+        messaging_backend: backend.as_str(),
+        fallback,
+        enabled_handlers: registry.enabled(),
+        disabled_handlers: registry.disabled(),
+        plan,
+        checks,
+    })
+}
+
+fn plan(settings: &Settings, enabled: &[&str]) -> Vec<String> {
+    let group = &settings.kafka.group_id;
+    let queues = settings.celery.queues.join(",");
+    let handlers = enabled.join(", ");
+    let mut plan = match settings.messaging_backend {
+        Backend::Kafka => vec![
+            format!("vectordb-consumer: consumes the Kafka topics of [{handlers}] in group {group}, publishes to Kafka"),
+            format!("vectordb-worker: consumes Celery queues [{queues}], publishes next events to Kafka"),
+        ],
+        Backend::Celery if settings.kafka.drain_to_celery => vec![
+            format!("vectordb-consumer: forwards Kafka's backlog of group {group} as Celery tasks to {}", settings.celery.publish_queue()),
+            format!("vectordb-worker: consumes Celery queues [{queues}] with [{handlers}], publishes next events as tasks"),
+        ],
+        Backend::Celery => vec![
+            format!("vectordb-consumer: idles (KAFKA_DRAIN_TO_CELERY=false); Kafka's backlog waits in group {group}"),
+            format!("vectordb-worker: consumes Celery queues [{queues}] with [{handlers}], publishes next events as tasks"),
+        ],
+        Backend::Disabled | Backend::Memory => vec![
+            "vectordb-consumer and vectordb-worker: consume nothing, commit nothing".to_owned(),
+        ],
+    };
+    if settings.fallback.backend.is_some() {
+        plan.push(format!(
+            "publish_event: Kafka first; after {} ms or an error, the event goes to Celery queue {} (circuit opens after {} failures for {} s)",
+            settings.fallback.timeout.as_millis(),
+            settings.celery.publish_queue(),
+            settings.fallback.failures_to_open,
+            settings.fallback.open_for.as_secs()
+        ));
+    }
+    plan
+}
+
+async fn check_kafka(settings: &Settings) -> Check {
+    let topics = TopicNames::from_settings(&settings.kafka).all();
+    let target = &settings.kafka.bootstrap_servers;
+    match group_lag(
+        &settings.kafka,
+        &settings.kafka.group_id,
+        &topics,
+        Duration::from_secs(5),
+    )
+    .await
+    {
+        Ok((lags, missing)) if missing.is_empty() => {
+            let lag: u64 = lags.iter().map(|l| l.lag).sum();
+            passed(
+                "kafka",
+                format!(
+                    "{target}: {} topics, {} partitions, group {} lag {lag}",
+                    topics.len(),
+                    lags.len(),
+                    settings.kafka.group_id
+                ),
+            )
+        }
+        Ok((_, missing)) => failed(
+            "kafka",
+            format!("{target}: missing topics: {}", missing.join(", ")),
+            "create them: `vectordb topics create` (the broker may not auto-create topics)",
+        ),
+        Err(error) => failed(
+            "kafka",
+            format!("{target}: {error}"),
+            "check KAFKA_BOOTSTRAP_SERVERS and that the broker is up; for Confluent Cloud set \
+             KAFKA_SECURITY_PROTOCOL=SASL_SSL, KAFKA_SASL_MECHANISM=PLAIN, KAFKA_API_KEY, KAFKA_API_SECRET",
+        ),
+    }
+}
+
+async fn check_redis(name: &str, settings: &Settings) -> Check {
+    let target = settings.celery.broker_url.redacted();
+    let broker = match crate::worker::celery_broker(settings) {
+        Ok(broker) => broker,
+        Err(error) => {
+            return failed(
+                name,
+                format!("{error:#}"),
+                "BROKER_URL: redis://[:password@]host:port/db or rediss://…",
+            );
+        }
+    };
+    match broker.ping(Patience::Until(Duration::from_secs(3))).await {
+        Ok(()) => {
+            let mut depths = Vec::new();
+            for queue in &settings.celery.queues {
+                if let Ok(depth) = broker
+                    .depth(queue, &[], Patience::Until(Duration::from_secs(3)))
+                    .await
+                {
+                    depths.push(format!(
+                        "{queue}: {} waiting, {} dead letters",
+                        depth.waiting, depth.dead_letters
+                    ));
+                }
+            }
+            passed(name, format!("{target}: PONG; {}", depths.join("; ")))
+        }
+        Err(error) => failed(
+            name,
+            format!("{target}: {error}"),
+            "check BROKER_URL (host, port, password, db) and that Redis is up",
+        ),
+    }
+}
+
+async fn check_results(settings: &Settings) -> Check {
+    let url = &settings.celery.result_backend;
+    let opened = ResultBackend::open(url.expose(), url.redacted(), settings.celery.result_expires);
+    let result = match opened {
+        Ok(results) => results.get("aura360-check-no-such-task").await.map(|_| ()),
+        Err(error) => Err(error),
+    };
+    match result {
+        Ok(()) => passed("result_backend", format!("{url}: reachable")),
+        Err(error) => failed(
+            "result_backend",
+            format!("{url}: {error}"),
+            "check RESULT_BACKEND (redis://host:port/db) and that Redis is up",
+        ),
+    }
+}
+
+async fn check_store(settings: &Settings) -> Check {
+    let location = match &settings.qdrant.url {
+        Some(url) => format!("Qdrant at {url}"),
+        None => format!("embedded Qdrant under {}", settings.qdrant.path.display()),
+    };
+    match aura_runtime::build_store(settings, Durability::EveryWrite).await {
+        Ok(store) => match store.info().await {
+            Ok(info) => passed(
+                "qdrant",
+                format!(
+                    "{location}: collection {} ({} points, size {}, {:?})",
+                    info.name, info.points, info.dimension, info.distance
+                ),
+            ),
+            Err(error) => failed(
+                "qdrant",
+                format!("{location}: {error}"),
+                "check QDRANT_URL / QDRANT_API_KEY",
+            ),
+        },
+        Err(error) => failed(
+            "qdrant",
+            format!("{location}: {error}"),
+            if settings.qdrant.url.is_some() {
+                "check QDRANT_URL (gRPC port, usually 6334), QDRANT_API_KEY, and that EMBEDDING_DIM matches the collection"
+            } else {
+                "an embedded store is used by one process at a time (stop the one holding it, or give this one its own \
+                 QDRANT_PATH); EMBEDDING_DIM must match the collection"
+            },
+        ),
+    }
+}
+
+async fn check_embedder(settings: &Settings) -> Check {
+    let embedder = match aura_runtime::build_embedder(settings) {
+        Ok(embedder) => embedder,
+        Err(error) => {
+            return failed(
+                "embedding",
+                error.to_string(),
+                "check EMBEDDING_PROVIDER, EMBEDDING_URL",
+            );
+        }
+    };
+    match embedder.embed(&["aura360 check".to_owned()]).await {
+        Ok(embeddings) => passed(
+            "embedding",
+            format!(
+                "{:?} model {}: {} dimensions",
+                settings.embedding.provider,
+                embeddings.model,
+                embeddings.vectors.first().map_or(0, Vec::len)
+            ),
+        ),
+        Err(error) => failed(
+            "embedding",
+            error.to_string(),
+            "check EMBEDDING_URL, EMBEDDING_API_KEY, DEFAULT_EMBEDDING_MODEL, and that the model returns EMBEDDING_DIM dimensions",
+        ),
+    }
+}
+
+/// `vectordb check` as text.
+pub fn render(report: &CheckReport) -> String {
+    let mut out = format!(
+        "messaging backend: {}{}\nhandlers enabled:  {}\nhandlers disabled: {}\n",
+        report.messaging_backend,
+        report
+            .fallback
+            .map(|f| format!(" (fallback: {f})"))
+            .unwrap_or_default(),
+        report.enabled_handlers.join(", "),
+        if report.disabled_handlers.is_empty() {
+            "(none)".to_owned()
+        } else {
+            report.disabled_handlers.join(", ")
+        }
+    );
+    for line in &report.plan {
+        out.push_str(&format!("  {line}\n"));
+    }
+    for check in &report.checks {
+        out.push_str(&format!(
+            "[{}] {:<15} {}\n",
+            if check.ok { " ok " } else { "FAIL" },
+            check.name,
+            check.detail
+        ));
+        if let Some(fix) = &check.fix {
+            out.push_str(&format!("       fix: {fix}\n"));
+        }
+    }
+    out
+}
