@@ -45,6 +45,9 @@ impl KafkaPublisher {
             .set("enable.idempotence", "true")
             .set("compression.type", "lz4")
             .set("linger.ms", "2")
+            // Notice a broker that is back within ~2 s (librdkafka's default backs off to 10 s): the publish
+            // fallback's probe finds Kafka again as soon as it returns.
+            .set("reconnect.backoff.max.ms", "2000")
             .set(
                 "delivery.timeout.ms",
                 DELIVERY_TIMEOUT.as_millis().to_string(),

@@ -212,7 +212,7 @@ pub struct Settings {
 /// `MESSAGING_FALLBACK`: where `publish_event` sends an event when the primary backend fails (DESIGN §5 extension).
 #[derive(Clone, Debug, PartialEq)]
 pub struct FallbackSettings {
-    /// `None`: no fallback (the default). Only `Celery` is accepted, and only with `MESSAGING_BACKEND=kafka`.
+    /// `None`: no fallback (the default, and whenever `MESSAGING_BACKEND` is not `kafka`). Only `celery` exists.
     pub backend: Option<Backend>,
     /// `MESSAGING_FALLBACK_TIMEOUT_MS`: how long a Kafka delivery may take before the event goes to the fallback.
     pub timeout: Duration,
@@ -345,14 +345,10 @@ impl Layers {
         let fallback_text = self.text("messaging_fallback").unwrap_or_default();
         let fallback_backend = match fallback_text.to_ascii_lowercase().as_str() {
             "" | "none" => None,
+            // Only a Kafka publisher falls back; left set during a rollback to Celery it simply has nothing to do
+            // (refusing to start then would make the rollback itself fail).
             "celery" if messaging_backend == Backend::Kafka => Some(Backend::Celery),
-            "celery" => {
-                return Err(invalid(
-                    "MESSAGING_FALLBACK",
-                    &fallback_text,
-                    "a fallback is for MESSAGING_BACKEND=kafka only; unset it or set MESSAGING_BACKEND=kafka",
-                ));
-            }
+            "celery" => None,
             _ => {
                 return Err(invalid(
                     "MESSAGING_FALLBACK",
