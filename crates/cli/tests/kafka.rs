@@ -1199,3 +1199,213 @@ fn switching_kafka_to_celery_and_back_under_load_loses_nothing() {
     let lag = kafka.lag();
     assert_eq!(lag["kafka"]["total_lag"], 0, "{lag}");
 }
+
+impl Scenario {
+    /// The ids of `user`'s points (up to 1000), sorted: what a replay must reproduce.
+    fn point_ids(&self, user: &str, env: &[(&str, &str)]) -> Vec<String> {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_vectordb"));
+        self.configure(&mut command);
+        command.envs(env.iter().copied());
+        let output = command
+            .args(["search", "--user", user, "--text", "mood", "--limit", "1000", "--json"])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        let hits: Vec<Value> = serde_json::from_slice(&output.stdout).unwrap();
+        let mut ids: Vec<String> = hits.iter().map(|h| h["id"].to_string()).collect();
+        ids.sort();
+        ids
+    }
+
+    /// `vectordb` with extra environment; returns its stdout as JSON.
+    fn vectordb_json(&self, env: &[(&str, &str)], args: &[&str]) -> Value {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_vectordb"));
+        self.configure(&mut command);
+        command.envs(env.iter().copied());
+        let output = command.args(args).output().unwrap();
+        assert!(
+            output.status.success(),
+            "vectordb {args:?}: {}\n{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).unwrap()
+    }
+}
+
+#[test]
+fn export_then_replay_reproduces_the_same_points_and_is_safe_to_repeat() {
+    let kafka = Scenario::new("export");
+    kafka.produce_moods(30, 3);
+    let mut consumer = kafka.start_consumer(&[]);
+    kafka.wait_drained(&mut consumer, 30);
+    consumer.stop();
+    assert_eq!(kafka.points(), 30);
+    let users = ["user-000", "user-001", "user-002"];
+    let original: Vec<Vec<String>> = users.iter().map(|u| kafka.point_ids(u, &[])).collect();
+    assert_eq!(original.iter().map(Vec::len).sum::<usize>(), 30);
+
+    // Export the user topic: every record with its coordinates, key, headers and bytes.
+    let export = kafka.dir.path().join("moods.jsonl");
+    let topic = kafka.topic(USER_TOPIC);
+    let summary = kafka.vectordb_json(
+        &[],
+        &["export", "--topic", &topic, "--out", export.to_str().unwrap(), "--json"],
+    );
+    assert_eq!(summary["records"], 30, "{summary}");
+    let lines: Vec<Value> = std::fs::read_to_string(&export)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 30);
+    let on_topic = kafka.read_topic(USER_TOPIC);
+    for record in &on_topic {
+        let exported = lines
+            .iter()
+            .find(|l| l["partition"] == record["partition"] && l["offset"] == record["offset"])
+            .expect("every record exported");
+        assert_eq!(exported["topic"], topic.as_str());
+        assert_eq!(exported["value"], record["value"], "the bytes, unchanged");
+        assert_eq!(exported["key"], record["key"]);
+        assert_eq!(exported["headers"]["event_id"], record["headers"]["event_id"]);
+    }
+    // A range: one partition, offsets [1, 3).
+    let partition = lines
+        .iter()
+        .map(|l| l["partition"].as_i64().unwrap())
+        .find(|p| lines.iter().filter(|l| l["partition"] == *p).count() >= 3)
+        .unwrap();
+    let range_file = kafka.dir.path().join("range.jsonl");
+    let summary = kafka.vectordb_json(
+        &[],
+        &[
+            "export", "--topic", &topic, "--partition", &partition.to_string(), "--from-offset", "1",
+            "--to-offset", "3", "--out", range_file.to_str().unwrap(), "--json",
+        ],
+    );
+    assert_eq!(summary["records"], 2, "{summary}");
+
+    // Replay the export into the handlers, on an empty store: the same point ids.
+    let fresh = kafka.dir.path().join("replayed");
+    let fresh_env = [("QDRANT_PATH", fresh.to_str().unwrap())];
+    let summary = kafka.vectordb_json(
+        &fresh_env,
+        &["replay", "--file", export.to_str().unwrap(), "--to", "handlers", "--json"],
+    );
+    assert_eq!(summary["replayed"], 30, "{summary}");
+    assert_eq!(summary["collection_points"], 30, "{summary}");
+    let replayed: Vec<Vec<String>> = users.iter().map(|u| kafka.point_ids(u, &fresh_env)).collect();
+    assert_eq!(replayed, original);
+
+    // Into Celery tasks, on another empty store, run by the worker: the same point ids again.
+    let redis = TestRedis::start();
+    let celery_store = kafka.dir.path().join("via-celery");
+    let mut env = redis.env().to_vec();
+    env.push(("QDRANT_PATH", celery_store.to_str().unwrap().to_owned()));
+    env.push(("MESSAGING_BACKEND", "celery".to_owned()));
+    let env = pairs(&env);
+    let summary = kafka.vectordb_json(
+        &env,
+        &["replay", "--file", export.to_str().unwrap(), "--to", "celery", "--json"],
+    );
+    assert_eq!(summary["replayed"], 30, "{summary}");
+    assert_eq!(queued_mood_ids(&redis).len(), 30);
+    run_worker_until_idle(&kafka, &redis, &env);
+    let via_celery: Vec<Vec<String>> = users.iter().map(|u| kafka.point_ids(u, &env)).collect();
+    assert_eq!(via_celery, original);
+
+    // Into Kafka, twice over what was already processed: duplicates overwrite, nothing is added.
+    let summary = kafka.vectordb_json(
+        &[],
+        &["replay", "--file", export.to_str().unwrap(), "--to", "kafka", "--json"],
+    );
+    assert_eq!(summary["replayed"], 30, "{summary}");
+    assert_eq!(kafka.offsets(USER_TOPIC).1, 60);
+    let mut consumer = kafka.start_consumer(&[]);
+    wait_all_committed(&kafka, &mut consumer);
+    consumer.stop();
+    assert_eq!(kafka.points(), 30);
+    let after: Vec<Vec<String>> = users.iter().map(|u| kafka.point_ids(u, &[])).collect();
+    assert_eq!(after, original);
+}
+
+/// An "embedding endpoint" that refuses every request with 401 (a revoked API key): a permanent failure.
+fn refusing_embedder() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        use std::io::{Read as _, Write as _};
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+            let mut buffer = [0u8; 65536];
+            let _ = stream.read(&mut buffer);
+            let body = r#"{"error":{"message":"Incorrect API key provided","type":"invalid_request_error"}}"#;
+            let _ = write!(
+                stream,
+                "HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    format!("http://{addr}/v1")
+}
+
+#[test]
+fn dead_letters_are_replayed_to_their_source_after_the_fix() {
+    let kafka = Scenario::new("dlqreplay");
+    let broken_url = refusing_embedder();
+    let broken = [("EMBEDDING_PROVIDER", "openai"), ("EMBEDDING_URL", broken_url.as_str())];
+
+    // Kafka: the embedder refuses, so every context.aggregated event is dead-lettered.
+    kafka.produce_moods(10, 2);
+    let consumer = kafka.start_consumer(&broken);
+    let dlq = format!("{AGGREGATED_TOPIC}.dlq");
+    let started = Instant::now();
+    while kafka.offsets(&dlq).1 < 10 || kafka.offsets(AGGREGATED_TOPIC) != (10, 10) {
+        assert!(started.elapsed() < Duration::from_secs(300), "not dead-lettered:\n{}", consumer.log());
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    consumer.stop();
+    assert_eq!(kafka.points(), 0);
+    let letters = kafka.read_topic(&dlq);
+    assert_eq!(letters.len(), 10);
+    assert!(letters[0]["headers"]["error"].as_str().unwrap().contains("401"), "{}", letters[0]);
+
+    // The fix (a working embedder), then the dead letters back to their source topic.
+    let summary = kafka.vectordb_json(&[], &["replay", "--topic", &kafka.topic(&dlq), "--to", "kafka", "--json"]);
+    assert_eq!(summary["replayed"], 10, "{summary}");
+    let replayed = kafka.read_topic(AGGREGATED_TOPIC);
+    assert_eq!(replayed.len(), 20);
+    assert!(
+        replayed[10..].iter().all(|r| r["headers"].get("error").is_none()),
+        "dead-letter headers stripped"
+    );
+    let mut consumer = kafka.start_consumer(&[]);
+    wait_all_committed(&kafka, &mut consumer);
+    consumer.stop();
+    assert_eq!(kafka.points(), 10);
+
+    // Celery: same failure, no retries → `celery.dlq`; the fix; `--celery-dlq` puts them back; the worker runs them.
+    let redis = TestRedis::start();
+    let mut env = redis.env().to_vec();
+    env.push(("MESSAGING_BACKEND", "celery".to_owned()));
+    env.push(("CELERY_MAX_RETRIES", "0".to_owned()));
+    let fixed_env = pairs(&env);
+    let mut broken_env = fixed_env.clone();
+    broken_env.extend(broken);
+    let mut publisher = kafka.start_publisher(&fixed_env);
+    publisher.feed(&mood_lines(2000..2010), Duration::ZERO);
+    assert_eq!(publisher.finish()["published"], 10);
+    run_worker_until_idle(&kafka, &redis, &broken_env);
+    assert_eq!(redis.int(&["LLEN", "celery.dlq"]), 10);
+    assert_eq!(kafka.points(), 10);
+    let summary = kafka.vectordb_json(&fixed_env, &["replay", "--celery-dlq", "celery", "--json"]);
+    assert_eq!(summary["replayed"], 10, "{summary}");
+    assert_eq!(redis.int(&["LLEN", "celery.dlq"]), 0);
+    assert_eq!(redis.int(&["LLEN", "celery"]), 10);
+    run_worker_until_idle(&kafka, &redis, &fixed_env);
+    assert_eq!(redis.int(&["LLEN", "celery.dlq"]), 0);
+    assert_eq!(kafka.points(), 20);
+}
