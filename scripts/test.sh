@@ -3,6 +3,7 @@
 #
 # - a Python venv (.venv) with pinned foreign clients: the tests drive real confluent-kafka, Celery 5.7 and Flower
 #   (the Celery tests use the Redis on 127.0.0.1:6379, one database each, and their own redis-server to restart);
+# - Debian's docker-compose, installed if missing (tests/deploy.rs resolves docker-compose.yml with it);
 # - tansu, a Kafka-protocol broker, installed if missing and started on a free port for this run (stopped at exit);
 # - AURA_TEST_KAFKA / AURA_TEST_PYTHON tell the tests where they are. Extra arguments go to `cargo test`.
 set -euo pipefail
@@ -18,6 +19,15 @@ fi
 if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
     echo "error: no Redis on 127.0.0.1:6379 (the Celery tests need it, and redis-server on PATH)" >&2
     exit 1
+fi
+
+# The compose file is checked statically (no Docker engine here) with Debian's docker-compose.
+if ! command -v docker-compose >/dev/null 2>&1; then
+    echo "installing docker-compose (Debian's package) for the compose file's static check" >&2
+    sudo=""
+    if [[ $(id -u) -ne 0 ]]; then sudo=sudo; fi
+    export DEBIAN_FRONTEND=noninteractive
+    $sudo apt-get install -y -qq docker-compose >&2 || { $sudo apt-get update -qq && $sudo apt-get install -y -qq docker-compose >&2; }
 fi
 
 scripts/kafka-test-broker.sh install

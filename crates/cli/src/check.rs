@@ -61,8 +61,8 @@ pub async fn check(settings: &Settings) -> anyhow::Result<CheckReport> {
     let registry = crate::configured_registry(settings)?;
     let backend = settings.messaging_backend;
     let fallback = settings.fallback.backend.map(Backend::as_str);
-    let uses_kafka = backend == Backend::Kafka
-        || (backend == Backend::Celery && settings.kafka.drain_to_celery);
+    let uses_kafka =
+        backend == Backend::Kafka || (backend == Backend::Celery && settings.kafka.drain_to_celery);
     let uses_redis = backend == Backend::Celery || fallback.is_some();
     let plan = plan(settings, &registry.enabled());
     let mut checks = vec![passed(
@@ -102,16 +102,29 @@ fn plan(settings: &Settings, enabled: &[&str]) -> Vec<String> {
     let handlers = enabled.join(", ");
     let mut plan = match settings.messaging_backend {
         Backend::Kafka => vec![
-            format!("vectordb-consumer: consumes the Kafka topics of [{handlers}] in group {group}, publishes to Kafka"),
-            format!("vectordb-worker: consumes Celery queues [{queues}], publishes next events to Kafka"),
+            format!(
+                "vectordb-consumer: consumes the Kafka topics of [{handlers}] in group {group}, publishes to Kafka"
+            ),
+            format!(
+                "vectordb-worker: consumes Celery queues [{queues}], publishes next events to Kafka"
+            ),
         ],
         Backend::Celery if settings.kafka.drain_to_celery => vec![
-            format!("vectordb-consumer: forwards Kafka's backlog of group {group} as Celery tasks to {}", settings.celery.publish_queue()),
-            format!("vectordb-worker: consumes Celery queues [{queues}] with [{handlers}], publishes next events as tasks"),
+            format!(
+                "vectordb-consumer: forwards Kafka's backlog of group {group} as Celery tasks to {}",
+                settings.celery.publish_queue()
+            ),
+            format!(
+                "vectordb-worker: consumes Celery queues [{queues}] with [{handlers}], publishes next events as tasks"
+            ),
         ],
         Backend::Celery => vec![
-            format!("vectordb-consumer: idles (KAFKA_DRAIN_TO_CELERY=false); Kafka's backlog waits in group {group}"),
-            format!("vectordb-worker: consumes Celery queues [{queues}] with [{handlers}], publishes next events as tasks"),
+            format!(
+                "vectordb-consumer: idles (KAFKA_DRAIN_TO_CELERY=false); Kafka's backlog waits in group {group}"
+            ),
+            format!(
+                "vectordb-worker: consumes Celery queues [{queues}] with [{handlers}], publishes next events as tasks"
+            ),
         ],
         Backend::Disabled | Backend::Memory => vec![
             "vectordb-consumer and vectordb-worker: consume nothing, commit nothing".to_owned(),

@@ -5,7 +5,7 @@ use std::io::BufRead;
 use std::sync::Arc;
 
 use aura_runtime::events::Event;
-use aura_runtime::{Publisher, Settings, publish_event};
+use aura_runtime::{Publisher, Settings, publish_event_via};
 use futures::StreamExt as _;
 use serde::Serialize;
 
@@ -14,8 +14,11 @@ const IN_FLIGHT: usize = 512;
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct PublishSummary {
+    /// The configured backend.
     pub backend: &'static str,
     pub published: u64,
+    /// How many each backend took (with `MESSAGING_FALLBACK`, some may have gone to the fallback).
+    pub by_backend: BTreeMap<&'static str, u64>,
     pub by_type: BTreeMap<String, u64>,
     /// Lines that are not events, and events the backend refused: `line N: reason`.
     pub failed: Vec<String>,
@@ -99,7 +102,7 @@ pub async fn publish_lines(
             }
             let outcome = match Event::from_slice(text) {
                 Ok(event) => {
-                    let result = publish_event(publisher, &event)
+                    let result = publish_event_via(publisher, &event)
                         .await
                         .map_err(|e| e.to_string());
                     Ok((event.event_type, result))
@@ -114,8 +117,9 @@ pub async fn publish_lines(
         let (line, outcome) = item?;
         match outcome {
             None => {}
-            Some(Ok((event_type, Ok(())))) => {
+            Some(Ok((event_type, Ok(backend)))) => {
                 summary.published += 1;
+                *summary.by_backend.entry(backend.as_str()).or_default() += 1;
                 *summary.by_type.entry(event_type).or_default() += 1;
                 progress(summary.published);
             }

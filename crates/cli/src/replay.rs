@@ -86,6 +86,19 @@ pub struct ReplaySummary {
     pub collection_points: Option<u64>,
 }
 
+impl ReplaySummary {
+    /// Counts one record's outcome.
+    fn tally(&mut self, place: &str, result: Result<(), String>, progress: &mut impl FnMut(u64)) {
+        match result {
+            Ok(()) => {
+                self.replayed += 1;
+                progress(self.replayed);
+            }
+            Err(error) => self.failed.push(format!("{place}: {error}")),
+        }
+    }
+}
+
 /// One line of a replay input: an exported record, or a bare event.
 fn parse_line(line: &[u8]) -> Result<ExportedRecord, String> {
     let value: serde_json::Value =
@@ -107,7 +120,10 @@ fn parse_line(line: &[u8]) -> Result<ExportedRecord, String> {
 }
 
 /// Reads the source's records into a channel (a topic is read on a blocking thread).
-fn records(source: Source, settings: &Settings) -> tokio::sync::mpsc::Receiver<(String, Result<ExportedRecord, String>)> {
+fn records(
+    source: Source,
+    settings: &Settings,
+) -> tokio::sync::mpsc::Receiver<(String, Result<ExportedRecord, String>)> {
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
     let kafka = settings.kafka.clone();
     tokio::task::spawn_blocking(move || match source {
@@ -185,23 +201,20 @@ pub async fn replay(
             summary.collection_points = Some(result.collection_points);
         }
         Target::Kafka => {
-            let kafka = KafkaPublisher::new(&settings.kafka).context("creating the Kafka producer")?;
+            let kafka =
+                KafkaPublisher::new(&settings.kafka).context("creating the Kafka producer")?;
             while let Some((place, item)) = rx.recv().await {
                 summary.read += 1;
                 let result = match item {
                     Ok(record) => to_kafka(&kafka, &record).await,
                     Err(error) => Err(error),
                 };
-                match result {
-                    Ok(()) => {
-                        summary.replayed += 1;
-                        progress(summary.replayed);
-                    }
-                    Err(error) => summary.failed.push(format!("{place}: {error}")),
-                }
+                summary.tally(&place, result, &mut progress);
             }
             if let Err(error) = kafka.flush(Duration::from_secs(10)) {
-                summary.failed.push(format!("flushing the producer: {error}"));
+                summary
+                    .failed
+                    .push(format!("flushing the producer: {error}"));
             }
         }
         Target::Celery => {
@@ -210,16 +223,12 @@ pub async fn replay(
             while let Some((place, item)) = rx.recv().await {
                 summary.read += 1;
                 let result = match item.and_then(|record| event_of(&record)) {
-                    Ok(event) => publish_event(&celery, &event).await.map_err(|e| e.to_string()),
+                    Ok(event) => publish_event(&celery, &event)
+                        .await
+                        .map_err(|e| e.to_string()),
                     Err(error) => Err(error),
                 };
-                match result {
-                    Ok(()) => {
-                        summary.replayed += 1;
-                        progress(summary.replayed);
-                    }
-                    Err(error) => summary.failed.push(format!("{place}: {error}")),
-                }
+                summary.tally(&place, result, &mut progress);
             }
         }
     }
@@ -238,7 +247,9 @@ fn event_of(record: &ExportedRecord) -> Result<Event, String> {
 async fn to_kafka(kafka: &KafkaPublisher, record: &ExportedRecord) -> Result<(), String> {
     if record.topic.is_empty() {
         let event = event_of(record)?;
-        return publish_event(kafka, &event).await.map_err(|e| e.to_string());
+        return publish_event(kafka, &event)
+            .await
+            .map_err(|e| e.to_string());
     }
     let topic = match record.headers.get("source_topic") {
         Some(source) if !source.is_empty() => source.clone(),
@@ -275,7 +286,11 @@ pub async fn replay_celery_dead_letters(
 ) -> anyhow::Result<ReplaySummary> {
     let broker = crate::worker::celery_broker(settings)?;
     let depth = broker
-        .depth(queue, &[], aura_celery::Patience::Until(Duration::from_secs(10)))
+        .depth(
+            queue,
+            &[],
+            aura_celery::Patience::Until(Duration::from_secs(10)),
+        )
         .await
         .with_context(|| format!("reading {queue}.dlq"))?;
     let (moved, unreadable) = broker

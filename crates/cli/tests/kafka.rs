@@ -653,7 +653,10 @@ impl TestRedis {
         let redis = Self { port, child };
         let started = Instant::now();
         while redis.connection().is_none() {
-            assert!(started.elapsed() < Duration::from_secs(10), "redis-server did not start");
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "redis-server did not start"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         redis
@@ -723,7 +726,10 @@ impl Consumer {
             if let Some(status) = self.child.try_wait().unwrap() {
                 panic!("exited ({status}) before serving HTTP:\n{log}");
             }
-            assert!(started.elapsed() < Duration::from_secs(60), "no HTTP address logged:\n{log}");
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "no HTTP address logged:\n{log}"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -735,7 +741,11 @@ impl Consumer {
             if let Some(status) = self.child.try_wait().unwrap() {
                 panic!("exited ({status}) before logging {text:?}:\n{}", self.log());
             }
-            assert!(started.elapsed() < limit, "{text:?} not logged:\n{}", self.log());
+            assert!(
+                started.elapsed() < limit,
+                "{text:?} not logged:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -762,8 +772,14 @@ fn strip_ansi(text: &str) -> String {
 fn http_get(addr: &str, path: &str) -> (u16, String) {
     use std::io::{Read as _, Write as _};
     let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
     let (head, body) = response.split_once("\r\n\r\n").unwrap();
@@ -784,7 +800,10 @@ fn wait_health(addr: &str, status: &str, limit: Duration) -> (u16, Value) {
         if body["status"] == status {
             return (code, body);
         }
-        assert!(started.elapsed() < limit, "/health never said {status}: {code} {body}");
+        assert!(
+            started.elapsed() < limit,
+            "/health never said {status}: {code} {body}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -827,10 +846,8 @@ fn health_and_metrics_report_backend_readiness_and_backlog() {
     lost.kill_9();
 
     kafka.produce_moods(20, 2);
-    let mut consumer = kafka.start_consumer(&[
-        ("BACKLOG_SAMPLE_S", "1"),
-        ("DISABLED_HANDLERS", ""),
-    ]);
+    let mut consumer =
+        kafka.start_consumer(&[("BACKLOG_SAMPLE_S", "1"), ("DISABLED_HANDLERS", "")]);
     let addr = consumer.http_addr();
     kafka.wait_drained(&mut consumer, 20);
     let (code, body) = wait_health(&addr, "ok", Duration::from_secs(30));
@@ -857,10 +874,16 @@ fn health_and_metrics_report_backend_readiness_and_backlog() {
         if backlog == Some(0.0) {
             break samples;
         }
-        assert!(started.elapsed() < Duration::from_secs(30), "backlog {backlog:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "backlog {backlog:?}"
+        );
         std::thread::sleep(Duration::from_millis(300));
     };
-    assert_eq!(sample(&samples, "aura360_messaging_backend", &[]), Some(1.0));
+    assert_eq!(
+        sample(&samples, "aura360_messaging_backend", &[]),
+        Some(1.0)
+    );
     for handler in ["mood_created", "context_aggregated", "ingest_vectors"] {
         assert_eq!(
             sample(
@@ -872,7 +895,11 @@ fn health_and_metrics_report_backend_readiness_and_backlog() {
             "{handler}"
         );
         assert_eq!(
-            sample(&samples, "aura360_handler_duration_seconds_count", &[("handler", handler)]),
+            sample(
+                &samples,
+                "aura360_handler_duration_seconds_count",
+                &[("handler", handler)]
+            ),
             Some(20.0)
         );
     }
@@ -890,7 +917,11 @@ fn health_and_metrics_report_backend_readiness_and_backlog() {
         Some(20.0)
     );
     assert_eq!(
-        sample(&samples, "aura360_consumer_lag", &[("topic", &user_topic), ("partition", "0")]),
+        sample(
+            &samples,
+            "aura360_consumer_lag",
+            &[("topic", &user_topic), ("partition", "0")]
+        ),
         Some(0.0)
     );
     consumer.stop();
@@ -905,7 +936,10 @@ fn health_and_metrics_report_backend_readiness_and_backlog() {
         .filter(|p| p["topic"] == user_topic.as_str())
         .collect();
     assert_eq!(user_partitions.len(), 3);
-    let committed: i64 = user_partitions.iter().map(|p| p["committed"].as_i64().unwrap_or(0)).sum();
+    let committed: i64 = user_partitions
+        .iter()
+        .map(|p| p["committed"].as_i64().unwrap_or(0))
+        .sum();
     assert_eq!(committed, 20);
 
     // Disabled: healthy by design, consuming nothing.
@@ -915,7 +949,10 @@ fn health_and_metrics_report_backend_readiness_and_backlog() {
     assert_eq!(code, 200);
     assert_eq!(body["messaging_backend"], "disabled");
     let samples = kafka.metrics(&addr);
-    assert_eq!(sample(&samples, "aura360_messaging_backend", &[]), Some(0.0));
+    assert_eq!(
+        sample(&samples, "aura360_messaging_backend", &[]),
+        Some(0.0)
+    );
     disabled.stop();
 
     // A Celery worker: its queue depth in the same metric, its disabled handler on /health.
@@ -934,9 +971,16 @@ fn health_and_metrics_report_backend_readiness_and_backlog() {
     assert_eq!(body["handlers"]["disabled"], json!(["ingest_vectors"]));
     assert_eq!(body["brokers"][0]["name"], "redis");
     let samples = kafka.metrics(&addr);
-    assert_eq!(sample(&samples, "aura360_messaging_backend", &[]), Some(2.0));
     assert_eq!(
-        sample(&samples, "aura360_backlog", &[("backend", "celery"), ("queue_or_topic", "celery")]),
+        sample(&samples, "aura360_messaging_backend", &[]),
+        Some(2.0)
+    );
+    assert_eq!(
+        sample(
+            &samples,
+            "aura360_backlog",
+            &[("backend", "celery"), ("queue_or_topic", "celery")]
+        ),
         Some(0.0)
     );
     worker.stop();
@@ -1014,7 +1058,10 @@ fn queued_mood_ids(redis: &TestRedis) -> Vec<String> {
         .iter()
         .filter_map(|message| {
             let envelope: Value = serde_json::from_slice(message).unwrap();
-            if !envelope["headers"]["task"].as_str()?.ends_with("process_mood_created") {
+            if !envelope["headers"]["task"]
+                .as_str()?
+                .ends_with("process_mood_created")
+            {
                 return None;
             }
             let body = base64::engine::general_purpose::STANDARD
@@ -1058,9 +1105,12 @@ fn run_worker_until_idle(kafka: &Scenario, redis: &TestRedis, env: &[(&str, &str
 
 /// Every source topic committed to its end (whatever the counts).
 fn wait_all_committed(kafka: &Scenario, consumer: &mut Consumer) {
-    kafka.wait_for("every topic committed to its end", Duration::from_secs(480), consumer, |offsets| {
-        offsets.iter().all(|(committed, end)| committed == end)
-    });
+    kafka.wait_for(
+        "every topic committed to its end",
+        Duration::from_secs(480),
+        consumer,
+        |offsets| offsets.iter().all(|(committed, end)| committed == end),
+    );
 }
 
 #[test]
@@ -1074,7 +1124,11 @@ fn publishing_falls_back_to_celery_while_kafka_is_down_and_returns_to_kafka_afte
             .arg(broker_dir.path())
             .output()
             .unwrap();
-        assert!(output.status.success(), "{action}: {}", String::from_utf8_lossy(&output.stderr));
+        assert!(
+            output.status.success(),
+            "{action}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
         String::from_utf8(output.stdout).unwrap().trim().to_owned()
     };
     let bootstrap = broker("start");
@@ -1120,15 +1174,22 @@ fn publishing_falls_back_to_celery_while_kafka_is_down_and_returns_to_kafka_afte
         .iter()
         .map(|r| r["headers"]["event_id"].as_str().unwrap().to_owned())
         .collect();
-    let in_celery: std::collections::BTreeSet<String> = queued_mood_ids(&redis).into_iter().collect();
+    let in_celery: std::collections::BTreeSet<String> =
+        queued_mood_ids(&redis).into_iter().collect();
     assert!(
         (40..80).any(|i| in_celery.contains(&mood_id(i))),
         "nothing went through Celery while Kafka was down"
     );
-    assert!((0..40).all(|i| in_kafka.contains(&mood_id(i))), "before the outage: Kafka");
+    assert!(
+        (0..40).all(|i| in_kafka.contains(&mood_id(i))),
+        "before the outage: Kafka"
+    );
     // After the outage: the first events may still find the circuit open (or the producer reconnecting, which
     // librdkafka backs off up to 10 s), then publishing is back on Kafka for good.
-    let via = |i: usize| match (in_kafka.contains(&mood_id(i)), in_celery.contains(&mood_id(i))) {
+    let via = |i: usize| match (
+        in_kafka.contains(&mood_id(i)),
+        in_celery.contains(&mood_id(i)),
+    ) {
         (true, false) => 'K',
         (false, true) => 'C',
         (true, true) => 'B',
@@ -1136,10 +1197,25 @@ fn publishing_falls_back_to_celery_while_kafka_is_down_and_returns_to_kafka_afte
     };
     let route: String = (0..120).map(via).collect();
     let back = (80..120).rev().take_while(|&i| via(i) == 'K').count();
-    assert!(back >= 20, "the last 20+ events go to Kafka again; route: {route}");
+    assert!(
+        back >= 20,
+        "the last 20+ events go to Kafka again; route: {route}"
+    );
     assert!(
         (0..120).all(|i| in_kafka.contains(&mood_id(i)) || in_celery.contains(&mood_id(i))),
         "every event is somewhere"
+    );
+    // The summary says which backend took each event: the fallback took every one found in Celery (a 'B' is an
+    // event Kafka delivered after its timeout had already sent it to Celery).
+    let through_celery = route.chars().filter(|&c| c == 'C' || c == 'B').count();
+    assert_eq!(
+        summary["by_backend"]["celery"], through_celery,
+        "{summary} route: {route}"
+    );
+    assert_eq!(
+        summary["by_backend"]["kafka"],
+        120 - through_celery,
+        "{summary}"
     );
 
     // Both paths processed: the Kafka consumer, then a worker for what went to Celery. 0 lost.
@@ -1195,7 +1271,11 @@ fn switching_kafka_to_celery_and_back_under_load_loses_nothing() {
     consumer.stop();
     run_worker_until_idle(&kafka, &redis, &celery_env);
 
-    assert_eq!(kafka.points(), 400, "every event processed once switched around");
+    assert_eq!(
+        kafka.points(),
+        400,
+        "every event processed once switched around"
+    );
     let lag = kafka.lag();
     assert_eq!(lag["kafka"]["total_lag"], 0, "{lag}");
 }
@@ -1207,10 +1287,16 @@ impl Scenario {
         self.configure(&mut command);
         command.envs(env.iter().copied());
         let output = command
-            .args(["search", "--user", user, "--text", "mood", "--limit", "1000", "--json"])
+            .args([
+                "search", "--user", user, "--text", "mood", "--limit", "1000", "--json",
+            ])
             .output()
             .unwrap();
-        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
         let hits: Vec<Value> = serde_json::from_slice(&output.stdout).unwrap();
         let mut ids: Vec<String> = hits.iter().map(|h| h["id"].to_string()).collect();
         ids.sort();
@@ -1250,7 +1336,14 @@ fn export_then_replay_reproduces_the_same_points_and_is_safe_to_repeat() {
     let topic = kafka.topic(USER_TOPIC);
     let summary = kafka.vectordb_json(
         &[],
-        &["export", "--topic", &topic, "--out", export.to_str().unwrap(), "--json"],
+        &[
+            "export",
+            "--topic",
+            &topic,
+            "--out",
+            export.to_str().unwrap(),
+            "--json",
+        ],
     );
     assert_eq!(summary["records"], 30, "{summary}");
     let lines: Vec<Value> = std::fs::read_to_string(&export)
@@ -1268,7 +1361,10 @@ fn export_then_replay_reproduces_the_same_points_and_is_safe_to_repeat() {
         assert_eq!(exported["topic"], topic.as_str());
         assert_eq!(exported["value"], record["value"], "the bytes, unchanged");
         assert_eq!(exported["key"], record["key"]);
-        assert_eq!(exported["headers"]["event_id"], record["headers"]["event_id"]);
+        assert_eq!(
+            exported["headers"]["event_id"],
+            record["headers"]["event_id"]
+        );
     }
     // A range: one partition, offsets [1, 3).
     let partition = lines
@@ -1280,8 +1376,18 @@ fn export_then_replay_reproduces_the_same_points_and_is_safe_to_repeat() {
     let summary = kafka.vectordb_json(
         &[],
         &[
-            "export", "--topic", &topic, "--partition", &partition.to_string(), "--from-offset", "1",
-            "--to-offset", "3", "--out", range_file.to_str().unwrap(), "--json",
+            "export",
+            "--topic",
+            &topic,
+            "--partition",
+            &partition.to_string(),
+            "--from-offset",
+            "1",
+            "--to-offset",
+            "3",
+            "--out",
+            range_file.to_str().unwrap(),
+            "--json",
         ],
     );
     assert_eq!(summary["records"], 2, "{summary}");
@@ -1291,11 +1397,21 @@ fn export_then_replay_reproduces_the_same_points_and_is_safe_to_repeat() {
     let fresh_env = [("QDRANT_PATH", fresh.to_str().unwrap())];
     let summary = kafka.vectordb_json(
         &fresh_env,
-        &["replay", "--file", export.to_str().unwrap(), "--to", "handlers", "--json"],
+        &[
+            "replay",
+            "--file",
+            export.to_str().unwrap(),
+            "--to",
+            "handlers",
+            "--json",
+        ],
     );
     assert_eq!(summary["replayed"], 30, "{summary}");
     assert_eq!(summary["collection_points"], 30, "{summary}");
-    let replayed: Vec<Vec<String>> = users.iter().map(|u| kafka.point_ids(u, &fresh_env)).collect();
+    let replayed: Vec<Vec<String>> = users
+        .iter()
+        .map(|u| kafka.point_ids(u, &fresh_env))
+        .collect();
     assert_eq!(replayed, original);
 
     // Into Celery tasks, on another empty store, run by the worker: the same point ids again.
@@ -1307,7 +1423,14 @@ fn export_then_replay_reproduces_the_same_points_and_is_safe_to_repeat() {
     let env = pairs(&env);
     let summary = kafka.vectordb_json(
         &env,
-        &["replay", "--file", export.to_str().unwrap(), "--to", "celery", "--json"],
+        &[
+            "replay",
+            "--file",
+            export.to_str().unwrap(),
+            "--to",
+            "celery",
+            "--json",
+        ],
     );
     assert_eq!(summary["replayed"], 30, "{summary}");
     assert_eq!(queued_mood_ids(&redis).len(), 30);
@@ -1318,7 +1441,14 @@ fn export_then_replay_reproduces_the_same_points_and_is_safe_to_repeat() {
     // Into Kafka, twice over what was already processed: duplicates overwrite, nothing is added.
     let summary = kafka.vectordb_json(
         &[],
-        &["replay", "--file", export.to_str().unwrap(), "--to", "kafka", "--json"],
+        &[
+            "replay",
+            "--file",
+            export.to_str().unwrap(),
+            "--to",
+            "kafka",
+            "--json",
+        ],
     );
     assert_eq!(summary["replayed"], 30, "{summary}");
     assert_eq!(kafka.offsets(USER_TOPIC).1, 60);
@@ -1356,7 +1486,10 @@ fn refusing_embedder() -> String {
 fn dead_letters_are_replayed_to_their_source_after_the_fix() {
     let kafka = Scenario::new("dlqreplay");
     let broken_url = refusing_embedder();
-    let broken = [("EMBEDDING_PROVIDER", "openai"), ("EMBEDDING_URL", broken_url.as_str())];
+    let broken = [
+        ("EMBEDDING_PROVIDER", "openai"),
+        ("EMBEDDING_URL", broken_url.as_str()),
+    ];
 
     // Kafka: the embedder refuses, so every context.aggregated event is dead-lettered.
     kafka.produce_moods(10, 2);
@@ -1364,22 +1497,45 @@ fn dead_letters_are_replayed_to_their_source_after_the_fix() {
     let dlq = format!("{AGGREGATED_TOPIC}.dlq");
     let started = Instant::now();
     while kafka.offsets(&dlq).1 < 10 || kafka.offsets(AGGREGATED_TOPIC) != (10, 10) {
-        assert!(started.elapsed() < Duration::from_secs(300), "not dead-lettered:\n{}", consumer.log());
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "not dead-lettered:\n{}",
+            consumer.log()
+        );
         std::thread::sleep(Duration::from_millis(300));
     }
     consumer.stop();
     assert_eq!(kafka.points(), 0);
     let letters = kafka.read_topic(&dlq);
     assert_eq!(letters.len(), 10);
-    assert!(letters[0]["headers"]["error"].as_str().unwrap().contains("401"), "{}", letters[0]);
+    assert!(
+        letters[0]["headers"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("401"),
+        "{}",
+        letters[0]
+    );
 
     // The fix (a working embedder), then the dead letters back to their source topic.
-    let summary = kafka.vectordb_json(&[], &["replay", "--topic", &kafka.topic(&dlq), "--to", "kafka", "--json"]);
+    let summary = kafka.vectordb_json(
+        &[],
+        &[
+            "replay",
+            "--topic",
+            &kafka.topic(&dlq),
+            "--to",
+            "kafka",
+            "--json",
+        ],
+    );
     assert_eq!(summary["replayed"], 10, "{summary}");
     let replayed = kafka.read_topic(AGGREGATED_TOPIC);
     assert_eq!(replayed.len(), 20);
     assert!(
-        replayed[10..].iter().all(|r| r["headers"].get("error").is_none()),
+        replayed[10..]
+            .iter()
+            .all(|r| r["headers"].get("error").is_none()),
         "dead-letter headers stripped"
     );
     let mut consumer = kafka.start_consumer(&[]);

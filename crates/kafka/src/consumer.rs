@@ -85,6 +85,34 @@ pub fn subscribed_topics(registry: &Registry, topics: &TopicNames) -> Vec<String
     names
 }
 
+/// How long leaving the group may take at exit.
+const CLOSE_LIMIT: Duration = Duration::from_secs(5);
+
+/// Closes the consumer (leaves the group, last commit) on a thread of its own and waits at most `limit`: librdkafka's
+/// close waits for the group coordinator, indefinitely while the broker is down, which would turn a SIGTERM during a
+/// Kafka outage into a hang. Leaving without it is safe: what was not committed is redelivered, and the broker ends
+/// the membership after `session.timeout.ms`.
+async fn close_within(consumer: Arc<StreamConsumer<MountContext>>, limit: Duration) {
+    let (closed, wait) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name("kafka-close".into())
+        .spawn(move || {
+            drop(consumer);
+            let _ = closed.send(());
+        });
+    if let Err(error) = spawned {
+        tracing::warn!(%error, "cannot start the thread that closes the consumer; leaving without closing");
+        return;
+    }
+    if tokio::time::timeout(limit, wait).await.is_err() {
+        tracing::warn!(
+            limit_s = limit.as_secs(),
+            "the group coordinator did not answer; exiting without leaving the group (the broker drops the member \
+             after session.timeout.ms; uncommitted events are redelivered)"
+        );
+    }
+}
+
 /// Runs the handlers on the consumer group until `shutdown` resolves, then drains in-flight events, commits and
 /// leaves the group. `dead_letters` sends `<topic>.dlq` records (usually the same producer the dispatcher uses).
 pub async fn run_consumer(
@@ -170,6 +198,8 @@ pub async fn run_consumer(
         }
     }
     consumer.unsubscribe();
+    drop(poller);
+    close_within(consumer, CLOSE_LIMIT).await;
     let report = shared.counters.report(topics);
     tracing::info!(
         handled = report.handled,

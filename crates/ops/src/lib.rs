@@ -13,4 +13,4 @@ mod server;
 
 pub use health::{BrokerState, Health, HealthReport, HealthStatus};
 pub use sampler::{Backlog, PartitionLag, Probe, Sampler};
-pub use server::{ServeError, install_metrics, serve};
+pub use server::{METRICS, Metric, MetricKind, ServeError, install_metrics, serve};

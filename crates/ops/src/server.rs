@@ -30,6 +30,66 @@ const DURATION_BUCKETS: [f64; 12] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
 ];
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricKind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// One metric the processes export.
+#[derive(Debug, Clone, Copy)]
+pub struct Metric {
+    pub name: &'static str,
+    pub kind: MetricKind,
+    pub help: &'static str,
+}
+
+/// Every metric the processes export: DESIGN §9's, plus the backlog and the publish fallback. The Grafana dashboard
+/// (`deploy/grafana`) is checked against this list.
+pub const METRICS: [Metric; 8] = [
+    Metric {
+        name: "aura360_events_published_total",
+        kind: MetricKind::Counter,
+        help: "Events published, by backend and event type",
+    },
+    Metric {
+        name: "aura360_events_processed_total",
+        kind: MetricKind::Counter,
+        help: "Events handled, by handler and outcome",
+    },
+    Metric {
+        name: "aura360_dead_letters_total",
+        kind: MetricKind::Counter,
+        help: "Messages sent to a dead-letter destination",
+    },
+    Metric {
+        name: "aura360_publish_fallback_total",
+        kind: MetricKind::Counter,
+        help: "Events published through the fallback backend because the primary failed",
+    },
+    Metric {
+        name: "aura360_messaging_backend",
+        kind: MetricKind::Gauge,
+        help: "MESSAGING_BACKEND: 1 kafka, 2 celery, 0 disabled",
+    },
+    Metric {
+        name: "aura360_backlog",
+        kind: MetricKind::Gauge,
+        help: "Messages waiting: Kafka lag per topic, Celery queue depth per queue",
+    },
+    Metric {
+        name: "aura360_consumer_lag",
+        kind: MetricKind::Gauge,
+        help: "Kafka consumer-group lag per partition",
+    },
+    Metric {
+        name: "aura360_handler_duration_seconds",
+        kind: MetricKind::Histogram,
+        help: "Handler run time",
+    },
+];
+
 /// Installs the process-wide Prometheus recorder (once; later calls return the same handle).
 pub fn install_metrics() -> Result<PrometheusHandle, ServeError> {
     if let Some(handle) = RECORDER.get() {
@@ -45,35 +105,13 @@ pub fn install_metrics() -> Result<PrometheusHandle, ServeError> {
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder).map_err(|e| ServeError::Recorder(e.to_string()))?;
     // Declared up front so a scrape shows them before the first event.
-    metrics::describe_counter!(
-        "aura360_events_published_total",
-        "Events published, by backend and event type"
-    );
-    metrics::describe_counter!(
-        "aura360_events_processed_total",
-        "Events handled, by handler and outcome"
-    );
-    metrics::describe_counter!(
-        "aura360_dead_letters_total",
-        "Messages sent to a dead-letter destination"
-    );
-    metrics::describe_counter!(
-        "aura360_publish_fallback_total",
-        "Events published through the fallback backend because the primary failed"
-    );
-    metrics::describe_gauge!(
-        "aura360_messaging_backend",
-        "MESSAGING_BACKEND: 1 kafka, 2 celery, 0 disabled"
-    );
-    metrics::describe_gauge!(
-        "aura360_backlog",
-        "Messages waiting: Kafka lag per topic, Celery queue depth per queue"
-    );
-    metrics::describe_gauge!(
-        "aura360_consumer_lag",
-        "Kafka consumer-group lag per partition"
-    );
-    metrics::describe_histogram!("aura360_handler_duration_seconds", "Handler run time");
+    for metric in METRICS {
+        match metric.kind {
+            MetricKind::Counter => metrics::describe_counter!(metric.name, metric.help),
+            MetricKind::Gauge => metrics::describe_gauge!(metric.name, metric.help),
+            MetricKind::Histogram => metrics::describe_histogram!(metric.name, metric.help),
+        }
+    }
     Ok(RECORDER.get_or_init(|| handle).clone())
 }
 

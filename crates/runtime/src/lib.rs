@@ -21,7 +21,9 @@ pub use bus::{BusReport, InMemoryBus};
 pub use dispatch::{DeadLetter, Dispatcher, Failure, Outcome};
 pub use fallback::FallbackPublisher;
 pub use handler::{Handler, HandlerContext, HandlerError};
-pub use publish::{Backend, DisabledPublisher, PublishError, Publisher, publish_event};
+pub use publish::{
+    Backend, DisabledPublisher, PublishError, Publisher, publish_event, publish_event_via,
+};
 pub use registry::{Registry, Route, UnknownHandler};
 pub use retry::RetryPolicy;
 pub use settings::{ConfigError, Settings};

@@ -87,6 +87,14 @@ pub trait Publisher: Send + Sync {
 /// Publishes through `publisher` and counts it in `aura360_events_published_total{backend,event_type}` under the
 /// backend that took it.
 pub async fn publish_event(publisher: &dyn Publisher, event: &Event) -> Result<(), PublishError> {
+    publish_event_via(publisher, event).await.map(drop)
+}
+
+/// [`publish_event`], returning the backend that took the event (behind a fallback, not always the configured one).
+pub async fn publish_event_via(
+    publisher: &dyn Publisher,
+    event: &Event,
+) -> Result<Backend, PublishError> {
     let backend = publisher.publish_via(event).await?;
     metrics::counter!(
         "aura360_events_published_total",
@@ -94,7 +102,7 @@ pub async fn publish_event(publisher: &dyn Publisher, event: &Event) -> Result<(
         "event_type" => event.event_type.clone()
     )
     .increment(1);
-    Ok(())
+    Ok(backend)
 }
 
 /// `MESSAGING_BACKEND=disabled`: events are logged and counted, not sent.

@@ -364,22 +364,26 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             if json {
                 println!("{}", serde_json::to_string(&summary)?);
             } else {
+                let via: Vec<String> = summary
+                    .by_backend
+                    .iter()
+                    .map(|(backend, count)| format!("{count} via {backend}"))
+                    .collect();
                 println!(
-                    "published {} event(s) via {}",
-                    summary.published, summary.backend
+                    "published {} event(s) ({}; MESSAGING_BACKEND={})",
+                    summary.published,
+                    if via.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        via.join(", ")
+                    },
+                    summary.backend
                 );
                 for (event_type, count) in &summary.by_type {
                     println!("  {event_type}: {count}");
                 }
-                for failure in &summary.failed {
-                    println!("failed: {failure}");
-                }
             }
-            Ok(if summary.failed.is_empty() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
+            Ok(report_failures(&summary.failed, !json))
         }
         Command::Lag {
             group,
@@ -451,7 +455,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
         } => {
             let show_progress = !json && std::io::stderr().is_terminal();
             let progress = |n: u64| {
-                if show_progress && n % 100 == 0 {
+                if show_progress && n.is_multiple_of(100) {
                     eprint!("\r{n} replayed");
                     let _ = std::io::stderr().flush();
                 }
@@ -512,15 +516,8 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
                 if let Some(points) = summary.collection_points {
                     println!("points in the collection: {points}");
                 }
-                for failure in &summary.failed {
-                    println!("failed: {failure}");
-                }
             }
-            Ok(if summary.failed.is_empty() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
+            Ok(report_failures(&summary.failed, !json))
         }
         Command::Check { json } => {
             let report = aura_cli::check::check(&settings).await?;
@@ -580,4 +577,18 @@ fn event_from_flags(
         event.set_field(field, value);
     }
     Ok(event)
+}
+
+/// Prints `failed` (unless the output is JSON, which carries them) and turns them into the exit status.
+fn report_failures(failed: &[String], print: bool) -> ExitCode {
+    if print {
+        for failure in failed {
+            println!("failed: {failure}");
+        }
+    }
+    if failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }

@@ -1,0 +1,383 @@
+//! `docker-compose.yml`, the `Dockerfile` and the Grafana dashboard, checked statically (no Docker engine runs here):
+//! Debian's `docker-compose` resolves the file, and what it resolves to is held against the code — the processes
+//! accept the environment it gives them, every variable is documented, every mounted file exists, and every series the
+//! dashboard draws is one the processes export.
+//!
+//! Run through `scripts/test.sh`, which installs `docker-compose` if missing and sets `AURA_TEST_PYTHON` (PyYAML reads
+//! the resolved file).
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use serde_json::Value;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn python() -> PathBuf {
+    std::env::var_os("AURA_TEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            panic!("AURA_TEST_PYTHON is not set: run the tests with scripts/test.sh")
+        })
+}
+
+/// The compose file as `docker-compose config` resolves it (anchors merged, `${VAR:-default}` substituted), as JSON.
+fn resolved_compose(env: &[(&str, &str)]) -> Value {
+    let output = Command::new("docker-compose")
+        .current_dir(root())
+        .env_remove("MESSAGING_BACKEND")
+        .env_remove("MESSAGING_FALLBACK")
+        .env_remove("DISABLED_HANDLERS")
+        .envs(env.iter().copied())
+        .args([
+            "-f",
+            "docker-compose.yml",
+            "--profile",
+            "monitoring",
+            "config",
+        ])
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "docker-compose: {e} (scripts/test.sh installs it: apt-get install docker-compose)"
+            )
+        });
+    assert!(
+        output.status.success(),
+        "docker-compose config: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    yaml_to_json(&output.stdout)
+}
+
+fn yaml_to_json(yaml: &[u8]) -> Value {
+    let mut child = Command::new(python())
+        .args([
+            "-c",
+            "import json, sys, yaml; json.dump(yaml.safe_load(sys.stdin), sys.stdout)",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(yaml).unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+fn environment(service: &Value) -> BTreeMap<String, String> {
+    service["environment"]
+        .as_object()
+        .map(|env| {
+            env.iter()
+                .map(|(k, v)| {
+                    let value = match v {
+                        Value::String(s) => s.clone(),
+                        Value::Null => String::new(),
+                        other => other.to_string(),
+                    };
+                    (k.clone(), value)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `(source, target)` of a service's volumes (`docker-compose config` writes them as `source:target:mode`).
+fn volumes(service: &Value) -> Vec<(String, String)> {
+    service["volumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|v| {
+            let text = v.as_str().unwrap_or_else(|| panic!("volume {v}"));
+            let mut parts = text.split(':');
+            let source = parts.next().unwrap_or_default().to_owned();
+            let target = parts
+                .next()
+                .unwrap_or_else(|| panic!("volume {text}"))
+                .to_owned();
+            (source, target)
+        })
+        .collect()
+}
+
+fn published_ports(service: &Value) -> Vec<(u64, u64)> {
+    service["ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            let field = |name: &str| {
+                p[name]
+                    .as_u64()
+                    .or_else(|| p[name].as_str().and_then(|s| s.parse().ok()))
+                    .unwrap_or_else(|| panic!("port {p}"))
+            };
+            (field("published"), field("target"))
+        })
+        .collect()
+}
+
+#[test]
+fn the_compose_file_resolves_to_the_stack_the_runbook_describes() {
+    let compose = resolved_compose(&[]);
+    let services = compose["services"].as_object().unwrap();
+    for name in [
+        "kafka",
+        "kafka-init",
+        "redis",
+        "qdrant",
+        "kafka-ui",
+        "flower",
+        "vectordb-consumer",
+        "vectordb-worker",
+        "prometheus",
+        "grafana",
+    ] {
+        assert!(services.contains_key(name), "no service {name}");
+    }
+
+    // Kafka in KRaft mode (no ZooKeeper), with the listener the other containers use.
+    let kafka = &services["kafka"];
+    assert!(
+        kafka["image"]
+            .as_str()
+            .unwrap()
+            .starts_with("apache/kafka:")
+    );
+    let kafka_env = environment(kafka);
+    assert_eq!(kafka_env["KAFKA_PROCESS_ROLES"], "broker,controller");
+    assert!(kafka_env["KAFKA_ADVERTISED_LISTENERS"].contains("kafka:29092"));
+    assert!(!services.contains_key("zookeeper"));
+
+    // Redis keeps its queues across a restart (AOF on a volume): a Celery rollback must survive one.
+    let redis = &services["redis"];
+    let redis_command: Vec<&str> = redis["command"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(
+        redis_command
+            .windows(2)
+            .any(|w| w == ["--appendonly", "yes"])
+    );
+    assert!(volumes(redis).contains(&("redis-data".to_owned(), "/data".to_owned())));
+
+    assert!(published_ports(&services["kafka-ui"]).contains(&(8090, 8080)));
+    assert!(published_ports(&services["flower"]).contains(&(5555, 5555)));
+
+    // Topic init runs our CLI and the processes wait for it.
+    assert_eq!(
+        services["kafka-init"]["command"],
+        serde_json::json!([
+            "vectordb",
+            "topics",
+            "create",
+            "--partitions",
+            "3",
+            "--replication-factor",
+            "1"
+        ])
+    );
+    for process in ["vectordb-consumer", "vectordb-worker"] {
+        let service = &services[process];
+        assert_eq!(service["command"], serde_json::json!([process]));
+        assert_eq!(
+            service["depends_on"]["kafka-init"]["condition"],
+            "service_completed_successfully"
+        );
+        let env = environment(service);
+        assert_eq!(env["KAFKA_BOOTSTRAP_SERVERS"], "kafka:29092");
+        assert_eq!(env["QDRANT_URL"], "http://qdrant:6334", "the gRPC port");
+        // Prometheus scrapes the port the processes listen on.
+        let port = env["HTTP_ADDR"].rsplit(':').next().unwrap().to_owned();
+        let prometheus =
+            std::fs::read_to_string(root().join("deploy/prometheus/prometheus.yml")).unwrap();
+        assert!(
+            prometheus.contains(&format!("{process}:{port}")),
+            "prometheus does not scrape {process}:{port}"
+        );
+        assert!(
+            published_ports(service)
+                .iter()
+                .any(|(_, target)| target.to_string() == port)
+        );
+    }
+
+    // Every file mounted into a container is in the repository, and every named volume is declared.
+    let mut binds = 0;
+    for (name, service) in services {
+        for (source, target) in volumes(service) {
+            if source.starts_with('/') {
+                binds += 1;
+                assert!(
+                    Path::new(&source).exists(),
+                    "{name} mounts {source} which does not exist"
+                );
+            } else {
+                assert!(
+                    compose["volumes"].get(&source).is_some(),
+                    "{name}: volume {source} for {target} is not declared"
+                );
+            }
+        }
+    }
+    assert_eq!(
+        binds, 3,
+        "prometheus.yml, Grafana's provisioning and its dashboard"
+    );
+}
+
+#[test]
+fn every_variable_compose_sets_is_documented_and_accepted_by_the_processes() {
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    for (backend, fallback) in [("kafka", Some("celery")), ("celery", None)] {
+        let compose = resolved_compose(&[("MESSAGING_BACKEND", backend)]);
+        for process in ["vectordb-consumer", "vectordb-worker"] {
+            let env = environment(&compose["services"][process]);
+            assert_eq!(env["MESSAGING_BACKEND"], backend);
+            for key in env.keys() {
+                assert!(
+                    readme.contains(&format!("`{key}`")),
+                    "{process}: {key} is not in the README's table"
+                );
+            }
+            // The processes read the same settings as `vectordb check`; point the hosts of the compose network at
+            // a closed local port so that the connectivity checks fail fast, and read what it would do.
+            let dir = tempfile::tempdir().unwrap();
+            let closed = "127.0.0.1:9";
+            let rewritten: Vec<(String, String)> = env
+                .iter()
+                .map(|(k, v)| {
+                    let v = v
+                        .replace("kafka:29092", closed)
+                        .replace("redis:6379", closed)
+                        .replace("qdrant:6334", closed)
+                        .replace("0.0.0.0:8080", "127.0.0.1:0");
+                    (k.clone(), v)
+                })
+                .collect();
+            let output = Command::new(env!("CARGO_BIN_EXE_vectordb"))
+                .env_clear()
+                .current_dir(dir.path())
+                .env("PATH", std::env::var("PATH").unwrap_or_default())
+                .envs(rewritten)
+                .args(["check", "--json"])
+                .output()
+                .unwrap();
+            let report: Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+                panic!(
+                    "{process} with MESSAGING_BACKEND={backend}: {e}: {}",
+                    String::from_utf8_lossy(&output.stderr)
+                )
+            });
+            assert_eq!(report["messaging_backend"], backend);
+            assert_eq!(
+                report["fallback"].as_str(),
+                fallback,
+                "a fallback is inert unless the backend is kafka"
+            );
+            assert_eq!(
+                report["enabled_handlers"],
+                serde_json::json!(["mood_created", "context_aggregated", "ingest_vectors"])
+            );
+            let checks = report["checks"].as_array().unwrap();
+            assert_eq!(checks[0]["name"], "config");
+            assert_eq!(checks[0]["ok"], true);
+            // Nothing listens on the rewritten hosts: each dependency is reported unreachable with a fix, and the
+            // exit status says so.
+            let broker = checks.iter().find(|c| c["name"] == "broker").unwrap();
+            assert_eq!(broker["ok"], false, "{broker}");
+            assert!(broker["fix"].as_str().unwrap().contains("BROKER_URL"));
+            assert!(!output.status.success());
+        }
+    }
+}
+
+#[test]
+fn the_dashboard_draws_only_metrics_the_processes_export() {
+    let path = root().join("deploy/grafana/aura360-dashboard.json");
+    let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let exported: Vec<&str> = aura_ops::METRICS.iter().map(|m| m.name).collect();
+    let mut drawn = std::collections::BTreeSet::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        assert_eq!(
+            panel["datasource"]["uid"], "prometheus",
+            "{}",
+            panel["title"]
+        );
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            let names: Vec<&str> = expr
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|word| word.starts_with("aura360_"))
+                .collect();
+            assert!(!names.is_empty(), "{expr}");
+            for name in names {
+                let base = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|suffix| name.strip_suffix(suffix))
+                    .unwrap_or(name);
+                assert!(
+                    exported.contains(&base),
+                    "the dashboard draws {name}, which nothing exports"
+                );
+                drawn.insert(base.to_owned());
+            }
+        }
+    }
+    // And nothing exported is missing from it.
+    assert_eq!(drawn.len(), exported.len(), "drawn: {drawn:?}");
+    // The provisioning points Grafana at the file compose mounts.
+    let provider =
+        std::fs::read_to_string(root().join("deploy/grafana/provisioning/dashboards/aura360.yml"))
+            .unwrap();
+    let datasource = std::fs::read_to_string(
+        root().join("deploy/grafana/provisioning/datasources/prometheus.yml"),
+    )
+    .unwrap();
+    assert!(provider.contains("/var/lib/grafana/dashboards"));
+    assert!(datasource.contains("uid: prometheus"));
+}
+
+#[test]
+fn the_dockerfile_builds_and_ships_the_three_binaries() {
+    let dockerfile = std::fs::read_to_string(root().join("Dockerfile")).unwrap();
+    let stages: Vec<&str> = dockerfile
+        .lines()
+        .filter(|l| l.starts_with("FROM "))
+        .collect();
+    assert_eq!(stages.len(), 2, "multi-stage: {stages:?}");
+    let manifest = std::fs::read_to_string(root().join("crates/cli/Cargo.toml")).unwrap();
+    for binary in ["vectordb", "vectordb-consumer", "vectordb-worker"] {
+        assert!(manifest.contains(&format!("name = \"{binary}\"")));
+        assert!(
+            dockerfile.contains(&format!("target/release/{binary}")),
+            "{binary} is not copied"
+        );
+    }
+    // The health check asks the port the image listens on.
+    assert!(dockerfile.contains("HTTP_ADDR=0.0.0.0:8080"));
+    assert!(dockerfile.contains("http://127.0.0.1:8080/health"));
+    // The build context leaves out what would bloat it or leak local state.
+    let ignore = std::fs::read_to_string(root().join(".dockerignore")).unwrap();
+    for entry in ["target/", ".venv/", ".git/"] {
+        assert!(
+            ignore.lines().any(|l| l == entry),
+            "{entry} is not in .dockerignore"
+        );
+    }
+}
