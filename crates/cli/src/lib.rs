@@ -7,6 +7,7 @@ pub mod check;
 pub mod consumer;
 pub mod ops;
 pub mod pipeline;
+pub mod progress;
 pub mod publish;
 pub mod replay;
 pub mod worker;

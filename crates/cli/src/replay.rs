@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use aura_celery::CeleryPublisher;
-use aura_kafka::offsets::{ExportedRecord, Range, read_range};
+use aura_kafka::offsets::{ExportedRecord, Range, range_size, read_range};
 use aura_kafka::{DEAD_LETTER_HEADERS, KafkaPublisher, OutgoingRecord};
 use aura_runtime::events::Event;
 use aura_runtime::store::Durability;
@@ -44,6 +44,27 @@ pub enum Source {
 pub struct ExportSummary {
     pub topic: String,
     pub records: u64,
+}
+
+/// How many records `range` holds now, for a progress bar (`None` if the broker does not say).
+pub async fn records_in(settings: &Settings, range: &Range) -> Option<u64> {
+    let (kafka, range) = (settings.kafka.clone(), range.clone());
+    tokio::task::spawn_blocking(move || range_size(&kafka, &range, READ_TIMEOUT).ok())
+        .await
+        .ok()
+        .flatten()
+}
+
+/// How many non-blank lines a file has, for a progress bar (`None` if it cannot be read).
+pub fn lines_in(path: &std::path::Path) -> Option<u64> {
+    let file = std::fs::File::open(path).ok()?;
+    let mut count = 0;
+    for line in std::io::BufReader::new(file).split(b'\n') {
+        if !line.ok()?.trim_ascii().is_empty() {
+            count += 1;
+        }
+    }
+    Some(count)
 }
 
 /// Writes `range` as JSONL (one [`ExportedRecord`] per line) to `out`.

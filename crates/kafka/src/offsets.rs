@@ -124,20 +124,36 @@ pub struct Range {
     pub from_group: Option<String>,
 }
 
-/// Reads `range` and hands each record to `sink` in offset order per partition (a blocking callback: call from
-/// `spawn_blocking` or a thread). Returns how many records were read.
-pub fn read_range(
+/// How many records `read_range` would read now (the sum of its partitions' offset spans: an upper bound on a
+/// compacted topic). For progress reporting.
+pub fn range_size(
     settings: &KafkaSettings,
     range: &Range,
     timeout: Duration,
-    mut sink: impl FnMut(ExportedRecord) -> Result<(), String>,
 ) -> Result<u64, ClientError> {
-    // A throwaway group id: reading never commits anything anywhere.
-    let reader_group = format!("aura360-vectordb-reader-{}", std::process::id());
-    let consumer = offsets_client(settings, &reader_group)?;
+    let consumer = offsets_client(settings, &reader_group())?;
+    let plan = plan_range(settings, &consumer, range, timeout)?;
+    Ok(plan
+        .values()
+        .map(|(from, to)| (to - from).max(0) as u64)
+        .sum())
+}
+
+/// A throwaway group id: reading never commits anything anywhere.
+fn reader_group() -> String {
+    format!("aura360-vectordb-reader-{}", std::process::id())
+}
+
+/// Per partition of `range`: the offsets to read, `[from, to)`, resolved against the broker (and the group).
+fn plan_range(
+    settings: &KafkaSettings,
+    consumer: &BaseConsumer,
+    range: &Range,
+    timeout: Duration,
+) -> Result<BTreeMap<i32, (i64, i64)>, ClientError> {
     let partitions = match range.partition {
         Some(partition) => vec![partition],
-        None => partitions_of(&consumer, &range.topic, timeout)?.ok_or_else(|| {
+        None => partitions_of(consumer, &range.topic, timeout)?.ok_or_else(|| {
             ClientError::kafka(
                 format!("topic {} does not exist", range.topic),
                 rdkafka::error::KafkaError::MetadataFetch(
@@ -163,8 +179,7 @@ pub fn read_range(
         }
         None => None,
     };
-    let mut assignment = TopicPartitionList::new();
-    let mut stop = BTreeMap::new();
+    let mut plan = BTreeMap::new();
     for &partition in &partitions {
         let (low, high) = consumer
             .fetch_watermarks(&range.topic, partition, timeout)
@@ -181,11 +196,29 @@ pub fn read_range(
         let from = range.from.or(group_offset).unwrap_or(low).max(low);
         let to = range.to.unwrap_or(high).min(high);
         if from < to {
-            assignment
-                .add_partition_offset(&range.topic, partition, Offset::Offset(from))
-                .map_err(|e| ClientError::kafka("building the assignment", e))?;
-            stop.insert(partition, to);
+            plan.insert(partition, (from, to));
         }
+    }
+    Ok(plan)
+}
+
+/// Reads `range` and hands each record to `sink` in offset order per partition (a blocking callback: call from
+/// `spawn_blocking` or a thread). Returns how many records were read.
+pub fn read_range(
+    settings: &KafkaSettings,
+    range: &Range,
+    timeout: Duration,
+    mut sink: impl FnMut(ExportedRecord) -> Result<(), String>,
+) -> Result<u64, ClientError> {
+    let consumer = offsets_client(settings, &reader_group())?;
+    let plan = plan_range(settings, &consumer, range, timeout)?;
+    let mut assignment = TopicPartitionList::new();
+    let mut stop = BTreeMap::new();
+    for (&partition, &(from, to)) in &plan {
+        assignment
+            .add_partition_offset(&range.topic, partition, Offset::Offset(from))
+            .map_err(|e| ClientError::kafka("building the assignment", e))?;
+        stop.insert(partition, to);
     }
     if stop.is_empty() {
         return Ok(0);

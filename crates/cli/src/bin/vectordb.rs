@@ -3,9 +3,11 @@
 use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context as _;
 use aura_cli::pipeline::{self, PipelineOptions};
+use aura_cli::progress::Progress;
 use aura_cli::publish::{self, configured_publisher};
 use aura_cli::{configured_registry, handler_context, init_logging};
 use aura_runtime::Settings;
@@ -350,17 +352,10 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
                 }
                 (None, None) => anyhow::bail!("give --events FILE or --type (see --help)"),
             };
-            let show_progress = !json && std::io::stderr().is_terminal();
-            let summary = publish::publish_lines(publisher.as_ref(), input, |n| {
-                if show_progress && n % 1000 == 0 {
-                    eprint!("\r{n} events published");
-                    let _ = std::io::stderr().flush();
-                }
-            })
-            .await?;
-            if show_progress && summary.published >= 1000 {
-                eprintln!();
-            }
+            let progress = Progress::new("events published", None, json);
+            let summary =
+                publish::publish_lines(publisher.as_ref(), input, |n| progress.set(n)).await?;
+            progress.finish();
             if json {
                 println!("{}", serde_json::to_string(&summary)?);
             } else {
@@ -422,13 +417,12 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
                         .with_context(|| format!("creating {}", out.display()))?,
                 )
             };
-            let show_progress = !json && std::io::stderr().is_terminal();
-            let summary = aura_cli::replay::export(&settings, range, writer, move |n| {
-                if show_progress && n % 1000 == 0 {
-                    eprint!("\r{n} records exported");
-                }
-            })
-            .await?;
+            let total = aura_cli::replay::records_in(&settings, &range).await;
+            let progress = Arc::new(Progress::new("records exported", total, json));
+            let bar = progress.clone();
+            let summary =
+                aura_cli::replay::export(&settings, range, writer, move |n| bar.set(n)).await?;
+            progress.finish();
             if json {
                 let line = serde_json::to_string(&summary)?;
                 if to_stdout {
@@ -453,13 +447,18 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             to,
             json,
         } => {
-            let show_progress = !json && std::io::stderr().is_terminal();
-            let progress = |n: u64| {
-                if show_progress && n.is_multiple_of(100) {
-                    eprint!("\r{n} replayed");
-                    let _ = std::io::stderr().flush();
-                }
+            let topic_range = range.range(&settings);
+            let total = match (&celery_dlq, &file) {
+                (Some(_), _) => None,
+                (None, Some(path)) if path.as_os_str() != "-" => aura_cli::replay::lines_in(path),
+                (None, Some(_)) => None,
+                (None, None) => match &topic_range {
+                    Some(range) => aura_cli::replay::records_in(&settings, range).await,
+                    None => None,
+                },
             };
+            let bar = Progress::new("replayed", total, json);
+            let progress = |n: u64| bar.set(n);
             let summary = match (celery_dlq, file, to) {
                 (Some(queue), _, _) => {
                     aura_cli::replay::replay_celery_dead_letters(&settings, &queue, |n| {
@@ -485,9 +484,8 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
                     .await?
                 }
                 (None, None, Some(to)) => {
-                    let range = range
-                        .range(&settings)
-                        .context("give --topic, --file or --celery-dlq (see --help)")?;
+                    let range =
+                        topic_range.context("give --topic, --file or --celery-dlq (see --help)")?;
                     aura_cli::replay::replay(
                         &settings,
                         aura_cli::replay::Source::Topic(range),
@@ -498,9 +496,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
                 }
                 (None, _, None) => anyhow::bail!("give --to handlers|kafka|celery"),
             };
-            if show_progress && summary.replayed >= 100 {
-                eprintln!();
-            }
+            bar.finish();
             if json {
                 println!("{}", serde_json::to_string(&summary)?);
             } else {
