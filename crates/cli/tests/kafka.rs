@@ -1113,15 +1113,26 @@ fn wait_all_committed(kafka: &Scenario, consumer: &mut Consumer) {
     );
 }
 
-#[test]
-fn publishing_falls_back_to_celery_while_kafka_is_down_and_returns_to_kafka_after() {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/kafka-test-broker.sh");
-    let broker_dir = tempfile::tempdir().unwrap();
-    let broker = |action: &str| {
+/// A tansu of the test's own, to stop and restart (the same port and data each time).
+struct OwnBroker {
+    dir: tempfile::TempDir,
+}
+
+impl OwnBroker {
+    fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    /// `start` (prints the bootstrap address) or `stop`.
+    fn run(&self, action: &str) -> String {
+        let script =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/kafka-test-broker.sh");
         let output = Command::new("bash")
             .arg(&script)
             .arg(action)
-            .arg(broker_dir.path())
+            .arg(self.dir.path())
             .output()
             .unwrap();
         assert!(
@@ -1130,8 +1141,54 @@ fn publishing_falls_back_to_celery_while_kafka_is_down_and_returns_to_kafka_afte
             String::from_utf8_lossy(&output.stderr)
         );
         String::from_utf8(output.stdout).unwrap().trim().to_owned()
-    };
-    let bootstrap = broker("start");
+    }
+}
+
+impl Drop for OwnBroker {
+    fn drop(&mut self) {
+        // Stopped even when the test failed (stopping a stopped broker does nothing).
+        let script =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/kafka-test-broker.sh");
+        let _ = Command::new("bash")
+            .arg(script)
+            .arg("stop")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+#[test]
+fn sigterm_while_kafka_is_down_exits_within_ten_seconds_and_loses_nothing() {
+    let broker = OwnBroker::new();
+    let kafka = Scenario::on_broker("outage-stop", broker.run("start"));
+    kafka.produce_moods(300, 20);
+    let mut consumer = kafka.start_consumer(&[]);
+    kafka.wait_for(
+        "some events committed",
+        Duration::from_secs(300),
+        &mut consumer,
+        |offsets| offsets[0].0 >= 50,
+    );
+    // librdkafka's close waits for the group coordinator: without a bound this exit would wait for Kafka.
+    broker.run("stop");
+    let (status, took, log) = consumer.terminate();
+    assert!(status.success(), "exit {status}:\n{log}");
+    assert!(took < Duration::from_secs(10), "took {took:?}:\n{log}");
+
+    // Kafka back: once the member that could not leave has expired (KAFKA_SESSION_TIMEOUT_MS=6000 here; tansu gives a
+    // member that joins before that nothing), a new consumer finishes the job from the committed offsets.
+    broker.run("start");
+    std::thread::sleep(Duration::from_secs(10));
+    let mut consumer = kafka.start_consumer(&[]);
+    kafka.wait_drained(&mut consumer, 300);
+    consumer.stop();
+    assert_eq!(kafka.points(), 300);
+}
+
+#[test]
+fn publishing_falls_back_to_celery_while_kafka_is_down_and_returns_to_kafka_after() {
+    let broker = OwnBroker::new();
+    let bootstrap = broker.run("start");
     let kafka = Scenario::on_broker("fallback", bootstrap.clone());
     let redis = TestRedis::start();
     let mut env = redis.env().to_vec();
@@ -1154,14 +1211,14 @@ fn publishing_falls_back_to_celery_while_kafka_is_down_and_returns_to_kafka_afte
     std::thread::sleep(Duration::from_secs(2));
 
     // Kafka goes away mid-stream; the stream goes on.
-    broker("stop");
+    broker.run("stop");
     publisher.feed(&mood_lines(40..80), pace);
     let (code, body) = wait_health(&addr, "unavailable", Duration::from_secs(30));
     assert_eq!(code, 503, "{body}");
     assert_eq!(body["brokers"][0]["reachable"], false);
 
     // Kafka is back (same port, same data): once the open period is over, the next event probes it.
-    assert_eq!(broker("start"), bootstrap);
+    assert_eq!(broker.run("start"), bootstrap);
     wait_health(&addr, "ok", Duration::from_secs(120));
     std::thread::sleep(Duration::from_secs(3));
     publisher.feed(&mood_lines(80..120), Duration::from_millis(200));
@@ -1225,7 +1282,7 @@ fn publishing_falls_back_to_celery_while_kafka_is_down_and_returns_to_kafka_afte
     worker_env.push(("MESSAGING_BACKEND", "celery"));
     run_worker_until_idle(&kafka, &redis, &worker_env);
     assert_eq!(kafka.points(), 120);
-    broker("stop");
+    broker.run("stop");
 }
 
 #[test]
