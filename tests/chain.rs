@@ -5,6 +5,7 @@ use std::sync::atomic::Ordering;
 
 use aura_cli::standard_registry;
 use aura_integration_tests::{mood_event, quick_retry, run_chain, with_data};
+use aura_runtime::events::limits::{Limits, POINT_PAYLOAD_BYTES, SUMMARY_STRING_CHARS};
 use aura_runtime::store::VectorStore;
 use aura_runtime::testing::{FlakyStore, context_with, embedded};
 use handler_ingest_vectors::point_id;
@@ -72,10 +73,14 @@ async fn one_mood_event_becomes_exactly_the_expected_points() {
     assert_eq!(p["timeframe"], "recent");
     assert_eq!(p["embedding_model"], "hash-ngram-v1");
     assert_eq!(p["version"], "test-v1");
+    // The text is embedded whole; the summary's copy of the notes is a bounded preview.
+    let preview: String = notes.trim().chars().take(SUMMARY_STRING_CHARS).collect();
     assert_eq!(
         p["mood_summary"],
-        json!({"recent_score": 4.0, "tags": ["calm", "focused"], "notes": notes.trim()})
+        json!({"recent_score": 4.0, "tags": ["calm", "focused"], "notes": preview})
     );
+    assert_eq!(p["truncated"], false);
+    assert_eq!(p["summaries_truncated"], true);
     assert_eq!(p["source_event"]["event_type"], "user.mood.created");
     assert!(p["aggregated_event_id"].is_string() && p["vectorized_event_id"].is_string());
 }
@@ -197,6 +202,135 @@ async fn disabled_handlers_keep_their_events() {
             .parked
             .iter()
             .all(|e| e.event_type == "context.aggregated")
+    );
+    assert_eq!(fixture.store.count(None).await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn a_megabyte_journal_entry_becomes_bounded_points_and_its_beginning_is_searchable() {
+    let fixture = embedded();
+    let limits = fixture.ctx.limits;
+    // Five 1 MB notes once took 21.8 GB: each chunk's payload carried the whole note again.
+    let notes = "Long day. Wrote pages about the move, the new job and my sister. ".repeat(16_000);
+    let tags: Vec<String> = (0..20_000).map(|i| format!("tag-{i}")).collect();
+    let mut event = mood_event("journal", 6, &notes);
+    event.set_field(
+        "data",
+        json!({"mood_score": 6, "tags": tags, "notes": notes, "created_at": "2025-03-01T08:00:00"}),
+    );
+    let origin = event.event_id.to_string();
+    let report = run_chain(
+        standard_registry(),
+        fixture.ctx.clone(),
+        vec![event],
+        quick_retry(3),
+    )
+    .await;
+    assert!(report.dead_letters.is_empty(), "{:?}", report.dead_letters);
+    let points = fixture.store.count(Some("journal")).await.unwrap();
+    assert_eq!(points, limits.max_chunks as u64);
+
+    let hits = fixture
+        .store
+        .search(
+            fixture
+                .ctx
+                .embedder
+                .embed(&["User: journal | Mood Score: 6/10 | Mood Tags: tag-0, tag-1".to_owned()])
+                .await
+                .unwrap()
+                .vectors[0]
+                .clone(),
+            Some("journal"),
+            100,
+        )
+        .await
+        .unwrap();
+    assert_eq!(hits.len() as u64, points);
+    assert_eq!(hits[0].id, point_id(&origin, 0).to_string());
+    for hit in &hits {
+        let payload = serde_json::to_vec(&hit.payload).unwrap();
+        assert!(
+            payload.len() <= POINT_PAYLOAD_BYTES,
+            "point payload is {} bytes",
+            payload.len()
+        );
+        assert_eq!(hit.payload["truncated"], true);
+        assert!(hit.payload["source_text_chars"].as_u64().unwrap() > 1_000_000);
+        assert_eq!(hit.payload["summaries_truncated"], true);
+        assert_eq!(
+            hit.payload["mood_summary"]["notes"]
+                .as_str()
+                .unwrap()
+                .chars()
+                .count(),
+            SUMMARY_STRING_CHARS
+        );
+        assert!(hit.payload["text"].as_str().unwrap().chars().count() <= 900);
+    }
+}
+
+#[tokio::test]
+async fn two_events_claiming_the_same_origin_keep_their_own_points() {
+    let fixture = embedded();
+    // A producer that copies metadata between events (or forges it) must not make them overwrite each other.
+    let mut events = vec![
+        mood_event("alice", 3, "first entry"),
+        mood_event("bob", 8, "second entry"),
+    ];
+    for event in &mut events {
+        event
+            .metadata
+            .insert("origin_event_id".into(), json!("same-origin"));
+        event
+            .metadata
+            .insert("causation_id".into(), json!("forged-cause"));
+    }
+    let ids: Vec<String> = events.iter().map(|e| e.event_id.to_string()).collect();
+    let report = run_chain(
+        standard_registry(),
+        fixture.ctx.clone(),
+        events,
+        quick_retry(3),
+    )
+    .await;
+    assert!(report.dead_letters.is_empty(), "{:?}", report.dead_letters);
+    assert_eq!(fixture.store.count(Some("alice")).await.unwrap(), 1);
+    assert_eq!(fixture.store.count(Some("bob")).await.unwrap(), 1);
+    let hits = fixture
+        .store
+        .search(vec![1.0; aura_runtime::testing::TEST_DIM], Some("bob"), 1)
+        .await
+        .unwrap();
+    assert_eq!(hits[0].id, point_id(&ids[1], 0).to_string());
+    assert_eq!(hits[0].payload["origin_event_id"], ids[1].as_str());
+}
+
+#[tokio::test]
+async fn a_produced_event_over_max_event_bytes_is_dead_lettered_with_the_setting_named() {
+    let fixture = embedded();
+    let mut ctx = fixture.ctx.clone();
+    // Room for the mood event, not for the 40 chunks with their vectors it leads to.
+    ctx.limits = Limits {
+        max_event_bytes: 60_000,
+        ..Limits::default()
+    };
+    let notes = "a long entry about a long week ".repeat(1_000);
+    let report = run_chain(
+        standard_registry(),
+        ctx,
+        vec![mood_event("carol", 5, &notes)],
+        quick_retry(3),
+    )
+    .await;
+    assert_eq!(report.dead_letters.len(), 1, "{:?}", report.dead_letters);
+    let letter = &report.dead_letters[0];
+    assert_eq!(letter.handler.as_deref(), Some("context_aggregated"));
+    assert!(
+        letter.error.contains("MAX_EVENT_BYTES=60000")
+            && letter.error.contains("context.vectorized"),
+        "{}",
+        letter.error
     );
     assert_eq!(fixture.store.count(None).await.unwrap(), 0);
 }

@@ -1,7 +1,9 @@
 """Drives Celery from Python like the Django API does: send_task, AsyncResult, inspect, events.
 
   send    --count N [--type T] [--priority P] [--countdown S] [--time-limit F] [--expires S] [--wait S] [--json-out F]
-          sends N events as tasks with app.send_task; with --wait, waits for every AsyncResult and reports states
+          [--notes-size C]
+          sends N events as tasks with app.send_task; with --wait, waits for every AsyncResult and reports states;
+          --notes-size makes each mood's notes a journal entry of C characters
   results --ids-file F --wait S   waits for the given task ids
   ping    --timeout S             `celery inspect ping`: prints {hostname: reply}
   inspect --method M              any inspect method (stats, active, registered, active_queues)
@@ -62,6 +64,7 @@ def main():
     send.add_argument("--soft-time-limit", type=float)
     send.add_argument("--expires", type=float)
     send.add_argument("--queue", default="celery")
+    send.add_argument("--notes-size", type=int)
     send.add_argument("--wait", type=float)
     results = sub.add_parser("results")
     results.add_argument("--ids-file", required=True)
@@ -84,9 +87,13 @@ def main():
         ids, events_sent = [], []
         for n in range(args.count):
             ev = event(args.type, f"user-{n % args.users}", n)
+            if args.notes_size:
+                sentence = "today I wrote and wrote about everything. "
+                ev["data"]["notes"] = (sentence * (args.notes_size // len(sentence) + 1))[:args.notes_size]
             res = app.send_task(TASKS[args.type], args=[ev], **options)
             ids.append(res.id)
-            events_sent.append(ev)
+            # A journal entry is not echoed back whole: the caller needs its id, not megabytes of output.
+            events_sent.append(ev if not args.notes_size else {"event_id": ev["event_id"]})
         out = {"ids": ids, "events": events_sent}
         if args.wait:
             out["states"] = wait_all(ids, args.wait)

@@ -47,6 +47,11 @@ pub enum MessageError {
     BadBody(String),
     #[error("message has no `{0}` header (Celery message protocol v2 required)")]
     MissingHeader(&'static str),
+    #[error(
+        "message is {bytes} bytes, over the {limit} bytes MAX_EVENT_BYTES allows (the event's JSON in base64 plus \
+         64 KiB of envelope)"
+    )]
+    TooLarge { bytes: usize, limit: usize },
 }
 
 /// The kombu envelope: the Redis list element.

@@ -61,6 +61,15 @@ pub struct WorkerOptions {
     pub restore_interval: Duration,
     /// How long one `BRPOP` blocks when the queues are empty.
     pub fetch_block: Duration,
+    /// `MAX_EVENT_BYTES`: a message whose event cannot be under it is dead-lettered unread.
+    pub max_event_bytes: usize,
+}
+
+impl WorkerOptions {
+    /// The largest kombu message an event of `max_event_bytes` can arrive in: base64 (4/3) plus the envelope.
+    fn max_message_bytes(&self) -> usize {
+        self.max_event_bytes.saturating_mul(4) / 3 + 64 * 1024
+    }
 }
 
 impl WorkerOptions {
@@ -81,6 +90,7 @@ impl WorkerOptions {
             grace: Duration::from_secs(8),
             restore_interval: Duration::from_secs(10),
             fetch_block: Duration::from_secs(1),
+            max_event_bytes: aura_runtime::events::limits::Limits::default().max_event_bytes,
         }
     }
 }
@@ -441,7 +451,20 @@ async fn process(shared: &Shared, fetched: Fetched, prefetch_slot: Option<OwnedS
         .await;
         return;
     };
-    let mut message = match TaskMessage::parse(&fetched.raw) {
+    let limit = shared.options.max_message_bytes();
+    let parsed = if fetched.raw.len() > limit {
+        let envelope = Envelope::from_slice(&fetched.raw).ok().map(Box::new);
+        Err((
+            envelope,
+            MessageError::TooLarge {
+                bytes: fetched.raw.len(),
+                limit,
+            },
+        ))
+    } else {
+        TaskMessage::parse(&fetched.raw)
+    };
+    let mut message = match parsed {
         Ok(message) => message,
         Err((envelope, error)) => {
             let task_id = envelope.as_ref().and_then(|e| {

@@ -87,6 +87,7 @@ fn context(store: Arc<dyn VectorStore>) -> HandlerContext {
         store,
         embedder: Arc::new(HashEmbedder::new(DIM)),
         embedding_version: "bench".into(),
+        limits: Default::default(),
     }
 }
 

@@ -23,12 +23,15 @@ use crate::{configured_registry, handler_context};
 /// `celery`: handle nothing here (the Celery worker does) — Kafka's backlog stays at the committed offsets.
 pub async fn run(
     settings: Settings,
-    options: ConsumerOptions,
+    mut options: ConsumerOptions,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<Option<ConsumerReport>> {
     let registry = Arc::new(configured_registry(&settings)?);
     let backend = settings.messaging_backend;
     let mut ops = Ops::start("vectordb-consumer", &settings, &registry).await?;
+    options.max_event_bytes = settings.limits.max_event_bytes;
+    options.dead_letter_spool = settings.kafka.dead_letter_spool_dir.clone();
+    options.observer = Some(ops.observer());
     metrics::gauge!("aura360_messaging_backend").set(backend.gauge());
     tracing::info!(
         messaging_backend = backend.as_str(),
@@ -62,7 +65,7 @@ pub async fn run(
             return Ok(None);
         }
     }
-    let context = handler_context(&settings, Durability::EveryWrite).await?;
+    let context = ops.observed(handler_context(&settings, Durability::EveryWrite).await?);
     let publisher = KafkaPublisher::new(&settings.kafka).context("creating the Kafka producer")?;
     let outputs = with_fallback(&settings, Arc::new(publisher.clone()))?;
     let dispatcher = Dispatcher::new(registry.clone(), context, outputs);
@@ -176,6 +179,7 @@ async fn forward_to_celery(
         })),
         embedder: aura_runtime::build_embedder(settings).context("setting up the embedder")?,
         embedding_version: settings.embedding.version.clone(),
+        limits: settings.limits,
     };
     let dispatcher = Dispatcher::new(registry.clone(), context, publisher);
     let dead_letters = KafkaPublisher::new(&settings.kafka)

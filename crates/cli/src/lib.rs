@@ -62,6 +62,7 @@ pub async fn handler_context(
         store,
         embedder,
         embedding_version: settings.embedding.version.clone(),
+        limits: settings.limits,
     })
 }
 

@@ -11,7 +11,9 @@ use aura_kafka::consumer::subscribed_topics;
 use aura_kafka::offsets::{PartitionLag, group_lag};
 use aura_ops::{Backlog, Health, Probe, Sampler};
 use aura_runtime::settings::KafkaSettings;
-use aura_runtime::{Registry, Settings};
+use aura_runtime::{
+    DependencyObserver, HandlerContext, ObservedEmbedder, ObservedStore, Registry, Settings,
+};
 use serde::Serialize;
 
 /// The process's ops side: metrics recorder, `/health` + `/metrics` on `HTTP_ADDR`, and the broker sampler.
@@ -55,10 +57,33 @@ impl Ops {
         self.health.set_ready(Some(detail.to_owned()));
     }
 
+    /// `/health` as the handlers' dependencies see it (embedder, store, dead letters).
+    pub fn observer(&self) -> Arc<dyn DependencyObserver> {
+        Arc::new(HealthObserver(self.health.clone()))
+    }
+
+    /// `context` with its embedder and store reporting to `/health`: an outage that handlers retry through makes the
+    /// process `degraded` instead of silently stalling.
+    pub fn observed(&self, context: HandlerContext) -> HandlerContext {
+        HandlerContext {
+            store: Arc::new(ObservedStore::new(context.store, self.observer())),
+            embedder: Arc::new(ObservedEmbedder::new(context.embedder, self.observer())),
+            ..context
+        }
+    }
+
     /// Starts probing `probes` every `BACKLOG_SAMPLE_S`; `/health` reflects what they see.
     pub fn watch(&mut self, settings: &Settings, probes: Vec<Arc<dyn Probe>>) {
         let sampler = Sampler::new(self.health.clone(), probes, settings.ops.sample_every);
         self.sampler = Some(sampler.spawn());
+    }
+}
+
+struct HealthObserver(Health);
+
+impl DependencyObserver for HealthObserver {
+    fn report(&self, dependency: &'static str, outcome: Result<(), String>) {
+        self.0.dependency_checked(dependency, outcome);
     }
 }
 

@@ -1,8 +1,10 @@
 //! `vectordb pipeline`: JSONL events through the whole chain, in-process, into the configured store.
 //!
-//! Lines are read in batches; each batch is pushed onto the in-memory bus and run to completion (the chain's
-//! produced events included) before the next is read, so memory stays bounded on large files. A line that is not an
-//! event is reported as a dead letter with its line number; the run goes on. The store is flushed after every batch,
+//! Lines are read in batches of at most `batch_lines` lines and `batch_bytes` bytes; each batch is pushed onto the
+//! in-memory bus and run to completion (the chain's produced events included) before the next is read, so memory is
+//! bounded by those settings, whatever the file holds. A line over `MAX_EVENT_BYTES` is never held whole: its first
+//! bytes are kept, the rest skipped, and it is dead-lettered with its size. A line that is not an event is reported
+//! as a dead letter with its line number; the run goes on. The store is flushed after every batch,
 //! so a crash loses at most the batch in progress — and re-running the file rewrites the same point ids.
 
 use std::collections::BTreeMap;
@@ -21,6 +23,8 @@ pub struct PipelineOptions {
     pub concurrency: usize,
     /// Lines read per batch.
     pub batch_lines: usize,
+    /// Bytes of input lines per batch (a batch also ends at `batch_lines`).
+    pub batch_bytes: usize,
     pub retry: RetryPolicy,
 }
 
@@ -29,6 +33,7 @@ impl Default for PipelineOptions {
         Self {
             concurrency: 256,
             batch_lines: 4096,
+            batch_bytes: 16 * 1024 * 1024,
             retry: RetryPolicy::in_process(),
         }
     }
@@ -60,12 +65,24 @@ pub struct PipelineSummary {
     /// Events whose handler is disabled (`DISABLED_HANDLERS`); not processed, not lost — reported here.
     pub parked: u64,
     pub dead_letter_count: u64,
+    /// The first [`LISTED_DEAD_LETTERS`] of them.
     pub dead_letters: Vec<DeadLetterReport>,
     pub elapsed_s: f64,
     pub events_per_s: f64,
 }
 
+/// Dead letters listed one by one in a summary; the rest are counted (a file of garbage must not fill memory with
+/// its reports).
+pub const LISTED_DEAD_LETTERS: usize = 1_000;
+
 impl PipelineSummary {
+    fn report_dead_letter(&mut self, letter: DeadLetterReport) {
+        self.dead_letter_count += 1;
+        if self.dead_letters.len() < LISTED_DEAD_LETTERS {
+            self.dead_letters.push(letter);
+        }
+    }
+
     /// True when there was input and none of it could be processed.
     pub fn processed_nothing(&self) -> bool {
         self.events_by_type.values().sum::<u64>() == 0 && self.skipped == 0 && self.parked == 0
@@ -74,7 +91,7 @@ impl PipelineSummary {
 
 /// Runs every event of `input` through the chain into `ctx.store`. `progress` is called after each batch.
 pub async fn run(
-    input: impl BufRead,
+    mut input: impl BufRead,
     registry: Registry,
     ctx: HandlerContext,
     options: &PipelineOptions,
@@ -91,31 +108,44 @@ pub async fn run(
     let mut summary = PipelineSummary::default();
 
     // Lines as bytes: one line of invalid UTF-8 is that line's dead letter, not the end of the run.
-    let mut lines = input.split(b'\n').enumerate();
+    let max_event_bytes = ctx.limits.max_event_bytes;
+    let mut line = Vec::new();
+    let mut line_number = 0u64;
+    let mut at_end = false;
     loop {
-        let mut batch = 0;
-        for (index, line) in lines.by_ref() {
-            let line =
-                line.map_err(|e| anyhow::anyhow!("reading input line {}: {e}", index + 1))?;
-            if line.trim_ascii().is_empty() {
+        let (mut batch, mut batch_bytes) = (0, 0);
+        while batch < options.batch_lines && batch_bytes < options.batch_bytes {
+            let Some(length) = read_bounded_line(&mut input, &mut line, max_event_bytes)
+                .map_err(|e| anyhow::anyhow!("reading input line {}: {e}", line_number + 1))?
+            else {
+                at_end = true;
+                break;
+            };
+            line_number += 1;
+            if line.trim_ascii().is_empty() && length == line.len() {
                 continue;
             }
             summary.events_in += 1;
-            match Event::from_slice(line.trim_ascii_end()) {
+            let decoded = if length > max_event_bytes {
+                Err(format!(
+                    "event is {length} bytes, over MAX_EVENT_BYTES={max_event_bytes}"
+                ))
+            } else {
+                Event::from_slice(line.trim_ascii_end()).map_err(|e| e.to_string())
+            };
+            match decoded {
                 Ok(event) => bus.push(event),
-                Err(error) => summary.dead_letters.push(DeadLetterReport {
-                    source: format!("line {}", index + 1),
+                Err(reason) => summary.report_dead_letter(DeadLetterReport {
+                    source: format!("line {line_number}"),
                     event_id: None,
                     handler: None,
-                    reason: error.to_string(),
+                    reason,
                 }),
             }
             batch += 1;
-            if batch == options.batch_lines {
-                break;
-            }
+            batch_bytes += line.len();
         }
-        if batch == 0 {
+        if batch == 0 && at_end {
             break;
         }
         let report = bus
@@ -128,21 +158,51 @@ pub async fn run(
         }
         summary.skipped += report.unhandled;
         summary.parked += report.parked.len() as u64;
-        summary
-            .dead_letters
-            .extend(report.dead_letters.into_iter().map(DeadLetterReport::from));
+        for letter in report.dead_letters {
+            summary.report_dead_letter(letter.into());
+        }
         summary.points_written = counting.points_written();
-        summary.dead_letter_count = summary.dead_letters.len() as u64;
         progress(&summary);
     }
 
     summary.points_written = counting.points_written();
     summary.collection_points = ctx.store.count(None).await?;
-    summary.dead_letter_count = summary.dead_letters.len() as u64;
     let elapsed = started.elapsed().max(Duration::from_micros(1));
     summary.elapsed_s = elapsed.as_secs_f64();
     summary.events_per_s = summary.events_in as f64 / summary.elapsed_s;
     Ok(summary)
+}
+
+/// Reads the next line (without its `\n`) into `line`, keeping at most `max + 1` of its bytes and skipping the
+/// rest; returns the line's whole length, or `None` at the end of the input.
+fn read_bounded_line(
+    input: &mut impl BufRead,
+    line: &mut Vec<u8>,
+    max: usize,
+) -> std::io::Result<Option<usize>> {
+    line.clear();
+    let (mut length, mut read_any) = (0, false);
+    loop {
+        let buffer = match input.fill_buf() {
+            Ok(buffer) => buffer,
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(error) => return Err(error),
+        };
+        if buffer.is_empty() {
+            return Ok(read_any.then_some(length));
+        }
+        read_any = true;
+        let newline = buffer.iter().position(|&b| b == b'\n');
+        let part = &buffer[..newline.unwrap_or(buffer.len())];
+        let room = (max + 1).saturating_sub(line.len());
+        line.extend_from_slice(&part[..part.len().min(room)]);
+        length += part.len();
+        let consumed = part.len() + usize::from(newline.is_some());
+        input.consume(consumed);
+        if newline.is_some() {
+            return Ok(Some(length));
+        }
+    }
 }
 
 impl From<DeadLetter> for DeadLetterReport {

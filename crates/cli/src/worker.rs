@@ -37,6 +37,7 @@ pub fn worker_options(settings: &Settings) -> WorkerOptions {
     options.prefetch_multiplier = celery.prefetch_multiplier;
     options.send_task_events = celery.task_events;
     options.track_started = celery.track_started;
+    options.max_event_bytes = settings.limits.max_event_bytes;
     options.retry = RetryPolicy {
         max_attempts: Some(celery.max_retries + 1),
         base: celery.retry_backoff,
@@ -95,7 +96,7 @@ pub async fn run(
             settings.celery.publish_queue(),
         )),
     };
-    let context = handler_context(&settings, Durability::EveryWrite).await?;
+    let context = ops.observed(handler_context(&settings, Durability::EveryWrite).await?);
     let dispatcher = Dispatcher::new(registry.clone(), context, publisher);
     ops.watch(
         &settings,

@@ -962,3 +962,74 @@ fn a_password_protected_broker_works_and_the_password_never_reaches_the_logs() {
         "the password leaked into the log"
     );
 }
+
+impl Process {
+    /// Peak resident memory so far (`VmHWM`), in bytes.
+    fn peak_rss(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .ok()
+            .and_then(|text| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix("VmHWM:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            })
+            .map_or(0, |kb| kb * 1024)
+    }
+}
+
+#[test]
+fn journal_entries_from_python_are_stored_bounded_and_an_event_over_the_limit_is_dead_lettered_with_its_size()
+ {
+    let server = OwnRedis::start();
+    let celery = Celery {
+        redis: format!("redis://127.0.0.1:{}", server.port),
+        db: 0,
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let worker = celery.start_worker("journal", &[("CELERY_CONCURRENCY", "4")]);
+    assert_all_succeeded(&celery.client(&["send", "--count", "40", "--wait", "120"]));
+    // 600,000-character notes: valid events under MAX_EVENT_BYTES; the chain cuts the text, never the entry.
+    assert_all_succeeded(&celery.client(&[
+        "send",
+        "--count",
+        "4",
+        "--notes-size",
+        "600000",
+        "--wait",
+        "120",
+    ]));
+    // 1,500,000 characters: over MAX_EVENT_BYTES; refused with the reason, never parsed.
+    let refused = celery.client(&[
+        "send",
+        "--count",
+        "1",
+        "--notes-size",
+        "1500000",
+        "--wait",
+        "60",
+    ]);
+    let id = &ids(&refused)[0];
+    assert_eq!(refused["states"][id]["state"], "FAILURE", "{refused}");
+    wait_for("the chain to finish", Duration::from_secs(120), || {
+        (celery.idle("celery") && celery.result_states().get("SUCCESS") == Some(&(44 * 3)))
+            .then_some(())
+    });
+    let peak = worker.peak_rss();
+    let (status, _, log) = worker.stop();
+    assert!(status.success(), "{log}");
+
+    let dead = celery.list("celery.dlq");
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    let reason = dead[0].to_string();
+    assert!(reason.contains("MAX_EVENT_BYTES"), "{reason}");
+    assert_eq!(celery.points(), 40 + 4 * 40);
+    assert!(
+        peak <= 500 * 1024 * 1024,
+        "worker peak RSS {} MB over the 500 MB goal",
+        peak / (1024 * 1024)
+    );
+    eprintln!(
+        "celery journal: worker peak RSS {} MB",
+        peak / (1024 * 1024)
+    );
+}

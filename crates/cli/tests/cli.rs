@@ -318,3 +318,162 @@ fn pipeline_reads_standard_input() {
     let summary = json_of(&child.wait_with_output().unwrap());
     assert_eq!(summary["points_written"], 2);
 }
+
+/// Runs `command` to its end and returns its output and its peak resident memory (`VmHWM`, read from /proc while
+/// it runs: the high-water mark only grows, so the last reading before exit is the peak).
+fn output_and_peak_rss(mut command: Command) -> (Output, u64) {
+    use std::io::Read as _;
+    let mut child = command
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status_path = format!("/proc/{}/status", child.id());
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let out = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        stdout.read_to_end(&mut buf).map(|_| buf)
+    });
+    let err = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        stderr.read_to_end(&mut buf).map(|_| buf)
+    });
+    let mut peak_kb = 0;
+    let status = loop {
+        if let Ok(text) = std::fs::read_to_string(&status_path)
+            && let Some(kb) = text
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        {
+            peak_kb = peak_kb.max(kb);
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let output = Output {
+        status,
+        stdout: out.join().unwrap().unwrap(),
+        stderr: err.join().unwrap().unwrap(),
+    };
+    (output, peak_kb * 1024)
+}
+
+/// A file as hostile as real input gets: megabyte notes, 20,000-entry tag lists, deep nesting, invalid UTF-8, lone
+/// surrogates, a line over MAX_EVENT_BYTES, lines cut short — among ordinary events. Returns the lines, and how
+/// many of them are valid events.
+fn hostile_lines() -> (Vec<Vec<u8>>, usize) {
+    let mood = |n: usize, data: String| {
+        format!(
+            r#"{{"event_id":"00000000-0000-4000-8000-{n:012}","event_type":"user.mood.created","timestamp":"2025-03-01T10:00:00","user_id":"u{}","metadata":{{}},"data":{data}}}"#,
+            n % 7
+        )
+        .into_bytes()
+    };
+    let mut lines = Vec::new();
+    let mut valid = 0;
+    for n in 0..200 {
+        lines.push(mood_line(n, &format!("user-{}", n % 9)).into_bytes());
+        valid += 1;
+    }
+    let note = "I wrote this for hours, page after page about everything. ".repeat(17_000); // ~1 MB
+    for n in 200..205 {
+        lines.push(mood(n, format!(r#"{{"mood_score":4,"notes":"{note}"}}"#)));
+        valid += 1;
+    }
+    let tags: Vec<String> = (0..20_000).map(|i| format!("\"tag-{i}\"")).collect();
+    for n in 205..210 {
+        lines.push(mood(
+            n,
+            format!(r#"{{"mood_score":5,"tags":[{}]}}"#, tags.join(",")),
+        ));
+        valid += 1;
+    }
+    // Valid JSON nested 100 deep in metadata, then too deep for any parser to accept.
+    let nested = format!("{}1{}", "[".repeat(100), "]".repeat(100));
+    lines.push(
+        mood(210, r#"{"mood_score":5}"#.into())
+            .into_iter()
+            .collect::<Vec<u8>>(),
+    );
+    valid += 1;
+    let line = String::from_utf8(mood(211, r#"{"mood_score":5}"#.into())).unwrap();
+    lines.push(
+        line.replace(
+            r#""metadata":{}"#,
+            &format!(r#""metadata":{{"x":{nested}}}"#),
+        )
+        .into_bytes(),
+    );
+    let too_deep = format!("{}1{}", "[".repeat(50_000), "]".repeat(50_000));
+    lines.push(
+        line.replace(r#""metadata":{}"#, &format!(r#""metadata":{too_deep}"#))
+            .into_bytes(),
+    );
+    let mut invalid_utf8 = mood(212, r#"{"mood_score":5,"notes":"bad: X"}"#.into());
+    let at = invalid_utf8.iter().position(|&b| b == b'X').unwrap();
+    invalid_utf8[at] = 0xff;
+    lines.push(invalid_utf8);
+    lines.push(mood(
+        213,
+        r#"{"mood_score":5,"notes":"\ud800 alone"}"#.into(),
+    ));
+    lines.push(mood(
+        214,
+        format!(r#"{{"mood_score":5,"notes":"{}"}}"#, "x".repeat(3_000_000)),
+    ));
+    lines.push(mood(215, r#"{"mood_score":5,"notes":"cut"#.into()));
+    lines.push(b"not json at all".to_vec());
+    (lines, valid + 1)
+}
+
+#[test]
+fn pipeline_on_a_hostile_file_stores_every_valid_event_dead_letters_the_rest_and_stays_small() {
+    let dir = tempfile::tempdir().unwrap();
+    let (lines, valid) = hostile_lines();
+    let path = dir.path().join("hostile.jsonl");
+    std::fs::write(&path, lines.join(&b'\n')).unwrap();
+    // 2 MB events allowed, so the ~1 MB journal entries are valid input; the 3 MB line is not.
+    let (output, peak) = output_and_peak_rss(command(
+        dir.path(),
+        &[("MAX_EVENT_BYTES", "2000000")],
+        &["pipeline", "--events", path.to_str().unwrap(), "--json"],
+    ));
+    let summary = json_of(&output);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(summary["events_in"], lines.len());
+    assert_eq!(summary["events_by_type"]["user.mood.created"], valid);
+    assert_eq!(summary["events_by_type"]["context.vectorized"], valid);
+    let letters = summary["dead_letters"].as_array().unwrap();
+    assert_eq!(letters.len(), lines.len() - valid, "{letters:#?}");
+    let reasons: Vec<&str> = letters
+        .iter()
+        .map(|l| l["reason"].as_str().unwrap())
+        .collect();
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("over MAX_EVENT_BYTES=2000000")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().all(|r| r.len() < 1_000),
+        "reasons are bounded: {reasons:?}"
+    );
+    // The journal entries are searchable (their beginning), in at most MAX_CHUNKS_PER_EVENT points each.
+    let points = summary["collection_points"].as_u64().unwrap();
+    assert!(
+        points <= (valid as u64) * 40 && points >= valid as u64,
+        "{points}"
+    );
+    assert!(
+        peak <= 300 * 1024 * 1024,
+        "peak RSS {} MB over 300 MB",
+        peak / (1024 * 1024)
+    );
+    eprintln!("hostile pipeline: peak RSS {} MB", peak / (1024 * 1024));
+}

@@ -1622,3 +1622,66 @@ fn dead_letters_are_replayed_to_their_source_after_the_fix() {
     assert_eq!(redis.int(&["LLEN", "celery.dlq"]), 0);
     assert_eq!(kafka.points(), 20);
 }
+
+impl Consumer {
+    /// Peak resident memory so far (`VmHWM`), in bytes.
+    fn peak_rss(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .ok()
+            .and_then(|text| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix("VmHWM:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            })
+            .map_or(0, |kb| kb * 1024)
+    }
+}
+
+#[test]
+fn journal_sized_entries_among_ordinary_events_of_the_same_user_neither_stall_nor_bloat_the_consumer()
+ {
+    let kafka = Scenario::new("journal");
+    let topic = kafka.topic(USER_TOPIC);
+    let mut records = Vec::new();
+    let mut journals = 0;
+    for index in 0..300 {
+        // Two users; every 25th event of "writer" is a journal entry of 50 KB to 900 KB.
+        let user = if index % 2 == 0 { "writer" } else { "reader" };
+        let mut record = mood_record(&topic, user, index);
+        if user == "writer" && index % 25 == 0 {
+            let size = 50_000 + (index * 7_919 % 850_000);
+            let mut event: Value = serde_json::from_str(record["value"].as_str().unwrap()).unwrap();
+            event["data"]["notes"] =
+                json!("today I wrote and wrote about it all. ".repeat(size / 38));
+            record["value"] = json!(event.to_string());
+            journals += 1;
+        }
+        records.push(record);
+    }
+    kafka.produce_raw(&records);
+    let mut consumer = kafka.start_consumer(&[]);
+    kafka.wait_drained(&mut consumer, 300);
+    let peak = consumer.peak_rss();
+    consumer.stop();
+
+    assert!(
+        kafka.read_topic(&format!("{USER_TOPIC}.dlq")).is_empty(),
+        "a journal entry was dead-lettered"
+    );
+    assert!(
+        kafka
+            .read_topic(&format!("{AGGREGATED_TOPIC}.dlq"))
+            .is_empty()
+    );
+    // Each ordinary event is one point; each journal entry is cut to MAX_EMBED_CHARS: MAX_CHUNKS_PER_EVENT points.
+    assert_eq!(kafka.points(), (300 - journals) + journals * 40);
+    assert!(
+        peak <= 500 * 1024 * 1024,
+        "consumer peak RSS {} MB over the 500 MB goal",
+        peak / (1024 * 1024)
+    );
+    eprintln!(
+        "journal entries: {journals}, consumer peak RSS {} MB",
+        peak / (1024 * 1024)
+    );
+}

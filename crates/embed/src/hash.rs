@@ -66,9 +66,24 @@ impl HashEmbedder {
             }
         }
         if words.is_empty() {
-            return Err(EmbedError::Rejected(format!(
-                "text has no words to embed: {text:?}"
-            )));
+            // No letters or digits (a chunk of emoji or punctuation cut from a longer note): its symbols are its
+            // features. Only a text with nothing but white space has no vector. The text itself is user data and
+            // stays out of the error (it reaches logs, headers and results).
+            let symbols: Vec<char> = lowered.chars().filter(|c| !c.is_whitespace()).collect();
+            if symbols.is_empty() {
+                return Err(EmbedError::Rejected(format!(
+                    "text has nothing to embed ({} characters, all white space)",
+                    text.chars().count()
+                )));
+            }
+            let mut buf = [0u8; 12];
+            for window in symbols.windows(3.min(symbols.len())) {
+                let mut len = 0;
+                for c in window {
+                    len += c.encode_utf8(&mut buf[len..]).len();
+                }
+                add(&[b"s:", &buf[..len]], TRIGRAM_WEIGHT);
+            }
         }
         l2_normalize(&mut vector)?;
         Ok(vector)
@@ -144,10 +159,20 @@ mod tests {
     }
 
     #[test]
-    fn text_without_words_is_an_error_not_a_zero_vector() {
-        assert!(matches!(
-            HashEmbedder::new(8).embed_one(" | -- "),
-            Err(EmbedError::Rejected(_))
-        ));
+    fn symbols_without_words_still_embed_and_only_white_space_is_refused_without_echoing_it() {
+        let embedder = HashEmbedder::new(64);
+        for text in [" | -- ", "🙂🙂🙂", "!", "…"] {
+            let vector = embedder.embed_one(text).unwrap();
+            assert!((cosine(&vector, &vector) - 1.0).abs() < 1e-5, "{text:?}");
+        }
+        let error = embedder
+            .embed_one(" \n\t\u{3000} ")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("white space"), "{error}");
+        assert!(
+            !error.contains('\u{3000}') && !error.contains('\t'),
+            "{error}"
+        );
     }
 }

@@ -16,6 +16,8 @@ use crate::{EmbedError, Embedder, Embeddings, l2_normalize};
 pub struct OpenAiConfig {
     /// Base URL (`http://tei:8080`, `https://api.openai.com/v1`) or the full `/embeddings` URL.
     pub url: String,
+    /// `url` as logs and errors may show it (credentials in it redacted by the caller).
+    pub shown_url: String,
     pub api_key: Option<String>,
     pub model: String,
     pub dimension: usize,
@@ -26,7 +28,7 @@ pub struct OpenAiConfig {
 impl fmt::Debug for OpenAiConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("OpenAiConfig")
-            .field("url", &self.url)
+            .field("url", &self.shown_url)
             .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
             .field("model", &self.model)
             .field("dimension", &self.dimension)
@@ -40,6 +42,8 @@ impl fmt::Debug for OpenAiConfig {
 pub struct OpenAiEmbedder {
     config: OpenAiConfig,
     endpoint: String,
+    /// `endpoint` for messages: built from the redacted URL.
+    shown_endpoint: String,
     client: reqwest::Client,
 }
 
@@ -71,6 +75,7 @@ impl OpenAiEmbedder {
             .map_err(|e| EmbedError::Rejected(format!("cannot build HTTP client: {e}")))?;
         Ok(Self {
             endpoint: endpoint(&config.url),
+            shown_endpoint: endpoint(&config.shown_url),
             config,
             client,
         })
@@ -88,14 +93,14 @@ impl OpenAiEmbedder {
             request = request.bearer_auth(key);
         }
         let response = request.send().await.map_err(|e| {
-            EmbedError::Unavailable(format!("POST {}: {}", self.endpoint, without_url(&e)))
+            EmbedError::Unavailable(format!("POST {}: {}", self.shown_endpoint, without_url(e)))
         })?;
         let status = response.status();
         if !status.is_success() {
             let body = response.text().await.unwrap_or_default();
             let message = format!(
                 "POST {} returned {status}: {}",
-                self.endpoint,
+                self.shown_endpoint,
                 truncate(&body, 300)
             );
             return Err(
@@ -109,8 +114,8 @@ impl OpenAiEmbedder {
         let parsed: Response = response.json().await.map_err(|e| {
             EmbedError::Rejected(format!(
                 "POST {}: unreadable response: {}",
-                self.endpoint,
-                without_url(&e)
+                self.shown_endpoint,
+                without_url(e)
             ))
         })?;
         if parsed.data.len() != texts.len() {
@@ -173,21 +178,28 @@ impl Embedder for OpenAiEmbedder {
     }
 }
 
+/// The `/v1/embeddings` URL of a base URL; a query string (`?api-version=…`) stays at the end.
 fn endpoint(url: &str) -> String {
-    let base = url.trim_end_matches('/');
-    if base.ends_with("/embeddings") {
+    let (path, query) = match url.find('?') {
+        Some(at) => url.split_at(at),
+        None => (url, ""),
+    };
+    let base = path.trim_end_matches('/');
+    let path = if base.ends_with("/embeddings") {
         base.to_owned()
     } else if base.ends_with("/v1") {
         format!("{base}/embeddings")
     } else {
         format!("{base}/v1/embeddings")
-    }
+    };
+    format!("{path}{query}")
 }
 
-/// reqwest errors print the URL, which is fine, but never the headers; keep the message short.
-fn without_url(error: &reqwest::Error) -> String {
+/// The error and its causes, without the URL reqwest would print (it may carry credentials).
+fn without_url(error: reqwest::Error) -> String {
+    let error = error.without_url();
     let mut message = error.to_string();
-    let mut source = std::error::Error::source(error);
+    let mut source = std::error::Error::source(&error);
     while let Some(cause) = source {
         message.push_str(": ");
         message.push_str(&cause.to_string());
@@ -215,12 +227,17 @@ mod tests {
             "https://api.openai.com/v1/embeddings"
         );
         assert_eq!(endpoint("http://x/v1/embeddings"), "http://x/v1/embeddings");
+        assert_eq!(
+            endpoint("https://x/v1?api-key=k"),
+            "https://x/v1/embeddings?api-key=k"
+        );
     }
 
     #[test]
     fn debug_output_never_shows_the_api_key() {
         let config = OpenAiConfig {
             url: "http://x".into(),
+            shown_url: "http://x".into(),
             api_key: Some("sk-very-secret".into()),
             model: "m".into(),
             dimension: 3,

@@ -64,6 +64,7 @@ async fn start(server: Server) -> String {
 
 fn config(url: String, dimension: usize) -> OpenAiConfig {
     OpenAiConfig {
+        shown_url: url.clone(),
         url,
         api_key: Some("test-key".into()),
         model: "configured-model".into(),

@@ -35,11 +35,19 @@ pub enum EventError {
     Schema { field: String, reason: String },
 }
 
+/// Characters of a schema error's field and reason: a reason may quote the offending value, which may be a user's
+/// megabyte-long note, and errors travel into logs, dead-letter headers and results.
+const REASON_CHARS: usize = 300;
+
 impl EventError {
     pub fn schema(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        let bounded = |text: String| match crate::limits::truncate_chars(&text, REASON_CHARS) {
+            (kept, true) => format!("{kept}…"),
+            (_, false) => text,
+        };
         Self::Schema {
-            field: field.into(),
-            reason: reason.into(),
+            field: bounded(field.into()),
+            reason: bounded(reason.into()),
         }
     }
 }
@@ -78,6 +86,17 @@ impl Event {
         event
     }
 
+    /// The first event a handler emits for a chain that starts at `source`: like [`Event::caused_by`], but the
+    /// origin is `source` itself, never a `metadata.origin_event_id` that came with it from a producer.
+    pub fn started_by(source: &Event, event_type: impl Into<String>) -> Self {
+        let mut event = Self::caused_by(source, event_type);
+        event.metadata.insert(
+            "origin_event_id".into(),
+            Value::String(source.event_id.to_string()),
+        );
+        event
+    }
+
     /// Decodes one event from JSON bytes. Bytes that are not JSON are [`EventError::Json`]; JSON that is not an
     /// event (missing or mistyped envelope fields) is [`EventError::Schema`].
     pub fn from_slice(bytes: &[u8]) -> Result<Self, EventError> {
@@ -93,10 +112,15 @@ impl Event {
         serde_json::to_vec(self).unwrap_or_default()
     }
 
-    /// The id of the first event of this chain (`metadata.origin_event_id`, else this event's own id).
+    /// The id of the first event of this chain. An event that a handler produced (it has a `causation_id`) carries
+    /// it in `metadata.origin_event_id`; any other event starts its chain, so its origin is its own id, whatever
+    /// its metadata says (a producer's value is not trusted: point ids derive from the origin).
     pub fn origin_event_id(&self) -> String {
-        match self.metadata.get("origin_event_id") {
-            Some(Value::String(id)) if !id.is_empty() => id.clone(),
+        match (
+            self.metadata.get("origin_event_id"),
+            self.causation_id().filter(|c| !c.is_empty()),
+        ) {
+            (Some(Value::String(id)), Some(_)) if !id.is_empty() => id.clone(),
             _ => self.event_id.to_string(),
         }
     }
@@ -141,10 +165,7 @@ fn classify(error: serde_json::Error) -> EventError {
                 .filter(|_| message.starts_with("missing field"))
                 .unwrap_or("event")
                 .to_owned();
-            EventError::Schema {
-                field,
-                reason: message,
-            }
+            EventError::schema(field, message)
         }
         _ => EventError::Json(error),
     }

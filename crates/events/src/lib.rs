@@ -8,6 +8,7 @@
 //! Celery task name per event type) live in [`routing`].
 
 mod event;
+pub mod limits;
 pub mod payload;
 pub mod routing;
 mod timestamp;

@@ -8,6 +8,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::limits::{LABEL_CHARS, Limits, SUMMARIES_BYTES, bound_json, truncate_chars};
 use crate::{Event, EventError};
 
 /// A mood entry, whichever shape it arrived in.
@@ -92,8 +93,21 @@ pub struct ContextSnapshot {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub activity_summary: Option<Value>,
     pub text_representation: String,
+    /// The text was cut to fit the limits ([`crate::limits`]): only its beginning is embedded and searchable.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub truncated: bool,
+    /// Characters of the text before it was cut (set only when it was).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_text_chars: Option<u64>,
+    /// A summary or label was cut to its bound (the text itself may be whole).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub summaries_truncated: bool,
     #[serde(flatten)]
     pub extra: Map<String, Value>,
+}
+
+fn is_false(value: &bool) -> bool {
+    !*value
 }
 
 fn default_snapshot_type() -> String {
@@ -119,6 +133,67 @@ impl ContextSnapshot {
     pub fn to_value(&self) -> Value {
         serde_json::to_value(self).unwrap_or(Value::Null)
     }
+
+    /// This snapshot within the limits: the text cut to `max_embed_chars` characters (`truncated`, with its
+    /// original length), labels to [`LABEL_CHARS`] and all summaries together (`source_event`, `mood_summary`,
+    /// `activity_summary`, then the others in their order) to [`SUMMARIES_BYTES`] (`summaries_truncated`).
+    /// Bounding a bounded snapshot changes nothing.
+    pub fn bounded(mut self, limits: &Limits) -> Self {
+        let (text, cut) = truncate_chars(&self.text_representation, limits.max_embed_chars);
+        if cut {
+            self.source_text_chars
+                .get_or_insert(self.text_representation.chars().count() as u64);
+            self.text_representation = text.to_owned();
+            self.truncated = true;
+        }
+        let mut cut = false;
+        for label in [
+            &mut self.user_id,
+            &mut self.snapshot_type,
+            &mut self.timeframe,
+        ] {
+            cut |= truncate_label(label);
+        }
+        if let Some(timestamp) = &mut self.timestamp {
+            cut |= truncate_label(timestamp);
+        }
+        let mut budget = SUMMARIES_BYTES;
+        let mut bound = |value: &mut Value| {
+            let (bounded, was_cut) = bound_json(value, budget);
+            budget = budget.saturating_sub(bounded.to_string().len());
+            *value = bounded;
+            was_cut
+        };
+        for summary in [
+            &mut self.source_event,
+            &mut self.mood_summary,
+            &mut self.activity_summary,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            cut |= bound(summary);
+        }
+        if !self.extra.is_empty() {
+            // The other summaries as one object: their keys count against the budget too.
+            let mut extra = Value::Object(std::mem::take(&mut self.extra));
+            cut |= bound(&mut extra);
+            if let Value::Object(extra) = extra {
+                self.extra = extra;
+            }
+        }
+        self.summaries_truncated |= cut;
+        self
+    }
+}
+
+/// Cuts a label to [`LABEL_CHARS`]; true when it was cut.
+fn truncate_label(label: &mut String) -> bool {
+    let (kept, cut) = truncate_chars(label, LABEL_CHARS);
+    if cut {
+        *label = kept.to_owned();
+    }
+    cut
 }
 
 /// The fields a `context.vectorized` event adds: the chunks, their vectors and the model that made them.

@@ -66,6 +66,8 @@ mod tests {
             fetch_wait_max_ms: 500,
             session_timeout_ms: 45_000,
             drain_to_celery: true,
+            dead_letter_spool_dir: "data/dead-letters".into(),
+            message_max_bytes: 1_000_000,
         }
     }
 

@@ -13,13 +13,16 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use aura_runtime::events::Event;
+use aura_runtime::events::limits::Limits;
+use aura_runtime::observe::names;
 use aura_runtime::settings::KafkaSettings;
-use aura_runtime::{Dispatcher, Outcome, Registry, RetryPolicy, Route};
+use aura_runtime::{DependencyObserver, Dispatcher, Outcome, Registry, RetryPolicy, Route};
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
@@ -32,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 use crate::publisher::OutgoingRecord;
 use crate::{ClientError, KafkaPublisher, TopicNames, client_config};
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ConsumerOptions {
     /// Backoff for transient failures; `max_attempts` is ignored (a partition never skips a failing event).
     pub retry: RetryPolicy,
@@ -43,6 +46,16 @@ pub struct ConsumerOptions {
     /// prefetched messages for the partition, so it is kept for lanes that are really stuck.
     pub high_water: usize,
     pub low_water: usize,
+    /// The same bound in bytes of message values waiting in one lane: journal-sized events reach it long before
+    /// `high_water` messages.
+    pub high_water_bytes: usize,
+    /// `MAX_EVENT_BYTES`: a larger record is dead-lettered unread.
+    pub max_event_bytes: usize,
+    /// `DEAD_LETTER_SPOOL_DIR`: where a dead letter goes when `<topic>.dlq` refuses it for good (authorization, a
+    /// record the broker will not take): one JSONL file per dead-letter topic, in `vectordb export`'s format.
+    pub dead_letter_spool: PathBuf,
+    /// Told when dead letters cannot be written (and when they can again): `/health`.
+    pub observer: Option<Arc<dyn DependencyObserver>>,
 }
 
 impl Default for ConsumerOptions {
@@ -55,8 +68,12 @@ impl Default for ConsumerOptions {
                 jitter: 0.2,
             },
             grace: Duration::from_secs(8),
-            high_water: 20_000,
-            low_water: 2_000,
+            high_water: 10_000,
+            low_water: 1_000,
+            high_water_bytes: 8 * 1024 * 1024,
+            max_event_bytes: Limits::default().max_event_bytes,
+            dead_letter_spool: PathBuf::from("data/dead-letters"),
+            observer: None,
         }
     }
 }
@@ -166,6 +183,9 @@ pub async fn run_consumer(
         dispatcher,
         dead_letters,
         retry: options.retry.clone(),
+        max_event_bytes: options.max_event_bytes,
+        spool: options.dead_letter_spool.clone(),
+        observer: options.observer.clone(),
         shared: shared.clone(),
     });
     let poller = Poller {
@@ -343,6 +363,8 @@ struct Lane {
 struct LaneState {
     /// Messages handed to the lane and not finished yet.
     backlog: AtomicUsize,
+    /// Their value bytes.
+    backlog_bytes: AtomicUsize,
     /// An event is being processed (revocation and shutdown wait for it).
     busy: AtomicBool,
     /// Stopped at an event whose handler is disabled.
@@ -402,14 +424,21 @@ impl Poller {
             // Not processed and not committed: the next owner with the handler enabled starts here.
             return;
         }
+        let bytes = message_bytes(&message);
         lane.state.backlog.fetch_add(1, Ordering::AcqRel);
+        lane.state.backlog_bytes.fetch_add(bytes, Ordering::AcqRel);
         if lane.sender.send(message).is_err() {
             lane.state.backlog.fetch_sub(1, Ordering::AcqRel);
+            lane.state.backlog_bytes.fetch_sub(bytes, Ordering::AcqRel);
         }
-        if !lane.paused && lane.state.backlog.load(Ordering::Acquire) >= self.options.high_water {
+        let behind = lane.state.backlog.load(Ordering::Acquire) >= self.options.high_water
+            || lane.state.backlog_bytes.load(Ordering::Acquire) >= self.options.high_water_bytes;
+        if !lane.paused && behind {
             lane.paused = set_paused(&self.consumer, lane, true);
             tracing::info!(topic = %lane.topic, partition = lane.partition,
-                backlog = self.options.high_water, "partition paused: its lane is behind");
+                backlog = lane.state.backlog.load(Ordering::Acquire),
+                backlog_bytes = lane.state.backlog_bytes.load(Ordering::Acquire),
+                "partition paused: its lane is behind");
         }
     }
 
@@ -417,6 +446,7 @@ impl Poller {
         let (sender, receiver) = mpsc::unbounded_channel();
         let state = Arc::new(LaneState {
             backlog: AtomicUsize::new(0),
+            backlog_bytes: AtomicUsize::new(0),
             busy: AtomicBool::new(false),
             held: AtomicBool::new(false),
             retrying: AtomicBool::new(false),
@@ -439,7 +469,9 @@ impl Poller {
         for lane in lanes.values_mut() {
             let stuck = lane.state.held.load(Ordering::Acquire)
                 || lane.state.retrying.load(Ordering::Acquire);
-            let caught_up = lane.state.backlog.load(Ordering::Acquire) <= self.options.low_water;
+            let caught_up = lane.state.backlog.load(Ordering::Acquire) <= self.options.low_water
+                && lane.state.backlog_bytes.load(Ordering::Acquire)
+                    <= self.options.high_water_bytes / 4;
             if stuck && !lane.paused {
                 lane.paused = set_paused(&self.consumer, lane, true);
                 tracing::info!(topic = %lane.topic, partition = lane.partition, "partition paused: its lane is retrying or held");
@@ -476,6 +508,9 @@ struct LaneContext {
     dispatcher: Dispatcher,
     dead_letters: KafkaPublisher,
     retry: RetryPolicy,
+    max_event_bytes: usize,
+    spool: PathBuf,
+    observer: Option<Arc<dyn DependencyObserver>>,
     shared: Arc<Shared>,
 }
 
@@ -536,6 +571,9 @@ impl LaneContext {
                 tracing::debug!(%error, topic = message.topic(), partition = message.partition(), "offset not stored");
             }
             state.backlog.fetch_sub(1, Ordering::AcqRel);
+            state
+                .backlog_bytes
+                .fetch_sub(message_bytes(&message), Ordering::AcqRel);
             state.busy.store(false, Ordering::Release);
         }
     }
@@ -578,7 +616,7 @@ impl LaneContext {
 
     /// One attempt; `Err` is a transient failure worth retrying.
     async fn attempt(&self, message: &OwnedMessage) -> Result<Finished, String> {
-        let event = match decode(message, &self.registry) {
+        let event = match decode(message, &self.registry, self.max_event_bytes) {
             Ok(Decoded::Event(event)) => event,
             Ok(Decoded::Foreign(event_type)) => {
                 tracing::info!(
@@ -607,47 +645,201 @@ impl LaneContext {
     }
 
     /// The original bytes, key and headers to `<topic>.dlq`, plus why; acknowledged before the source is committed.
+    ///
+    /// A record too large for the producer keeps its headers and the start of its value, with `original_size` and
+    /// `original_sha256`. When the dead-letter topic refuses the record for good (authorization, a topic-level size
+    /// limit), it is appended to the spool on disk instead, `/health` turns degraded and the partition moves on:
+    /// holding it forever would stop every later event of the partition for one that is kept anyway. Only when
+    /// even the spool cannot be written does this fail (transient: the lane retries, loudly).
     async fn dead_letter(
         &self,
         message: &OwnedMessage,
         handler: &str,
         reason: &str,
     ) -> Result<Finished, String> {
-        let topic = aura_runtime::events::routing::dead_letter_topic(message.topic());
-        let partition = message.partition().to_string();
-        let offset = message.offset().to_string();
-        let mut headers: Vec<(&str, &[u8])> = message
-            .headers()
-            .map(|h| {
-                h.iter()
-                    .filter(|h| !DEAD_LETTER_HEADERS.contains(&h.key))
-                    .map(|h| (h.key, h.value.unwrap_or_default()))
-                    .collect()
-            })
-            .unwrap_or_default();
-        headers.extend([
-            ("error", reason.as_bytes()),
-            ("source_topic", message.topic().as_bytes()),
-            ("source_partition", partition.as_bytes()),
-            ("source_offset", offset.as_bytes()),
-            ("handler", handler.as_bytes()),
-        ]);
-        let record = OutgoingRecord {
-            topic: &topic,
-            key: message.key(),
-            payload: message.payload(),
-            headers,
+        let letter = DeadLetterRecord::new(
+            message,
+            handler,
+            reason,
+            self.dead_letters.message_max_bytes(),
+        );
+        let record = letter.record(message);
+        let sent = self.dead_letters.send(record).await;
+        let observe = |outcome| {
+            if let Some(observer) = &self.observer {
+                observer.report(names::DEAD_LETTERS, outcome);
+            }
         };
-        self.dead_letters
-            .send(record)
-            .await
-            .map_err(|e| format!("writing the dead letter to {topic}: {e}"))?;
+        match sent {
+            Ok(_) => observe(Ok(())),
+            Err(error) if crate::publisher::is_permanent(&error) => {
+                let why = format!("{} refused the dead letter: {error}", letter.topic);
+                self.spool(message, &letter, &why).await?;
+                observe(Err(format!(
+                    "{why}; dead letters are spooled under {} (fix the topic's ACL or max.message.bytes, then \
+                     `vectordb replay --file` them)",
+                    self.spool.display()
+                )));
+            }
+            Err(error) => {
+                observe(Err(format!("writing to {}: {error}", letter.topic)));
+                return Err(format!(
+                    "writing the dead letter to {}: {error}",
+                    letter.topic
+                ));
+            }
+        }
         tracing::warn!(source_topic = message.topic(), partition = message.partition(), offset = message.offset(),
-            handler, reason, dead_letter_topic = %topic, "dead-lettered");
+            handler, reason, dead_letter_topic = %letter.topic, "dead-lettered");
         metrics::counter!("aura360_dead_letters_total", "backend" => "kafka", "handler" => handler.to_owned())
             .increment(1);
         Ok(Finished::DeadLettered)
     }
+
+    /// Appends the dead letter (whole original value, every header) to `<spool>/<topic>.dlq.jsonl`, synced.
+    async fn spool(
+        &self,
+        message: &OwnedMessage,
+        letter: &DeadLetterRecord,
+        why: &str,
+    ) -> Result<(), String> {
+        let mut exported = crate::offsets::exported(message);
+        exported.topic = letter.topic.clone();
+        exported.headers.extend(
+            letter
+                .headers
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.clone())),
+        );
+        exported.headers.remove(TRUNCATION_HEADERS[0]);
+        exported.headers.remove(TRUNCATION_HEADERS[1]);
+        exported.headers.remove(TRUNCATION_HEADERS[2]);
+        let mut line = serde_json::to_vec(&exported).map_err(|e| e.to_string())?;
+        line.push(b'\n');
+        let path = self.spool.join(format!("{}.jsonl", letter.topic));
+        let written = tokio::task::spawn_blocking({
+            let path = path.clone();
+            move || append_synced(&path, &line)
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
+        match written {
+            Ok(()) => {
+                tracing::error!(source_topic = message.topic(), partition = message.partition(),
+                    offset = message.offset(), spool = %path.display(), error = why,
+                    "dead letter spooled to disk: the dead-letter topic refused it (fix its ACL or size limit, then \
+                     `vectordb replay --file` the spool)");
+                metrics::counter!("aura360_dead_letters_spooled_total", "backend" => "kafka")
+                    .increment(1);
+                Ok(())
+            }
+            Err(error) => Err(format!(
+                "{why}, and spooling it to {} failed: {error}",
+                path.display()
+            )),
+        }
+    }
+}
+
+fn append_synced(path: &std::path::Path, line: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    file.write_all(line)?;
+    file.sync_data()
+}
+
+/// What a dead letter carries beyond the original record: where it goes and the headers it adds.
+struct DeadLetterRecord {
+    topic: String,
+    headers: Vec<(&'static str, String)>,
+    /// Bytes of the value to send: all of it, or the start of one that would not fit.
+    value_len: Option<usize>,
+}
+
+/// Characters of the `error` header (a reason may quote a long schema error).
+const ERROR_HEADER_CHARS: usize = 2_000;
+/// Headers a cut dead letter adds.
+const TRUNCATION_HEADERS: [&str; 3] = ["original_size", "original_sha256", "payload_truncated"];
+
+impl DeadLetterRecord {
+    /// `max_record` is the producer's `message.max.bytes`; a record is kept 4% under it for librdkafka's framing.
+    fn new(message: &OwnedMessage, handler: &str, reason: &str, max_record: usize) -> Self {
+        let (reason, _) = aura_runtime::events::limits::truncate_chars(reason, ERROR_HEADER_CHARS);
+        let mut headers = vec![
+            ("error", reason.to_owned()),
+            ("source_topic", message.topic().to_owned()),
+            ("source_partition", message.partition().to_string()),
+            ("source_offset", message.offset().to_string()),
+            ("handler", handler.to_owned()),
+        ];
+        let kept_headers: usize = message.headers().map_or(0, |h| {
+            h.iter()
+                .map(|h| h.key.len() + h.value.map_or(0, <[u8]>::len))
+                .sum()
+        });
+        let overhead = kept_headers
+            + message.key().map_or(0, <[u8]>::len)
+            + headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
+            + 256;
+        let value_len = message.payload().map(|payload| {
+            let room = (max_record / 100 * 96).saturating_sub(overhead);
+            if payload.len() <= room {
+                return payload.len();
+            }
+            headers.push((TRUNCATION_HEADERS[0], payload.len().to_string()));
+            headers.push((TRUNCATION_HEADERS[1], sha256_hex(payload)));
+            headers.push((TRUNCATION_HEADERS[2], "true".to_owned()));
+            room.saturating_sub(200)
+        });
+        Self {
+            topic: aura_runtime::events::routing::dead_letter_topic(message.topic()),
+            headers,
+            value_len,
+        }
+    }
+
+    fn record<'a>(&'a self, message: &'a OwnedMessage) -> OutgoingRecord<'a> {
+        let mut headers: Vec<(&str, &[u8])> = message
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .filter(|h| {
+                        !DEAD_LETTER_HEADERS.contains(&h.key)
+                            && !TRUNCATION_HEADERS.contains(&h.key)
+                    })
+                    .map(|h| (h.key, h.value.unwrap_or_default()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        headers.extend(self.headers.iter().map(|(k, v)| (*k, v.as_bytes())));
+        OutgoingRecord {
+            topic: &self.topic,
+            key: message.key(),
+            payload: message
+                .payload()
+                .zip(self.value_len)
+                .map(|(payload, len)| &payload[..len]),
+            headers,
+        }
+    }
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// The headers a dead letter adds to the original record's (a replay to the source strips them).
@@ -659,14 +851,26 @@ pub const DEAD_LETTER_HEADERS: [&str; 5] = [
     "handler",
 ];
 
-enum Decoded {
+/// What a record holds for the mount.
+#[derive(Debug)]
+pub enum Decoded {
     Event(Box<Event>),
     /// A type announced by the `event_type` header that no handler here knows: skipped without decoding.
     Foreign(String),
 }
 
-/// The event of a message, routed by its `event_type` header when present (else the JSON body's).
-fn decode(message: &OwnedMessage, registry: &Registry) -> Result<Decoded, String> {
+/// What a message holds in memory, as the lanes' byte bound counts it.
+fn message_bytes(message: &OwnedMessage) -> usize {
+    message.payload().map_or(0, <[u8]>::len) + message.key().map_or(0, <[u8]>::len)
+}
+
+/// The event of a message, routed by its `event_type` header when present (else the JSON body's). `Err` is the
+/// reason it is dead-lettered.
+pub fn decode(
+    message: &OwnedMessage,
+    registry: &Registry,
+    max_event_bytes: usize,
+) -> Result<Decoded, String> {
     let header_type = message.headers().and_then(|headers| {
         headers
             .iter()
@@ -683,6 +887,12 @@ fn decode(message: &OwnedMessage, registry: &Registry) -> Result<Decoded, String
     let payload = message
         .payload()
         .ok_or_else(|| "empty message (no value)".to_owned())?;
+    if payload.len() > max_event_bytes {
+        return Err(format!(
+            "event is {} bytes, over MAX_EVENT_BYTES={max_event_bytes}",
+            payload.len()
+        ));
+    }
     let mut event = Event::from_slice(payload).map_err(|e| e.to_string())?;
     if let Some(event_type) = header_type
         && event_type != event.event_type

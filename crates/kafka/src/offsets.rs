@@ -264,7 +264,9 @@ pub fn read_range(
     Ok(read)
 }
 
-fn exported(message: &rdkafka::message::BorrowedMessage<'_>) -> ExportedRecord {
+/// `message` as `vectordb export` writes it (dead letters spooled to disk use the same form, so `vectordb replay
+/// --file` takes them back).
+pub fn exported(message: &impl Message) -> ExportedRecord {
     use base64::Engine as _;
     let headers = message
         .headers()

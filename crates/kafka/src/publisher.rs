@@ -36,6 +36,7 @@ pub struct Delivered {
 pub struct KafkaPublisher {
     producer: FutureProducer,
     topics: TopicNames,
+    message_max_bytes: usize,
 }
 
 impl KafkaPublisher {
@@ -45,6 +46,7 @@ impl KafkaPublisher {
             .set("enable.idempotence", "true")
             .set("compression.type", "lz4")
             .set("linger.ms", "2")
+            .set("message.max.bytes", settings.message_max_bytes.to_string())
             // Notice a broker that is back within ~2 s (librdkafka's default backs off to 10 s): the publish
             // fallback's probe finds Kafka again as soon as it returns.
             .set("reconnect.backoff.max.ms", "2000")
@@ -61,7 +63,13 @@ impl KafkaPublisher {
         Ok(Self {
             producer,
             topics: TopicNames::from_settings(settings),
+            message_max_bytes: settings.message_max_bytes,
         })
+    }
+
+    /// The largest record this producer sends (`KAFKA_MESSAGE_MAX_BYTES`).
+    pub fn message_max_bytes(&self) -> usize {
+        self.message_max_bytes
     }
 
     pub fn topics(&self) -> &TopicNames {
@@ -153,9 +161,10 @@ impl Publisher for KafkaPublisher {
     }
 }
 
-/// Errors no retry can fix: the record itself is refused. Everything else (broker down, timeouts, leader changes,
-/// a topic not created yet) is worth retrying.
-fn is_permanent(error: &KafkaError) -> bool {
+/// Errors no retry can fix: the record itself is refused (too large, invalid) or this client may not write it
+/// (authorization). Everything else (broker down, timeouts, leader changes, a topic not created yet) is worth
+/// retrying.
+pub(crate) fn is_permanent(error: &KafkaError) -> bool {
     use rdkafka::types::RDKafkaErrorCode as Code;
     matches!(
         error.rdkafka_error_code(),
@@ -164,8 +173,12 @@ fn is_permanent(error: &KafkaError) -> bool {
                 | Code::InvalidMessage
                 | Code::InvalidMessageSize
                 | Code::InvalidRecord
+                | Code::MessageBatchTooLarge
                 | Code::TopicAuthorizationFailed
+                | Code::ClusterAuthorizationFailed
+                | Code::TransactionalIdAuthorizationFailed
                 | Code::InvalidTopic
+                | Code::PolicyViolation
         )
     )
 }

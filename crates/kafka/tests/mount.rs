@@ -69,6 +69,8 @@ fn settings(name: &str) -> KafkaSettings {
         fetch_wait_max_ms: 50,
         session_timeout_ms: 6_000,
         drain_to_celery: true,
+        dead_letter_spool_dir: "data/dead-letters".into(),
+        message_max_bytes: 1_000_000,
     }
 }
 
@@ -90,6 +92,8 @@ async fn produce(settings: &KafkaSettings, users: usize, per_user: u64) -> usize
 
 fn options() -> ConsumerOptions {
     ConsumerOptions {
+        dead_letter_spool: std::env::temp_dir()
+            .join(format!("aura-spool-{}", uuid::Uuid::new_v4().simple())),
         retry: RetryPolicy {
             max_attempts: None,
             base: Duration::from_millis(50),
@@ -120,22 +124,27 @@ fn start_with(
     tokio::sync::oneshot::Sender<()>,
     tokio::task::JoinHandle<aura_kafka::ConsumerReport>,
 ) {
+    start_with_options(settings, registry, ctx, options())
+}
+
+fn start_with_options(
+    settings: &KafkaSettings,
+    registry: Registry,
+    ctx: HandlerContext,
+    options: ConsumerOptions,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<aura_kafka::ConsumerReport>,
+) {
     let registry = Arc::new(registry);
     let publisher = KafkaPublisher::new(settings).unwrap();
     let dispatcher = Dispatcher::new(registry.clone(), ctx, Arc::new(publisher.clone()));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let settings = settings.clone();
     let task = tokio::spawn(async move {
-        run_consumer(
-            &settings,
-            registry,
-            dispatcher,
-            publisher,
-            options(),
-            async {
-                let _ = stopped.await;
-            },
-        )
+        run_consumer(&settings, registry, dispatcher, publisher, options, async {
+            let _ = stopped.await;
+        })
         .await
         .unwrap()
     });
@@ -314,4 +323,198 @@ fn committed(settings: &KafkaSettings, topic: &str, partition: i32) -> Option<i6
         Offset::Offset(offset) => Some(offset),
         _ => None,
     }
+}
+
+/// What the consumer told `/health` about its dependencies.
+#[derive(Default)]
+struct Reports(Mutex<Vec<(&'static str, Result<(), String>)>>);
+
+impl aura_runtime::DependencyObserver for Reports {
+    fn report(&self, dependency: &'static str, outcome: Result<(), String>) {
+        self.0.lock().unwrap().push((dependency, outcome));
+    }
+}
+
+/// Sends `value` (with `headers`) and then one good event, both keyed `user-0`, on the user topic of a fresh
+/// one-partition scenario; returns the topics.
+async fn poison_then_good(
+    settings: &KafkaSettings,
+    value: &[u8],
+    headers: Vec<(&str, &[u8])>,
+) -> aura_kafka::TopicNames {
+    let topics = aura_kafka::TopicNames::from_settings(settings);
+    create_topics(settings, &topics.all(), 1, 1).await.unwrap();
+    // The test's own producer takes records of any size the broker does.
+    let sender = KafkaPublisher::new(&KafkaSettings {
+        message_max_bytes: 10_000_000,
+        ..settings.clone()
+    })
+    .unwrap();
+    let topic = topics.for_event_type(EVENT_TYPE).unwrap();
+    sender
+        .send(aura_kafka::OutgoingRecord {
+            topic: &topic,
+            key: Some(b"user-0"),
+            payload: Some(value),
+            headers,
+        })
+        .await
+        .unwrap();
+    let mut good = Event::new(EVENT_TYPE, Some("user-0".into()), None);
+    good.set_field("seq", 1.into());
+    publish_event(&sender, &good).await.unwrap();
+    topics
+}
+
+/// Every record of `topic` (partition 0) from the start.
+fn read_all(
+    settings: &KafkaSettings,
+    topic: &str,
+) -> Vec<aura_kafka::rdkafka::message::OwnedMessage> {
+    use aura_kafka::rdkafka::consumer::{BaseConsumer, Consumer as _};
+    use aura_kafka::rdkafka::{Offset, TopicPartitionList};
+    let consumer: BaseConsumer = aura_kafka::client_config(settings)
+        .unwrap()
+        .set("group.id", format!("{}-reader", settings.group_id))
+        .set("fetch.message.max.bytes", "10000000")
+        .create()
+        .unwrap();
+    let mut list = TopicPartitionList::new();
+    list.add_partition_offset(topic, 0, Offset::Beginning)
+        .unwrap();
+    consumer.assign(&list).unwrap();
+    let (_, end) = consumer
+        .fetch_watermarks(topic, 0, Duration::from_secs(10))
+        .unwrap();
+    let mut records = Vec::new();
+    let started = Instant::now();
+    while (records.len() as i64) < end && started.elapsed() < Duration::from_secs(30) {
+        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(200)) {
+            records.push(message.detach());
+        }
+    }
+    records
+}
+
+fn header<'a>(
+    message: &'a aura_kafka::rdkafka::message::OwnedMessage,
+    key: &str,
+) -> Option<&'a [u8]> {
+    use aura_kafka::rdkafka::message::{Headers as _, Message as _};
+    message
+        .headers()?
+        .iter()
+        .find(|h| h.key == key)
+        .and_then(|h| h.value)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_too_large_for_the_producer_keeps_its_headers_size_and_digest_and_the_partition_moves_on()
+ {
+    use aura_kafka::rdkafka::message::Message as _;
+    use sha2::Digest as _;
+    let settings = KafkaSettings {
+        message_max_bytes: 100_000,
+        ..settings("dlq-large")
+    };
+    let poison = vec![b'#'; 300_000];
+    let topics = poison_then_good(&settings, &poison, vec![("trace_id", b"t-1")]).await;
+    let embedded = aura_runtime::testing::embedded();
+    let recorder = Recorder::default();
+    let (stop, task) = start(&settings, &recorder, embedded.ctx.clone());
+    wait_for(
+        "the good event after the poison",
+        Duration::from_secs(60),
+        || !recorder.handled.lock().unwrap().is_empty(),
+    )
+    .await;
+    stop.send(()).unwrap();
+    let report = task.await.unwrap();
+    assert_eq!(report.dead_lettered, 1);
+
+    let source = topics.for_event_type(EVENT_TYPE).unwrap();
+    let dead = read_all(&settings, &format!("{source}.dlq"));
+    assert_eq!(dead.len(), 1);
+    let letter = &dead[0];
+    let value = letter.payload().unwrap();
+    assert!(
+        value.len() < 100_000 && poison.starts_with(value),
+        "{} bytes",
+        value.len()
+    );
+    assert_eq!(header(letter, "original_size"), Some(&b"300000"[..]));
+    let digest: String = sha2::Sha256::digest(&poison)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(header(letter, "original_sha256"), Some(digest.as_bytes()));
+    assert_eq!(header(letter, "payload_truncated"), Some(&b"true"[..]));
+    assert_eq!(header(letter, "trace_id"), Some(&b"t-1"[..]));
+    assert_eq!(header(letter, "source_offset"), Some(&b"0"[..]));
+    assert!(header(letter, "error").is_some());
+    assert_eq!(committed(&settings, &source, 0), Some(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_the_topic_refuses_for_good_is_spooled_to_disk_reported_and_the_partition_moves_on()
+ {
+    // A producer's odd header is larger than anything the dead-letter topic takes: no cut of the value can fit.
+    let settings = KafkaSettings {
+        message_max_bytes: 20_000,
+        ..settings("dlq-spool")
+    };
+    let junk = vec![b'j'; 30_000];
+    let topics = poison_then_good(&settings, b"{not json", vec![("x-junk", &junk)]).await;
+    let embedded = aura_runtime::testing::embedded();
+    let recorder = Recorder::default();
+    let reports = Arc::new(Reports::default());
+    let options = ConsumerOptions {
+        observer: Some(reports.clone()),
+        ..options()
+    };
+    let spool = options.dead_letter_spool.clone();
+    let (stop, task) = start_with_options(
+        &settings,
+        Registry::new().with(recorder.clone()),
+        embedded.ctx.clone(),
+        options,
+    );
+    wait_for(
+        "the good event after the poison",
+        Duration::from_secs(60),
+        || !recorder.handled.lock().unwrap().is_empty(),
+    )
+    .await;
+    stop.send(()).unwrap();
+    task.await.unwrap();
+
+    let source = topics.for_event_type(EVENT_TYPE).unwrap();
+    assert!(read_all(&settings, &format!("{source}.dlq")).is_empty());
+    let spooled = std::fs::read_to_string(spool.join(format!("{source}.dlq.jsonl"))).unwrap();
+    let lines: Vec<serde_json::Value> = spooled
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1);
+    let record = &lines[0];
+    assert_eq!(record["topic"], format!("{source}.dlq"));
+    assert_eq!(record["value"], "{not json");
+    assert_eq!(record["headers"]["source_topic"], source.as_str());
+    assert_eq!(record["headers"]["source_offset"], "0");
+    assert_eq!(record["headers"]["x-junk"].as_str().unwrap().len(), 30_000);
+    assert!(
+        record["headers"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("undecodable")
+    );
+    let reports = reports.0.lock().unwrap();
+    assert!(
+        reports
+            .iter()
+            .any(|(d, r)| *d == "dead_letters" && r.as_ref().is_err_and(|e| e.contains("spooled"))),
+        "{reports:?}"
+    );
+    assert_eq!(committed(&settings, &source, 0), Some(2));
+    let _ = std::fs::remove_dir_all(spool);
 }

@@ -26,6 +26,14 @@ struct State {
     ready: bool,
     detail: Option<String>,
     brokers: Vec<BrokerEntry>,
+    dependencies: Vec<DependencyEntry>,
+}
+
+/// A dependency the handlers use (embedder, vector store, dead-letter destination), as their calls found it.
+struct DependencyEntry {
+    name: String,
+    failing_since: Option<Instant>,
+    error: Option<String>,
 }
 
 struct BrokerEntry {
@@ -37,21 +45,24 @@ struct BrokerEntry {
 }
 
 /// `ok`: serving; `starting`: not ready yet; `unavailable`: a broker has been unreachable past the grace period;
-/// `disabled`: `MESSAGING_BACKEND=disabled`, consuming nothing by design (healthy).
+/// `degraded`: serving, but a dependency of the handlers (embedder, vector store, dead letters) is failing and work
+/// waits on retries; `disabled`: `MESSAGING_BACKEND=disabled`, consuming nothing by design (healthy).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum HealthStatus {
     Ok,
     Starting,
     Unavailable,
+    Degraded,
     Disabled,
 }
 
 impl HealthStatus {
-    /// 200 for `ok`/`disabled`, 503 otherwise.
+    /// 200 for `ok`/`degraded`/`disabled`, 503 otherwise. A degraded process is alive and retrying: restarting it
+    /// would not bring its dependency back, so it is not reported as down.
     pub fn http_code(self) -> u16 {
         match self {
-            Self::Ok | Self::Disabled => 200,
+            Self::Ok | Self::Degraded | Self::Disabled => 200,
             Self::Starting | Self::Unavailable => 503,
         }
     }
@@ -71,6 +82,16 @@ pub struct BrokerState {
     pub error: Option<String>,
 }
 
+/// One handler dependency as `/health` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct DependencyState {
+    pub name: String,
+    pub ok: bool,
+    /// Seconds it has been failing (`null`: it is not).
+    pub failing_for_seconds: Option<f64>,
+    pub error: Option<String>,
+}
+
 /// The `/health` body.
 #[derive(Clone, Debug, Serialize)]
 pub struct HealthReport {
@@ -80,6 +101,7 @@ pub struct HealthReport {
     pub ready: bool,
     pub handlers: Handlers,
     pub brokers: Vec<BrokerState>,
+    pub dependencies: Vec<DependencyState>,
     /// Why the process is not ready, or what it is doing instead of consuming.
     pub detail: Option<String>,
     pub version: &'static str,
@@ -166,6 +188,40 @@ impl Health {
         }
     }
 
+    /// The outcome of one call to a handler dependency: `Err` marks it failing (the process turns `degraded`),
+    /// `Ok` clears it.
+    pub fn dependency_checked(&self, name: &str, result: Result<(), String>) {
+        let mut state = self.state();
+        let index = match state.dependencies.iter().position(|d| d.name == name) {
+            Some(index) => index,
+            None if result.is_ok() => return,
+            None => {
+                state.dependencies.push(DependencyEntry {
+                    name: name.to_owned(),
+                    failing_since: None,
+                    error: None,
+                });
+                state.dependencies.len() - 1
+            }
+        };
+        let entry = &mut state.dependencies[index];
+        match result {
+            Ok(()) => {
+                if entry.failing_since.take().is_some() {
+                    tracing::info!(dependency = %entry.name, "dependency recovered");
+                }
+                entry.error = None;
+            }
+            Err(error) => {
+                if entry.failing_since.is_none() {
+                    tracing::warn!(dependency = %entry.name, %error, "dependency failing; work waits on retries");
+                    entry.failing_since = Some(Instant::now());
+                }
+                entry.error = Some(error);
+            }
+        }
+    }
+
     pub fn report(&self) -> HealthReport {
         let state = self.state();
         let now = Instant::now();
@@ -188,12 +244,24 @@ impl Health {
         let lost = state.brokers.iter().any(|b| {
             b.last_ok.is_some() && b.failing_since.is_some_and(|t| now - t > self.inner.grace)
         });
+        let dependencies: Vec<DependencyState> = state
+            .dependencies
+            .iter()
+            .map(|d| DependencyState {
+                name: d.name.clone(),
+                ok: d.failing_since.is_none(),
+                failing_for_seconds: d.failing_since.map(|t| round(now - t)),
+                error: d.error.clone(),
+            })
+            .collect();
         let status = if disabled && state.ready {
             HealthStatus::Disabled
         } else if !state.ready || never_reached {
             HealthStatus::Starting
         } else if lost {
             HealthStatus::Unavailable
+        } else if dependencies.iter().any(|d| !d.ok) {
+            HealthStatus::Degraded
         } else {
             HealthStatus::Ok
         };
@@ -207,6 +275,7 @@ impl Health {
                 disabled: self.inner.disabled.clone(),
             },
             brokers,
+            dependencies,
             detail: state.detail.clone(),
             version: env!("CARGO_PKG_VERSION"),
         }
@@ -266,6 +335,28 @@ mod tests {
         );
         health.broker_checked("redis", Ok(()));
         assert_eq!(health.report().status, HealthStatus::Ok);
+    }
+
+    #[test]
+    fn a_failing_dependency_degrades_until_it_recovers() {
+        let health = health("kafka", Duration::from_secs(30));
+        health.set_ready(None);
+        health.dependency_checked("embedder", Ok(()));
+        assert_eq!(health.report().status, HealthStatus::Ok);
+        assert!(
+            health.report().dependencies.is_empty(),
+            "never failed: not listed"
+        );
+        health.dependency_checked("embedder", Err("503 Service Unavailable".into()));
+        let report = health.report();
+        assert_eq!(report.status, HealthStatus::Degraded);
+        assert_eq!(report.status.http_code(), 200);
+        assert_eq!(report.dependencies[0].name, "embedder");
+        assert!(!report.dependencies[0].ok);
+        health.dependency_checked("embedder", Ok(()));
+        let report = health.report();
+        assert_eq!(report.status, HealthStatus::Ok);
+        assert!(report.dependencies[0].ok);
     }
 
     #[test]

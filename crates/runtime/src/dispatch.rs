@@ -140,6 +140,19 @@ impl Dispatcher {
         event: &Event,
     ) -> Result<usize, HandlerError> {
         let outputs = handler.handle(event, &self.context).await?;
+        // Every output must fit before any is sent: a broker would refuse the oversized one only after the others
+        // went out, and the same would happen on every retry.
+        let limit = self.context.limits.max_event_bytes;
+        for output in &outputs {
+            let size = json_size(output);
+            if size > limit {
+                return Err(HandlerError::Permanent(format!(
+                    "the {} event it produced is {size} bytes, over MAX_EVENT_BYTES={limit} (lower \
+                     MAX_CHUNKS_PER_EVENT or MAX_EMBED_CHARS, or raise MAX_EVENT_BYTES with the broker's limit)",
+                    output.event_type
+                )));
+            }
+        }
         for output in &outputs {
             publish_event(self.publisher.as_ref(), output)
                 .await
@@ -153,6 +166,24 @@ impl Dispatcher {
         }
         Ok(outputs.len())
     }
+}
+
+/// Bytes of `event`'s JSON, counted without keeping them.
+fn json_size(event: &Event) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Writing into a counter cannot fail.
+    let _ = serde_json::to_writer(&mut count, event);
+    count.0
 }
 
 fn record(handler: &'static str, outcome: &'static str) {

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use aura_embed::{EmbedError, Embedder};
+use aura_events::limits::Limits;
 use aura_events::{Event, EventError};
 use aura_store::{StoreError, VectorStore};
 
@@ -14,6 +15,8 @@ pub struct HandlerContext {
     pub embedder: Arc<dyn Embedder>,
     /// `EMBEDDING_VERSION`, stamped on vectors and points so a re-embedding can tell old from new.
     pub embedding_version: String,
+    /// `MAX_EVENT_BYTES`, `MAX_EMBED_CHARS`, `MAX_CHUNKS_PER_EVENT`: what handlers cut, and what they refuse.
+    pub limits: Limits,
 }
 
 /// Why a handler failed, classified by what the runtime should do next.

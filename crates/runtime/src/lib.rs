@@ -11,6 +11,7 @@ mod bus;
 mod dispatch;
 mod fallback;
 mod handler;
+pub mod observe;
 mod publish;
 mod registry;
 mod retry;
@@ -21,6 +22,7 @@ pub use bus::{BusReport, InMemoryBus};
 pub use dispatch::{DeadLetter, Dispatcher, Failure, Outcome};
 pub use fallback::FallbackPublisher;
 pub use handler::{Handler, HandlerContext, HandlerError};
+pub use observe::{DependencyObserver, ObservedEmbedder, ObservedStore};
 pub use publish::{
     Backend, DisabledPublisher, PublishError, Publisher, publish_event, publish_event_via,
 };

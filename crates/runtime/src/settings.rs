@@ -78,13 +78,60 @@ impl fmt::Display for SecretUrl {
     }
 }
 
-/// Replaces the password (or a lone user-info token) of `scheme://user:password@host` with `***`.
+/// Query parameters whose value is a credential (`?api-key=…`, `?token=…`), compared without case, `-` or `_`.
+const SECRET_QUERY_KEYS: [&str; 8] = [
+    "apikey",
+    "key",
+    "token",
+    "accesstoken",
+    "password",
+    "secret",
+    "auth",
+    "signature",
+];
+
+/// Replaces the password (or a lone user-info token) of `scheme://user:password@host`, and the value of every
+/// credential-like query parameter (`api-key`, `token`, `password`, …), with `***`.
 pub fn redact_url(url: &str) -> String {
+    let (base, fragment) = match url.find('#') {
+        Some(at) => url.split_at(at),
+        None => (url, ""),
+    };
+    let (base, query) = match base.find('?') {
+        Some(at) => (&base[..at], Some(&base[at + 1..])),
+        None => (base, None),
+    };
+    let mut out = redact_userinfo(base);
+    if let Some(query) = query {
+        out.push('?');
+        let pairs: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((key, _)) if is_secret_key(key) => format!("{key}=***"),
+                _ => pair.to_owned(),
+            })
+            .collect();
+        out.push_str(&pairs.join("&"));
+    }
+    out.push_str(fragment);
+    out
+}
+
+fn is_secret_key(key: &str) -> bool {
+    let normal: String = key
+        .chars()
+        .filter(|c| *c != '-' && *c != '_')
+        .collect::<String>()
+        .to_ascii_lowercase();
+    SECRET_QUERY_KEYS.contains(&normal.as_str())
+}
+
+fn redact_userinfo(url: &str) -> String {
     let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
         return url.to_owned();
     };
     let rest = &url[scheme_end..];
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority_end = rest.find('/').unwrap_or(rest.len());
     let Some(at) = rest[..authority_end].rfind('@') else {
         return url.to_owned();
     };
@@ -132,6 +179,12 @@ pub struct KafkaSettings {
     /// event on its topics beyond the group's committed offsets as a Celery task and commits — a rollback to Celery
     /// loses nothing that was still in Kafka.
     pub drain_to_celery: bool,
+    /// `DEAD_LETTER_SPOOL_DIR` (default `./data/dead-letters`): where a dead letter goes when `<topic>.dlq` refuses
+    /// it for good (authorization denied, over the topic's size limit), so its partition is not held forever.
+    pub dead_letter_spool_dir: PathBuf,
+    /// `KAFKA_MESSAGE_MAX_BYTES` (librdkafka `message.max.bytes` of our producers, default 1,000,000): the largest
+    /// record they send. Raise it together with the topics' `max.message.bytes` (and `MAX_EVENT_BYTES`).
+    pub message_max_bytes: usize,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -173,8 +226,8 @@ impl CelerySettings {
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct QdrantSettings {
-    /// Set: a Qdrant server (gRPC). Unset: embedded Qdrant under `path`.
-    pub url: Option<String>,
+    /// Set: a Qdrant server (gRPC). Unset: embedded Qdrant under `path`. It may carry credentials: shown redacted.
+    pub url: Option<SecretUrl>,
     pub api_key: Option<Secret>,
     pub path: PathBuf,
     pub collection: String,
@@ -187,7 +240,8 @@ pub struct EmbeddingSettings {
     pub dimension: usize,
     pub version: String,
     pub model: String,
-    pub url: Option<String>,
+    /// May carry credentials (`https://user:pass@…`, `?api-key=`): shown redacted.
+    pub url: Option<SecretUrl>,
     pub api_key: Option<Secret>,
     pub batch_size: usize,
     pub timeout: Duration,
@@ -207,6 +261,8 @@ pub struct Settings {
     pub log_format: LogFormat,
     pub fallback: FallbackSettings,
     pub ops: OpsSettings,
+    /// `MAX_EVENT_BYTES`, `MAX_EMBED_CHARS`, `MAX_CHUNKS_PER_EVENT` (README "Limits").
+    pub limits: aura_events::limits::Limits,
 }
 
 /// `MESSAGING_FALLBACK`: where `publish_event` sends an event when the primary backend fails (DESIGN §5 extension).
@@ -303,7 +359,7 @@ impl Layers {
             dimension: self.number("embedding_dim", 1)?,
             version: self.required("embedding_version")?,
             model: self.required("default_embedding_model")?,
-            url: self.text("embedding_url"),
+            url: self.text("embedding_url").map(SecretUrl),
             api_key: self.text("embedding_api_key").map(Secret),
             batch_size: self.number("embedding_batch_size", 1)?,
             timeout: Duration::from_secs(self.number("embedding_timeout_s", 1)?),
@@ -394,6 +450,8 @@ impl Layers {
                 fetch_wait_max_ms: self.number("kafka_fetch_wait_max_ms", 1)?,
                 session_timeout_ms: self.number("kafka_session_timeout_ms", 1)?,
                 drain_to_celery: self.flag("kafka_drain_to_celery")?,
+                dead_letter_spool_dir: PathBuf::from(self.required("dead_letter_spool_dir")?),
+                message_max_bytes: self.number("kafka_message_max_bytes", 1000)?,
             },
             celery: CelerySettings {
                 broker_url: SecretUrl(self.required("broker_url")?),
@@ -413,7 +471,7 @@ impl Layers {
                 result_expires: Duration::from_secs(self.number("celery_result_expires", 1)?),
             },
             qdrant: QdrantSettings {
-                url: self.text("qdrant_url"),
+                url: self.text("qdrant_url").map(SecretUrl),
                 api_key: self.text("qdrant_api_key").map(Secret),
                 path: PathBuf::from(self.required("qdrant_path")?),
                 collection: self.required("qdrant_collection")?,
@@ -435,6 +493,12 @@ impl Layers {
             ops: OpsSettings {
                 broker_grace: Duration::from_secs(self.number("health_broker_grace_s", 0)?),
                 sample_every: Duration::from_secs(self.number("backlog_sample_s", 1)?),
+            },
+            limits: aura_events::limits::Limits {
+                // Below ~1 KiB not even an ordinary event fits.
+                max_event_bytes: self.number("max_event_bytes", 1024)?,
+                max_embed_chars: self.number("max_embed_chars", 1)?,
+                max_chunks: self.number("max_chunks_per_event", 1)?,
             },
         })
     }

@@ -40,6 +40,7 @@ pub fn context_with(store: Arc<dyn VectorStore>) -> HandlerContext {
         store,
         embedder: Arc::new(HashEmbedder::new(TEST_DIM)),
         embedding_version: "test-v1".into(),
+        limits: aura_events::limits::Limits::default(),
     }
 }
 

@@ -24,7 +24,7 @@ pub async fn build_store(
     Ok(match &settings.qdrant.url {
         Some(url) => {
             let key = settings.qdrant.api_key.as_ref().map(Secret::expose);
-            Arc::new(QdrantServerStore::connect(url, key, spec).await?)
+            Arc::new(QdrantServerStore::connect(url.expose(), &url.redacted(), key, spec).await?)
         }
         None => Arc::new(EdgeStore::open_with(
             &settings.qdrant.path,
@@ -39,7 +39,16 @@ pub fn build_embedder(settings: &Settings) -> Result<Arc<dyn Embedder>, EmbedErr
     Ok(match embedding.provider {
         EmbeddingProvider::Hash => Arc::new(HashEmbedder::new(embedding.dimension)),
         EmbeddingProvider::OpenAi => Arc::new(OpenAiEmbedder::new(OpenAiConfig {
-            url: embedding.url.clone().unwrap_or_default(),
+            url: embedding
+                .url
+                .as_ref()
+                .map(|u| u.expose().to_owned())
+                .unwrap_or_default(),
+            shown_url: embedding
+                .url
+                .as_ref()
+                .map(|u| u.redacted())
+                .unwrap_or_default(),
             api_key: embedding.api_key.as_ref().map(|k| k.expose().to_owned()),
             model: embedding.model.clone(),
             dimension: embedding.dimension,

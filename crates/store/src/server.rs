@@ -1,6 +1,9 @@
 //! A Qdrant server over gRPC (`qdrant-client`), used when `QDRANT_URL` is set.
 //!
-//! Transport failures are [`StoreError::Unavailable`] (retry); a collection of the wrong size is refused at open.
+//! Transport failures and the server's own trouble are [`StoreError::Unavailable`] (retry); a request the server
+//! rejects as such (`InvalidArgument`, `FailedPrecondition`, a message over its size limit) is
+//! [`StoreError::Invalid`] (dead letter): retrying it forever would stall its partition. A collection of the wrong
+//! size is refused at open.
 
 use async_trait::async_trait;
 use qdrant_client::qdrant::{
@@ -18,6 +21,7 @@ use crate::{
 
 pub struct QdrantServerStore {
     spec: CollectionSpec,
+    /// The URL as messages show it (credentials redacted by the caller).
     url: String,
     client: Qdrant,
 }
@@ -33,9 +37,11 @@ impl std::fmt::Debug for QdrantServerStore {
 }
 
 impl QdrantServerStore {
-    /// Connects, creates the collection if missing, refuses a size or distance mismatch.
+    /// Connects, creates the collection if missing, refuses a size or distance mismatch. `shown_url` is `url` as
+    /// errors may print it (without credentials).
     pub async fn connect(
         url: &str,
+        shown_url: &str,
         api_key: Option<&str>,
         spec: CollectionSpec,
     ) -> Result<Self, StoreError> {
@@ -44,10 +50,10 @@ impl QdrantServerStore {
             .timeout(std::time::Duration::from_secs(30))
             .skip_compatibility_check()
             .build()
-            .map_err(|e| unavailable(url, e))?;
+            .map_err(|e| classify(shown_url, e))?;
         let store = Self {
             spec,
-            url: url.to_owned(),
+            url: shown_url.to_owned(),
             client,
         };
         store.ensure_collection().await?;
@@ -136,12 +142,35 @@ impl QdrantServerStore {
     }
 
     fn error(&self, error: QdrantError) -> StoreError {
-        unavailable(&self.url, error)
+        classify(&self.url, error)
     }
 }
 
-fn unavailable(url: &str, error: QdrantError) -> StoreError {
-    StoreError::Unavailable(format!("Qdrant at {url}: {error}"))
+/// gRPC status codes (`tonic::Code` as i32) that reject the request itself: retrying the same request fails again.
+const REQUEST_REJECTED: [i32; 4] = [
+    3,  // InvalidArgument: a bad vector, payload or filter
+    9,  // FailedPrecondition: e.g. writing to a collection in a state that refuses it
+    11, // OutOfRange: a message over the server's (or client's) size limit
+    12, // Unimplemented
+];
+
+/// Retry or dead-letter? Everything not known to be about the request (unreachable, timeouts, `Unavailable`,
+/// rate limits, `Internal`, a missing collection or a refused API key, which an operator fixes for all events at
+/// once) is worth retrying.
+fn classify(url: &str, error: QdrantError) -> StoreError {
+    let rejected = match &error {
+        QdrantError::ResponseError { status } => {
+            REQUEST_REJECTED.contains(&i32::from(status.code()))
+        }
+        QdrantError::ConversionError(_) | QdrantError::JsonToPayload(_) => true,
+        _ => false,
+    };
+    let message = format!("Qdrant at {url}: {error}");
+    if rejected {
+        StoreError::Invalid(message)
+    } else {
+        StoreError::Unavailable(message)
+    }
 }
 
 fn server_distance(distance: Distance) -> qdrant_client::qdrant::Distance {
@@ -250,5 +279,45 @@ impl VectorStore for QdrantServerStore {
             distance,
             engine: "server",
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::{Code, Status};
+
+    fn response(code: Code) -> QdrantError {
+        QdrantError::ResponseError {
+            status: Status::new(code, "server said no"),
+        }
+    }
+
+    #[test]
+    fn a_rejected_request_is_permanent_and_a_struggling_server_is_transient() {
+        for code in [
+            Code::InvalidArgument,
+            Code::FailedPrecondition,
+            Code::OutOfRange,
+        ] {
+            let error = classify("http://q:6334", response(code));
+            assert!(!error.is_transient(), "{code:?}: {error}");
+        }
+        for code in [
+            Code::Unavailable,
+            Code::DeadlineExceeded,
+            Code::Internal,
+            Code::ResourceExhausted,
+            Code::NotFound,
+            Code::Unauthenticated,
+        ] {
+            let error = classify("http://q:6334", response(code));
+            assert!(error.is_transient(), "{code:?}: {error}");
+        }
+        let error = classify(
+            "http://q:6334",
+            QdrantError::ConversionError("sparse".into()),
+        );
+        assert!(!error.is_transient());
     }
 }

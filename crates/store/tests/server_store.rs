@@ -16,7 +16,7 @@ async fn server_store_creates_upserts_searches_counts_and_refuses_a_size_mismatc
         dimension: 4,
         distance: Distance::Cosine,
     };
-    let store = QdrantServerStore::connect(&url, key.as_deref(), spec.clone())
+    let store = QdrantServerStore::connect(&url, &url, key.as_deref(), spec.clone())
         .await
         .unwrap();
 
@@ -45,7 +45,7 @@ async fn server_store_creates_upserts_searches_counts_and_refuses_a_size_mismatc
         dimension: 8,
         ..spec
     };
-    let err = QdrantServerStore::connect(&url, key.as_deref(), wrong)
+    let err = QdrantServerStore::connect(&url, &url, key.as_deref(), wrong)
         .await
         .unwrap_err();
     assert!(

@@ -29,8 +29,17 @@ impl Handler for ContextAggregated {
         event: &Event,
         ctx: &HandlerContext,
     ) -> Result<Vec<Event>, HandlerError> {
-        let snapshot = ContextSnapshot::from_event(event)?;
-        let chunks = chunk(&snapshot.text_representation, CHUNK_CHARS, CHUNK_OVERLAP);
+        // A snapshot from another producer may be any size: cut it to the limits before it is embedded and
+        // forwarded (ours was cut when it was made; cutting again changes nothing).
+        let mut snapshot = ContextSnapshot::from_event(event)?.bounded(&ctx.limits);
+        let mut chunks = chunk(&snapshot.text_representation, CHUNK_CHARS, CHUNK_OVERLAP);
+        if chunks.len() > ctx.limits.max_chunks {
+            chunks.truncate(ctx.limits.max_chunks);
+            snapshot.truncated = true;
+            snapshot
+                .source_text_chars
+                .get_or_insert(snapshot.text_representation.chars().count() as u64);
+        }
         let embeddings = ctx.embedder.embed(&chunks).await?;
         let dimension = ctx.embedder.dimension();
         if embeddings.vectors.len() != chunks.len()
@@ -58,6 +67,7 @@ impl Handler for ContextAggregated {
 /// Splits `text` into windows of `size` characters, each starting `size - overlap` after the previous one.
 pub fn chunk(text: &str, size: usize, overlap: usize) -> Vec<String> {
     let chars: Vec<char> = text.chars().collect();
+    let size = size.max(1);
     let step = size.saturating_sub(overlap).max(1);
     let mut chunks = Vec::new();
     let mut start = 0;

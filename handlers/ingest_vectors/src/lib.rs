@@ -5,6 +5,7 @@
 //! new ones. The upsert is durable before `handle` returns, and the runtime acknowledges the input only after that.
 
 use async_trait::async_trait;
+use aura_runtime::events::limits::{LABEL_CHARS, Limits, POINT_TEXT_CHARS, truncate_chars};
 use aura_runtime::events::payload::VectorizedContext;
 use aura_runtime::events::{Event, EventError, Timestamp, types};
 use aura_runtime::store::Point;
@@ -42,42 +43,72 @@ impl Handler for IngestVectors {
         event: &Event,
         ctx: &HandlerContext,
     ) -> Result<Vec<Event>, HandlerError> {
-        let points = points(event)?;
+        let points = points(event, &ctx.limits)?;
         ctx.store.upsert(points).await?;
         Ok(Vec::new())
     }
 }
 
-/// The points for one `context.vectorized` event.
-pub fn points(event: &Event) -> Result<Vec<Point>, EventError> {
-    let vectorized = VectorizedContext::from_event(event)?;
-    let snapshot = &vectorized.context_data;
+/// The points for one `context.vectorized` event: the payload schema of README "Point payload". Every field is
+/// bounded ([`aura_runtime::events::limits`]), so one point's payload stays under `POINT_PAYLOAD_BYTES` whatever
+/// the event carried: a point holds its own chunk and bounded summaries, never the whole source again.
+pub fn points(event: &Event, limits: &Limits) -> Result<Vec<Point>, EventError> {
+    let VectorizedContext {
+        context_data,
+        mut chunks,
+        mut vectors,
+        embedding_model,
+        embedding_version,
+    } = VectorizedContext::from_event(event)?;
     let user_id = match event.user_id.as_deref().filter(|u| !u.trim().is_empty()) {
         Some(user) => user.to_owned(),
-        None if !snapshot.user_id.trim().is_empty() => snapshot.user_id.clone(),
+        None if !context_data.user_id.trim().is_empty() => context_data.user_id.clone(),
         None => return Err(EventError::schema("user_id", "missing or empty")),
     };
+    if user_id.chars().count() > LABEL_CHARS {
+        // Cutting an id would merge users: refuse it instead.
+        return Err(EventError::schema(
+            "user_id",
+            format!("longer than {LABEL_CHARS} characters"),
+        ));
+    }
+    let snapshot = context_data.bounded(limits);
+    let mut truncated = snapshot.truncated;
+    if chunks.len() > limits.max_chunks {
+        chunks.truncate(limits.max_chunks);
+        vectors.truncate(limits.max_chunks);
+        truncated = true;
+    }
+    // The id hashes the whole origin; the payload carries a bounded copy.
     let origin = event.origin_event_id();
+    let origin_label = truncate_chars(&origin, LABEL_CHARS).0;
     let created_at = snapshot
         .timestamp
         .as_deref()
         .and_then(|t| Timestamp::parse(t).ok())
         .unwrap_or_else(|| event.timestamp.clone())
         .epoch_seconds();
+    let label = |text: &str| truncate_chars(text, LABEL_CHARS).0.to_owned();
 
     let mut shared = Map::new();
     shared.insert("user_id".into(), json!(user_id));
-    shared.insert("doc_id".into(), json!(origin));
+    shared.insert("doc_id".into(), json!(origin_label));
     shared.insert("source_type".into(), json!("user_context"));
     shared.insert("category".into(), json!("user_context"));
     shared.insert("snapshot_type".into(), json!(snapshot.snapshot_type));
     shared.insert("timeframe".into(), json!(snapshot.timeframe));
     shared.insert("created_at".into(), json!(created_at));
-    shared.insert("embedding_model".into(), json!(vectorized.embedding_model));
-    shared.insert("version".into(), json!(vectorized.embedding_version));
-    shared.insert("trace_id".into(), json!(event.trace_id));
-    shared.insert("origin_event_id".into(), json!(origin));
-    shared.insert("aggregated_event_id".into(), json!(event.causation_id()));
+    shared.insert("embedding_model".into(), json!(label(&embedding_model)));
+    shared.insert("version".into(), json!(label(&embedding_version)));
+    shared.insert(
+        "trace_id".into(),
+        json!(event.trace_id.as_deref().map(label)),
+    );
+    shared.insert("origin_event_id".into(), json!(origin_label));
+    shared.insert(
+        "aggregated_event_id".into(),
+        json!(event.causation_id().map(label)),
+    );
     shared.insert(
         "vectorized_event_id".into(),
         json!(event.event_id.to_string()),
@@ -93,20 +124,28 @@ pub fn points(event: &Event) -> Result<Vec<Point>, EventError> {
             shared.insert(key.into(), summary.clone());
         }
     }
-    // Other summaries of the snapshot (ikigai_summary, psychosocial_factors, …) travel along as they came.
+    // Other summaries of the snapshot (ikigai_summary, psychosocial_factors, …) travel along, bounded.
     for (key, value) in &snapshot.extra {
         shared.entry(key.clone()).or_insert_with(|| value.clone());
     }
+    if let Some(chars) = snapshot.source_text_chars {
+        shared.insert("source_text_chars".into(), json!(chars));
+    }
+    shared.insert(
+        "summaries_truncated".into(),
+        json!(snapshot.summaries_truncated),
+    );
 
-    Ok(vectorized
-        .chunks
+    Ok(chunks
         .iter()
-        .zip(vectorized.vectors)
+        .zip(vectors)
         .enumerate()
         .map(|(index, (text, vector))| {
             let mut payload = shared.clone();
+            let (text, cut) = truncate_chars(text, POINT_TEXT_CHARS);
             payload.insert("chunk_index".into(), json!(index));
-            payload.insert("text".into(), Value::String(text.clone()));
+            payload.insert("text".into(), Value::String(text.to_owned()));
+            payload.insert("truncated".into(), json!(truncated || cut));
             Point {
                 id: point_id(&origin, index),
                 vector,
@@ -170,7 +209,13 @@ mod tests {
         assert_eq!(store.count(Some("u9")).await.unwrap(), 2);
 
         let hits = store
-            .search(points(&event).unwrap()[1].vector.clone(), Some("u9"), 1)
+            .search(
+                points(&event, &Limits::default()).unwrap()[1]
+                    .vector
+                    .clone(),
+                Some("u9"),
+                1,
+            )
             .await
             .unwrap();
         assert_eq!(hits[0].id, point_id("origin-1", 1).to_string());

@@ -24,16 +24,19 @@ impl Handler for MoodCreated {
     async fn handle(
         &self,
         event: &Event,
-        _ctx: &HandlerContext,
+        ctx: &HandlerContext,
     ) -> Result<Vec<Event>, HandlerError> {
-        let snapshot = aggregate(event)?;
-        let mut aggregated = Event::caused_by(event, types::CONTEXT_AGGREGATED);
+        let snapshot = aggregate(event)?.bounded(&ctx.limits);
+        // The chain starts here: its origin is this event, whatever `metadata.origin_event_id` a producer sent.
+        // Point ids derive from it, so trusting the producer's value would let two distinct events overwrite
+        // each other's points.
+        let mut aggregated = Event::started_by(event, types::CONTEXT_AGGREGATED);
         aggregated.set_field("context_data", snapshot.to_value());
         Ok(vec![aggregated])
     }
 }
 
-/// The snapshot for one mood or activity event.
+/// The snapshot for one mood or activity event, before the limits are applied ([`ContextSnapshot::bounded`]).
 pub fn aggregate(event: &Event) -> Result<ContextSnapshot, EventError> {
     let user_id = event.require_user_id()?.to_owned();
     let mut parts = vec![format!("User: {user_id}")];
@@ -91,6 +94,9 @@ pub fn aggregate(event: &Event) -> Result<ContextSnapshot, EventError> {
         mood_summary,
         activity_summary,
         text_representation: parts.join(" | "),
+        truncated: false,
+        source_text_chars: None,
+        summaries_truncated: false,
         extra: Map::new(),
     })
 }

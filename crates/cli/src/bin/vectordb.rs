@@ -532,7 +532,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             let ctx = handler_context(&settings, Durability::EveryWrite).await?;
             let info = ctx.store.info().await?;
             let location = match &settings.qdrant.url {
-                Some(url) => url.clone(),
+                Some(url) => url.redacted(),
                 None => settings.qdrant.path.display().to_string(),
             };
             if json {

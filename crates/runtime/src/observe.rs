@@ -1,0 +1,117 @@
+//! Dependency health as the handlers meet it: the embedder and the store report each call's outcome to a
+//! [`DependencyObserver`] (the process's `/health`), so an outage that handlers are retrying through shows up as a
+//! degraded dependency instead of a silent stall.
+//!
+//! Only outcomes that say something about the dependency count: a success clears it, a transient error marks it
+//! failing; a permanent error is about one input (a rejected text, a wrong vector) and changes nothing.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use aura_embed::{EmbedError, Embedder, Embeddings};
+use aura_store::{CollectionInfo, CollectionSpec, Hit, Point, StoreError, VectorStore};
+
+/// Where dependency outcomes go (the process's health).
+pub trait DependencyObserver: Send + Sync {
+    /// `Ok` clears `dependency`; `Err` marks it failing with the reason (already free of secrets).
+    fn report(&self, dependency: &'static str, outcome: Result<(), String>);
+}
+
+/// The dependency names reported: `embedder`, `vector_store`, and `dead_letters` (mounts report their writes).
+pub mod names {
+    pub const EMBEDDER: &str = "embedder";
+    pub const VECTOR_STORE: &str = "vector_store";
+    pub const DEAD_LETTERS: &str = "dead_letters";
+}
+
+/// An [`Embedder`] whose calls are reported as the `embedder` dependency.
+pub struct ObservedEmbedder {
+    inner: Arc<dyn Embedder>,
+    observer: Arc<dyn DependencyObserver>,
+}
+
+impl ObservedEmbedder {
+    pub fn new(inner: Arc<dyn Embedder>, observer: Arc<dyn DependencyObserver>) -> Self {
+        Self { inner, observer }
+    }
+}
+
+#[async_trait]
+impl Embedder for ObservedEmbedder {
+    fn model(&self) -> &str {
+        self.inner.model()
+    }
+
+    fn dimension(&self) -> usize {
+        self.inner.dimension()
+    }
+
+    async fn embed(&self, texts: &[String]) -> Result<Embeddings, EmbedError> {
+        let result = self.inner.embed(texts).await;
+        match &result {
+            Ok(_) => self.observer.report(names::EMBEDDER, Ok(())),
+            Err(error) if error.is_transient() => self
+                .observer
+                .report(names::EMBEDDER, Err(error.to_string())),
+            Err(_) => {}
+        }
+        result
+    }
+}
+
+/// A [`VectorStore`] whose writes are reported as the `vector_store` dependency.
+pub struct ObservedStore {
+    inner: Arc<dyn VectorStore>,
+    observer: Arc<dyn DependencyObserver>,
+}
+
+impl ObservedStore {
+    pub fn new(inner: Arc<dyn VectorStore>, observer: Arc<dyn DependencyObserver>) -> Self {
+        Self { inner, observer }
+    }
+
+    fn observe<T>(&self, result: Result<T, StoreError>) -> Result<T, StoreError> {
+        match &result {
+            Ok(_) => self.observer.report(names::VECTOR_STORE, Ok(())),
+            Err(error) if error.is_transient() => self
+                .observer
+                .report(names::VECTOR_STORE, Err(error.to_string())),
+            Err(_) => {}
+        }
+        result
+    }
+}
+
+#[async_trait]
+impl VectorStore for ObservedStore {
+    fn collection(&self) -> &CollectionSpec {
+        self.inner.collection()
+    }
+
+    async fn upsert(&self, points: Vec<Point>) -> Result<(), StoreError> {
+        let result = self.inner.upsert(points).await;
+        self.observe(result)
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        let result = self.inner.flush().await;
+        self.observe(result)
+    }
+
+    async fn search(
+        &self,
+        vector: Vec<f32>,
+        user_id: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Hit>, StoreError> {
+        self.inner.search(vector, user_id, limit).await
+    }
+
+    async fn count(&self, user_id: Option<&str>) -> Result<u64, StoreError> {
+        self.inner.count(user_id).await
+    }
+
+    async fn info(&self) -> Result<CollectionInfo, StoreError> {
+        self.inner.info().await
+    }
+}
