@@ -477,3 +477,66 @@ fn pipeline_on_a_hostile_file_stores_every_valid_event_dead_letters_the_rest_and
     );
     eprintln!("hostile pipeline: peak RSS {} MB", peak / (1024 * 1024));
 }
+
+#[test]
+fn credentials_in_qdrant_and_embedding_urls_never_reach_output_logs_or_dead_letters() {
+    let dir = tempfile::tempdir().unwrap();
+    // Nothing listens on port 9: every call fails, and every failure is reported somewhere.
+    let env = [
+        (
+            "QDRANT_URL",
+            "http://admin:qdrant-s3cret@127.0.0.1:9?api-key=qdrant-key",
+        ),
+        ("EMBEDDING_PROVIDER", "openai"),
+        (
+            "EMBEDDING_URL",
+            "http://bob:embed-s3cret@127.0.0.1:9/v1?api-key=embed-key",
+        ),
+        ("RUST_LOG", "debug"),
+    ];
+    let secrets = ["qdrant-s3cret", "qdrant-key", "embed-s3cret", "embed-key"];
+    let check = vectordb(dir.path(), &env, &["check", "--json"]);
+    let shown = format!(
+        "{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(
+        shown.contains("127.0.0.1:9"),
+        "the check names what it tried: {shown}"
+    );
+    for secret in secrets {
+        assert!(!shown.contains(secret), "{secret} in `check`: {shown}");
+    }
+
+    // The embedder's errors become dead letters (pipeline summary) and log lines.
+    let events = write(dir.path(), "one.jsonl", &[mood_line(1, "u1")]);
+    let env = [
+        ("EMBEDDING_PROVIDER", "openai"),
+        (
+            "EMBEDDING_URL",
+            "http://bob:embed-s3cret@127.0.0.1:9/v1?api-key=embed-key",
+        ),
+        ("RUST_LOG", "debug"),
+    ];
+    let run = vectordb(
+        dir.path(),
+        &env,
+        &["pipeline", "--events", events.to_str().unwrap(), "--json"],
+    );
+    let shown = format!(
+        "{}{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(
+        shown.contains("api-key=***"),
+        "the failure is reported: {shown}"
+    );
+    for secret in secrets {
+        assert!(
+            !shown.contains(secret),
+            "{secret} in the pipeline's output: {shown}"
+        );
+    }
+}

@@ -1685,3 +1685,270 @@ fn journal_sized_entries_among_ordinary_events_of_the_same_user_neither_stall_no
         peak / (1024 * 1024)
     );
 }
+
+/// `tests/python/embedding_server.py`: an OpenAI-compatible embeddings endpoint answering 503 for its first
+/// `down_seconds` (counted from its first request), then real vectors.
+struct EmbeddingServer {
+    child: Child,
+    port: u16,
+    log: PathBuf,
+}
+
+impl EmbeddingServer {
+    fn start(scenario: &Scenario, down_seconds: u32) -> Self {
+        let port_file = scenario
+            .dir
+            .path()
+            .join(format!("embedder-{}.port", uuid_suffix()));
+        let log = port_file.with_extension("log");
+        let script =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/python/embedding_server.py");
+        let child = Command::new(&scenario.python)
+            .arg(script)
+            .arg(&port_file)
+            .arg(down_seconds.to_string())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        let port = loop {
+            if let Some(port) = std::fs::read_to_string(&port_file)
+                .ok()
+                .and_then(|p| p.trim().parse().ok())
+            {
+                break port;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "embedding server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        Self { child, port, log }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Requests answered 503, and requests answered with vectors.
+    fn requests(&self) -> (usize, usize) {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let refused = log.lines().filter(|l| l.starts_with("503")).count();
+        (refused, log.lines().count() - refused)
+    }
+}
+
+impl Drop for EmbeddingServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn embedder_down(body: &Value) -> bool {
+    body["dependencies"].as_array().is_some_and(|deps| {
+        deps.iter()
+            .any(|d| d["name"] == "embedder" && d["ok"] == false)
+    })
+}
+
+#[test]
+fn an_embedding_outage_under_the_kafka_consumer_is_retried_reported_and_loses_nothing() {
+    let kafka = Scenario::new("outage-kafka");
+    let embedder = EmbeddingServer::start(&kafka, 30);
+    kafka.produce_moods(100, 10);
+    let url = embedder.url();
+    let mut consumer = kafka.start_consumer(&[
+        ("EMBEDDING_PROVIDER", "openai"),
+        ("EMBEDDING_URL", &url),
+        ("EMBEDDING_TIMEOUT_S", "5"),
+    ]);
+    let addr = consumer.http_addr();
+    let (code, body) = wait_health(&addr, "degraded", Duration::from_secs(60));
+    assert_eq!(code, 200, "degraded is alive and retrying: {body}");
+    assert!(embedder_down(&body), "{body}");
+    assert!(body["dependencies"].to_string().contains("503"), "{body}");
+
+    kafka.wait_drained(&mut consumer, 100);
+    let (_, body) = wait_health(&addr, "ok", Duration::from_secs(30));
+    assert!(!embedder_down(&body), "{body}");
+    consumer.stop();
+
+    assert_eq!(kafka.points(), 100);
+    for topic in ALL_TOPICS {
+        assert!(
+            kafka.read_topic(&format!("{topic}.dlq")).is_empty(),
+            "{topic}.dlq"
+        );
+    }
+    // Backoff, not a hot loop: three partition lanes retrying for 30 s.
+    let (refused, served) = embedder.requests();
+    assert!((3..=100).contains(&refused), "{refused} requests refused");
+    assert!(served >= 100, "{served}");
+}
+
+#[test]
+fn an_embedding_outage_under_the_celery_worker_is_retried_reported_and_loses_nothing() {
+    let kafka = Scenario::new("outage-celery");
+    let redis = TestRedis::start();
+    let embedder = EmbeddingServer::start(&kafka, 30);
+    let mut env = redis.env().to_vec();
+    env.extend([
+        ("MESSAGING_BACKEND", "celery".to_owned()),
+        ("EMBEDDING_PROVIDER", "openai".to_owned()),
+        ("EMBEDDING_URL", embedder.url()),
+        ("EMBEDDING_TIMEOUT_S", "5".to_owned()),
+        // Celery-style retries (a retried task goes back with an eta): 5 s, 10 s, 20 s, 40 s… outlast the outage.
+        ("CELERY_RETRY_BACKOFF_MS", "5000".to_owned()),
+        ("CELERY_MAX_RETRIES", "6".to_owned()),
+    ]);
+    let env = pairs(&env);
+    let mut publisher = kafka.start_publisher(&env);
+    publisher.feed(&mood_lines(0..60), Duration::ZERO);
+    assert_eq!(publisher.finish()["published"], 60);
+
+    let mut worker = kafka.start(env!("CARGO_BIN_EXE_vectordb-worker"), &env);
+    let addr = worker.http_addr();
+    let (code, body) = wait_health(&addr, "degraded", Duration::from_secs(60));
+    assert_eq!(code, 200, "{body}");
+    assert!(embedder_down(&body), "{body}");
+    let started = Instant::now();
+    let mut idle_since: Option<Instant> = None;
+    loop {
+        if redis.idle() && embedder.requests().1 > 0 {
+            let since = *idle_since.get_or_insert_with(Instant::now);
+            if since.elapsed() > Duration::from_secs(1) {
+                break;
+            }
+        } else {
+            idle_since = None;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(240),
+            "Celery queue not drained:\n{}",
+            worker.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (_, body) = wait_health(&addr, "ok", Duration::from_secs(30));
+    assert!(!embedder_down(&body), "{body}");
+    worker.stop();
+
+    assert_eq!(redis.int(&["LLEN", "celery.dlq"]), 0);
+    assert_eq!(kafka.points(), 60);
+    let (refused, _) = embedder.requests();
+    assert!(refused >= 1, "the outage was seen");
+}
+
+/// A small tmpfs the test mounts for the embedded store, so it can fill it up. Unmounted on drop.
+struct SmallFilesystem {
+    path: PathBuf,
+}
+
+impl SmallFilesystem {
+    fn mount(at: PathBuf, megabytes: u32) -> Self {
+        std::fs::create_dir_all(&at).unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={megabytes}m"), "tmpfs"])
+            .arg(&at)
+            .status()
+            .unwrap();
+        assert!(
+            status.success(),
+            "mounting a tmpfs needs root (CI and the dev machines run as root)"
+        );
+        Self { path: at }
+    }
+
+    /// Writes a filler file until the filesystem is full.
+    fn fill(&self) {
+        use std::io::Write as _;
+        let mut file = std::fs::File::create(self.path.join("filler")).unwrap();
+        let block = vec![0u8; 64 * 1024];
+        while file.write_all(&block).is_ok() {}
+        let _ = file.sync_all();
+    }
+
+    fn free(&self) {
+        std::fs::remove_file(self.path.join("filler")).unwrap();
+    }
+}
+
+impl Drop for SmallFilesystem {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
+#[test]
+fn a_full_disk_under_the_embedded_store_is_retried_reported_and_loses_nothing() {
+    let kafka = Scenario::new("disk-full");
+    let fs = SmallFilesystem::mount(kafka.dir.path().join("store-fs"), 96);
+    let store = fs.path.join("qdrant");
+    let store_env = store.to_str().unwrap().to_owned();
+    // 96 MB of which the store needs a few; writes wait below 32 MB free.
+    let env = [
+        ("QDRANT_PATH", store_env.as_str()),
+        ("QDRANT_MIN_FREE_MB", "32"),
+    ];
+    kafka.produce_moods(50, 5);
+    let mut consumer = kafka.start_consumer(&env);
+    let addr = consumer.http_addr();
+    kafka.wait_drained(&mut consumer, 50);
+
+    fs.fill();
+    kafka.produce_moods(50, 5);
+    std::thread::sleep(Duration::from_secs(3));
+    if let Some(status) = consumer.child.try_wait().unwrap() {
+        panic!(
+            "the consumer exited ({status}) on a full disk:\n{}",
+            consumer.log()
+        );
+    }
+    let (code, body) = wait_health(&addr, "degraded", Duration::from_secs(60));
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        body["dependencies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["name"] == "vector_store" && d["ok"] == false),
+        "{body}"
+    );
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(
+        consumer.child.try_wait().unwrap().is_none(),
+        "the consumer died:\n{}",
+        consumer.log()
+    );
+
+    fs.free();
+    kafka.wait_drained(&mut consumer, 100);
+    wait_health(&addr, "ok", Duration::from_secs(60));
+    consumer.stop();
+    for topic in ALL_TOPICS {
+        assert!(
+            kafka.read_topic(&format!("{topic}.dlq")).is_empty(),
+            "{topic}.dlq"
+        );
+    }
+    let stats: Value = serde_json::from_str(&{
+        let mut command = Command::new(env!("CARGO_BIN_EXE_vectordb"));
+        kafka.configure(&mut command);
+        let output = command
+            .envs(env)
+            .args(["stats", "--json"])
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    })
+    .unwrap();
+    assert_eq!(stats["points"], 100);
+}

@@ -232,6 +232,8 @@ pub struct QdrantSettings {
     pub path: PathBuf,
     pub collection: String,
     pub distance: aura_store::Distance,
+    /// `QDRANT_MIN_FREE_MB` (embedded store): writes wait while its filesystem has less free.
+    pub min_free_bytes: u64,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -476,6 +478,7 @@ impl Layers {
                 path: PathBuf::from(self.required("qdrant_path")?),
                 collection: self.required("qdrant_collection")?,
                 distance,
+                min_free_bytes: self.number::<u64>("qdrant_min_free_mb", 0)? * 1024 * 1024,
             },
             embedding,
             disabled_handlers: list(&self.text("disabled_handlers").unwrap_or_default()),
@@ -725,5 +728,42 @@ mod tests {
         assert_eq!(redact_url("redis://user:pw@h/0"), "redis://user:***@h/0");
         assert_eq!(redact_url("redis://token@h/0"), "redis://***@h/0");
         assert_eq!(redact_url("http://h/path@x"), "http://h/path@x");
+    }
+
+    #[test]
+    fn url_redaction_masks_credential_query_parameters() {
+        assert_eq!(
+            redact_url("https://x.openai.azure.com/v1?api-version=2024&api-key=k1#frag"),
+            "https://x.openai.azure.com/v1?api-version=2024&api-key=***#frag"
+        );
+        assert_eq!(
+            redact_url("https://u:p@q:6334/?apiKey=k2&Token=t&x=1"),
+            "https://u:***@q:6334/?apiKey=***&Token=***&x=1"
+        );
+        assert_eq!(redact_url("http://h/?key"), "http://h/?key");
+    }
+
+    #[test]
+    fn urls_with_credentials_never_show_them_in_debug_output() {
+        let env = HashMap::from([
+            (
+                "QDRANT_URL".to_owned(),
+                "https://admin:qdrant-s3cret@q.example:6334?api-key=qdrant-key".to_owned(),
+            ),
+            ("EMBEDDING_PROVIDER".to_owned(), "openai".to_owned()),
+            (
+                "EMBEDDING_URL".to_owned(),
+                "https://bob:embed-s3cret@e.example/v1?api-key=embed-key".to_owned(),
+            ),
+        ]);
+        let s = Settings::from_sources(Path::new("/nonexistent"), &env).unwrap();
+        let shown = format!("{s:?}");
+        for secret in ["qdrant-s3cret", "qdrant-key", "embed-s3cret", "embed-key"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert_eq!(
+            s.qdrant.url.as_ref().map(SecretUrl::expose),
+            Some("https://admin:qdrant-s3cret@q.example:6334?api-key=qdrant-key")
+        );
     }
 }

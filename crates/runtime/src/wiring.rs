@@ -26,10 +26,11 @@ pub async fn build_store(
             let key = settings.qdrant.api_key.as_ref().map(Secret::expose);
             Arc::new(QdrantServerStore::connect(url.expose(), &url.redacted(), key, spec).await?)
         }
-        None => Arc::new(EdgeStore::open_with(
+        None => Arc::new(EdgeStore::open_guarded(
             &settings.qdrant.path,
             spec,
             durability,
+            settings.qdrant.min_free_bytes,
         )?),
     })
 }

@@ -12,6 +12,11 @@
 //!
 //! The engine is synchronous, and `EdgeShard::flush` panics if its WAL lock is held concurrently: the writer task is
 //! the only code that updates or flushes, one round at a time, on the blocking pool.
+//!
+//! A full disk: the engine writes through memory maps, so running out of space kills the process with SIGBUS
+//! (seen with a full filesystem under `QDRANT_PATH`) instead of returning an error. Every round therefore first checks
+//! the free space of the store's filesystem and refuses to write below `min_free_bytes` (`QDRANT_MIN_FREE_MB`): a
+//! transient error, retried until space is freed, with `/health` degraded meanwhile.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -71,6 +76,16 @@ impl EdgeStore {
         spec: CollectionSpec,
         durability: Durability,
     ) -> Result<Self, StoreError> {
+        Self::open_guarded(root, spec, durability, DEFAULT_MIN_FREE_BYTES)
+    }
+
+    /// [`EdgeStore::open_with`], refusing writes while the store's filesystem has less than `min_free_bytes` free.
+    pub fn open_guarded(
+        root: &Path,
+        spec: CollectionSpec,
+        durability: Durability,
+        min_free_bytes: u64,
+    ) -> Result<Self, StoreError> {
         let path = root.join(&spec.name);
         let exists = path.join("edge_config.json").exists() || path.join("segments").exists();
         let shard = if exists {
@@ -83,7 +98,13 @@ impl EdgeStore {
         };
         ensure_keyword_indexes(&shard).map_err(|e| engine(&path, e))?;
         let shard = Arc::new(shard);
-        let writer = spawn_writer(Arc::downgrade(&shard))?;
+        let writer = spawn_writer(
+            Arc::downgrade(&shard),
+            SpaceGuard {
+                path: path.clone(),
+                min_free_bytes,
+            },
+        )?;
         tracing::debug!(path = %path.display(), collection = %spec.name, "embedded Qdrant collection open");
         Ok(Self {
             spec,
@@ -322,10 +343,40 @@ struct WriteRequest {
 /// Points per combined update: bounds the latency of one round and the size of one WAL record.
 const MAX_POINTS_PER_WRITE: usize = 4096;
 
+/// `QDRANT_MIN_FREE_MB`'s default: room for a WAL segment and a few segment files to grow.
+pub const DEFAULT_MIN_FREE_BYTES: u64 = 128 * 1024 * 1024;
+
+/// Refuses a write round while the store's filesystem is nearly full (see the module doc: a full disk is a SIGBUS).
+struct SpaceGuard {
+    path: PathBuf,
+    min_free_bytes: u64,
+}
+
+impl SpaceGuard {
+    fn check(&self) -> Result<(), StoreError> {
+        let free = match fs4::available_space(&self.path) {
+            Ok(free) => free,
+            // Not knowing is no reason to stop writing.
+            Err(_) => return Ok(()),
+        };
+        if free < self.min_free_bytes {
+            return Err(StoreError::Unavailable(format!(
+                "only {} MiB free on the filesystem of {} (QDRANT_MIN_FREE_MB={}): writes wait until space is \
+                 freed",
+                free / (1024 * 1024),
+                self.path.display(),
+                self.min_free_bytes / (1024 * 1024)
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// The writer task: one round = every request waiting now → one update → one flush → answer them all.
 /// It holds the shard weakly, so dropping the store closes (and finally flushes) the shard at once.
 fn spawn_writer(
     shard: std::sync::Weak<EdgeShard>,
+    guard: SpaceGuard,
 ) -> Result<mpsc::UnboundedSender<WriteRequest>, StoreError> {
     let handle = tokio::runtime::Handle::try_current().map_err(|_| {
         StoreError::Invalid("the embedded store must be opened inside a Tokio runtime".into())
@@ -349,15 +400,18 @@ fn spawn_writer(
                 round.into_iter().map(|r| (r.points, r.done)).unzip();
             let Some(shard) = shard.upgrade() else { break };
             let requests = waiters.len();
-            let outcome = tokio::task::spawn_blocking(move || {
-                write_round(&shard, batch.concat(), flush, requests)
-            })
-            .await
-            .unwrap_or_else(|e| {
-                Err(StoreError::Unavailable(format!(
-                    "embedded store write task failed: {e}"
-                )))
-            });
+            let outcome = match guard.check() {
+                Ok(()) => tokio::task::spawn_blocking(move || {
+                    write_round(&shard, batch.concat(), flush, requests)
+                })
+                .await
+                .unwrap_or_else(|e| {
+                    Err(StoreError::Unavailable(format!(
+                        "embedded store write task failed: {e}"
+                    )))
+                }),
+                Err(refused) => Err(refused),
+            };
             for waiter in waiters {
                 // A caller that gave up waiting is fine: its points are written either way.
                 let _ = waiter.send(outcome.clone());

@@ -23,6 +23,8 @@ pub struct QdrantServerStore {
     spec: CollectionSpec,
     /// The URL as messages show it (credentials redacted by the caller).
     url: String,
+    /// Credentials that must never appear in a message: the client's own errors quote the full URL.
+    secrets: Secrets,
     client: Qdrant,
 }
 
@@ -50,10 +52,11 @@ impl QdrantServerStore {
             .timeout(std::time::Duration::from_secs(30))
             .skip_compatibility_check()
             .build()
-            .map_err(|e| classify(shown_url, e))?;
+            .map_err(|e| classify(shown_url, &Secrets::of(url, api_key), e))?;
         let store = Self {
             spec,
             url: shown_url.to_owned(),
+            secrets: Secrets::of(url, api_key),
             client,
         };
         store.ensure_collection().await?;
@@ -142,7 +145,44 @@ impl QdrantServerStore {
     }
 
     fn error(&self, error: QdrantError) -> StoreError {
-        classify(&self.url, error)
+        classify(&self.url, &self.secrets, error)
+    }
+}
+
+/// The credential parts of a URL (user-info, every query value) and the API key, to scrub from messages: the client
+/// prints the URL it failed to reach, normalised, so matching the URL as given would miss it.
+struct Secrets(Vec<String>);
+
+impl Secrets {
+    fn of(url: &str, api_key: Option<&str>) -> Self {
+        let mut secrets: Vec<String> = api_key.map(str::to_owned).into_iter().collect();
+        let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+        if let Some((userinfo, _)) = authority.rsplit_once('@') {
+            // `user:password` hides the password; a lone token is the secret itself.
+            let secret = userinfo
+                .split_once(':')
+                .map_or(userinfo, |(_, password)| password);
+            secrets.push(secret.to_owned());
+        }
+        if let Some((_, query)) = url.split_once('?') {
+            let query = query.split('#').next().unwrap_or("");
+            secrets.extend(
+                query
+                    .split('&')
+                    .filter_map(|pair| pair.split_once('=').map(|(_, v)| v.to_owned())),
+            );
+        }
+        // Short values (`x=1`) are not secrets, and masking them would garble every message.
+        secrets.retain(|s| s.len() >= 4);
+        Self(secrets)
+    }
+
+    fn scrub(&self, mut message: String) -> String {
+        for secret in &self.0 {
+            message = message.replace(secret.as_str(), "***");
+        }
+        message
     }
 }
 
@@ -157,7 +197,7 @@ const REQUEST_REJECTED: [i32; 4] = [
 /// Retry or dead-letter? Everything not known to be about the request (unreachable, timeouts, `Unavailable`,
 /// rate limits, `Internal`, a missing collection or a refused API key, which an operator fixes for all events at
 /// once) is worth retrying.
-fn classify(url: &str, error: QdrantError) -> StoreError {
+fn classify(url: &str, secrets: &Secrets, error: QdrantError) -> StoreError {
     let rejected = match &error {
         QdrantError::ResponseError { status } => {
             REQUEST_REJECTED.contains(&i32::from(status.code()))
@@ -165,7 +205,7 @@ fn classify(url: &str, error: QdrantError) -> StoreError {
         QdrantError::ConversionError(_) | QdrantError::JsonToPayload(_) => true,
         _ => false,
     };
-    let message = format!("Qdrant at {url}: {error}");
+    let message = secrets.scrub(format!("Qdrant at {url}: {error}"));
     if rejected {
         StoreError::Invalid(message)
     } else {
@@ -300,7 +340,7 @@ mod tests {
             Code::FailedPrecondition,
             Code::OutOfRange,
         ] {
-            let error = classify("http://q:6334", response(code));
+            let error = classify("http://q:6334", &Secrets(Vec::new()), response(code));
             assert!(!error.is_transient(), "{code:?}: {error}");
         }
         for code in [
@@ -311,13 +351,36 @@ mod tests {
             Code::NotFound,
             Code::Unauthenticated,
         ] {
-            let error = classify("http://q:6334", response(code));
+            let error = classify("http://q:6334", &Secrets(Vec::new()), response(code));
             assert!(error.is_transient(), "{code:?}: {error}");
         }
         let error = classify(
             "http://q:6334",
+            &Secrets(Vec::new()),
             QdrantError::ConversionError("sparse".into()),
         );
         assert!(!error.is_transient());
+    }
+
+    #[test]
+    fn messages_never_carry_the_urls_credentials_or_the_api_key() {
+        let secrets = Secrets::of(
+            "https://admin:pass-word@q:6334?api-key=query-key&x=1",
+            Some("header-key"),
+        );
+        let status = Status::new(
+            Code::Unavailable,
+            "Failed to connect to https://admin:pass-word@q:6334/?api-key=query-key&x=1 (header-key)",
+        );
+        let error = classify(
+            "https://admin:***@q:6334?api-key=***&x=1",
+            &secrets,
+            QdrantError::ResponseError { status },
+        )
+        .to_string();
+        for secret in ["pass-word", "query-key", "header-key"] {
+            assert!(!error.contains(secret), "{secret} in {error}");
+        }
+        assert!(error.contains("x=1"), "{error}");
     }
 }
