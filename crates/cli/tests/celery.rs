@@ -4,6 +4,8 @@
 //! owns one database of the machine's Redis (flushed at its start) — pub/sub channels carry the database number, so
 //! events and remote control stay apart too — or, when it restarts Redis, its own `redis-server` on a free port.
 
+mod common;
+
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -966,14 +968,7 @@ fn a_password_protected_broker_works_and_the_password_never_reaches_the_logs() {
 impl Process {
     /// Peak resident memory so far (`VmHWM`), in bytes.
     fn peak_rss(&self) -> u64 {
-        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .ok()
-            .and_then(|text| {
-                text.lines()
-                    .find_map(|l| l.strip_prefix("VmHWM:"))
-                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            })
-            .map_or(0, |kb| kb * 1024)
+        common::peak_rss(self.child.id())
     }
 }
 

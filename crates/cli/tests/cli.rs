@@ -1,5 +1,7 @@
 //! The `vectordb` binary as a user runs it: embedded store in a temporary directory, no services.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -328,7 +330,6 @@ fn output_and_peak_rss(mut command: Command) -> (Output, u64) {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let status_path = format!("/proc/{}/status", child.id());
     let mut stdout = child.stdout.take().unwrap();
     let mut stderr = child.stderr.take().unwrap();
     let out = std::thread::spawn(move || {
@@ -339,16 +340,9 @@ fn output_and_peak_rss(mut command: Command) -> (Output, u64) {
         let mut buf = Vec::new();
         stderr.read_to_end(&mut buf).map(|_| buf)
     });
-    let mut peak_kb = 0;
+    let mut peak = 0;
     let status = loop {
-        if let Ok(text) = std::fs::read_to_string(&status_path)
-            && let Some(kb) = text
-                .lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        {
-            peak_kb = peak_kb.max(kb);
-        }
+        peak = peak.max(common::peak_rss(child.id()));
         if let Some(status) = child.try_wait().unwrap() {
             break status;
         }
@@ -359,7 +353,7 @@ fn output_and_peak_rss(mut command: Command) -> (Output, u64) {
         stdout: out.join().unwrap().unwrap(),
         stderr: err.join().unwrap().unwrap(),
     };
-    (output, peak_kb * 1024)
+    (output, peak)
 }
 
 /// A file as hostile as real input gets: megabyte notes, 20,000-entry tag lists, deep nesting, invalid UTF-8, lone

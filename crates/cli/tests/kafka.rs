@@ -4,6 +4,8 @@
 //! `AURA_TEST_PYTHON`. Every test has its own topic prefix, consumer group and store directory, so they run in
 //! parallel on one broker.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -77,9 +79,17 @@ impl Scenario {
     }
 
     fn vectordb(&self, args: &[&str]) -> String {
+        self.vectordb_with(&[], args)
+    }
+
+    fn vectordb_with(&self, env: &[(&str, &str)], args: &[&str]) -> String {
         let mut command = Command::new(env!("CARGO_BIN_EXE_vectordb"));
         self.configure(&mut command);
-        let output = command.args(args).output().unwrap();
+        let output = command
+            .envs(env.iter().copied())
+            .args(args)
+            .output()
+            .unwrap();
         assert!(
             output.status.success(),
             "vectordb {args:?}: {}",
@@ -1626,14 +1636,7 @@ fn dead_letters_are_replayed_to_their_source_after_the_fix() {
 impl Consumer {
     /// Peak resident memory so far (`VmHWM`), in bytes.
     fn peak_rss(&self) -> u64 {
-        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .ok()
-            .and_then(|text| {
-                text.lines()
-                    .find_map(|l| l.strip_prefix("VmHWM:"))
-                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            })
-            .map_or(0, |kb| kb * 1024)
+        common::peak_rss(self.child.id())
     }
 }
 
@@ -1934,21 +1937,7 @@ fn a_full_disk_under_the_embedded_store_is_retried_reported_and_loses_nothing() 
             "{topic}.dlq"
         );
     }
-    let stats: Value = serde_json::from_str(&{
-        let mut command = Command::new(env!("CARGO_BIN_EXE_vectordb"));
-        kafka.configure(&mut command);
-        let output = command
-            .envs(env)
-            .args(["stats", "--json"])
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8(output.stdout).unwrap()
-    })
-    .unwrap();
+    let stats: Value =
+        serde_json::from_str(&kafka.vectordb_with(&env, &["stats", "--json"])).unwrap();
     assert_eq!(stats["points"], 100);
 }

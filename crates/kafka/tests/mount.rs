@@ -408,9 +408,27 @@ fn header<'a>(
         .and_then(|h| h.value)
 }
 
+/// Runs a consumer with a fresh [`Recorder`] until it handled one event (the good one after a poison message).
+async fn run_until_handled(
+    settings: &KafkaSettings,
+    options: ConsumerOptions,
+) -> aura_kafka::ConsumerReport {
+    let embedded = aura_runtime::testing::embedded();
+    let recorder = Recorder::default();
+    let registry = Registry::new().with(recorder.clone());
+    let (stop, task) = start_with_options(settings, registry, embedded.ctx.clone(), options);
+    wait_for(
+        "the good event after the poison",
+        Duration::from_secs(60),
+        || !recorder.handled.lock().unwrap().is_empty(),
+    )
+    .await;
+    stop.send(()).unwrap();
+    task.await.unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dead_letter_too_large_for_the_producer_keeps_its_headers_size_and_digest_and_the_partition_moves_on()
- {
+async fn an_oversized_dead_letter_keeps_its_headers_size_and_digest_and_the_partition_moves_on() {
     use aura_kafka::rdkafka::message::Message as _;
     use sha2::Digest as _;
     let settings = KafkaSettings {
@@ -419,17 +437,7 @@ async fn a_dead_letter_too_large_for_the_producer_keeps_its_headers_size_and_dig
     };
     let poison = vec![b'#'; 300_000];
     let topics = poison_then_good(&settings, &poison, vec![("trace_id", b"t-1")]).await;
-    let embedded = aura_runtime::testing::embedded();
-    let recorder = Recorder::default();
-    let (stop, task) = start(&settings, &recorder, embedded.ctx.clone());
-    wait_for(
-        "the good event after the poison",
-        Duration::from_secs(60),
-        || !recorder.handled.lock().unwrap().is_empty(),
-    )
-    .await;
-    stop.send(()).unwrap();
-    let report = task.await.unwrap();
+    let report = run_until_handled(&settings, options()).await;
     assert_eq!(report.dead_lettered, 1);
 
     let source = topics.for_event_type(EVENT_TYPE).unwrap();
@@ -456,8 +464,7 @@ async fn a_dead_letter_too_large_for_the_producer_keeps_its_headers_size_and_dig
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dead_letter_the_topic_refuses_for_good_is_spooled_to_disk_reported_and_the_partition_moves_on()
- {
+async fn a_dead_letter_the_topic_refuses_is_spooled_reported_and_the_partition_moves_on() {
     // A producer's odd header is larger than anything the dead-letter topic takes: no cut of the value can fit.
     let settings = KafkaSettings {
         message_max_bytes: 20_000,
@@ -465,28 +472,14 @@ async fn a_dead_letter_the_topic_refuses_for_good_is_spooled_to_disk_reported_an
     };
     let junk = vec![b'j'; 30_000];
     let topics = poison_then_good(&settings, b"{not json", vec![("x-junk", &junk)]).await;
-    let embedded = aura_runtime::testing::embedded();
-    let recorder = Recorder::default();
     let reports = Arc::new(Reports::default());
     let options = ConsumerOptions {
         observer: Some(reports.clone()),
         ..options()
     };
     let spool = options.dead_letter_spool.clone();
-    let (stop, task) = start_with_options(
-        &settings,
-        Registry::new().with(recorder.clone()),
-        embedded.ctx.clone(),
-        options,
-    );
-    wait_for(
-        "the good event after the poison",
-        Duration::from_secs(60),
-        || !recorder.handled.lock().unwrap().is_empty(),
-    )
-    .await;
-    stop.send(()).unwrap();
-    task.await.unwrap();
+    let report = run_until_handled(&settings, options).await;
+    assert_eq!(report.dead_lettered, 1);
 
     let source = topics.for_event_type(EVENT_TYPE).unwrap();
     assert!(read_all(&settings, &format!("{source}.dlq")).is_empty());

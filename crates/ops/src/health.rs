@@ -205,6 +205,8 @@ impl Health {
             }
         };
         let entry = &mut state.dependencies[index];
+        metrics::gauge!("aura360_dependency_up", "dependency" => entry.name.clone())
+            .set(if result.is_ok() { 1.0 } else { 0.0 });
         match result {
             Ok(()) => {
                 if entry.failing_since.take().is_some() {

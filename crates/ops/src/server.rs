@@ -47,7 +47,7 @@ pub struct Metric {
 
 /// Every metric the processes export: DESIGN §9's, plus the backlog and the publish fallback. The Grafana dashboard
 /// (`deploy/grafana`) is checked against this list.
-pub const METRICS: [Metric; 8] = [
+pub const METRICS: [Metric; 10] = [
     Metric {
         name: "aura360_events_published_total",
         kind: MetricKind::Counter,
@@ -87,6 +87,16 @@ pub const METRICS: [Metric; 8] = [
         name: "aura360_handler_duration_seconds",
         kind: MetricKind::Histogram,
         help: "Handler run time",
+    },
+    Metric {
+        name: "aura360_dependency_up",
+        kind: MetricKind::Gauge,
+        help: "A handler dependency (embedder, vector_store, dead_letters) as its last call found it: 1 ok, 0 failing",
+    },
+    Metric {
+        name: "aura360_dead_letters_spooled_total",
+        kind: MetricKind::Counter,
+        help: "Dead letters the dead-letter topic refused for good, kept on disk under DEAD_LETTER_SPOOL_DIR",
     },
 ];
 
