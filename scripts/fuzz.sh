@@ -18,12 +18,20 @@ for line in sys.stdin:
     m = json.loads(line)
     if m.get("executable") and m.get("target", {}).get("name") == "properties":
         print(m["executable"])')
+# A copy: a build in the same target directory while a long run goes on must not swap the binary under it.
+log=$(mktemp)
+copy=$(mktemp)
+trap 'rm -f "$log" "$copy"' EXIT
+install -m 0755 "$bin" "$copy"
+bin=$copy
 # The generated properties (the corpus tests are deterministic: plain `cargo test` runs them).
 mapfile -t targets < <("$bin" --list --format terse 2>/dev/null | sed -n 's/: test$//p' | grep -v corpus | grep -v '^a_long_note' |
     grep -E "${FUZZ_TARGETS:-.}")
+if ((${#targets[@]} == 0)); then
+    echo "fuzz: no target found in $bin" >&2
+    exit 1
+fi
 
-log=$(mktemp)
-trap 'rm -f "$log"' EXIT
 report=()
 failed=0
 for target in "${targets[@]}"; do

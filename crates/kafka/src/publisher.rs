@@ -182,3 +182,37 @@ pub(crate) fn is_permanent(error: &KafkaError) -> bool {
         )
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::types::RDKafkaErrorCode as Code;
+
+    #[test]
+    fn refused_records_and_missing_rights_are_permanent_and_broker_trouble_is_transient() {
+        for code in [
+            Code::MessageSizeTooLarge,
+            Code::TopicAuthorizationFailed,
+            Code::ClusterAuthorizationFailed,
+            Code::InvalidRecord,
+            Code::PolicyViolation,
+        ] {
+            assert!(
+                is_permanent(&KafkaError::MessageProduction(code)),
+                "{code:?}"
+            );
+        }
+        for code in [
+            Code::AllBrokersDown,
+            Code::MessageTimedOut,
+            Code::NotLeaderForPartition,
+            Code::UnknownTopicOrPartition,
+            Code::RequestTimedOut,
+        ] {
+            assert!(
+                !is_permanent(&KafkaError::MessageProduction(code)),
+                "{code:?}"
+            );
+        }
+    }
+}

@@ -478,7 +478,9 @@ impl Layers {
                 path: PathBuf::from(self.required("qdrant_path")?),
                 collection: self.required("qdrant_collection")?,
                 distance,
-                min_free_bytes: self.number::<u64>("qdrant_min_free_mb", 0)? * 1024 * 1024,
+                min_free_bytes: self
+                    .number::<u64>("qdrant_min_free_mb", 0)?
+                    .saturating_mul(1024 * 1024),
             },
             embedding,
             disabled_handlers: list(&self.text("disabled_handlers").unwrap_or_default()),
@@ -613,6 +615,42 @@ mod tests {
         assert_eq!(s.celery.visibility_timeout, Duration::from_secs(3600));
         assert_eq!(s.celery.max_retries, 3);
         assert!(s.celery.task_events && !s.celery.track_started);
+        assert_eq!(s.limits, aura_events::limits::Limits::default());
+        assert_eq!(s.kafka.message_max_bytes, 1_000_000);
+        assert_eq!(s.qdrant.min_free_bytes, 128 * 1024 * 1024);
+        assert_eq!(
+            s.kafka.dead_letter_spool_dir,
+            PathBuf::from("./data/dead-letters")
+        );
+    }
+
+    #[test]
+    fn limits_are_settings_and_a_bad_one_names_its_variable() {
+        let s = load(
+            Path::new("/nonexistent"),
+            &[
+                ("MAX_EVENT_BYTES", "2000000"),
+                ("MAX_EMBED_CHARS", "5000"),
+                ("MAX_CHUNKS_PER_EVENT", "8"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            s.limits,
+            aura_events::limits::Limits {
+                max_event_bytes: 2_000_000,
+                max_embed_chars: 5_000,
+                max_chunks: 8,
+            }
+        );
+        for (var, value) in [
+            ("MAX_EVENT_BYTES", "100"),
+            ("MAX_CHUNKS_PER_EVENT", "0"),
+            ("MAX_EMBED_CHARS", "lots"),
+        ] {
+            let err = load(Path::new("/nonexistent"), &[(var, value)]).unwrap_err();
+            assert!(err.to_string().contains(var), "{err}");
+        }
     }
 
     #[test]
