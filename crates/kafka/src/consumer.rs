@@ -105,15 +105,26 @@ pub fn subscribed_topics(registry: &Registry, topics: &TopicNames) -> Vec<String
 /// How long leaving the group may take at exit.
 const CLOSE_LIMIT: Duration = Duration::from_secs(5);
 
-/// Closes the consumer (leaves the group, last commit) on a thread of its own and waits at most `limit`: librdkafka's
-/// close waits for the group coordinator, indefinitely while the broker is down, which would turn a SIGTERM during a
-/// Kafka outage into a hang. Leaving without it is safe: what was not committed is redelivered, and the broker ends
-/// the membership after `session.timeout.ms`.
+/// Commits the stored offsets and closes the consumer (leaves the group) on a thread of its own, and waits at most
+/// `limit`: librdkafka's commit and close wait for the group coordinator — until the session times out, or
+/// indefinitely — while the broker is down, which would turn a SIGTERM during a Kafka outage into a hang. Leaving
+/// without them is safe: what was not committed is redelivered, and the broker ends the membership after
+/// `session.timeout.ms`.
 async fn close_within(consumer: Arc<StreamConsumer<MountContext>>, limit: Duration) {
     let (closed, wait) = tokio::sync::oneshot::channel();
     let spawned = std::thread::Builder::new()
         .name("kafka-close".into())
         .spawn(move || {
+            match consumer.commit_consumer_state(CommitMode::Sync) {
+                Ok(()) => tracing::info!("offsets committed"),
+                Err(rdkafka::error::KafkaError::ConsumerCommit(
+                    rdkafka::types::RDKafkaErrorCode::NoOffset,
+                )) => {}
+                Err(error) => {
+                    tracing::warn!(%error, "final commit failed; uncommitted events will be redelivered")
+                }
+            }
+            consumer.unsubscribe();
             drop(consumer);
             let _ = closed.send(());
         });
@@ -208,18 +219,14 @@ pub async fn run_consumer(
             task.abort();
         }
     }
-    match consumer.commit_consumer_state(CommitMode::Sync) {
-        Ok(()) => tracing::info!("offsets committed"),
-        Err(rdkafka::error::KafkaError::ConsumerCommit(
-            rdkafka::types::RDKafkaErrorCode::NoOffset,
-        )) => {}
-        Err(error) => {
-            tracing::warn!(%error, "final commit failed; uncommitted events will be redelivered")
-        }
-    }
-    consumer.unsubscribe();
     drop(poller);
-    close_within(consumer, CLOSE_LIMIT).await;
+    // The final commit and the close share what is left of the grace period (at least a second, at most
+    // CLOSE_LIMIT): with the broker down, a synchronous commit waits until the session times out, and the exit must
+    // stay bounded whatever the broker does.
+    let left = deadline
+        .saturating_duration_since(tokio::time::Instant::now())
+        .clamp(Duration::from_secs(1), CLOSE_LIMIT);
+    close_within(consumer, left).await;
     let report = shared.counters.report(topics);
     tracing::info!(
         handled = report.handled,
