@@ -205,12 +205,15 @@ impl Health {
             }
         };
         let entry = &mut state.dependencies[index];
-        metrics::gauge!("aura360_dependency_up", "dependency" => entry.name.clone())
-            .set(if result.is_ok() { 1.0 } else { 0.0 });
+        // Every store write and embedding reports here: touch the gauge (a label allocation) only on a change.
+        let up = |name: &str, value: f64| {
+            metrics::gauge!("aura360_dependency_up", "dependency" => name.to_owned()).set(value)
+        };
         match result {
             Ok(()) => {
                 if entry.failing_since.take().is_some() {
                     tracing::info!(dependency = %entry.name, "dependency recovered");
+                    up(&entry.name, 1.0);
                 }
                 entry.error = None;
             }
@@ -218,6 +221,7 @@ impl Health {
                 if entry.failing_since.is_none() {
                     tracing::warn!(dependency = %entry.name, %error, "dependency failing; work waits on retries");
                     entry.failing_since = Some(Instant::now());
+                    up(&entry.name, 0.0);
                 }
                 entry.error = Some(error);
             }
