@@ -140,7 +140,7 @@ def celery_case(args, name, events):
     idle_since = [None]
 
     def done():
-        idle = client.llen("celery") == 0 and client.hlen("unacked") == 0
+        idle = client.llen("vectordb") == 0 and client.hlen("unacked") == 0
         if not idle:
             idle_since[0] = None
             return False

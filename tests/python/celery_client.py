@@ -63,7 +63,7 @@ def main():
     send.add_argument("--time-limit", type=float)
     send.add_argument("--soft-time-limit", type=float)
     send.add_argument("--expires", type=float)
-    send.add_argument("--queue", default="celery")
+    send.add_argument("--queue", default="vectordb")
     send.add_argument("--notes-size", type=int)
     send.add_argument("--wait", type=float)
     results = sub.add_parser("results")

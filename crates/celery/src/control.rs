@@ -5,7 +5,7 @@
 //! the direct exchange `reply.celery.pidbox`: kombu looks up the queues bound with the request's reply routing key
 //! in `_kombu.binding.reply.celery.pidbox` and `LPUSH`es to each — the client `BRPOP`s its reply queue.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -68,6 +68,60 @@ impl ActiveTask {
     }
 }
 
+/// Celery's revoked-id `LimitedSet`: at most `REVOKES_MAX` ids (50,000), each forgotten `REVOKE_EXPIRES` (3 h)
+/// after it was revoked; the oldest go first when it is full.
+#[derive(Default)]
+pub struct RevokedSet {
+    ids: HashMap<String, Instant>,
+    order: std::collections::VecDeque<(String, Instant)>,
+}
+
+impl RevokedSet {
+    pub const MAX: usize = 50_000;
+    pub const EXPIRES: Duration = Duration::from_secs(3 * 3600);
+
+    pub fn insert(&mut self, id: String, now: Instant) {
+        self.purge(now);
+        if self.ids.contains_key(&id) {
+            return;
+        }
+        self.ids.insert(id.clone(), now);
+        self.order.push_back((id, now));
+        while self.order.len() > Self::MAX {
+            if let Some((oldest, _)) = self.order.pop_front() {
+                self.ids.remove(&oldest);
+            }
+        }
+    }
+
+    pub fn contains(&mut self, id: &str, now: Instant) -> bool {
+        self.purge(now);
+        self.ids.contains_key(id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    fn ids(&self) -> Vec<String> {
+        self.order.iter().map(|(id, _)| id.clone()).collect()
+    }
+
+    fn purge(&mut self, now: Instant) {
+        while let Some((id, at)) = self.order.front() {
+            if now.duration_since(*at) < Self::EXPIRES {
+                break;
+            }
+            self.ids.remove(id);
+            self.order.pop_front();
+        }
+    }
+}
+
 /// What remote control reports about the worker; updated by the worker as tasks start and finish.
 pub struct ControlState {
     pub queues: Vec<String>,
@@ -77,7 +131,7 @@ pub struct ControlState {
     started: Instant,
     active: Mutex<HashMap<String, ActiveTask>>,
     totals: Mutex<BTreeMap<String, u64>>,
-    revoked: Mutex<HashSet<String>>,
+    revoked: Mutex<RevokedSet>,
 }
 
 impl ControlState {
@@ -95,7 +149,7 @@ impl ControlState {
             started: Instant::now(),
             active: Mutex::new(HashMap::new()),
             totals: Mutex::new(BTreeMap::new()),
-            revoked: Mutex::new(HashSet::new()),
+            revoked: Mutex::new(RevokedSet::default()),
         }
     }
 
@@ -116,7 +170,10 @@ impl ControlState {
 
     /// Whether `revoke` named this task id (it is then not run: `REVOKED`).
     pub fn is_revoked(&self, id: &str) -> bool {
-        self.revoked.lock().map(|r| r.contains(id)).unwrap_or(false)
+        self.revoked
+            .lock()
+            .map(|mut r| r.contains(id, Instant::now()))
+            .unwrap_or(false)
     }
 
     fn reply(&self, method: &str, arguments: &Value, events: &EventSender) -> Option<Value> {
@@ -128,7 +185,7 @@ impl ControlState {
                 if arguments.get("from_node").and_then(Value::as_str) == Some(hostname.as_str()) {
                     return None;
                 }
-                json!({"revoked": self.revoked.lock().map(|r| r.iter().cloned().collect::<Vec<_>>()).unwrap_or_default(),
+                json!({"revoked": self.revoked.lock().map(|r| r.ids()).unwrap_or_default(),
                        "clock": events.tick()})
             }
             "stats" => {
@@ -169,7 +226,7 @@ impl ControlState {
             ),
             "registered" => json!(self.registered),
             "scheduled" | "reserved" => json!([]),
-            "revoked" => json!(self.revoked.lock().map(|r| r.iter().cloned().collect::<Vec<_>>()).unwrap_or_default()),
+            "revoked" => json!(self.revoked.lock().map(|r| r.ids()).unwrap_or_default()),
             "revoke" => {
                 let ids: Vec<String> = match arguments.get("task_id") {
                     Some(Value::String(id)) => vec![id.clone()],
@@ -177,7 +234,10 @@ impl ControlState {
                     _ => Vec::new(),
                 };
                 if let Ok(mut revoked) = self.revoked.lock() {
-                    revoked.extend(ids.iter().cloned());
+                    let now = Instant::now();
+                    for id in &ids {
+                        revoked.insert(id.clone(), now);
+                    }
                 }
                 json!({"ok": format!("tasks {} flagged as revoked", ids.join(", "))})
             }
@@ -328,5 +388,27 @@ async fn handle(link: &RedisLink, events: &EventSender, state: &ControlState, pa
     match result {
         Ok(()) => tracing::debug!(method, "remote control: replied"),
         Err(error) => tracing::warn!(method, %error, "remote control: reply failed"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_revoked_set_keeps_at_most_50000_ids_and_forgets_them_after_3_hours() {
+        let mut set = RevokedSet::default();
+        let start = Instant::now();
+        for i in 0..(RevokedSet::MAX + 10) {
+            set.insert(format!("id-{i}"), start);
+        }
+        assert_eq!(set.len(), RevokedSet::MAX);
+        assert!(!set.contains("id-0", start), "the oldest ids go first");
+        assert!(set.contains("id-50009", start));
+        set.insert("id-50009".into(), start);
+        assert_eq!(set.len(), RevokedSet::MAX);
+        let later = start + RevokedSet::EXPIRES + Duration::from_secs(1);
+        assert!(!set.contains("id-50009", later));
+        assert!(set.is_empty());
     }
 }

@@ -77,8 +77,9 @@ fn application_json() -> String {
 }
 
 impl Envelope {
+    /// Reads an envelope; Python's `NaN`/`Infinity` (a `timelimit` of `float('inf')`) read as `null`.
     pub fn from_slice(raw: &[u8]) -> Result<Self, MessageError> {
-        serde_json::from_slice(raw).map_err(|e| match e.classify() {
+        pyjson::from_slice_lenient(raw).map_err(|e| match e.classify() {
             serde_json::error::Category::Data => MessageError::BadEnvelope(e.to_string()),
             _ => MessageError::NotJson(e.to_string()),
         })
@@ -168,8 +169,14 @@ pub struct TaskBody {
 
 impl TaskBody {
     pub fn parse(bytes: &[u8]) -> Result<Self, MessageError> {
-        let value: Value =
-            serde_json::from_slice(bytes).map_err(|e| MessageError::BodyNotJson(e.to_string()))?;
+        let value: Value = serde_json::from_slice(bytes).map_err(|e| {
+            let hint = if pyjson::python_constants_to_null(bytes).is_some() {
+                " (NaN and Infinity, which Python's json writes, are not JSON: the event must not carry them)"
+            } else {
+                ""
+            };
+            MessageError::BodyNotJson(format!("{e}{hint}"))
+        })?;
         let Value::Array(mut parts) = value else {
             return Err(MessageError::BadBody(format!(
                 "expected a JSON array, got {}",
@@ -291,7 +298,7 @@ impl TaskMessage {
         let mut envelope = self.envelope.clone();
         envelope
             .headers
-            .insert("retries".into(), json!(self.retries + 1));
+            .insert("retries".into(), json!(self.retries.saturating_add(1)));
         envelope.headers.insert("eta".into(), json!(iso(eta)));
         envelope.headers.remove("redelivered");
         envelope

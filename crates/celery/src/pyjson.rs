@@ -148,6 +148,60 @@ pub fn python_float_repr(value: f64) -> String {
     }
 }
 
+/// Python's `json.dumps` writes `NaN`, `Infinity` and `-Infinity` (its default `allow_nan=True`), which are not JSON.
+/// Returns `raw` with each such token outside strings replaced by `null`, or `None` when there is none. Used on
+/// envelopes and `unacked` entries only, where such a number can sit in a header (`timelimit`) and must not make the
+/// whole message unreadable; task bodies stay strict (an event is JSON).
+pub fn python_constants_to_null(raw: &[u8]) -> Option<Vec<u8>> {
+    const TOKENS: [&[u8]; 3] = [b"-Infinity", b"Infinity", b"NaN"];
+    let mut out: Option<Vec<u8>> = None;
+    let mut in_string = false;
+    let mut escaped = false;
+    let mut i = 0;
+    let mut copied = 0;
+    while i < raw.len() {
+        let byte = raw[i];
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            i += 1;
+            continue;
+        }
+        if byte == b'"' {
+            in_string = true;
+            i += 1;
+            continue;
+        }
+        if let Some(token) = TOKENS.iter().find(|t| raw[i..].starts_with(t)) {
+            let buffer = out.get_or_insert_with(|| Vec::with_capacity(raw.len()));
+            buffer.extend_from_slice(&raw[copied..i]);
+            buffer.extend_from_slice(b"null");
+            i += token.len();
+            copied = i;
+            continue;
+        }
+        i += 1;
+    }
+    let mut buffer = out?;
+    buffer.extend_from_slice(&raw[copied..]);
+    Some(buffer)
+}
+
+/// `serde_json::from_slice`, accepting Python's `NaN`/`Infinity` as `null` when the strict parse fails.
+pub fn from_slice_lenient<T: serde::de::DeserializeOwned>(raw: &[u8]) -> serde_json::Result<T> {
+    match serde_json::from_slice(raw) {
+        Ok(value) => Ok(value),
+        Err(error) => match python_constants_to_null(raw) {
+            Some(cleaned) => serde_json::from_slice(&cleaned),
+            None => Err(error),
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -182,5 +236,19 @@ mod tests {
         for (value, text) in cases {
             assert_eq!(python_float_repr(value), text, "{value}");
         }
+    }
+
+    #[test]
+    fn pythons_non_finite_numbers_become_null_outside_strings_only() {
+        let raw =
+            br#"{"timelimit": [Infinity, -Infinity], "x": NaN, "s": "NaN \" Infinity", "n": 1}"#;
+        let cleaned = super::python_constants_to_null(raw).unwrap();
+        assert_eq!(
+            String::from_utf8(cleaned).unwrap(),
+            r#"{"timelimit": [null, null], "x": null, "s": "NaN \" Infinity", "n": 1}"#
+        );
+        assert!(super::python_constants_to_null(br#"{"s": "NaN"}"#).is_none());
+        let value: serde_json::Value = super::from_slice_lenient(raw).unwrap();
+        assert_eq!(value["timelimit"], serde_json::json!([null, null]));
     }
 }

@@ -42,6 +42,8 @@ pub enum TransportError {
         #[source]
         source: RedisError,
     },
+    #[error("Redis refused {what}: {reason} (nothing was taken off the queue)")]
+    Refused { what: &'static str, reason: String },
     #[error("Redis {what}: gave up after {attempts} attempts: {last}")]
     GaveUp {
         what: &'static str,
@@ -74,6 +76,19 @@ pub fn queue_keys(queue: &str) -> [String; 4] {
 pub fn dead_letter_key(queue: &str) -> String {
     format!("{queue}.dlq")
 }
+
+/// Scheduled tasks this worker had no room to hold, scored by eta (see `Broker::delay`).
+pub fn delayed_key(queue: &str) -> String {
+    format!("{queue}.delayed")
+}
+
+/// Where an unreadable message waits between leaving its queue and becoming a dead letter (`FETCH_BATCH`).
+pub fn unreadable_key(queue: &str) -> String {
+    format!("{queue}.unreadable")
+}
+
+/// kombu's dead-letter queue for messages no binding routes (`Channel.deadletter_queue`).
+pub const UNDELIVERABLE: &str = "ae.undeliver";
 
 /// Where a disabled handler's tasks wait until a worker with that handler enabled starts.
 pub fn parked_key(queue: &str, handler: &str) -> String {
@@ -264,17 +279,22 @@ pub struct Fetched {
     pub tag: Option<String>,
 }
 
-/// Pops up to ARGV[1] messages over KEYS[3..] in order, registering each readable one in `unacked` exactly as
-/// kombu's `QoS.append` does (`[envelope, exchange, routing_key]`, the envelope's bytes unchanged).
+/// Takes up to ARGV[1] messages over KEYS[3..] in order. Each readable one is first registered in `unacked` exactly
+/// as kombu's `QoS.append` does (`[envelope, exchange, routing_key]`, the envelope's bytes unchanged) and only then
+/// popped; an unreadable one is first copied to `<queue>.unreadable` (ARGV[i] is KEYS[i]'s queue) and then popped.
+/// A write Redis refuses (wrong type, ACL, OOM under `maxmemory`) stops the batch with the message still on its
+/// queue: the reply is `[error or '', key, message, tag, key, message, tag, …]`.
 const FETCH_BATCH: &str = r#"
-local out = {}
+local out = {''}
 local wanted = tonumber(ARGV[1])
 local taken = 0
+local function refused(reply)
+  return type(reply) == 'table' and reply['err'] ~= nil
+end
 for i = 3, #KEYS do
   while taken < wanted do
-    local msg = redis.call('RPOP', KEYS[i])
+    local msg = redis.call('LINDEX', KEYS[i], -1)
     if not msg then break end
-    taken = taken + 1
     local tag = ''
     local ok, obj = pcall(cjson.decode, msg)
     if ok and type(obj) == 'table' and type(obj['properties']) == 'table'
@@ -286,9 +306,21 @@ for i = 3, #KEYS do
         if type(info['exchange']) == 'string' then exchange = info['exchange'] end
         if type(info['routing_key']) == 'string' then rk = info['routing_key'] end
       end
-      redis.call('ZADD', KEYS[1], ARGV[2], tag)
-      redis.call('HSET', KEYS[2], tag, '[' .. msg .. ', ' .. cjson.encode(exchange) .. ', ' .. cjson.encode(rk) .. ']')
+      local reply = redis.pcall('ZADD', KEYS[1], ARGV[2], tag)
+      if refused(reply) then out[1] = reply['err']; return out end
+      reply = redis.pcall('HSET', KEYS[2], tag,
+        '[' .. msg .. ', ' .. cjson.encode(exchange) .. ', ' .. cjson.encode(rk) .. ']')
+      if refused(reply) then
+        redis.pcall('ZREM', KEYS[1], tag)
+        out[1] = reply['err']
+        return out
+      end
+    else
+      local reply = redis.pcall('LPUSH', ARGV[i] .. '.unreadable', msg)
+      if refused(reply) then out[1] = reply['err']; return out end
     end
+    redis.call('RPOP', KEYS[i])
+    taken = taken + 1
     table.insert(out, KEYS[i])
     table.insert(out, msg)
     table.insert(out, tag)
@@ -297,8 +329,9 @@ end
 return out
 "#;
 
-/// Pushes ARGV[2] onto KEYS[3] and forgets tag ARGV[1] — only if `unacked[tag]` still equals ARGV[3] (or ARGV[3]
-/// is empty: the caller owns the tag). Returns 1 when it restored.
+/// Pushes ARGV[2] onto each of KEYS[3..] (LPUSH when ARGV[4] is '1', the back of the queue; else RPUSH, the
+/// consuming end) and forgets tag ARGV[1] — only if `unacked[tag]` still equals ARGV[3] (or ARGV[3] is empty: the
+/// caller owns the tag). Returns 1 when it restored.
 const RESTORE_IF_UNCHANGED: &str = r#"
 local current = redis.call('HGET', KEYS[2], ARGV[1])
 if not current then
@@ -306,10 +339,46 @@ if not current then
   return 0
 end
 if ARGV[3] ~= '' and current ~= ARGV[3] then return 0 end
-redis.call('RPUSH', KEYS[3], ARGV[2])
+for i = 3, #KEYS do
+  if ARGV[4] == '1' then
+    redis.call('LPUSH', KEYS[i], ARGV[2])
+  else
+    redis.call('RPUSH', KEYS[i], ARGV[2])
+  end
+end
 redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('HDEL', KEYS[2], ARGV[1])
 return 1
+"#;
+
+/// Moves our held message `tag` ARGV[1] from `unacked` into the delayed set KEYS[3] (member: the envelope ARGV[2],
+/// score: its eta ARGV[3]). Returns 1 when it moved, 0 when the tag is no longer ours.
+const DELAY: &str = r#"
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 then return 0 end
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+return 1
+"#;
+
+/// Moves member ARGV[1] of the delayed set KEYS[1] onto list KEYS[2] (RPUSH: it is due, it goes first) if it is
+/// still there. Returns 1 when it moved.
+const PROMOTE: &str = r#"
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
+  redis.call('RPUSH', KEYS[2], ARGV[1])
+  return 1
+end
+return 0
+"#;
+
+/// Removes ARGV[1] from list KEYS[1] and, if it was there, pushes ARGV[2] onto KEYS[2]: a quarantined unreadable
+/// message becomes its dead letter exactly once.
+pub const MOVE_IF_PRESENT: &str = r#"
+if redis.call('LREM', KEYS[1], -1, ARGV[1]) >= 1 then
+  redis.call('LPUSH', KEYS[2], ARGV[2])
+  return 1
+end
+return 0
 "#;
 
 /// kombu's mutex release: delete only our own token.
@@ -327,6 +396,9 @@ pub struct Broker {
     fetch_script: Script,
     restore_script: Script,
     release_script: Script,
+    delay_script: Script,
+    promote_script: Script,
+    move_script: Script,
 }
 
 impl std::fmt::Debug for Broker {
@@ -355,6 +427,9 @@ impl Broker {
             fetch_script: Script::new(FETCH_BATCH),
             restore_script: Script::new(RESTORE_IF_UNCHANGED),
             release_script: Script::new(RELEASE_MUTEX),
+            delay_script: Script::new(DELAY),
+            promote_script: Script::new(PROMOTE),
+            move_script: Script::new(MOVE_IF_PRESENT),
         })
     }
 
@@ -388,8 +463,10 @@ impl Broker {
             .await
     }
 
-    /// Takes up to `max` messages: whatever is waiting, in one atomic script; if nothing is, blocks in `BRPOP` for
-    /// up to `block` and registers what it returns.
+    /// Takes up to `max` messages: whatever is waiting, in one atomic script. If nothing is, waits up to `block`
+    /// for the first queue's main list to receive something (a `BLMOVE` of the list onto itself, which takes
+    /// nothing), then looks again. No message ever leaves a queue before it is registered in `unacked`, so
+    /// cancelling this future loses nothing: what it took is restored after the visibility timeout.
     pub async fn fetch(
         &self,
         queues: &[String],
@@ -404,51 +481,42 @@ impl Broker {
         if !batch.is_empty() {
             return Ok(batch);
         }
-        let names: Vec<&str> = keys.iter().map(|(k, _)| k.as_str()).collect();
-        let popped: Option<(String, Vec<u8>)> = self
-            .blocking
-            .run("BRPOP", Patience::Forever, |mut conn| {
-                let names = names.clone();
-                async move {
-                    redis::cmd("BRPOP")
-                        .arg(&names)
-                        .arg(block.as_secs_f64())
-                        .query_async(&mut conn)
-                        .await
-                }
-            })
-            .await?;
-        let Some((key, raw)) = popped else {
+        let Some((first, _)) = keys.first() else {
             return Ok(Vec::new());
         };
-        let queue = keys
-            .iter()
-            .find(|(k, _)| *k == key)
-            .map(|(_, q)| q.clone())
-            .unwrap_or_else(|| key.clone());
-        let tag = match Envelope::from_slice(&raw) {
-            Ok(envelope) => match envelope.delivery_tag() {
-                Some(tag) => {
-                    let (exchange, routing_key) = envelope.delivery_info();
-                    self.register_unacked(
-                        tag,
-                        &raw,
-                        &exchange,
-                        routing_key.as_deref().unwrap_or(&queue),
-                    )
-                    .await?;
-                    Some(tag.to_owned())
-                }
-                None => None,
-            },
-            Err(_) => None,
-        };
-        Ok(vec![Fetched {
-            key,
-            queue,
-            raw,
-            tag,
-        }])
+        // Other priority lists and queues are looked at every IDLE_POLL at the latest.
+        const IDLE_POLL: Duration = Duration::from_millis(250);
+        let wait = block.min(IDLE_POLL).as_secs_f64();
+        let woke: Result<Option<Vec<u8>>, TransportError> = self
+            .blocking
+            .run(
+                "BLMOVE",
+                Patience::Until(Duration::from_secs(5)),
+                |mut conn| {
+                    let first = first.clone();
+                    async move {
+                        redis::cmd("BLMOVE")
+                            .arg(&first)
+                            .arg(&first)
+                            .arg("RIGHT")
+                            .arg("RIGHT")
+                            .arg(wait)
+                            .query_async(&mut conn)
+                            .await
+                    }
+                },
+            )
+            .await;
+        match woke {
+            Ok(None) => Ok(Vec::new()),
+            Ok(Some(_)) => self.fetch_batch(&keys, max.max(1)).await,
+            // The wait is only a wait: a refusal here (OOM rejects BLMOVE) shows up again in the next batch.
+            Err(TransportError::Redis { .. }) => {
+                tokio::time::sleep(IDLE_POLL).await;
+                Ok(Vec::new())
+            }
+            Err(error) => Err(error),
+        }
     }
 
     async fn fetch_batch(
@@ -459,18 +527,23 @@ impl Broker {
         let now = now_secs().to_string();
         let reply: Vec<RedisValue> = self
             .link
-            .run("fetch", Patience::Forever, |mut conn| {
-                let mut invocation = self.fetch_script.prepare_invoke();
-                invocation.key(UNACKED_INDEX).key(UNACKED);
-                invocation.arg(max).arg(&now);
-                for (key, queue) in keys {
-                    invocation.key(key).arg(queue);
-                }
-                async move { invocation.invoke_async(&mut conn).await }
-            })
+            .run(
+                "fetch",
+                Patience::Until(Duration::from_secs(5)),
+                |mut conn| {
+                    let mut invocation = self.fetch_script.prepare_invoke();
+                    invocation.key(UNACKED_INDEX).key(UNACKED);
+                    invocation.arg(max).arg(&now);
+                    for (key, queue) in keys {
+                        invocation.key(key).arg(queue);
+                    }
+                    async move { invocation.invoke_async(&mut conn).await }
+                },
+            )
             .await?;
+        let refusal = reply.first().map(bulk_string).unwrap_or_default();
         let mut out = Vec::with_capacity(reply.len() / 3);
-        for triple in reply.chunks_exact(3) {
+        for triple in reply.get(1..).unwrap_or_default().chunks_exact(3) {
             let key = bulk_string(&triple[0]);
             let raw = bulk_bytes(&triple[1]);
             let tag = bulk_string(&triple[2]);
@@ -486,72 +559,283 @@ impl Broker {
                 tag: (!tag.is_empty()).then_some(tag),
             });
         }
+        if !refusal.is_empty() {
+            if out.is_empty() {
+                return Err(TransportError::Refused {
+                    what: "taking a message (registering it in unacked)",
+                    reason: refusal,
+                });
+            }
+            tracing::warn!(reason = %refusal, taken = out.len(),
+                "Redis refused to register a message in unacked; it stays on its queue");
+        }
         Ok(out)
     }
 
-    async fn register_unacked(
-        &self,
-        tag: &str,
-        raw: &[u8],
-        exchange: &str,
-        routing_key: &str,
-    ) -> Result<(), TransportError> {
-        let mut entry = Vec::with_capacity(raw.len() + routing_key.len() + 16);
-        entry.push(b'[');
-        entry.extend_from_slice(raw);
-        entry.extend_from_slice(b", ");
-        entry.extend_from_slice(&crate::pyjson::to_vec(exchange));
-        entry.extend_from_slice(b", ");
-        entry.extend_from_slice(&crate::pyjson::to_vec(routing_key));
-        entry.push(b']');
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .zadd(UNACKED_INDEX, tag, now_secs())
-            .ignore()
-            .hset(UNACKED, tag, entry)
-            .ignore();
-        self.link
-            .pipe::<()>("register unacked", Patience::Forever, &pipe)
-            .await
-    }
-
-    /// Puts our own message `tag` back at the consuming end of its queue (not started at shutdown, or parked).
+    /// Puts our own message `tag` back at the consuming end of its queue (not started at shutdown), within
+    /// `patience`; if Redis does not answer, the message stays in `unacked` and is restored after the timeout.
     pub async fn requeue(
         &self,
         tag: &str,
         envelope: &Envelope,
         queue: &str,
+        patience: Patience,
     ) -> Result<bool, TransportError> {
         let mut envelope = envelope.clone();
         envelope.mark_redelivered();
-        self.restore_entry(tag, &envelope, queue, None).await
+        let target = priority_key(queue, envelope.priority());
+        self.restore_entry(tag, &envelope.to_vec(), &[target], None, false, patience)
+            .await
+    }
+
+    /// Gives a message back unchanged but for `redelivered`, at the back of the list it came from (`key`): what
+    /// Celery's `reject(requeue=True)` does, for a task this worker does not run.
+    pub async fn reject_requeue(
+        &self,
+        tag: &str,
+        envelope: &Envelope,
+        key: &str,
+        patience: Patience,
+    ) -> Result<bool, TransportError> {
+        let mut envelope = envelope.clone();
+        envelope.mark_redelivered();
+        self.restore_entry(
+            tag,
+            &envelope.to_vec(),
+            &[key.to_owned()],
+            None,
+            true,
+            patience,
+        )
+        .await
     }
 
     async fn restore_entry(
         &self,
         tag: &str,
-        envelope: &Envelope,
-        queue: &str,
+        payload: &[u8],
+        targets: &[String],
         expected: Option<&[u8]>,
+        leftmost: bool,
+        patience: Patience,
     ) -> Result<bool, TransportError> {
-        let target = priority_key(queue, envelope.priority());
-        let payload = envelope.to_vec();
         let expected = expected.unwrap_or(b"");
         let restored: i64 = self
             .link
-            .run("restore", Patience::Forever, |mut conn| {
+            .run("restore", patience, |mut conn| {
                 let mut invocation = self.restore_script.prepare_invoke();
+                invocation.key(UNACKED_INDEX).key(UNACKED);
+                for target in targets {
+                    invocation.key(target);
+                }
                 invocation
-                    .key(UNACKED_INDEX)
-                    .key(UNACKED)
-                    .key(&target)
                     .arg(tag)
-                    .arg(&payload)
-                    .arg(expected);
+                    .arg(payload)
+                    .arg(expected)
+                    .arg(if leftmost { "1" } else { "0" });
                 async move { invocation.invoke_async(&mut conn).await }
             })
             .await?;
         Ok(restored == 1)
+    }
+
+    /// Keeps the messages this worker holds (`tags`) from looking abandoned: their `unacked_index` score becomes
+    /// now, so no restorer — ours or a Python worker's — pushes them back while they wait for an eta, a slot or a
+    /// result backend. `ZADD XX` never brings back an acknowledged one.
+    pub async fn refresh_leases(&self, tags: &[String]) -> Result<(), TransportError> {
+        let now = now_secs();
+        for chunk in tags.chunks(1000) {
+            let mut cmd = redis::cmd("ZADD");
+            cmd.arg(UNACKED_INDEX).arg("XX");
+            for tag in chunk {
+                cmd.arg(now).arg(tag);
+            }
+            let mut pipe = redis::pipe();
+            pipe.add_command(cmd).ignore();
+            self.link
+                .pipe::<()>(
+                    "refresh unacked_index",
+                    Patience::Until(Duration::from_secs(5)),
+                    &pipe,
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Moves our held message `tag` (bytes `raw`, taken from `queue`) to `<queue>.delayed` until `eta`: a
+    /// scheduled task this worker has no room to hold in memory. Returns false if the tag is no longer ours.
+    pub async fn delay(
+        &self,
+        tag: &str,
+        raw: &[u8],
+        queue: &str,
+        eta: f64,
+    ) -> Result<bool, TransportError> {
+        let delayed = delayed_key(queue);
+        let moved: i64 = self
+            .link
+            .run(
+                "delay",
+                Patience::Until(Duration::from_secs(5)),
+                |mut conn| {
+                    let mut invocation = self.delay_script.prepare_invoke();
+                    invocation
+                        .key(UNACKED_INDEX)
+                        .key(UNACKED)
+                        .key(&delayed)
+                        .arg(tag)
+                        .arg(raw)
+                        .arg(eta);
+                    async move { invocation.invoke_async(&mut conn).await }
+                },
+            )
+            .await?;
+        Ok(moved == 1)
+    }
+
+    /// Moves every due message of `<queue>.delayed` (up to `max`) back to the consuming end of its queue, each
+    /// exactly once whatever other workers do. Returns how many it moved.
+    pub async fn promote_due(&self, queue: &str, max: usize) -> Result<usize, TransportError> {
+        let delayed = delayed_key(queue);
+        let due: Vec<Vec<u8>> = self
+            .link
+            .run(
+                "delayed scan",
+                Patience::Until(Duration::from_secs(5)),
+                |mut conn| {
+                    let delayed = delayed.clone();
+                    async move {
+                        redis::cmd("ZRANGEBYSCORE")
+                            .arg(delayed)
+                            .arg("-inf")
+                            .arg(now_secs())
+                            .arg("LIMIT")
+                            .arg(0)
+                            .arg(max)
+                            .query_async(&mut conn)
+                            .await
+                    }
+                },
+            )
+            .await?;
+        let mut moved = 0;
+        for raw in due {
+            let priority = Envelope::from_slice(&raw)
+                .map(|e| e.priority())
+                .unwrap_or(0);
+            let target = priority_key(queue, priority);
+            let done: i64 = self
+                .link
+                .run(
+                    "promote",
+                    Patience::Until(Duration::from_secs(5)),
+                    |mut conn| {
+                        let mut invocation = self.promote_script.prepare_invoke();
+                        invocation.key(&delayed).key(&target).arg(&raw);
+                        async move { invocation.invoke_async(&mut conn).await }
+                    },
+                )
+                .await?;
+            moved += done as usize;
+        }
+        Ok(moved)
+    }
+
+    /// Dead-letters what a worker quarantined in `<queue>.unreadable` and could not dead-letter itself (it died in
+    /// between). Each entry exactly once. Returns how many.
+    pub async fn sweep_unreadable(
+        &self,
+        queue: &str,
+        entry: impl Fn(&[u8]) -> Vec<u8>,
+    ) -> Result<usize, TransportError> {
+        let quarantine = unreadable_key(queue);
+        let items: Vec<Vec<u8>> = self
+            .link
+            .run(
+                "unreadable scan",
+                Patience::Until(Duration::from_secs(5)),
+                |mut conn| {
+                    let quarantine = quarantine.clone();
+                    async move {
+                        redis::cmd("LRANGE")
+                            .arg(quarantine)
+                            .arg(0)
+                            .arg(999)
+                            .query_async(&mut conn)
+                            .await
+                    }
+                },
+            )
+            .await?;
+        let mut moved = 0;
+        for raw in items {
+            let entry = entry(&raw);
+            let done: i64 = self
+                .link
+                .run(
+                    "dead-letter unreadable",
+                    Patience::Until(Duration::from_secs(5)),
+                    |mut conn| {
+                        let mut invocation = self.move_script.prepare_invoke();
+                        invocation
+                            .key(&quarantine)
+                            .key(dead_letter_key(queue))
+                            .arg(&raw)
+                            .arg(&entry);
+                        async move { invocation.invoke_async(&mut conn).await }
+                    },
+                )
+                .await?;
+            moved += done as usize;
+        }
+        Ok(moved)
+    }
+
+    /// The queues a message published to `exchange` with `routing_key` reaches, as kombu's `_lookup` finds them:
+    /// the default exchange routes by name; a named one through its bindings in `_kombu.binding.<exchange>`
+    /// (`routing_key\x06\x16pattern\x06\x16queue`, matched as a direct exchange); nothing bound: kombu's
+    /// `ae.undeliver`.
+    pub async fn lookup(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+    ) -> Result<Vec<String>, TransportError> {
+        if exchange.is_empty() {
+            return Ok(vec![if routing_key.is_empty() {
+                UNDELIVERABLE.to_owned()
+            } else {
+                routing_key.to_owned()
+            }]);
+        }
+        let members: Vec<Vec<u8>> = self
+            .link
+            .run(
+                "exchange bindings",
+                Patience::Until(Duration::from_secs(5)),
+                |mut conn| {
+                    let key = format!("_kombu.binding.{exchange}");
+                    async move { redis::cmd("SMEMBERS").arg(key).query_async(&mut conn).await }
+                },
+            )
+            .await?;
+        let mut queues: Vec<String> = members
+            .iter()
+            .filter_map(|member| {
+                let member = String::from_utf8_lossy(member);
+                let mut parts = member.splitn(3, SEP);
+                let key = parts.next()?;
+                let _pattern = parts.next()?;
+                let queue = parts.next()?;
+                (key == routing_key).then(|| queue.to_owned())
+            })
+            .collect();
+        queues.sort();
+        queues.dedup();
+        if queues.is_empty() {
+            queues.push(UNDELIVERABLE.to_owned());
+        }
+        Ok(queues)
     }
 
     /// kombu's `restore_visible`: under `unacked_mutex`, pushes back every message taken more than the visibility
@@ -600,77 +884,112 @@ impl Broker {
         result
     }
 
+    /// Restores expired entries page by page. Entries that are not `[envelope, exchange, routing_key]` are left in
+    /// place (a person must look at them) and skipped, so they never hide the readable ones behind them.
     async fn restore_expired(&self) -> Result<usize, TransportError> {
+        const PAGE: usize = 1000;
         let ceiling = now_secs() - self.visibility_timeout.as_secs_f64();
-        let expired: Vec<String> = self
+        let mut restored = 0;
+        let mut unreadable = 0usize;
+        loop {
+            let offset = unreadable;
+            let expired: Vec<String> = self
+                .link
+                .run(
+                    "unacked_index scan",
+                    Patience::Until(Duration::from_secs(5)),
+                    |mut conn| async move {
+                        redis::cmd("ZRANGEBYSCORE")
+                            .arg(UNACKED_INDEX)
+                            .arg("-inf")
+                            .arg(ceiling)
+                            .arg("LIMIT")
+                            .arg(offset)
+                            .arg(PAGE)
+                            .query_async(&mut conn)
+                            .await
+                    },
+                )
+                .await?;
+            let page = expired.len();
+            for tag in expired {
+                match self.restore_one(&tag).await? {
+                    Restore::Restored => restored += 1,
+                    Restore::Gone => {}
+                    Restore::Unreadable => unreadable += 1,
+                }
+            }
+            if page < PAGE {
+                break;
+            }
+        }
+        if unreadable > 0 {
+            tracing::error!(
+                unreadable,
+                "unacked entries that are not [envelope, exchange, routing_key] were left in place; \
+                 inspect them with HGET unacked <tag>"
+            );
+        }
+        Ok(restored)
+    }
+
+    async fn restore_one(&self, tag: &str) -> Result<Restore, TransportError> {
+        let entry: Option<Vec<u8>> = self
             .link
             .run(
-                "unacked_index scan",
+                "unacked read",
                 Patience::Until(Duration::from_secs(5)),
                 |mut conn| async move {
-                    redis::cmd("ZRANGEBYSCORE")
-                        .arg(UNACKED_INDEX)
-                        .arg("-inf")
-                        .arg(ceiling)
-                        .arg("LIMIT")
-                        .arg(0)
-                        .arg(1000)
+                    redis::cmd("HGET")
+                        .arg(UNACKED)
+                        .arg(tag)
                         .query_async(&mut conn)
                         .await
                 },
             )
             .await?;
-        let mut restored = 0;
-        for tag in expired {
-            let entry: Option<Vec<u8>> = self
-                .link
-                .run(
-                    "unacked read",
+        let Some(entry) = entry else {
+            // Acknowledged meanwhile, or an index entry without its message: drop the index entry.
+            let mut pipe = redis::pipe();
+            pipe.zrem(UNACKED_INDEX, tag).ignore();
+            self.link
+                .pipe::<()>(
+                    "unacked index cleanup",
                     Patience::Until(Duration::from_secs(5)),
-                    |mut conn| {
-                        let tag = tag.clone();
-                        async move {
-                            redis::cmd("HGET")
-                                .arg(UNACKED)
-                                .arg(tag)
-                                .query_async(&mut conn)
-                                .await
-                        }
-                    },
+                    &pipe,
                 )
                 .await?;
-            let Some(entry) = entry else {
-                // Acknowledged meanwhile, or an index entry without its message: drop the index entry.
-                let mut pipe = redis::pipe();
-                pipe.zrem(UNACKED_INDEX, &tag).ignore();
-                self.link
-                    .pipe::<()>(
-                        "unacked index cleanup",
-                        Patience::Until(Duration::from_secs(5)),
-                        &pipe,
-                    )
-                    .await?;
-                continue;
-            };
-            match parse_unacked_entry(&entry) {
-                Some((mut envelope, queue)) => {
-                    envelope.mark_redelivered();
-                    if self
-                        .restore_entry(&tag, &envelope, &queue, Some(&entry))
-                        .await?
-                    {
-                        restored += 1;
-                        tracing::warn!(delivery_tag = %tag, queue = %queue,
-                            task_id = envelope.header_str("id").unwrap_or("-"),
-                            "restored a message its worker never acknowledged (visibility timeout passed)");
-                    }
-                }
-                None => {
-                    tracing::error!(delivery_tag = %tag, "unacked entry is not [envelope, exchange, routing_key]; left in place")
-                }
-            }
+            return Ok(Restore::Gone);
+        };
+        let Some((mut envelope, exchange, routing_key)) = parse_unacked_entry(&entry) else {
+            return Ok(Restore::Unreadable);
+        };
+        envelope.mark_redelivered();
+        let queues = self.lookup(&exchange, &routing_key).await?;
+        let targets: Vec<String> = queues
+            .iter()
+            .map(|queue| priority_key(queue, envelope.priority()))
+            .collect();
+        let restored = self
+            .restore_entry(
+                tag,
+                &envelope.to_vec(),
+                &targets,
+                Some(&entry),
+                false,
+                Patience::Until(Duration::from_secs(5)),
+            )
+            .await?;
+        if restored {
+            tracing::warn!(delivery_tag = %tag, queues = %queues.join(","), exchange = %exchange,
+                task_id = envelope.header_str("id").unwrap_or("-"),
+                "restored a message its worker never acknowledged (visibility timeout passed)");
         }
-        Ok(restored)
+        Ok(if restored {
+            Restore::Restored
+        } else {
+            Restore::Gone
+        })
     }
 
     /// Messages waiting on `queue` (all priority lists), in its dead-letter list, and parked per handler of
@@ -850,15 +1169,30 @@ pub struct QueueDepth {
     pub parked: std::collections::BTreeMap<String, u64>,
 }
 
-/// `[envelope, exchange, routing_key]` → the envelope and the queue to restore it to. The default exchange routes
-/// by queue name, as does Celery's per-queue direct exchange.
-pub fn parse_unacked_entry(entry: &[u8]) -> Option<(Envelope, String)> {
-    let value: serde_json::Value = serde_json::from_slice(entry).ok()?;
+/// `[envelope, exchange, routing_key]` → its parts; a missing routing key falls back to the envelope's
+/// `delivery_info` (Python's `NaN`/`Infinity` in a header read as `null`).
+pub fn parse_unacked_entry(entry: &[u8]) -> Option<(Envelope, String, String)> {
+    let value: serde_json::Value = crate::pyjson::from_slice_lenient(entry).ok()?;
     let parts = value.as_array()?;
     let envelope: Envelope = serde_json::from_value(parts.first()?.clone()).ok()?;
-    let routing_key = parts.get(2).and_then(|v| v.as_str()).map(str::to_owned);
-    let queue = routing_key.or_else(|| envelope.delivery_info().1)?;
-    Some((envelope, queue))
+    let (info_exchange, info_key) = envelope.delivery_info();
+    let exchange = parts
+        .get(1)
+        .and_then(|v| v.as_str())
+        .map(str::to_owned)
+        .unwrap_or(info_exchange);
+    let routing_key = parts
+        .get(2)
+        .and_then(|v| v.as_str())
+        .map(str::to_owned)
+        .or(info_key)?;
+    Some((envelope, exchange, routing_key))
+}
+
+enum Restore {
+    Restored,
+    Gone,
+    Unreadable,
 }
 
 fn bulk_bytes(value: &RedisValue) -> Vec<u8> {
@@ -890,8 +1224,8 @@ mod tests {
     #[test]
     fn unacked_entries_name_their_queue() {
         let entry = br#"[{"body": "", "headers": {}, "properties": {"delivery_info": {"exchange": "", "routing_key": "celery"}}}, "", "celery"]"#;
-        let (_, queue) = parse_unacked_entry(entry).unwrap();
-        assert_eq!(queue, "celery");
+        let (_, exchange, routing_key) = parse_unacked_entry(entry).unwrap();
+        assert_eq!((exchange.as_str(), routing_key.as_str()), ("", "celery"));
         assert!(parse_unacked_entry(b"not json").is_none());
     }
 

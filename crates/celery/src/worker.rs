@@ -14,14 +14,20 @@
 //! back too. Every message ends acknowledged, committed or requeued — or, if Redis is gone, in `unacked`, from
 //! which a later worker restores it.
 
+use std::collections::HashSet;
 use std::future::Future;
-use std::sync::Arc;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
 
 use aura_runtime::events::{Event, routing};
-use aura_runtime::{Dispatcher, Failure, HandlerError, Outcome, Registry, RetryPolicy, Route};
+use aura_runtime::observe::names;
+use aura_runtime::{
+    DependencyObserver, Dispatcher, Failure, HandlerError, Outcome, Registry, RetryPolicy, Route,
+};
 use chrono::Utc;
+use futures::FutureExt as _;
 use serde_json::{Value, json};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
@@ -34,8 +40,8 @@ use crate::publisher::TaskScope;
 use crate::pyjson;
 use crate::results::{self, ResultBackend, TaskResult, exception};
 use crate::transport::{
-    Broker, Fetched, Patience, TransportError, UNACKED, UNACKED_INDEX, dead_letter_key, parked_key,
-    priority_key,
+    Broker, Fetched, MOVE_IF_PRESENT, Patience, TransportError, UNACKED, UNACKED_INDEX,
+    dead_letter_key, parked_key, priority_key, unreadable_key,
 };
 
 /// How a worker runs (`CELERY_*` settings).
@@ -63,12 +69,22 @@ pub struct WorkerOptions {
     pub fetch_block: Duration,
     /// `MAX_EVENT_BYTES`: a message whose event cannot be under it is dead-lettered unread.
     pub max_event_bytes: usize,
+    /// `CELERY_ETA_MAX_HELD`: scheduled tasks (eta, countdown) held in memory at once; more go to
+    /// `<queue>.delayed` in Redis until they are due.
+    pub eta_max_held: usize,
+    /// kombu's `visibility_timeout`: held messages have their `unacked_index` score refreshed well within it.
+    pub visibility_timeout: Duration,
 }
 
 impl WorkerOptions {
     /// The largest kombu message an event of `max_event_bytes` can arrive in: base64 (4/3) plus the envelope.
     fn max_message_bytes(&self) -> usize {
         self.max_event_bytes.saturating_mul(4) / 3 + 64 * 1024
+    }
+
+    /// How often held messages' leases are refreshed: a sixth of the visibility timeout, 1 s to 5 min.
+    fn lease_interval(&self) -> Duration {
+        (self.visibility_timeout / 6).clamp(Duration::from_secs(1), Duration::from_secs(300))
     }
 }
 
@@ -91,6 +107,8 @@ impl WorkerOptions {
             restore_interval: Duration::from_secs(10),
             fetch_block: Duration::from_secs(1),
             max_event_bytes: aura_runtime::events::limits::Limits::default().max_event_bytes,
+            eta_max_held: 1000,
+            visibility_timeout: Duration::from_secs(3600),
         }
     }
 }
@@ -107,6 +125,10 @@ pub struct WorkerReport {
     pub revoked: u64,
     pub restored: u64,
     pub unparked: u64,
+    /// Tasks of other apps given back to their queue (never run, failed or dead-lettered here).
+    pub foreign: u64,
+    /// Scheduled tasks moved to `<queue>.delayed` (no room to hold them).
+    pub delayed: u64,
 }
 
 #[derive(Default)]
@@ -119,6 +141,8 @@ struct Counters {
     requeued: AtomicU64,
     revoked: AtomicU64,
     restored: AtomicU64,
+    foreign: AtomicU64,
+    delayed: AtomicU64,
 }
 
 /// Everything one finished message needs written, in the order the committer writes it.
@@ -128,6 +152,8 @@ struct Commit {
     result: Option<TaskResult>,
     /// `(list, payload)` pushed in the acknowledging `MULTI`: produced tasks, a retry, a dead letter, a parked task.
     pushes: Vec<(String, Vec<u8>)>,
+    /// An unreadable message to turn into its dead letter (see [`Quarantined`]).
+    quarantined: Option<Quarantined>,
     events: Vec<Value>,
     done: oneshot::Sender<()>,
 }
@@ -139,6 +165,7 @@ pub struct CeleryWorker {
     registry: Arc<Registry>,
     dispatcher: Dispatcher,
     options: WorkerOptions,
+    observer: Option<Arc<dyn DependencyObserver>>,
 }
 
 struct Shared {
@@ -156,6 +183,14 @@ struct Shared {
     abandon: CancellationToken,
     commits: mpsc::Sender<Commit>,
     counters: Arc<Counters>,
+    /// The prefetch bound: a permit per message fetched and not yet acknowledged (given back only while a
+    /// scheduled task waits for its eta, which `eta_room` bounds instead).
+    prefetch: Arc<Semaphore>,
+    eta_room: Arc<Semaphore>,
+    /// Delivery tags this worker holds (fetched, not yet acknowledged or given back): their leases are refreshed.
+    held: Arc<StdMutex<HashSet<String>>>,
+    /// Foreign tasks met in a row: a queue that only brings those is polled slowly.
+    foreign_streak: AtomicU64,
 }
 
 impl CeleryWorker {
@@ -172,10 +207,18 @@ impl CeleryWorker {
             registry,
             dispatcher,
             options,
+            observer: None,
         }
     }
 
-    /// Runs until `shutdown` resolves, then drains (see the module docs).
+    /// Reports the result backend and the broker's acknowledgements to `observer` (the process's `/health`).
+    pub fn with_observer(mut self, observer: Arc<dyn DependencyObserver>) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
+    /// Runs until `shutdown` resolves, then drains (see the module docs). Whatever the broker's state, it returns
+    /// within `grace` + 1.5 s of `shutdown`.
     pub async fn run(
         self,
         shutdown: impl Future<Output = ()>,
@@ -184,24 +227,42 @@ impl CeleryWorker {
         let stopping = CancellationToken::new();
         let broker = self.broker;
         tokio::pin!(shutdown);
-        tokio::select! {
-            ready = broker.ping(Patience::Forever) => ready?,
-            _ = &mut shutdown => return Ok(WorkerReport::default()),
-        }
-        for queue in &options.queues {
-            broker.declare_queue(queue).await?;
-        }
-        let mut unparked = 0;
-        for queue in &options.queues {
-            for handler in self.registry.enabled() {
-                unparked += broker.unpark(queue, handler).await?;
+        let registry = self.registry.clone();
+        // Start-up waits for Redis as long as it takes, but never past a shutdown.
+        let startup = async {
+            broker.ping(Patience::Forever).await?;
+            for queue in &options.queues {
+                broker.declare_queue(queue).await?;
             }
-        }
+            let mut unparked = 0;
+            for queue in &options.queues {
+                for handler in registry.enabled() {
+                    unparked += broker.unpark(queue, handler).await?;
+                }
+            }
+            Ok::<usize, TransportError>(unparked)
+        };
+        let unparked = tokio::select! {
+            ready = startup => ready?,
+            _ = &mut shutdown => return Ok(WorkerReport::default()),
+        };
         if unparked > 0 {
             tracing::info!(
                 unparked,
                 "moved parked tasks of enabled handlers back onto their queues"
             );
+        }
+        for queue in &options.queues {
+            match broker
+                .sweep_unreadable(queue, |raw| unreadable_entry(queue, raw))
+                .await
+            {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::warn!(queue = %queue, dead_lettered = n, "dead-lettered unreadable messages a stopped worker left in quarantine")
+                }
+                Err(error) => tracing::warn!(%error, "dead-lettering quarantined messages"),
+            }
         }
         let restored = broker.restore_visible().await.unwrap_or_else(|error| {
             tracing::warn!(%error, "restoring expired unacked messages at start-up");
@@ -229,6 +290,7 @@ impl CeleryWorker {
             prefetch,
         ));
         let (commit_tx, commit_rx) = mpsc::channel(4 * prefetch.max(64));
+        let held = Arc::new(StdMutex::new(HashSet::new()));
         let shared = Arc::new(Shared {
             broker: broker.clone(),
             results: self.results,
@@ -242,6 +304,10 @@ impl CeleryWorker {
             abandon: CancellationToken::new(),
             commits: commit_tx,
             counters: Arc::new(Counters::default()),
+            prefetch: Arc::new(Semaphore::new(prefetch)),
+            eta_room: Arc::new(Semaphore::new(options.eta_max_held)),
+            held: held.clone(),
+            foreign_streak: AtomicU64::new(0),
         });
         shared
             .counters
@@ -249,11 +315,16 @@ impl CeleryWorker {
             .fetch_add(restored as u64, Ordering::Relaxed);
 
         let background = CancellationToken::new();
+        // Cancelled at the shutdown deadline: writes that still wait for Redis give up (their messages stay in
+        // `unacked`, restored after the visibility timeout).
+        let hard_stop = CancellationToken::new();
         let committer = tokio::spawn(run_committer(
             broker.clone(),
             shared.results.clone(),
             events.clone(),
             commit_rx,
+            self.observer.clone(),
+            hard_stop.clone(),
         ));
         let mut helpers = JoinSet::new();
         helpers.spawn(serve_control(
@@ -269,6 +340,17 @@ impl CeleryWorker {
             options.restore_interval,
             background.clone(),
         ));
+        helpers.spawn(lease_refresher(
+            broker.clone(),
+            held,
+            options.lease_interval(),
+            background.clone(),
+        ));
+        helpers.spawn(promoter(
+            broker.clone(),
+            options.queues.clone(),
+            background.clone(),
+        ));
         if let Err(error) = events.send_worker_event("worker-online").await {
             tracing::warn!(%error, "worker-online event");
         }
@@ -276,10 +358,9 @@ impl CeleryWorker {
             concurrency = options.concurrency, prefetch, "celery worker ready");
 
         let mut tasks = JoinSet::new();
-        let prefetch_slots = Arc::new(Semaphore::new(prefetch));
         loop {
             let first = tokio::select! {
-                permit = prefetch_slots.clone().acquire_owned() => match permit {
+                permit = shared.prefetch.clone().acquire_owned() => match permit {
                     Ok(permit) => permit,
                     Err(_) => break,
                 },
@@ -287,18 +368,30 @@ impl CeleryWorker {
             };
             let mut permits = vec![first];
             while permits.len() < 256 {
-                match prefetch_slots.clone().try_acquire_owned() {
+                match shared.prefetch.clone().try_acquire_owned() {
                     Ok(permit) => permits.push(permit),
                     Err(_) => break,
                 }
             }
-            // Not raced against shutdown: a BRPOP cancelled after the server popped would lose the message. It
-            // returns within `fetch_block`, and an unreachable Redis within the fetch's patience.
-            let fetched = broker
-                .fetch(&options.queues, permits.len(), options.fetch_block)
-                .await;
+            if shared.foreign_streak.load(Ordering::Relaxed) >= prefetch as u64 {
+                // The queue brings only other apps' tasks: give their workers time to take them.
+                tokio::select! {
+                    _ = tokio::time::sleep(options.fetch_block) => {}
+                    _ = &mut shutdown => break,
+                }
+                shared.foreign_streak.store(0, Ordering::Relaxed);
+            }
+            // Raced against shutdown: a fetch takes nothing off a queue before registering it in `unacked`, so
+            // a cancelled one at worst leaves a message there for the visibility-timeout restore.
+            let fetched = tokio::select! {
+                fetched = broker.fetch(&options.queues, permits.len(), options.fetch_block) => fetched,
+                _ = &mut shutdown => break,
+            };
             match fetched {
                 Ok(messages) => {
+                    if let Ok(mut held) = shared.held.lock() {
+                        held.extend(messages.iter().filter_map(|m| m.tag.clone()));
+                    }
                     for message in messages {
                         let permit = permits.pop();
                         let shared = shared.clone();
@@ -307,13 +400,13 @@ impl CeleryWorker {
                 }
                 Err(error) => {
                     tracing::warn!(%error, "fetching from the broker failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                        _ = &mut shutdown => break,
+                    }
                 }
             }
             while tasks.try_join_next().is_some() {}
-            if futures::FutureExt::now_or_never(&mut shutdown).is_some() {
-                break;
-            }
         }
 
         tracing::info!(
@@ -321,6 +414,14 @@ impl CeleryWorker {
             grace_s = options.grace.as_secs_f64(),
             "shutting down: finishing in-flight tasks"
         );
+        let deadline = tokio::time::Instant::now() + options.grace + Duration::from_millis(1000);
+        let stop_at_deadline = {
+            let hard_stop = hard_stop.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep_until(deadline).await;
+                hard_stop.cancel();
+            })
+        };
         stopping.cancel();
         let drained = tokio::time::timeout(options.grace, async {
             while tasks.join_next().await.is_some() {}
@@ -332,7 +433,18 @@ impl CeleryWorker {
                 "grace period over: putting unfinished tasks back on their queues"
             );
             shared.abandon.cancel();
-            while tasks.join_next().await.is_some() {}
+            let finished = tokio::time::timeout_at(deadline, async {
+                while tasks.join_next().await.is_some() {}
+            })
+            .await;
+            if finished.is_err() {
+                tracing::warn!(
+                    unfinished = tasks.len(),
+                    "shutdown deadline: leaving what is not written in unacked (restored after the visibility timeout)"
+                );
+                tasks.abort_all();
+                while tasks.join_next().await.is_some() {}
+            }
         }
         let counters = &shared.counters;
         let report = WorkerReport {
@@ -345,16 +457,86 @@ impl CeleryWorker {
             revoked: counters.revoked.load(Ordering::Relaxed),
             restored: counters.restored.load(Ordering::Relaxed),
             unparked: unparked as u64,
+            foreign: counters.foreign.load(Ordering::Relaxed),
+            delayed: counters.delayed.load(Ordering::Relaxed),
         };
         drop(shared);
-        let _ = committer.await;
+        // The committer ends once every task's sender is gone and its queue is written — or at the deadline.
+        let mut committer = committer;
+        if tokio::time::timeout_at(deadline + Duration::from_millis(250), &mut committer)
+            .await
+            .is_err()
+        {
+            committer.abort();
+        }
+        stop_at_deadline.abort();
         background.cancel();
-        while helpers.join_next().await.is_some() {}
-        if let Err(error) = events.send_worker_event("worker-offline").await {
-            tracing::warn!(%error, "worker-offline event");
+        let helpers_done = tokio::time::timeout(Duration::from_millis(250), async {
+            while helpers.join_next().await.is_some() {}
+        })
+        .await;
+        if helpers_done.is_err() {
+            helpers.abort_all();
+        }
+        let offline = tokio::time::timeout(
+            Duration::from_millis(250),
+            events.send_worker_event("worker-offline"),
+        )
+        .await;
+        match offline {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(%error, "worker-offline event"),
+            Err(_) => tracing::warn!("worker-offline event not sent: the broker does not answer"),
         }
         tracing::info!(?report, "celery worker stopped");
         Ok(report)
+    }
+}
+
+/// Keeps the leases of held messages fresh (see [`Broker::refresh_leases`]).
+async fn lease_refresher(
+    broker: Arc<Broker>,
+    held: Arc<StdMutex<HashSet<String>>>,
+    interval: Duration,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = stop.cancelled() => return,
+        }
+        let tags: Vec<String> = held
+            .lock()
+            .map(|held| held.iter().cloned().collect())
+            .unwrap_or_default();
+        if tags.is_empty() {
+            continue;
+        }
+        if let Err(error) = broker.refresh_leases(&tags).await {
+            tracing::warn!(%error, held = tags.len(),
+                "could not refresh the leases of held messages; if this lasts past the visibility timeout they are restored and may run twice");
+        }
+    }
+}
+
+/// Moves due scheduled tasks from `<queue>.delayed` back onto their queues, once a second.
+async fn promoter(broker: Arc<Broker>, queues: Vec<String>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.cancelled() => return,
+        }
+        for queue in &queues {
+            match broker.promote_due(queue, 500).await {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::debug!(queue = %queue, due = n, "scheduled tasks due: back on their queue")
+                }
+                Err(error) => {
+                    tracing::warn!(%error, queue = %queue, "moving due scheduled tasks back")
+                }
+            }
+        }
     }
 }
 
@@ -422,34 +604,99 @@ enum Verdict {
         expired: bool,
     },
     Requeue,
+    /// Another app's task: given back to its queue untouched (never failed or dead-lettered on its behalf).
+    Foreign,
+    /// A scheduled task with no room in memory: moved to `<queue>.delayed` until `eta`.
+    Delay {
+        eta: chrono::DateTime<Utc>,
+    },
 }
 
-/// `prefetch_slot` is this message's place in the prefetch bound; it is given back early while the message waits
-/// for its `eta`, so scheduled tasks never stop the worker from taking due ones (Celery raises its prefetch count for
-/// the same reason).
-async fn process(shared: &Shared, fetched: Fetched, prefetch_slot: Option<OwnedSemaphorePermit>) {
+/// Removes a delivery tag from the held set when its message is done with — written, given back, or abandoned.
+struct Held<'a> {
+    shared: &'a Shared,
+    tag: String,
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut held) = self.shared.held.lock() {
+            held.remove(&self.tag);
+        }
+    }
+}
+
+/// A running task in `/inspect active` and the `active` count of heartbeats, until dropped (also by a panic).
+struct Active<'a> {
+    shared: &'a Shared,
+    id: &'a str,
+    task: &'a str,
+}
+
+impl<'a> Active<'a> {
+    fn start(shared: &'a Shared, fetched: &Fetched, message: &'a TaskMessage) -> Self {
+        shared
+            .control
+            .task_started(&message.id, ActiveTask::new(fetched, message));
+        shared
+            .events
+            .counters
+            .active
+            .fetch_add(1, Ordering::Relaxed);
+        Self {
+            shared,
+            id: &message.id,
+            task: &message.task,
+        }
+    }
+}
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.shared
+            .events
+            .counters
+            .active
+            .fetch_sub(1, Ordering::Relaxed);
+        self.shared.control.task_finished(self.id, self.task);
+    }
+}
+
+/// `prefetch_slot` is this message's place in the prefetch bound, held until its result and acknowledgement are
+/// written; it is given back only while the message waits for its `eta` (see `decide`).
+async fn process(
+    shared: &Shared,
+    fetched: Fetched,
+    mut prefetch_slot: Option<OwnedSemaphorePermit>,
+) {
     let Some(tag) = fetched.tag.clone() else {
-        // Not an envelope we could read: it was not registered in `unacked`, so dead-letter it now.
-        let reason = match Envelope::from_slice(&fetched.raw) {
-            Err(error) => error.to_string(),
-            Ok(_) => "envelope has no properties.delivery_tag".to_owned(),
-        };
-        let entry = dead_letter_entry(&fetched, None, None, &reason, None);
-        tracing::error!(queue = %fetched.queue, %reason, "unreadable message dead-lettered");
+        // Not an envelope we could read: the fetch moved it to `<queue>.unreadable`; dead-letter it from there.
+        let entry = unreadable_entry(&fetched.queue, &fetched.raw);
+        tracing::error!(queue = %fetched.queue, "unreadable message dead-lettered");
         shared
             .counters
             .dead_lettered
             .fetch_add(1, Ordering::Relaxed);
         metrics::counter!("aura360_dead_letters_total", "backend" => "celery", "handler" => "decode").increment(1);
-        commit(
+        let quarantined = Quarantined {
+            list: unreadable_key(&fetched.queue),
+            raw: fetched.raw,
+            dead_letter: (dead_letter_key(&fetched.queue), entry),
+        };
+        commit_with(
             shared,
             None,
             None,
-            vec![(dead_letter_key(&fetched.queue), entry)],
             Vec::new(),
+            Vec::new(),
+            Some(quarantined),
         )
         .await;
         return;
+    };
+    let _held = Held {
+        shared,
+        tag: tag.clone(),
     };
     let limit = shared.options.max_message_bytes();
     let parsed = if fetched.raw.len() > limit {
@@ -475,15 +722,54 @@ async fn process(shared: &Shared, fetched: Fetched, prefetch_slot: Option<OwnedS
             let task = envelope
                 .as_ref()
                 .and_then(|e| e.header_str("task").map(str::to_owned));
+            if let Some(name) = &task
+                && routing::event_type_for_task(name).is_none()
+                && let Some(envelope) = &envelope
+            {
+                // Another app's task we cannot read either: still not ours to fail.
+                give_back(shared, &fetched, &tag, envelope, name).await;
+                return;
+            }
             dead_letter_unreadable(shared, &fetched, &tag, task_id, task, &error).await;
             return;
         }
     };
-    let mut events: Vec<Value> = shared.events.task_received(&message).into_iter().collect();
+    let mut events: Vec<Value> = Vec::new();
     // The event is moved out of the body, not copied: nothing after the handler needs the arguments.
     let args = std::mem::take(&mut message.body.args);
-    let verdict = decide(shared, &fetched, &message, args, prefetch_slot, &mut events).await;
+    let decided = AssertUnwindSafe(decide(
+        shared,
+        &fetched,
+        &message,
+        args,
+        &mut prefetch_slot,
+        &mut events,
+    ))
+    .catch_unwind()
+    .await;
+    let verdict = decided.unwrap_or_else(|panic| {
+        let reason = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".to_owned());
+        let error = format!("the task panicked: {reason}");
+        Verdict::Fail {
+            handler: None,
+            exception: exception("TaskPanicked", "aura360.errors", &error),
+            error,
+        }
+    });
     write(shared, &fetched, &tag, &message, verdict, events).await;
+    drop(prefetch_slot);
+}
+
+/// A time limit Python may send (`float('inf')`, `1e308`, `1e-9`) as something `tokio` can wait for: `None` (no
+/// limit) when it is not a positive duration that fits.
+fn time_limit(seconds: Option<f64>) -> Option<Duration> {
+    seconds
+        .and_then(|s| Duration::try_from_secs_f64(s).ok())
+        .filter(|d| !d.is_zero())
 }
 
 /// Runs the message (or decides not to) and says how it ended.
@@ -492,33 +778,48 @@ async fn decide(
     fetched: &Fetched,
     message: &TaskMessage,
     args: Vec<Value>,
-    prefetch_slot: Option<OwnedSemaphorePermit>,
+    prefetch_slot: &mut Option<OwnedSemaphorePermit>,
     events: &mut Vec<Value>,
 ) -> Verdict {
-    if shared.control.is_revoked(&message.id) {
-        return Verdict::Revoked { expired: false };
-    }
-    if message.expires.is_some_and(|expires| expires <= Utc::now()) {
-        return Verdict::Revoked { expired: true };
-    }
     let Some(expected_type) = routing::event_type_for_task(&message.task) else {
-        return Verdict::Fail {
-            handler: None,
-            error: format!(
-                "Task of kind '{}' is not registered with this worker",
-                message.task
-            ),
-            exception: exception("NotRegistered", "celery.exceptions", &message.task),
-        };
+        shared.foreign_streak.fetch_add(1, Ordering::Relaxed);
+        return Verdict::Foreign;
     };
+    shared.foreign_streak.store(0, Ordering::Relaxed);
+    events.extend(shared.events.task_received(message));
+    let revoked_or_expired = || {
+        if shared.control.is_revoked(&message.id) {
+            Some(Verdict::Revoked { expired: false })
+        } else if message.expires.is_some_and(|expires| expires <= Utc::now()) {
+            Some(Verdict::Revoked { expired: true })
+        } else {
+            None
+        }
+    };
+    if let Some(verdict) = revoked_or_expired() {
+        return verdict;
+    }
     if let Some(eta) = message.eta {
         let wait = (eta - Utc::now()).to_std().unwrap_or_default();
         if !wait.is_zero() {
-            drop(prefetch_slot);
+            let Ok(room) = shared.eta_room.clone().try_acquire_owned() else {
+                return Verdict::Delay { eta };
+            };
+            // Celery raises its prefetch count for a scheduled task; we give its permit back while it waits, so
+            // due tasks keep flowing, and `eta_room` bounds how many wait.
+            drop(prefetch_slot.take());
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = shared.stopping.cancelled() => return Verdict::Requeue,
             }
+            drop(room);
+            *prefetch_slot = tokio::select! {
+                permit = shared.prefetch.clone().acquire_owned() => match permit {
+                    Ok(permit) => Some(permit),
+                    Err(_) => return Verdict::Requeue,
+                },
+                _ = shared.stopping.cancelled() => return Verdict::Requeue,
+            };
         }
     }
     let _slot = tokio::select! {
@@ -528,6 +829,10 @@ async fn decide(
         },
         _ = shared.stopping.cancelled() => return Verdict::Requeue,
     };
+    // Checked again: a task can expire, or be revoked, while it waits for its eta or a slot.
+    if let Some(verdict) = revoked_or_expired() {
+        return verdict;
+    }
     let event = match decode_event(message, args, expected_type) {
         Ok(event) => event,
         Err(error) => {
@@ -570,14 +875,7 @@ async fn decide(
         }
     }
     events.extend(shared.events.task_started(&message.id));
-    shared
-        .control
-        .task_started(&message.id, ActiveTask::new(fetched, message));
-    shared
-        .events
-        .counters
-        .active
-        .fetch_add(1, Ordering::Relaxed);
+    let active = Active::start(shared, fetched, message);
 
     let scope = Arc::new(TaskScope::new(
         message.id.clone(),
@@ -587,42 +885,35 @@ async fn decide(
             .unwrap_or_else(|| message.id.clone()),
     ));
     let started = Instant::now();
-    let limit = message.time_limit.or(message.soft_time_limit);
+    let limit_seconds = message.time_limit.or(message.soft_time_limit);
+    let limit = time_limit(limit_seconds);
     let run = scope.run(shared.dispatcher.dispatch(&event));
     let outcome = tokio::select! {
         outcome = async {
             match limit {
-                Some(seconds) => tokio::time::timeout(Duration::from_secs_f64(seconds), run).await.ok(),
+                Some(limit) => tokio::time::timeout(limit, run).await.ok(),
                 None => Some(run.await),
             }
         } => outcome,
-        _ = shared.abandon.cancelled() => {
-            shared.events.counters.active.fetch_sub(1, Ordering::Relaxed);
-            shared.control.task_finished(&message.id, &message.task);
-            return Verdict::Requeue;
-        }
+        _ = shared.abandon.cancelled() => return Verdict::Requeue,
     };
-    shared
-        .events
-        .counters
-        .active
-        .fetch_sub(1, Ordering::Relaxed);
+    drop(active);
     shared
         .events
         .counters
         .processed
         .fetch_add(1, Ordering::Relaxed);
-    shared.control.task_finished(&message.id, &message.task);
     let runtime = started.elapsed().as_secs_f64();
     match outcome {
         None => {
-            let error = format!("TimeLimitExceeded({})", limit.unwrap_or_default());
+            let seconds = limit_seconds.unwrap_or_default();
+            let error = format!("TimeLimitExceeded({seconds})");
             Verdict::Fail {
                 handler: Some(handler.to_owned()),
                 exception: exception(
                     "TimeLimitExceeded",
                     "billiard.exceptions",
-                    &limit.unwrap_or_default().to_string(),
+                    &seconds.to_string(),
                 ),
                 error,
             }
@@ -645,8 +936,9 @@ async fn decide(
             let text = error.to_string();
             let handler = handler.map(str::to_owned);
             let policy = &shared.options.retry;
-            if error.is_transient() && !policy.gives_up_after(message.retries + 1) {
-                let delay = policy.delay(message.retries + 1);
+            let attempt = message.retries.saturating_add(1);
+            if error.is_transient() && !policy.gives_up_after(attempt) {
+                let delay = policy.delay(attempt);
                 let eta = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
                 Verdict::Retry {
                     exception: exception("TransientHandlerError", "aura360.errors", &text),
@@ -712,7 +1004,7 @@ async fn write(
             counters.requeued.fetch_add(1, Ordering::Relaxed);
             match shared
                 .broker
-                .requeue(tag, &message.envelope, &fetched.queue)
+                .requeue(tag, &message.envelope, &fetched.queue, REQUEUE_PATIENCE)
                 .await
             {
                 Ok(_) => {
@@ -720,6 +1012,27 @@ async fn write(
                 }
                 Err(error) => tracing::warn!(task_id = %message.id, %error,
                     "could not put the task back; it stays in unacked and is restored after the visibility timeout"),
+            }
+            return;
+        }
+        Verdict::Foreign => {
+            give_back(shared, fetched, tag, &message.envelope, &message.task).await;
+            return;
+        }
+        Verdict::Delay { eta } => {
+            let seconds = eta.timestamp_micros() as f64 / 1e6;
+            match shared
+                .broker
+                .delay(tag, &fetched.raw, &fetched.queue, seconds)
+                .await
+            {
+                Ok(_) => {
+                    counters.delayed.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(task_id = %message.id, eta = %iso(eta), queue = %fetched.queue,
+                        "scheduled task moved to the delayed set (CELERY_ETA_MAX_HELD held already)");
+                }
+                Err(error) => tracing::warn!(task_id = %message.id, %error,
+                    "could not move the scheduled task to the delayed set; it stays in unacked and is restored after the visibility timeout"),
             }
             return;
         }
@@ -827,6 +1140,28 @@ async fn write(
     commit(shared, Some(tag.to_owned()), result, pushes, events).await;
 }
 
+/// How long a message being given back (shutdown, a foreign task) may wait for Redis; after that it stays in
+/// `unacked` for the visibility-timeout restore.
+const REQUEUE_PATIENCE: Patience = Patience::Until(Duration::from_secs(2));
+
+/// Another app's task reached this worker (a shared queue, a wrong route): give it back to the list it came from,
+/// at the back, as Celery's `reject(requeue=True)` does — never a result, an event or a dead letter on its behalf.
+async fn give_back(shared: &Shared, fetched: &Fetched, tag: &str, envelope: &Envelope, task: &str) {
+    shared.counters.foreign.fetch_add(1, Ordering::Relaxed);
+    metrics::counter!("aura360_celery_foreign_tasks_total", "queue" => fetched.queue.clone())
+        .increment(1);
+    match shared
+        .broker
+        .reject_requeue(tag, envelope, &fetched.key, REQUEUE_PATIENCE)
+        .await
+    {
+        Ok(_) => tracing::warn!(task, queue = %fetched.queue,
+            "a task of another app reached this worker: given back to its queue (route our tasks to a queue of their own: README \"Celery queues\")"),
+        Err(error) => tracing::warn!(task, %error,
+            "could not give a foreign task back; it stays in unacked and is restored after the visibility timeout"),
+    }
+}
+
 /// A registered message whose task could not be read: `FAILURE` (when its id is known), dead letter, acknowledge.
 async fn dead_letter_unreadable(
     shared: &Shared,
@@ -923,21 +1258,50 @@ fn dead_letter_entry(
     error: &str,
     handler: Option<&str>,
 ) -> Vec<u8> {
+    entry_for(
+        &fetched.queue,
+        &fetched.raw,
+        fetched.tag.as_deref(),
+        task_id,
+        task,
+        error,
+        handler,
+    )
+}
+
+/// The dead letter of a message that is not a readable kombu envelope.
+fn unreadable_entry(queue: &str, raw: &[u8]) -> Vec<u8> {
+    let reason = match Envelope::from_slice(raw) {
+        Err(error) => error.to_string(),
+        Ok(_) => "envelope has no properties.delivery_tag".to_owned(),
+    };
+    entry_for(queue, raw, None, None, None, &reason, None)
+}
+
+fn entry_for(
+    queue: &str,
+    raw: &[u8],
+    tag: Option<&str>,
+    task_id: Option<&str>,
+    task: Option<&str>,
+    error: &str,
+    handler: Option<&str>,
+) -> Vec<u8> {
     let mut entry = serde_json::Map::new();
     entry.insert("task_id".into(), json!(task_id));
     entry.insert("task".into(), json!(task));
-    entry.insert("queue".into(), json!(fetched.queue));
+    entry.insert("queue".into(), json!(queue));
     entry.insert("handler".into(), json!(handler));
     entry.insert("error".into(), json!(error));
-    entry.insert("delivery_tag".into(), json!(fetched.tag));
+    entry.insert("delivery_tag".into(), json!(tag));
     entry.insert("failed_at".into(), json!(iso(Utc::now())));
-    match std::str::from_utf8(&fetched.raw) {
+    match std::str::from_utf8(raw) {
         Ok(text) => entry.insert("message".into(), json!(text)),
         Err(_) => {
             use base64::Engine as _;
             entry.insert(
                 "message_base64".into(),
-                json!(base64::engine::general_purpose::STANDARD.encode(&fetched.raw)),
+                json!(base64::engine::general_purpose::STANDARD.encode(raw)),
             )
         }
     };
@@ -952,12 +1316,30 @@ fn exception_for(error: &MessageError) -> Value {
     exception(kind, "aura360.errors", &error.to_string())
 }
 
+/// An unreadable message in its quarantine list, and the dead letter that replaces it.
+struct Quarantined {
+    list: String,
+    raw: Vec<u8>,
+    dead_letter: (String, Vec<u8>),
+}
+
 async fn commit(
     shared: &Shared,
     tag: Option<String>,
     result: Option<TaskResult>,
     pushes: Vec<(String, Vec<u8>)>,
     events: Vec<Value>,
+) {
+    commit_with(shared, tag, result, pushes, events, None).await;
+}
+
+async fn commit_with(
+    shared: &Shared,
+    tag: Option<String>,
+    result: Option<TaskResult>,
+    pushes: Vec<(String, Vec<u8>)>,
+    events: Vec<Value>,
+    quarantined: Option<Quarantined>,
 ) {
     let (done, written) = oneshot::channel();
     let sent = shared
@@ -966,6 +1348,7 @@ async fn commit(
             tag,
             result,
             pushes,
+            quarantined,
             events,
             done,
         })
@@ -976,15 +1359,24 @@ async fn commit(
 }
 
 /// Writes finished messages in batches (see the module docs). Results first: a task is acknowledged only once its
-/// result is stored; if the results cannot be stored the batch is left unacknowledged and will run again.
+/// result is stored. A result backend or broker that does not answer is waited for — the batch's tasks keep their
+/// prefetch permits meanwhile, so the worker takes nothing new — until it answers or the shutdown deadline
+/// (`hard_stop`); then the tasks stay in `unacked` and run again after the visibility timeout.
 async fn run_committer(
     broker: Arc<Broker>,
     results_backend: Arc<ResultBackend>,
     events_sender: Arc<EventSender>,
     mut commits: mpsc::Receiver<Commit>,
+    observer: Option<Arc<dyn DependencyObserver>>,
+    hard_stop: CancellationToken,
 ) {
     const BATCH: usize = 512;
-    const PATIENCE: Patience = Patience::Until(Duration::from_secs(30));
+    const PATIENCE: Patience = Patience::Until(Duration::from_secs(5));
+    let report = |dependency: &'static str, outcome: Result<(), String>| {
+        if let Some(observer) = &observer {
+            observer.report(dependency, outcome);
+        }
+    };
     let mut batch = Vec::with_capacity(BATCH);
     // Ends when every sender (held by the worker's shared state) is gone and the queue is empty.
     while let Some(first) = commits.recv().await {
@@ -996,44 +1388,118 @@ async fn run_committer(
             }
         }
         let results: Vec<TaskResult> = batch.iter_mut().filter_map(|c| c.result.take()).collect();
-        match results_backend.store(&results, PATIENCE).await {
-            Ok(()) => {
-                let mut pipe = redis::pipe();
-                pipe.atomic();
-                let mut tags = Vec::new();
-                for commit in &batch {
-                    for (list, payload) in &commit.pushes {
-                        pipe.lpush(list, payload).ignore();
-                    }
-                    if let Some(tag) = &commit.tag {
-                        tags.push(tag.as_str());
-                    }
+        let stored = persist(
+            "storing results",
+            true,
+            &hard_stop,
+            || results_backend.store(&results, PATIENCE),
+            |outcome| report(names::RESULT_BACKEND, outcome),
+        )
+        .await;
+        if stored {
+            let mut pipe = redis::pipe();
+            pipe.atomic();
+            let mut tags = Vec::new();
+            for commit in &batch {
+                for (list, payload) in &commit.pushes {
+                    pipe.lpush(list, payload).ignore();
                 }
-                if !tags.is_empty() {
-                    pipe.zrem(UNACKED_INDEX, &tags).ignore();
-                    pipe.hdel(UNACKED, &tags).ignore();
+                if let Some(quarantined) = &commit.quarantined {
+                    pipe.cmd("EVAL")
+                        .arg(MOVE_IF_PRESENT)
+                        .arg(2)
+                        .arg(&quarantined.list)
+                        .arg(&quarantined.dead_letter.0)
+                        .arg(&quarantined.raw)
+                        .arg(&quarantined.dead_letter.1)
+                        .ignore();
                 }
-                if let Err(error) = broker
-                    .link()
-                    .pipe::<()>("acknowledge", PATIENCE, &pipe)
-                    .await
-                {
-                    tracing::error!(%error, tasks = batch.len(),
-                        "acknowledging failed; the tasks stay in unacked and run again after the visibility timeout");
+                if let Some(tag) = &commit.tag {
+                    tags.push(tag.as_str());
                 }
             }
-            Err(error) => tracing::error!(%error, tasks = batch.len(),
-                "storing results failed; leaving the tasks unacknowledged (they run again after the visibility timeout)"),
+            if !tags.is_empty() {
+                pipe.zrem(UNACKED_INDEX, &tags).ignore();
+                pipe.hdel(UNACKED, &tags).ignore();
+            }
+            persist(
+                "acknowledging",
+                false,
+                &hard_stop,
+                || broker.link().pipe::<()>("acknowledge", PATIENCE, &pipe),
+                |outcome| report(names::BROKER_ACKS, outcome),
+            )
+            .await;
         }
         let events: Vec<Value> = batch
             .iter_mut()
             .flat_map(|c| std::mem::take(&mut c.events))
             .collect();
-        if let Err(error) = events_sender.send_task_events(events).await {
+        if !hard_stop.is_cancelled()
+            && let Err(error) = events_sender.send_task_events(events).await
+        {
             tracing::debug!(%error, "task events not sent");
         }
         for commit in batch.drain(..) {
             let _ = commit.done.send(());
+        }
+    }
+}
+
+/// Runs `write` until it succeeds while Redis is unreachable (`GaveUp`), or also while it refuses when
+/// `retry_refusals` (results: `SETEX` is idempotent, and an OOM or read-only result backend must hold the worker,
+/// not let it run the queue into `unacked`). An acknowledgement is not retried on a refusal (a wrong-type key): part
+/// of its `MULTI` may have applied. Gives up at `hard_stop`. Returns whether it was written.
+async fn persist<F, Fut>(
+    what: &'static str,
+    retry_refusals: bool,
+    hard_stop: &CancellationToken,
+    write: F,
+    report: impl Fn(Result<(), String>),
+) -> bool
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<(), TransportError>>,
+{
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        let outcome = tokio::select! {
+            outcome = write() => outcome,
+            _ = hard_stop.cancelled() => {
+                tracing::error!(what, "shutdown deadline: the batch stays in unacked and runs again after the visibility timeout");
+                return false;
+            }
+        };
+        match outcome {
+            Ok(()) => {
+                report(Ok(()));
+                if attempt > 1 {
+                    tracing::info!(what, attempt, "written again: the worker takes new tasks");
+                }
+                return true;
+            }
+            Err(error) if retry_refusals || matches!(error, TransportError::GaveUp { .. }) => {
+                report(Err(error.to_string()));
+                tracing::error!(what, attempt, %error,
+                    "holding the batch (and taking no new tasks) until Redis takes it");
+                // A refusal answers at once: wait before the next try (an unreachable Redis already waited).
+                if !matches!(error, TransportError::GaveUp { .. }) {
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = hard_stop.cancelled() => {}
+                    }
+                }
+            }
+            Err(error) => {
+                report(Err(error.to_string()));
+                tracing::error!(what, %error,
+                    "Redis refused the batch; its tasks stay in unacked and run again after the visibility timeout");
+                return false;
+            }
+        }
+        if hard_stop.is_cancelled() {
+            return false;
         }
     }
 }

@@ -140,7 +140,7 @@ impl Redis {
     /// Pushes `count` mood tasks as `send_task` writes them, in pipelined batches.
     fn push_moods(&self, count: usize) {
         let options = TaskOptions {
-            queue: "celery".into(),
+            queue: "vectordb".into(),
             origin: "bench@localhost".into(),
             reply_to: uuid::Uuid::new_v4().to_string(),
             ..TaskOptions::default()
@@ -156,7 +156,7 @@ impl Redis {
                 );
                 event.set_field("data", json!({"mood_score": 1 + n % 10, "tags": ["calm"], "notes": format!("note {n}")}));
                 let task = build_task(MOOD_TASK, &[&event], &Map::new(), &options);
-                pipe.lpush(priority_key("celery", 0), task.envelope.to_vec())
+                pipe.lpush(priority_key("vectordb", 0), task.envelope.to_vec())
                     .ignore();
             }
             let _: () = pipe.query(&mut conn).unwrap();
@@ -309,7 +309,7 @@ fn python_worker(redis: &Redis, python: &str, concurrency: usize) -> Measured {
         ])
         .args([
             "-Q",
-            "celery",
+            "vectordb",
             "-n",
             "pybench@localhost",
             "--without-mingle",
@@ -353,10 +353,10 @@ fn rust_worker(redis: &Redis, concurrency: usize, task_events: bool) -> Measured
             ResultBackend::open(&redis.url(1), redis.url(1), Duration::from_secs(86400)).unwrap(),
         );
         let registry = Arc::new(Registry::new().with(Forward).with(Sink));
-        let publisher = Arc::new(CeleryPublisher::new(broker.clone(), "celery"));
+        let publisher = Arc::new(CeleryPublisher::new(broker.clone(), "vectordb"));
         let dispatcher = Dispatcher::new(registry.clone(), embedded.ctx.clone(), publisher);
         let mut options =
-            WorkerOptions::new(vec!["celery".into()], concurrency, "rustbench@localhost");
+            WorkerOptions::new(vec!["vectordb".into()], concurrency, "rustbench@localhost");
         options.send_task_events = task_events;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let worker = tokio::spawn(

@@ -38,6 +38,8 @@ pub fn worker_options(settings: &Settings) -> WorkerOptions {
     options.send_task_events = celery.task_events;
     options.track_started = celery.track_started;
     options.max_event_bytes = settings.limits.max_event_bytes;
+    options.eta_max_held = celery.eta_max_held;
+    options.visibility_timeout = celery.visibility_timeout;
     options.retry = RetryPolicy {
         max_attempts: Some(celery.max_retries + 1),
         base: celery.retry_backoff,
@@ -108,6 +110,7 @@ pub async fn run(
     );
     ops.health.set_ready(None);
     let report = CeleryWorker::new(broker, results, registry, dispatcher, options)
+        .with_observer(ops.observer())
         .run(shutdown)
         .await
         .context("running the Celery worker")?;

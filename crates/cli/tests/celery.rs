@@ -1,8 +1,8 @@
 //! `vectordb-worker` and the Celery publisher against real Redis and real Python Celery 5.7.
 //!
 //! Run through `scripts/test.sh` (it creates the venv with the pinned Celery and sets `AURA_TEST_PYTHON`). Each test
-//! owns one database of the machine's Redis (flushed at its start) — pub/sub channels carry the database number, so
-//! events and remote control stay apart too — or, when it restarts Redis, its own `redis-server` on a free port.
+//! runs its own `redis-server` on a free port (the machine's shared Redis is never touched): the worker's keys are
+//! per database and Celery's pub/sub channels are per server, so tests running in parallel cannot meet.
 
 mod common;
 
@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-const SHARED_REDIS: &str = "redis://127.0.0.1:6379";
 const MOOD_TASK: &str = "vectosvc.worker.tasks.process_mood_created";
 
 fn python_bin() -> PathBuf {
@@ -45,17 +44,21 @@ struct Celery {
     redis: String,
     db: u32,
     dir: tempfile::TempDir,
+    /// The test's own `redis-server`, when `private` started it.
+    _server: Option<OwnRedis>,
 }
 
 impl Celery {
-    fn on_shared_redis(db: u32) -> Self {
-        let celery = Self {
-            redis: SHARED_REDIS.into(),
-            db,
+    /// On a `redis-server` of the test's own (no persistence), never the machine's shared Redis: the worker's keys
+    /// (`unacked`, `unacked_index`, queues) are per database, and a test must not touch data it did not create.
+    fn private() -> Self {
+        let server = OwnRedis::start_ephemeral();
+        Self {
+            redis: format!("redis://127.0.0.1:{}", server.port),
+            db: 0,
             dir: tempfile::tempdir().unwrap(),
-        };
-        celery.cmd(&["FLUSHDB"]);
-        celery
+            _server: Some(server),
+        }
     }
 
     fn broker(&self) -> String {
@@ -323,7 +326,7 @@ fn assert_states_succeeded(states: &Value, sent: &Value) {
 
 #[test]
 fn python_send_task_runs_the_whole_chain_through_celery() {
-    let celery = Celery::on_shared_redis(1);
+    let celery = Celery::private();
     let worker = celery.start_worker(
         "chain",
         &[
@@ -349,7 +352,8 @@ fn python_send_task_runs_the_whole_chain_through_celery() {
 
     // Every mood task produced one context.aggregated task, which produced one ingest task: 3 x 320 results.
     wait_for("the chain to finish", Duration::from_secs(180), || {
-        (celery.idle("celery") && celery.result_states().get("SUCCESS") == Some(&960)).then_some(())
+        (celery.idle("vectordb") && celery.result_states().get("SUCCESS") == Some(&960))
+            .then_some(())
     });
     let states = celery.result_states();
     assert_eq!(states.len(), 1, "only SUCCESS results: {states:?}");
@@ -372,7 +376,7 @@ fn python_send_task_runs_the_whole_chain_through_celery() {
 
 #[test]
 fn our_publisher_feeds_python_workers_intact_events_chained_to_their_parent() {
-    let celery = Celery::on_shared_redis(3);
+    let celery = Celery::private();
     let python = celery.start_python_worker("py", "python", &[("RECORD_KEY", "recorded")]);
 
     // 1. `vectordb publish` (MESSAGING_BACKEND=celery): every type, each as its task, args == [event].
@@ -489,8 +493,8 @@ fn our_publisher_feeds_python_workers_intact_events_chained_to_their_parent() {
 /// `finisher` completes every one of them.
 /// `count` moods: the Python rescuer (`--pool solo`, recording every task in Redis) runs ~10 tasks/s on a loaded
 /// 2-core machine, so its scenario is smaller.
-fn killed_worker_scenario(db: u32, count: usize, finish_with_python: bool) {
-    let celery = Celery::on_shared_redis(db);
+fn killed_worker_scenario(count: usize, finish_with_python: bool) {
+    let celery = Celery::private();
     let sent = celery.client(&["send", "--count", &count.to_string()]);
     let worker = celery.start_worker(
         "doomed",
@@ -536,7 +540,7 @@ fn killed_worker_scenario(db: u32, count: usize, finish_with_python: bool) {
     let finisher = if finish_with_python {
         celery.start_python_worker(
             "rescuer",
-            "celery",
+            "vectordb",
             &[("VISIBILITY_TIMEOUT", "2"), ("RECORD_KEY", "recorded")],
         )
     } else {
@@ -548,7 +552,7 @@ fn killed_worker_scenario(db: u32, count: usize, finish_with_python: bool) {
     wait_for(
         "nothing left unacknowledged",
         Duration::from_secs(180),
-        || celery.idle("celery").then_some(()),
+        || celery.idle("vectordb").then_some(()),
     );
     if finish_with_python {
         let ran: HashSet<String> = celery
@@ -575,24 +579,24 @@ fn killed_worker_scenario(db: u32, count: usize, finish_with_python: bool) {
 
 #[test]
 fn a_killed_workers_tasks_are_restored_and_done_by_our_worker() {
-    killed_worker_scenario(4, 400, false);
+    killed_worker_scenario(400, false);
 }
 
 #[test]
 fn a_killed_workers_tasks_are_restored_and_done_by_a_python_worker() {
-    killed_worker_scenario(10, 150, true);
+    killed_worker_scenario(150, true);
 }
 
 #[test]
 fn malformed_messages_are_dead_lettered_with_their_reason_and_the_worker_goes_on() {
-    let celery = Celery::on_shared_redis(5);
+    let celery = Celery::private();
     let good = celery.client(&["send", "--count", "30"]);
     let envelope = |body: &str, task: &str, tag: &str| {
         json!({"body": body, "content-encoding": "utf-8", "content-type": "application/json",
                "headers": {"lang": "py", "task": task, "id": format!("id-{tag}"), "retries": 0, "timelimit": [null, null],
                            "root_id": format!("id-{tag}"), "parent_id": null},
                "properties": {"correlation_id": format!("id-{tag}"), "delivery_mode": 2,
-                              "delivery_info": {"exchange": "", "routing_key": "celery"}, "priority": 0,
+                              "delivery_info": {"exchange": "", "routing_key": "vectordb"}, "priority": 0,
                               "body_encoding": "base64", "delivery_tag": tag}})
         .to_string()
     };
@@ -623,7 +627,7 @@ fn malformed_messages_are_dead_lettered_with_their_reason_and_the_worker_goes_on
         ),
     ];
     for (raw, _) in &bad {
-        celery.cmd(&["LPUSH", "celery", raw]);
+        celery.cmd(&["LPUSH", "vectordb", raw]);
     }
     let mut worker = celery.start_worker("strict", &[]);
     celery.await_success(&good, "120");
@@ -651,14 +655,14 @@ fn malformed_messages_are_dead_lettered_with_their_reason_and_the_worker_goes_on
     let ping = celery.client(&["ping"]);
     assert_eq!(ping["strict@test"], json!({"ok": "pong"}));
     wait_for("queue drained", Duration::from_secs(60), || {
-        celery.idle("celery").then_some(())
+        celery.idle("vectordb").then_some(())
     });
     assert!(worker.stop().0.success());
 }
 
 #[test]
 fn a_disabled_handlers_tasks_are_parked_and_run_when_it_is_enabled_again() {
-    let celery = Celery::on_shared_redis(6);
+    let celery = Celery::private();
     let worker = celery.start_worker("partial", &[("DISABLED_HANDLERS", "context_aggregated")]);
     assert_all_succeeded(&celery.client(&["send", "--count", "30", "--wait", "60"]));
     wait_for("30 parked tasks", Duration::from_secs(30), || {
@@ -679,7 +683,7 @@ fn a_disabled_handlers_tasks_are_parked_and_run_when_it_is_enabled_again() {
     let worker = celery.start_worker("whole", &[]);
     wait_for("the parked tasks to run", Duration::from_secs(60), || {
         (celery.int(&["LLEN", "celery.parked.context_aggregated"]) == 0
-            && celery.idle("celery")
+            && celery.idle("vectordb")
             && celery.result_states().get("SUCCESS") == Some(&90))
         .then_some(())
     });
@@ -689,7 +693,7 @@ fn a_disabled_handlers_tasks_are_parked_and_run_when_it_is_enabled_again() {
 
 #[test]
 fn sigterm_under_load_finishes_in_flight_requeues_the_rest_and_loses_nothing() {
-    let celery = Celery::on_shared_redis(9);
+    let celery = Celery::private();
     let sent = celery.client(&["send", "--count", "600"]);
     let worker = celery.start_worker("busy", &[("CELERY_CONCURRENCY", "4")]);
     wait_for("some progress", Duration::from_secs(60), || {
@@ -712,7 +716,7 @@ fn sigterm_under_load_finishes_in_flight_requeues_the_rest_and_loses_nothing() {
     let worker = celery.start_worker("after", &[]);
     celery.await_success(&sent, "180");
     wait_for("the chain to finish", Duration::from_secs(120), || {
-        celery.idle("celery").then_some(())
+        celery.idle("vectordb").then_some(())
     });
     assert!(worker.stop().0.success());
     assert_eq!(celery.points(), 600);
@@ -738,6 +742,22 @@ impl OwnRedis {
             child: None,
         };
         redis.spawn();
+        redis
+    }
+
+    /// Without persistence: a test's scratch broker.
+    fn start_ephemeral() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut redis = Self {
+            port,
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+        };
+        redis.spawn_with(&["--appendonly", "no"]);
         redis
     }
 
@@ -818,6 +838,7 @@ fn the_worker_reconnects_after_client_kill_and_a_redis_restart_and_loses_nothing
         redis: format!("redis://127.0.0.1:{}", server.port),
         db: 0,
         dir: tempfile::tempdir().unwrap(),
+        _server: None,
     };
     let sent = celery.client(&["send", "--count", "500"]);
     let worker = celery.start_worker(
@@ -842,7 +863,7 @@ fn the_worker_reconnects_after_client_kill_and_a_redis_restart_and_loses_nothing
     server.restart();
     celery.await_success(&sent, "180");
     wait_for("the chain to finish", Duration::from_secs(120), || {
-        celery.idle("celery").then_some(())
+        celery.idle("vectordb").then_some(())
     });
     let (status, _, log) = worker.stop();
     assert!(status.success(), "{log}");
@@ -852,7 +873,7 @@ fn the_worker_reconnects_after_client_kill_and_a_redis_restart_and_loses_nothing
 
 #[test]
 fn flower_lists_our_worker_and_its_tasks_and_inspect_answers() {
-    let celery = Celery::on_shared_redis(11);
+    let celery = Celery::private();
     let worker = celery.start_worker("flowered", &[]);
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -950,6 +971,7 @@ fn a_password_protected_broker_works_and_the_password_never_reaches_the_logs() {
         redis: format!("redis://:Sup3rSecretPw@127.0.0.1:{}", server.port),
         db: 2,
         dir: tempfile::tempdir().unwrap(),
+        _server: None,
     };
     let worker = celery.start_worker("guarded", &[("RUST_LOG", "debug,qdrant_edge=error")]);
     assert_all_succeeded(&celery.client(&["send", "--count", "5", "--wait", "60"]));
@@ -980,6 +1002,7 @@ fn journal_entries_from_python_are_stored_bounded_and_an_event_over_the_limit_is
         redis: format!("redis://127.0.0.1:{}", server.port),
         db: 0,
         dir: tempfile::tempdir().unwrap(),
+        _server: None,
     };
     let worker = celery.start_worker("journal", &[("CELERY_CONCURRENCY", "4")]);
     assert_all_succeeded(&celery.client(&["send", "--count", "40", "--wait", "120"]));
@@ -1006,7 +1029,7 @@ fn journal_entries_from_python_are_stored_bounded_and_an_event_over_the_limit_is
     let id = &ids(&refused)[0];
     assert_eq!(refused["states"][id]["state"], "FAILURE", "{refused}");
     wait_for("the chain to finish", Duration::from_secs(120), || {
-        (celery.idle("celery") && celery.result_states().get("SUCCESS") == Some(&(44 * 3)))
+        (celery.idle("vectordb") && celery.result_states().get("SUCCESS") == Some(&(44 * 3)))
             .then_some(())
     });
     let peak = worker.peak_rss();

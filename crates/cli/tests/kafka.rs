@@ -601,7 +601,10 @@ fn rolling_back_to_celery_forwards_the_kafka_backlog_as_tasks_and_loses_nothing(
         |offsets| offsets[0] == (100, 100),
     );
     consumer.stop();
-    let queued: i64 = redis::cmd("LLEN").arg("celery").query(&mut redis).unwrap();
+    let queued: i64 = redis::cmd("LLEN")
+        .arg("vectordb")
+        .query(&mut redis)
+        .unwrap();
     assert_eq!(queued, 100, "one Celery task per event left in Kafka");
     assert_eq!(
         kafka.offsets(AGGREGATED_TOPIC),
@@ -618,7 +621,7 @@ fn rolling_back_to_celery_forwards_the_kafka_backlog_as_tasks_and_loses_nothing(
             .unwrap();
         let (queued, unacked): (i64, i64) = redis::pipe()
             .cmd("LLEN")
-            .arg("celery")
+            .arg("vectordb")
             .cmd("HLEN")
             .arg("unacked")
             .query(&mut redis)
@@ -695,7 +698,7 @@ impl TestRedis {
 
     /// Nothing waiting on or taken from `celery` (a worker finished everything it was given).
     fn idle(&self) -> bool {
-        self.int(&["LLEN", "celery"]) == 0 && self.int(&["HLEN", "unacked"]) == 0
+        self.int(&["LLEN", "vectordb"]) == 0 && self.int(&["HLEN", "unacked"]) == 0
     }
 }
 
@@ -989,7 +992,7 @@ fn health_and_metrics_report_backend_readiness_and_backlog() {
         sample(
             &samples,
             "aura360_backlog",
-            &[("backend", "celery"), ("queue_or_topic", "celery")]
+            &[("backend", "celery"), ("queue_or_topic", "vectordb")]
         ),
         Some(0.0)
     );
@@ -1055,11 +1058,11 @@ impl StreamingPublisher {
     }
 }
 
-/// The event ids of the `process_mood_created` tasks waiting on `celery`.
+/// The event ids of the `process_mood_created` tasks waiting on `vectordb`.
 fn queued_mood_ids(redis: &TestRedis) -> Vec<String> {
     use base64::Engine as _;
     let messages: Vec<Vec<u8>> = redis::cmd("LRANGE")
-        .arg("celery")
+        .arg("vectordb")
         .arg(0)
         .arg(-1)
         .query(&mut redis.connection().unwrap())
@@ -1624,10 +1627,13 @@ fn dead_letters_are_replayed_to_their_source_after_the_fix() {
     run_worker_until_idle(&kafka, &redis, &broken_env);
     assert_eq!(redis.int(&["LLEN", "celery.dlq"]), 10);
     assert_eq!(kafka.points(), 10);
-    let summary = kafka.vectordb_json(&fixed_env, &["replay", "--celery-dlq", "celery", "--json"]);
+    let summary = kafka.vectordb_json(
+        &fixed_env,
+        &["replay", "--celery-dlq", "vectordb", "--json"],
+    );
     assert_eq!(summary["replayed"], 10, "{summary}");
     assert_eq!(redis.int(&["LLEN", "celery.dlq"]), 0);
-    assert_eq!(redis.int(&["LLEN", "celery"]), 10);
+    assert_eq!(redis.int(&["LLEN", "vectordb"]), 10);
     run_worker_until_idle(&kafka, &redis, &fixed_env);
     assert_eq!(redis.int(&["LLEN", "celery.dlq"]), 0);
     assert_eq!(kafka.points(), 20);

@@ -113,6 +113,20 @@ impl FallbackPublisher {
     }
 }
 
+/// Resets `probing` when a probe's future is dropped before it got an answer.
+struct ProbeGuard<'a> {
+    publisher: &'a FallbackPublisher,
+    armed: bool,
+}
+
+impl Drop for ProbeGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.publisher.breaker().probing = false;
+        }
+    }
+}
+
 #[async_trait]
 impl Publisher for FallbackPublisher {
     fn backend(&self) -> Backend {
@@ -128,8 +142,15 @@ impl Publisher for FallbackPublisher {
         if admitted == Try::Fallback {
             return self.to_fallback(event, "circuit_open").await;
         }
-        let reason = match tokio::time::timeout(self.timeout, self.primary.publish_via(event)).await
-        {
+        // A probe whose caller goes away mid-flight (a cancelled request, a shutdown) must not leave the circuit
+        // waiting for its answer forever: the guard lets the next event probe instead.
+        let mut probe = ProbeGuard {
+            publisher: self,
+            armed: admitted == Try::Probe,
+        };
+        let sent = tokio::time::timeout(self.timeout, self.primary.publish_via(event)).await;
+        probe.armed = false;
+        let reason = match sent {
             Ok(Ok(backend)) => {
                 if self.breaker().succeeded() {
                     tracing::info!(
@@ -173,6 +194,8 @@ mod tests {
     struct Switchable {
         backend: Backend,
         up: AtomicBool,
+        /// Never answer (a broker that accepted the connection and went silent).
+        stall: AtomicBool,
         taken: AtomicU32,
         tried: AtomicU32,
     }
@@ -182,6 +205,7 @@ mod tests {
             Arc::new(Self {
                 backend,
                 up: AtomicBool::new(true),
+                stall: AtomicBool::new(false),
                 taken: AtomicU32::new(0),
                 tried: AtomicU32::new(0),
             })
@@ -196,6 +220,9 @@ mod tests {
 
         async fn publish(&self, event: &Event) -> Result<(), PublishError> {
             self.tried.fetch_add(1, Ordering::SeqCst);
+            if self.stall.load(Ordering::SeqCst) {
+                std::future::pending::<()>().await;
+            }
             if self.up.load(Ordering::SeqCst) {
                 self.taken.fetch_add(1, Ordering::SeqCst);
                 Ok(())
@@ -275,5 +302,32 @@ mod tests {
         let event = Event::new("x.unknown", None, None);
         assert!(publisher.publish(&event).await.is_err());
         assert_eq!(celery.tried.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn a_probe_cancelled_mid_flight_does_not_leave_the_circuit_open() {
+        let kafka = Switchable::new(Backend::Kafka);
+        let celery = Switchable::new(Backend::Celery);
+        let publisher = FallbackPublisher::new(
+            kafka.clone(),
+            celery.clone(),
+            Duration::from_secs(5),
+            1,
+            Duration::from_millis(50),
+        );
+        let event = Event::new("context.aggregated", Some("u1".into()), None);
+        kafka.up.store(false, Ordering::SeqCst);
+        assert_eq!(publisher.publish_via(&event).await, Ok(Backend::Celery));
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        // The probe's caller gives up (a request timeout) while Kafka does not answer.
+        kafka.stall.store(true, Ordering::SeqCst);
+        let cancelled =
+            tokio::time::timeout(Duration::from_millis(20), publisher.publish_via(&event)).await;
+        assert!(cancelled.is_err(), "the probe was cancelled mid-flight");
+        kafka.stall.store(false, Ordering::SeqCst);
+        kafka.up.store(true, Ordering::SeqCst);
+        // Kafka is back: the next event probes it and closes the circuit.
+        assert_eq!(publisher.publish_via(&event).await, Ok(Backend::Kafka));
+        assert_eq!(publisher.publish_via(&event).await, Ok(Backend::Kafka));
     }
 }

@@ -17,11 +17,16 @@ pub trait DependencyObserver: Send + Sync {
     fn report(&self, dependency: &'static str, outcome: Result<(), String>);
 }
 
-/// The dependency names reported: `embedder`, `vector_store`, and `dead_letters` (mounts report their writes).
+/// The dependency names reported: `embedder`, `vector_store`, `dead_letters` (mounts report their writes), and the
+/// Celery worker's `result_backend` and `broker_acks`.
 pub mod names {
     pub const EMBEDDER: &str = "embedder";
     pub const VECTOR_STORE: &str = "vector_store";
     pub const DEAD_LETTERS: &str = "dead_letters";
+    /// The Celery result backend (`RESULT_BACKEND`): results that cannot be stored hold their tasks unacknowledged.
+    pub const RESULT_BACKEND: &str = "result_backend";
+    /// The Celery broker's acknowledgements (`BROKER_URL`).
+    pub const BROKER_ACKS: &str = "broker_acks";
 }
 
 /// An [`Embedder`] whose calls are reported as the `embedder` dependency.

@@ -191,7 +191,8 @@ pub struct KafkaSettings {
 pub struct CelerySettings {
     pub broker_url: SecretUrl,
     pub result_backend: SecretUrl,
-    /// Queues the worker consumes.
+    /// Queues the worker consumes (`CELERY_QUEUES`, default `vectordb`: a queue of our own, so Python workers on
+    /// `celery` keep their tasks; the Python services route ours there with `task_routes`).
     pub queues: Vec<String>,
     pub concurrency: usize,
     /// `CELERY_PUBLISH_QUEUE`: where produced tasks go; unset: the first of `queues`.
@@ -212,6 +213,8 @@ pub struct CelerySettings {
     pub retry_backoff: Duration,
     /// `CELERY_RESULT_EXPIRES` seconds (Celery's `result_expires`, default 86400).
     pub result_expires: Duration,
+    /// `CELERY_ETA_MAX_HELD` (default 1000): scheduled tasks held in memory; more wait in `<queue>.delayed`.
+    pub eta_max_held: usize,
 }
 
 impl CelerySettings {
@@ -220,7 +223,7 @@ impl CelerySettings {
         self.publish_queue
             .as_deref()
             .or(self.queues.first().map(String::as_str))
-            .unwrap_or("celery")
+            .unwrap_or("vectordb")
     }
 }
 
@@ -471,6 +474,7 @@ impl Layers {
                 max_retries: self.number("celery_max_retries", 0)?,
                 retry_backoff: Duration::from_millis(self.number("celery_retry_backoff_ms", 1)?),
                 result_expires: Duration::from_secs(self.number("celery_result_expires", 1)?),
+                eta_max_held: self.number("celery_eta_max_held", 1)?,
             },
             qdrant: QdrantSettings {
                 url: self.text("qdrant_url").map(SecretUrl),
@@ -610,8 +614,9 @@ mod tests {
         assert_eq!(s.qdrant.collection, "user_context");
         assert_eq!(s.embedding.provider, EmbeddingProvider::Hash);
         assert_eq!(s.embedding.dimension, 384);
-        assert_eq!(s.celery.queues, ["celery"]);
-        assert_eq!(s.celery.publish_queue(), "celery");
+        assert_eq!(s.celery.queues, ["vectordb"]);
+        assert_eq!(s.celery.publish_queue(), "vectordb");
+        assert_eq!(s.celery.eta_max_held, 1000);
         assert_eq!(s.celery.visibility_timeout, Duration::from_secs(3600));
         assert_eq!(s.celery.max_retries, 3);
         assert!(s.celery.task_events && !s.celery.track_started);
