@@ -8,6 +8,12 @@ Configured by environment variables (so one module serves every test):
                                "forward": like "record", and user.* tasks send the next task (context.aggregated)
                                — the benchmark's task semantics, mirrored by the Rust side.
   SLOW_TASK_SECONDS            sleep this long in every task (to kill a worker mid-task)
+  MEDIA_QUEUE                  if set, declares that queue bound to the direct exchange `media` with routing key
+                               `media.pdf`, and routes the app's own `pdf.render` task there (a named exchange, as
+                               the Python services' batch jobs use)
+
+Besides the vectordb task names (routed to the `vectordb` queue), the app has a task of its own, `pdf.render` —
+foreign to the Rust worker — on the default `celery` queue (or MEDIA_QUEUE).
 """
 import json
 import os
@@ -17,6 +23,7 @@ from datetime import datetime, timezone
 
 import redis
 from celery import Celery
+from kombu import Exchange, Queue
 
 BROKER_URL = os.environ.get("BROKER_URL", "redis://127.0.0.1:6379/0")
 RESULT_BACKEND = os.environ.get("RESULT_BACKEND", BROKER_URL)
@@ -34,6 +41,19 @@ app.conf.update(
     # The vectordb tasks have a queue of their own (README "Celery queues"), as in the Python services.
     task_routes={"vectosvc.worker.tasks.*": {"queue": "vectordb"}},
 )
+MEDIA_QUEUE = os.environ.get("MEDIA_QUEUE")
+if MEDIA_QUEUE:
+    app.conf.task_queues = [
+        Queue("celery"),
+        Queue("vectordb"),
+        Queue(MEDIA_QUEUE, Exchange("media", type="direct"), routing_key="media.pdf"),
+    ]
+    app.conf.task_routes = {
+        "vectosvc.worker.tasks.*": {"queue": "vectordb"},
+        # Through the named exchange (Celery publishes a plain `queue` route of a direct exchange to the default
+        # exchange instead).
+        "pdf.*": {"queue": MEDIA_QUEUE, "exchange": "media", "routing_key": "media.pdf"},
+    }
 
 RECORD_KEY = os.environ.get("RECORD_KEY")
 TASK_MODE = os.environ.get("TASK_MODE", "record")
@@ -95,3 +115,12 @@ def _make(name):
 
 for _task_name in TASKS.values():
     _make(_task_name)
+
+
+@app.task(name="pdf.render", bind=True)
+def pdf_render(self, document_id):
+    """One of the Python services' own batch jobs: no Rust worker knows it."""
+    if SLOW:
+        time.sleep(SLOW)
+    _record(self, (document_id,), {})
+    return {"rendered": document_id}

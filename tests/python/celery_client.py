@@ -5,6 +5,10 @@
           sends N events as tasks with app.send_task; with --wait, waits for every AsyncResult and reports states;
           --notes-size makes each mood's notes a journal entry of C characters
   results --ids-file F --wait S   waits for the given task ids
+  foreign --count N [--queue Q]   sends N `pdf.render` tasks (the Python app's own; default route: `celery`, or
+                                  MEDIA_QUEUE's named exchange)
+  hostile                         sends legal-but-extreme tasks among good ones (see `hostile()`): prints
+                                  {"cases": {name: {"id", "expect"}}}
   ping    --timeout S             `celery inspect ping`: prints {hostname: reply}
   inspect --method M              any inspect method (stats, active, registered, active_queues)
   events  --seconds S             app.events.Receiver for S seconds: prints a JSON list of received events
@@ -51,6 +55,49 @@ def wait_all(ids, timeout):
     return states
 
 
+def hostile():
+    """Every header and body field Python can legally send, at its extremes, each with the terminal state Celery
+    reports for it: SUCCESS, FAILURE (plus a dead letter on our side) or REVOKED (expired)."""
+    mood = TASKS["user.mood.created"]
+    cases = {}
+
+    def send(name, expect, args=None, kwargs=None, **options):
+        ev = event("user.mood.created", f"hostile-{name}", len(cases))
+        res = app.send_task(mood, args=[ev] if args is None else args, kwargs=kwargs, **options)
+        cases[name] = {"id": res.id, "expect": expect}
+
+    inf, nan = float("inf"), float("nan")
+    send("good-1", "SUCCESS")
+    send("time-limit-1e308", "SUCCESS", time_limit=1e308)
+    send("time-limit-inf", "SUCCESS", time_limit=inf)              # json.dumps writes Infinity
+    send("time-limit-nan", "SUCCESS", time_limit=nan, soft_time_limit=nan)
+    send("soft-time-limit-1e308", "SUCCESS", soft_time_limit=1e308)
+    send("time-limit-negative", "SUCCESS", time_limit=-5)
+    send("countdown-negative", "SUCCESS", countdown=-3600)
+    send("countdown-fraction", "SUCCESS", countdown=0.001)
+    send("eta-epoch", "SUCCESS", eta=datetime(1970, 1, 1, tzinfo=timezone.utc))
+    send("expires-past", "REVOKED", expires=-10)
+    send("expires-epoch", "REVOKED", expires=datetime(1970, 1, 1, tzinfo=timezone.utc))
+    send("expires-far", "SUCCESS", expires=datetime(9999, 12, 31, tzinfo=timezone.utc))
+    send("retries-huge", "SUCCESS", retries=2**63)
+    send("retries-negative", "SUCCESS", retries=-1)
+    send("priority-255", "SUCCESS", priority=255)
+    send("priority-0", "SUCCESS", priority=0)
+    send("args-empty", "FAILURE", args=[])
+    send("args-extra", "FAILURE", args=[event("user.mood.created", "x", 1), "extra"])
+    send("args-not-an-event", "FAILURE", args=[42])
+    send("args-none-kwargs-event", "SUCCESS", args=[], kwargs={"event": event("user.mood.created", "kw", 2)})
+    send("kwargs-unexpected", "SUCCESS", kwargs={"unexpected": [1, 2, 3]})
+    ev = event("user.mood.created", "nan", 3)
+    ev["data"]["mood_score"] = nan                                    # NaN inside the event: not JSON
+    send("event-nan", "FAILURE", args=[ev])
+    ev = event("user.mood.created", "inf", 4)
+    ev["metadata"]["weight"] = -inf
+    send("event-infinity", "FAILURE", args=[ev])
+    send("good-2", "SUCCESS")
+    return cases
+
+
 def main():
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -66,6 +113,10 @@ def main():
     send.add_argument("--queue", default="vectordb")
     send.add_argument("--notes-size", type=int)
     send.add_argument("--wait", type=float)
+    foreign = sub.add_parser("foreign")
+    foreign.add_argument("--count", type=int, default=1)
+    foreign.add_argument("--queue")
+    sub.add_parser("hostile")
     results = sub.add_parser("results")
     results.add_argument("--ids-file", required=True)
     results.add_argument("--wait", type=float, default=60)
@@ -98,6 +149,12 @@ def main():
         if args.wait:
             out["states"] = wait_all(ids, args.wait)
         print(json.dumps(out))
+    elif args.cmd == "foreign":
+        options = {"queue": args.queue} if args.queue else {}
+        ids = [app.send_task("pdf.render", args=[f"doc-{n}"], **options).id for n in range(args.count)]
+        print(json.dumps({"ids": ids}))
+    elif args.cmd == "hostile":
+        print(json.dumps({"cases": hostile()}))
     elif args.cmd == "results":
         with open(args.ids_file) as handle:
             ids = json.load(handle)

@@ -1,6 +1,7 @@
-//! `CeleryWorker` in-process against the machine's Redis (database 12–15, one per test): retries, retries
-//! exhausted, time limits, and scheduled (eta) tasks not blocking due ones. Handlers here are test doubles; the
-//! real handlers with Python Celery are tested in `crates/cli/tests/celery.rs`.
+//! `CeleryWorker` in-process, each test on a `redis-server` of its own (never the machine's shared Redis): retries,
+//! retries exhausted, time limits, scheduled (eta) tasks not blocking due ones, panics, expiry during the eta wait,
+//! and the restorer past unreadable entries. Handlers here are test doubles; the real handlers with Python Celery are
+//! tested in `crates/cli/tests/celery.rs`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -17,7 +18,51 @@ use serde_json::{Map, Value, json};
 
 const MOOD_TASK: &str = "vectosvc.worker.tasks.process_mood_created";
 
-/// Fails transiently `failures` times, sleeps `sleep` each call, then succeeds; counts calls.
+/// A private `redis-server` on a free port, without persistence; killed on drop.
+struct RedisServer {
+    child: std::process::Child,
+    url: String,
+}
+
+impl RedisServer {
+    fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH");
+        let url = format!("redis://127.0.0.1:{port}/0");
+        let started = Instant::now();
+        while redis::Client::open(url.as_str())
+            .unwrap()
+            .get_connection()
+            .is_err()
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "redis-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self { child, url }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Fails transiently `failures` times, sleeps `sleep` each call, then succeeds; counts calls. An event whose
+/// `data.panic` is true makes it panic (a bug in a handler).
 struct Flaky {
     calls: Arc<AtomicU32>,
     failures: u32,
@@ -32,7 +77,10 @@ impl Handler for Flaky {
     fn event_types(&self) -> &'static [&'static str] {
         &["user.mood.created"]
     }
-    async fn handle(&self, _: &Event, _: &HandlerContext) -> Result<Vec<Event>, HandlerError> {
+    async fn handle(&self, event: &Event, _: &HandlerContext) -> Result<Vec<Event>, HandlerError> {
+        if event.field("data").and_then(|d| d.get("panic")) == Some(&json!(true)) {
+            panic!("handler bug: index out of range");
+        }
         let call = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
         tokio::time::sleep(self.sleep).await;
         if call <= self.failures {
@@ -46,6 +94,8 @@ impl Handler for Flaky {
 
 struct Harness {
     url: String,
+    /// Taken by a test that looks at Redis after the worker stopped.
+    server: Option<RedisServer>,
     broker: Arc<Broker>,
     results: Arc<ResultBackend>,
     calls: Arc<AtomicU32>,
@@ -58,15 +108,12 @@ struct Harness {
 
 impl Harness {
     async fn start(
-        db: u32,
         failures: u32,
         sleep: Duration,
         configure: impl FnOnce(&mut WorkerOptions),
     ) -> Self {
-        let url = format!("redis://127.0.0.1:6379/{db}");
-        let client = redis::Client::open(url.as_str()).unwrap();
-        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-        let _: () = redis::cmd("FLUSHDB").query_async(&mut conn).await.unwrap();
+        let server = RedisServer::start();
+        let url = server.url.clone();
         let broker = Arc::new(Broker::open(&url, url.clone(), Duration::from_secs(3600)).unwrap());
         let results =
             Arc::new(ResultBackend::open(&url, url.clone(), Duration::from_secs(600)).unwrap());
@@ -79,7 +126,7 @@ impl Harness {
         let embedded = aura_runtime::testing::embedded();
         let publisher = Arc::new(CeleryPublisher::new(broker.clone(), "celery"));
         let dispatcher = Dispatcher::new(registry.clone(), embedded.ctx.clone(), publisher);
-        let mut options = WorkerOptions::new(vec!["celery".into()], 2, format!("t{db}@test"));
+        let mut options = WorkerOptions::new(vec!["celery".into()], 2, "t@test");
         options.retry = RetryPolicy {
             max_attempts: Some(4),
             base: Duration::from_millis(100),
@@ -102,6 +149,7 @@ impl Harness {
         );
         Self {
             url,
+            server: Some(server),
             broker,
             results,
             calls,
@@ -112,8 +160,12 @@ impl Harness {
     }
 
     async fn send(&self, configure: impl FnOnce(&mut TaskOptions)) -> String {
+        self.send_data(json!({"mood_score": 5}), configure).await
+    }
+
+    async fn send_data(&self, data: Value, configure: impl FnOnce(&mut TaskOptions)) -> String {
         let mut event = Event::new("user.mood.created", Some("u1".into()), Some("t1".into()));
-        event.set_field("data", json!({"mood_score": 5}));
+        event.set_field("data", data);
         let mut options = TaskOptions {
             queue: "celery".into(),
             ..TaskOptions::default()
@@ -136,7 +188,10 @@ impl Harness {
         let started = Instant::now();
         loop {
             if let Some(meta) = self.results.get(id).await.unwrap()
-                && matches!(meta["status"].as_str(), Some("SUCCESS" | "FAILURE"))
+                && matches!(
+                    meta["status"].as_str(),
+                    Some("SUCCESS" | "FAILURE" | "REVOKED")
+                )
             {
                 return meta;
             }
@@ -172,7 +227,7 @@ impl Harness {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transient_failure_is_retried_with_an_eta_until_it_succeeds() {
-    let harness = Harness::start(12, 2, Duration::ZERO, |_| {}).await;
+    let harness = Harness::start(2, Duration::ZERO, |_| {}).await;
     let id = harness.send(|_| {}).await;
     let meta = harness.final_result(&id, Duration::from_secs(20)).await;
     assert_eq!(meta["status"], "SUCCESS", "{meta}");
@@ -184,7 +239,7 @@ async fn a_transient_failure_is_retried_with_an_eta_until_it_succeeds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_exhausted_end_in_failure_and_a_dead_letter() {
-    let harness = Harness::start(13, u32::MAX, Duration::ZERO, |options| {
+    let harness = Harness::start(u32::MAX, Duration::ZERO, |options| {
         options.retry.max_attempts = Some(3);
     })
     .await;
@@ -220,7 +275,7 @@ async fn retries_exhausted_end_in_failure_and_a_dead_letter() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_over_its_time_limit_fails_with_time_limit_exceeded() {
-    let harness = Harness::start(14, 0, Duration::from_secs(30), |_| {}).await;
+    let harness = Harness::start(0, Duration::from_secs(30), |_| {}).await;
     let started = Instant::now();
     let id = harness
         .send(|options| options.time_limit = (Some(0.5), None))
@@ -235,7 +290,7 @@ async fn a_task_over_its_time_limit_fails_with_time_limit_exceeded() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scheduled_tasks_do_not_hold_back_due_ones_and_go_back_on_shutdown() {
-    let harness = Harness::start(15, 0, Duration::ZERO, |options| {
+    let mut harness = Harness::start(0, Duration::ZERO, |options| {
         options.concurrency = 1;
         options.prefetch_multiplier = 1;
     })
@@ -256,6 +311,7 @@ async fn scheduled_tasks_do_not_hold_back_due_ones_and_go_back_on_shutdown() {
         );
     }
     let url = harness.url.clone();
+    let _server = harness.server.take();
     let report = harness.stop().await;
     assert_eq!(report.requeued, 3, "{report:?}");
     let client = redis::Client::open(url.as_str()).unwrap();
@@ -269,4 +325,123 @@ async fn scheduled_tasks_do_not_hold_back_due_ones_and_go_back_on_shutdown() {
         .await
         .unwrap();
     assert_eq!((queued, unacked), (3, 0));
+}
+
+async fn conn(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+/// Defect 2: a panic inside a task was swallowed by the task set — no result, no dead letter, and the message was
+/// restored after every visibility timeout, forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_fails_its_task_with_a_dead_letter_and_the_worker_goes_on() {
+    let harness = Harness::start(0, Duration::ZERO, |_| {}).await;
+    let bad = harness.send_data(json!({"panic": true}), |_| {}).await;
+    let meta = harness.final_result(&bad, Duration::from_secs(20)).await;
+    assert_eq!(meta["status"], "FAILURE", "{meta}");
+    assert_eq!(meta["result"]["exc_type"], "TaskPanicked");
+    let good = harness.send(|_| {}).await;
+    let meta = harness.final_result(&good, Duration::from_secs(20)).await;
+    assert_eq!(meta["status"], "SUCCESS");
+    let dead = harness.dead_letters().await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0]["task_id"], json!(bad));
+    assert!(
+        dead[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("index out of range")
+    );
+    let mut conn = conn(&harness.url).await;
+    let unacked: i64 = redis::cmd("HLEN")
+        .arg("unacked")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        unacked, 0,
+        "the panicked task is acknowledged, not left to be restored"
+    );
+    let report = harness.stop().await;
+    assert_eq!((report.failed, report.succeeded), (1, 1), "{report:?}");
+}
+
+/// Defect 7: `expires` was checked only before the eta wait, so a task that expired meanwhile still ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_that_expires_while_it_waits_for_its_eta_is_revoked_not_run() {
+    let harness = Harness::start(0, Duration::ZERO, |_| {}).await;
+    let now = Utc::now();
+    let id = harness
+        .send(|options| {
+            options.eta = Some(now + chrono::Duration::milliseconds(1500));
+            options.expires = Some(now + chrono::Duration::milliseconds(700));
+        })
+        .await;
+    let meta = harness.final_result(&id, Duration::from_secs(20)).await;
+    assert_eq!(meta["status"], "REVOKED", "{meta}");
+    assert_eq!(harness.calls.load(Ordering::SeqCst), 0, "the handler ran");
+    let report = harness.stop().await;
+    assert_eq!(report.revoked, 1);
+}
+
+/// Defect 7: the restorer read the first 1,000 expired entries only, so 1,000 unreadable ones (left in place for a
+/// person to look at) hid every readable entry behind them for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_restorer_is_not_stalled_by_a_thousand_unreadable_unacked_entries() {
+    let server = RedisServer::start();
+    let broker = Broker::open(&server.url, server.url.clone(), Duration::from_secs(60)).unwrap();
+    let mut conn = conn(&server.url).await;
+    let old = aura_celery::transport::now_secs() - 3600.0;
+    let mut pipe = redis::pipe();
+    for n in 0..1200 {
+        let tag = format!("garbage-{n:04}");
+        pipe.zadd("unacked_index", &tag, old - 10.0).ignore();
+        pipe.hset(
+            "unacked",
+            &tag,
+            "this is not [envelope, exchange, routing_key]",
+        )
+        .ignore();
+    }
+    let task = build_task(
+        MOOD_TASK,
+        &[json!({"event_type": "user.mood.created"})],
+        &Map::new(),
+        &TaskOptions {
+            queue: "celery".into(),
+            ..TaskOptions::default()
+        },
+    );
+    let tag = task.envelope.delivery_tag().unwrap().to_owned();
+    let entry = format!(
+        "[{}, \"\", \"celery\"]",
+        String::from_utf8(task.envelope.to_vec()).unwrap()
+    );
+    pipe.zadd("unacked_index", &tag, old).ignore();
+    pipe.hset("unacked", &tag, entry).ignore();
+    let _: () = pipe.query_async(&mut conn).await.unwrap();
+
+    assert_eq!(broker.restore_visible().await.unwrap(), 1);
+    let queued: Vec<String> = redis::cmd("LRANGE")
+        .arg("celery")
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(queued.len(), 1);
+    assert!(queued[0].contains(&task.id));
+    let left: i64 = redis::cmd("HLEN")
+        .arg("unacked")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        left, 1200,
+        "unreadable entries stay for a person to look at"
+    );
 }

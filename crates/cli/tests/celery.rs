@@ -195,8 +195,13 @@ impl Celery {
     }
 
     fn client(&self, args: &[&str]) -> Value {
+        self.client_with(args, &[])
+    }
+
+    fn client_with(&self, args: &[&str], env: &[(&str, &str)]) -> Value {
         let mut command = Command::new(python_bin());
         self.env(&mut command);
+        command.envs(env.iter().copied());
         let output = command
             .arg(python_dir().join("celery_client.py"))
             .args(args)
@@ -282,6 +287,22 @@ impl Process {
     fn kill(mut self) {
         self.signal("-KILL");
         let _ = self.child.wait();
+    }
+
+    /// Waits until the log holds `text` at least `times` times (the process must stay up meanwhile).
+    fn wait_log(&mut self, text: &str, times: usize, limit: Duration) {
+        let started = Instant::now();
+        while self.log().matches(text).count() < times {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("exited ({status}) before logging {text:?}:\n{}", self.log());
+            }
+            assert!(
+                started.elapsed() < limit,
+                "{text:?} not logged {times} times:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     fn alive(&mut self) -> bool {
@@ -809,6 +830,18 @@ impl OwnRedis {
         );
     }
 
+    /// SIGKILL: the server is gone at once, as in a crash (its append-only file keeps what it acknowledged).
+    fn crash(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
     fn restart(&mut self) {
         if let Some(mut child) = self.child.take() {
             // SIGTERM: redis flushes its append-only file and exits.
@@ -1050,4 +1083,382 @@ fn journal_entries_from_python_are_stored_bounded_and_an_event_over_the_limit_is
         "celery journal: worker peak RSS {} MB",
         peak / (1024 * 1024)
     );
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Celery {
+    /// A view of `server` (which the test keeps, to crash or restart it).
+    fn on(server: &OwnRedis) -> Self {
+        Self {
+            redis: server.url(),
+            db: 0,
+            dir: tempfile::tempdir().unwrap(),
+            _server: None,
+        }
+    }
+
+    /// Final states of `ids` stored so far (SUCCESS, FAILURE, REVOKED; RETRY and STARTED are not final).
+    fn final_states(&self, ids: &[String]) -> HashMap<String, String> {
+        ids.iter()
+            .filter_map(|id| {
+                let status = self.result(id)?["status"].as_str()?.to_owned();
+                matches!(status.as_str(), "SUCCESS" | "FAILURE" | "REVOKED")
+                    .then(|| (id.clone(), status))
+            })
+            .collect()
+    }
+
+    fn success_count(&self) -> usize {
+        self.result_states().get("SUCCESS").copied().unwrap_or(0)
+    }
+}
+
+// ---- Issue 11: the Celery worker under hostile conditions. Each test below failed on the code before the fix. ----
+
+/// Defect 1: the fetch popped a message and then registered it in `unacked`; a registration Redis refused lost it.
+#[test]
+fn a_message_redis_refuses_to_register_stays_on_its_queue_and_none_is_lost() {
+    let celery = Celery::private();
+    // `unacked` of the wrong type: every registration is refused, as an ACL or an OOM refusal would be.
+    celery.cmd(&["SET", "unacked", "not a hash"]);
+    let mut worker = celery.start_worker("refused", &[("CELERY_CONCURRENCY", "2")]);
+    worker.wait_log("celery worker ready", 1, Duration::from_secs(60));
+    // Sent to an idle worker (the blocking-wait path), then a backlog (the batch path).
+    let sent = celery.client(&["send", "--count", "20"]);
+    worker.wait_log(
+        "fetching from the broker failed",
+        5,
+        Duration::from_secs(60),
+    );
+    assert_eq!(
+        celery.int(&["LLEN", "vectordb"]),
+        20,
+        "a message left its queue without being registered:\n{}",
+        worker.log()
+    );
+    assert!(celery.result_states().is_empty());
+    assert!(worker.alive());
+    // Redis takes the writes again: every message runs, none was lost.
+    celery.cmd(&["DEL", "unacked"]);
+    celery.await_success(&sent, "120");
+    wait_for("the chain to finish", Duration::from_secs(120), || {
+        celery.idle("vectordb").then_some(())
+    });
+    assert_eq!(celery.success_count(), 20 * 3);
+    let (status, _, log) = worker.stop();
+    assert!(status.success(), "{log}");
+}
+
+/// Defect 2 and the first "must show": extreme headers and payloads from Python Celery, among good tasks.
+#[test]
+fn python_sending_legal_but_extreme_headers_and_payloads_gets_a_terminal_state_for_every_task() {
+    let celery = Celery::private();
+    let visibility = Duration::from_secs(3);
+    let mut worker = celery.start_worker(
+        "hardy",
+        &[
+            ("CELERY_VISIBILITY_TIMEOUT", "3"),
+            ("CELERY_CONCURRENCY", "2"),
+        ],
+    );
+    let cases: Vec<(String, String, String)> = celery.client(&["hostile"])["cases"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(name, case)| {
+            (
+                name.clone(),
+                case["id"].as_str().unwrap().to_owned(),
+                case["expect"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let ids: Vec<String> = cases.iter().map(|(_, id, _)| id.clone()).collect();
+    let states = wait_for(
+        "every task to reach a final state",
+        Duration::from_secs(120),
+        || {
+            let states = celery.final_states(&ids);
+            (states.len() == ids.len()).then_some(states)
+        },
+    );
+    let wrong: Vec<String> = cases
+        .iter()
+        .filter(|(_, id, expect)| states[id] != *expect)
+        .map(|(name, id, expect)| format!("{name}: {} (expected {expect})", states[id]))
+        .collect();
+    assert!(wrong.is_empty(), "{wrong:?}\n{}", worker.log());
+    assert!(worker.alive(), "the worker died:\n{}", worker.log());
+    // Every FAILURE has its dead letter, with the reason.
+    let failed: HashSet<&str> = cases
+        .iter()
+        .filter(|(_, _, expect)| expect == "FAILURE")
+        .map(|(_, id, _)| id.as_str())
+        .collect();
+    let dead = celery.list("vectordb.dlq");
+    let dead_ids: HashSet<&str> = dead.iter().filter_map(|d| d["task_id"].as_str()).collect();
+    assert_eq!(dead_ids, failed, "{dead:?}");
+    assert!(
+        dead.iter()
+            .all(|d| !d["error"].as_str().unwrap().is_empty())
+    );
+    wait_for("the chain to finish", Duration::from_secs(120), || {
+        celery.idle("vectordb").then_some(())
+    });
+    // Two visibility timeouts later nothing came back: no task is stuck in a restore loop.
+    let results_before = celery.result_states();
+    std::thread::sleep(2 * visibility + Duration::from_secs(1));
+    assert_eq!(celery.int(&["HLEN", "unacked"]), 0);
+    assert_eq!(celery.int(&["LLEN", "vectordb"]), 0);
+    assert_eq!(celery.result_states(), results_before);
+    let (status, _, log) = worker.stop();
+    assert!(status.success(), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+/// Defect 3: SIGTERM while Redis is down hung (the fetch retried forever, never raced against shutdown).
+#[test]
+fn sigterm_while_redis_is_down_exits_within_10_seconds_and_loses_nothing() {
+    let mut server = OwnRedis::start();
+    let celery = Celery::on(&server);
+    let sent = celery.client(&["send", "--count", "300"]);
+    let mut worker = celery.start_worker(
+        "stranded",
+        &[
+            ("CELERY_CONCURRENCY", "2"),
+            ("CELERY_VISIBILITY_TIMEOUT", "2"),
+        ],
+    );
+    wait_for("progress", Duration::from_secs(60), || {
+        (celery.success_count() >= 20).then_some(())
+    });
+    server.crash();
+    worker.wait_log("Redis unavailable", 1, Duration::from_secs(30));
+    let (status, took, log) = worker.stop();
+    assert!(status.success(), "{log}");
+    assert!(took < Duration::from_secs(10), "exit took {took:?}:\n{log}");
+    // A worker starting while Redis is down stops as promptly.
+    let mut late = celery.start_worker("late", &[]);
+    late.wait_log("Redis unavailable", 1, Duration::from_secs(30));
+    let (status, took, log) = late.stop();
+    assert!(
+        status.success() && took < Duration::from_secs(10),
+        "{took:?} {log}"
+    );
+    // Nothing was lost: with Redis back, whatever was held is restored and every task succeeds.
+    server.spawn();
+    let rescuer = celery.start_worker("rescuer", &[("CELERY_VISIBILITY_TIMEOUT", "2")]);
+    celery.await_success(&sent, "240");
+    wait_for("the chain to finish", Duration::from_secs(120), || {
+        celery.idle("vectordb").then_some(())
+    });
+    let (status, _, log) = rescuer.stop();
+    assert!(status.success(), "{log}");
+}
+
+/// Defect 4: a finished task gave its prefetch permit back before its result and ack were written, so a result
+/// backend that does not answer let the worker take the whole queue.
+#[test]
+fn with_the_result_backend_down_the_worker_holds_no_more_than_its_prefetch() {
+    let celery = Celery::private();
+    let mut results = OwnRedis::start_ephemeral();
+    let results_url = results.url();
+    results.crash();
+    let sent = celery.client(&["send", "--count", "300"]);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let worker = celery.start_worker(
+        "held",
+        &[
+            ("RESULT_BACKEND", &results_url),
+            ("CELERY_CONCURRENCY", "2"),
+            ("CELERY_PREFETCH_MULTIPLIER", "4"),
+            ("HTTP_ADDR", &addr),
+        ],
+    );
+    let failing = wait_for(
+        "/health to report the result backend",
+        Duration::from_secs(60),
+        || {
+            let (_, body) = common::try_http_get(&addr, "/health")?;
+            let health: Value = serde_json::from_str(&body).ok()?;
+            let dependency = health["dependencies"]
+                .as_array()?
+                .iter()
+                .find(|d| d["name"] == "result_backend" && d["ok"] == false)?
+                .clone();
+            Some((health["status"].clone(), dependency))
+        },
+    );
+    assert_eq!(failing.0, "degraded", "{failing:?}");
+    // Over several seconds of a backend that does not answer, in-flight work stays within 2 × 4.
+    let mut most = 0;
+    for _ in 0..50 {
+        most = most.max(celery.int(&["HLEN", "unacked"]));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        most <= 8,
+        "{most} messages unacknowledged:\n{}",
+        worker.log()
+    );
+    assert!(celery.int(&["LLEN", "vectordb"]) >= 300 - 8);
+    // The backend is back: every task runs and its result is stored.
+    results.spawn_with(&["--appendonly", "no"]);
+    let stored = Celery::on(&results);
+    wait_for("every result", Duration::from_secs(180), || {
+        (stored.success_count() >= 300 * 3 && celery.idle("vectordb")).then_some(())
+    });
+    assert_eq!(stored.final_states(&ids(&sent)).len(), 300);
+    let (status, _, log) = worker.stop();
+    assert!(status.success(), "{log}");
+}
+
+/// Defect 5: a task waiting for an eta beyond the visibility timeout was restored by other workers while ours still
+/// held it, so it ran once per copy; and scheduled tasks piled up in memory without bound.
+#[test]
+fn a_countdown_longer_than_the_visibility_timeout_runs_once_and_what_does_not_fit_waits_in_redis() {
+    let celery = Celery::private();
+    let mut holder = celery.start_worker(
+        "holder",
+        &[
+            ("CELERY_VISIBILITY_TIMEOUT", "2"),
+            ("CELERY_ETA_MAX_HELD", "2"),
+        ],
+    );
+    holder.wait_log("celery worker ready", 1, Duration::from_secs(60));
+    let sent_at = Instant::now();
+    let sent = celery.client(&["send", "--count", "5", "--countdown", "10"]);
+    wait_for(
+        "2 held in memory, 3 in vectordb.delayed",
+        Duration::from_secs(8),
+        || {
+            (celery.int(&["HLEN", "unacked"]) == 2
+                && celery.int(&["ZCARD", "vectordb.delayed"]) == 3)
+                .then_some(())
+        },
+    );
+    // The visibility timeout passes twice while they wait; a worker starting now restores whatever looks abandoned.
+    std::thread::sleep(
+        (sent_at + Duration::from_secs(5)).saturating_duration_since(Instant::now()),
+    );
+    // (Embedded Qdrant is one process's: the second worker has a store of its own.)
+    let second_store = celery.dir.path().join("qdrant-second");
+    let mut second = celery.start_worker(
+        "second",
+        &[
+            ("CELERY_VISIBILITY_TIMEOUT", "2"),
+            ("QDRANT_PATH", second_store.to_str().unwrap()),
+        ],
+    );
+    second.wait_log("celery worker ready", 1, Duration::from_secs(60));
+    celery.await_success(&sent, "60");
+    wait_for("the chain to finish", Duration::from_secs(60), || {
+        celery.idle("vectordb").then_some(())
+    });
+    assert!(
+        sent_at.elapsed() >= Duration::from_secs(10),
+        "ran before its eta"
+    );
+    assert_eq!(celery.int(&["ZCARD", "vectordb.delayed"]), 0);
+    // One run per mood: a second run would have produced a second chain, with new task ids.
+    assert_eq!(
+        celery.success_count(),
+        5 * 3,
+        "{:?}",
+        celery.result_states()
+    );
+    for worker in [holder, second] {
+        let (status, _, log) = worker.stop();
+        assert!(status.success(), "{log}");
+    }
+}
+
+/// Defect 6: restore pushed to the routing key instead of the queues bound to the message's exchange.
+#[test]
+fn a_killed_python_workers_task_on_a_named_exchange_is_restored_to_its_bound_queue() {
+    let celery = Celery::private();
+    let media = [
+        ("MEDIA_QUEUE", "pdf_jobs"),
+        ("VISIBILITY_TIMEOUT", "2"),
+        ("RECORD_KEY", "recorded"),
+    ];
+    let slow: Vec<(&str, &str)> = media
+        .iter()
+        .copied()
+        .chain([("SLOW_TASK_SECONDS", "120")])
+        .collect();
+    let python = celery.start_python_worker("media", "pdf_jobs", &slow);
+    let sent = celery.client_with(&["foreign", "--count", "1"], &media);
+    let entry: Value = wait_for(
+        "the Python worker to take the task",
+        Duration::from_secs(60),
+        || {
+            let entries: Vec<String> = redis::cmd("HVALS")
+                .arg("unacked")
+                .query(&mut celery.conn())
+                .ok()?;
+            entries.first().map(|e| serde_json::from_str(e).unwrap())
+        },
+    );
+    assert_eq!(
+        (entry[1].as_str(), entry[2].as_str()),
+        (Some("media"), Some("media.pdf")),
+        "{entry}"
+    );
+    python.kill();
+    let ours = celery.start_worker("restorer", &[("CELERY_VISIBILITY_TIMEOUT", "2")]);
+    wait_for("the task back on pdf_jobs", Duration::from_secs(60), || {
+        (celery.int(&["LLEN", "pdf_jobs"]) == 1).then_some(())
+    });
+    assert_eq!(
+        celery.int(&["EXISTS", "media.pdf"]),
+        0,
+        "restored to a list nothing reads"
+    );
+    assert_eq!(celery.int(&["HLEN", "unacked"]), 0);
+    let (status, _, log) = ours.stop();
+    assert!(status.success(), "{log}");
+    let python = celery.start_python_worker("media2", "pdf_jobs", &media);
+    celery.await_success(&sent, "60");
+    assert_eq!(celery.list("recorded").len(), 1);
+    drop(python);
+}
+
+/// Coexistence: a Python worker and ours on one Redis; ours also (mis)configured on the Python worker's queue.
+#[test]
+fn python_and_our_workers_share_one_redis_and_every_task_runs_once_on_a_worker_that_knows_it() {
+    let celery = Celery::private();
+    let python = celery.start_python_worker("batch", "celery", &[("RECORD_KEY", "recorded")]);
+    let ours = celery.start_worker("ours", &[("CELERY_QUEUES", "vectordb,celery")]);
+    let foreign = celery.client(&["foreign", "--count", "40"]);
+    let moods = celery.client(&["send", "--count", "40"]);
+    celery.await_success(&foreign, "180");
+    celery.await_success(&moods, "180");
+    wait_for("both queues to drain", Duration::from_secs(120), || {
+        (celery.idle("vectordb") && celery.int(&["LLEN", "celery"]) == 0).then_some(())
+    });
+    let recorded = celery.list("recorded");
+    let ran: Vec<&str> = recorded.iter().map(|r| r["id"].as_str().unwrap()).collect();
+    let unique: HashSet<&str> = ran.iter().copied().collect();
+    assert_eq!(
+        ran.len(),
+        40,
+        "each foreign task runs exactly once: {ran:?}"
+    );
+    assert_eq!(unique, ids(&foreign).iter().map(String::as_str).collect());
+    assert!(recorded.iter().all(|r| r["hostname"] == "batch@test"));
+    assert_eq!(celery.success_count(), 40 + 40 * 3);
+    assert!(!celery.result_states().contains_key("FAILURE"));
+    assert_eq!(celery.int(&["LLEN", "celery.dlq"]), 0);
+    assert_eq!(celery.int(&["LLEN", "vectordb.dlq"]), 0);
+    let (status, _, log) = ours.stop();
+    assert!(status.success(), "{log}");
+    drop(python);
 }

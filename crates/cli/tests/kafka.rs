@@ -781,27 +781,8 @@ fn strip_ansi(text: &str) -> String {
     out
 }
 
-/// A plain HTTP/1.1 GET: status and body.
-fn http_get(addr: &str, path: &str) -> (u16, String) {
-    use std::io::{Read as _, Write as _};
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (status, body.to_owned())
-}
-
 fn health(addr: &str) -> (u16, Value) {
-    let (status, body) = http_get(addr, "/health");
+    let (status, body) = common::http_get(addr, "/health");
     (status, serde_json::from_str(&body).unwrap())
 }
 
@@ -824,7 +805,7 @@ fn wait_health(addr: &str, status: &str, limit: Duration) -> (u16, Value) {
 impl Scenario {
     /// `/metrics` parsed by Prometheus's reference parser (Python `prometheus_client`): one JSON per sample.
     fn metrics(&self, addr: &str) -> Vec<Value> {
-        let (status, text) = http_get(addr, "/metrics");
+        let (status, text) = common::http_get(addr, "/metrics");
         assert_eq!(status, 200);
         self.python(&["parse_metrics.py"], Some(text))
             .lines()
