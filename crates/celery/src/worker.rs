@@ -381,11 +381,21 @@ impl CeleryWorker {
                 }
                 shared.foreign_streak.store(0, Ordering::Relaxed);
             }
-            // Raced against shutdown: a fetch takes nothing off a queue before registering it in `unacked`, so
-            // a cancelled one at worst leaves a message there for the visibility-timeout restore.
+            // Raced against shutdown: a fetch takes nothing off a queue before registering it in `unacked`. A fetch
+            // under way at shutdown gets a moment to finish, so what it took is handled (put back) now; one that
+            // does not finish (Redis gone) is dropped, leaving at worst a message for the visibility-timeout restore.
+            let fetch = broker.fetch(&options.queues, permits.len(), options.fetch_block);
+            tokio::pin!(fetch);
+            let mut stopping_now = false;
             let fetched = tokio::select! {
-                fetched = broker.fetch(&options.queues, permits.len(), options.fetch_block) => fetched,
-                _ = &mut shutdown => break,
+                fetched = &mut fetch => fetched,
+                _ = &mut shutdown => {
+                    stopping_now = true;
+                    match tokio::time::timeout(FETCH_FINISH, &mut fetch).await {
+                        Ok(fetched) => fetched,
+                        Err(_) => break,
+                    }
+                }
             };
             match fetched {
                 Ok(messages) => {
@@ -398,6 +408,9 @@ impl CeleryWorker {
                         tasks.spawn(async move { process(&shared, message, permit).await });
                     }
                 }
+                Err(error) if stopping_now => {
+                    tracing::warn!(%error, "fetching from the broker failed at shutdown");
+                }
                 Err(error) => {
                     tracing::warn!(%error, "fetching from the broker failed; retrying");
                     tokio::select! {
@@ -407,6 +420,9 @@ impl CeleryWorker {
                 }
             }
             while tasks.try_join_next().is_some() {}
+            if stopping_now {
+                break;
+            }
         }
 
         tracing::info!(
@@ -723,7 +739,7 @@ async fn process(
                 .as_ref()
                 .and_then(|e| e.header_str("task").map(str::to_owned));
             if let Some(name) = &task
-                && routing::event_type_for_task(name).is_none()
+                && !routing::is_pipeline_task(name)
                 && let Some(envelope) = &envelope
             {
                 // Another app's task we cannot read either: still not ours to fail.
@@ -782,6 +798,16 @@ async fn decide(
     events: &mut Vec<Value>,
 ) -> Verdict {
     let Some(expected_type) = routing::event_type_for_task(&message.task) else {
+        if routing::is_pipeline_task(&message.task) {
+            return Verdict::Fail {
+                handler: None,
+                error: format!(
+                    "Task of kind '{}' is not registered with this worker",
+                    message.task
+                ),
+                exception: exception("NotRegistered", "celery.exceptions", &message.task),
+            };
+        }
         shared.foreign_streak.fetch_add(1, Ordering::Relaxed);
         return Verdict::Foreign;
     };
@@ -1139,6 +1165,9 @@ async fn write(
     };
     commit(shared, Some(tag.to_owned()), result, pushes, events).await;
 }
+
+/// How long a fetch under way at shutdown may take to finish (an idle wait is 250 ms; a batch one round trip).
+const FETCH_FINISH: Duration = Duration::from_secs(1);
 
 /// How long a message being given back (shutdown, a foreign task) may wait for Redis; after that it stays in
 /// `unacked` for the visibility-timeout restore.

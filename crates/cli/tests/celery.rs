@@ -378,7 +378,7 @@ fn python_send_task_runs_the_whole_chain_through_celery() {
     });
     let states = celery.result_states();
     assert_eq!(states.len(), 1, "only SUCCESS results: {states:?}");
-    assert_eq!(celery.int(&["LLEN", "celery.dlq"]), 0);
+    assert_eq!(celery.int(&["LLEN", "vectordb.dlq"]), 0);
 
     // Chaining: the mood task's result names its child; the child's result names its parent.
     let root = &ids(&sent)[0];
@@ -653,7 +653,7 @@ fn malformed_messages_are_dead_lettered_with_their_reason_and_the_worker_goes_on
     let mut worker = celery.start_worker("strict", &[]);
     celery.await_success(&good, "120");
     let dead = wait_for("5 dead letters", Duration::from_secs(30), || {
-        let dead = celery.list("celery.dlq");
+        let dead = celery.list("vectordb.dlq");
         (dead.len() >= 5).then_some(dead)
     });
     assert_eq!(dead.len(), 5);
@@ -687,10 +687,10 @@ fn a_disabled_handlers_tasks_are_parked_and_run_when_it_is_enabled_again() {
     let worker = celery.start_worker("partial", &[("DISABLED_HANDLERS", "context_aggregated")]);
     assert_all_succeeded(&celery.client(&["send", "--count", "30", "--wait", "60"]));
     wait_for("30 parked tasks", Duration::from_secs(30), || {
-        (celery.int(&["LLEN", "celery.parked.context_aggregated"]) == 30).then_some(())
+        (celery.int(&["LLEN", "vectordb.parked.context_aggregated"]) == 30).then_some(())
     });
     assert_eq!(
-        celery.int(&["LLEN", "celery.dlq"]),
+        celery.int(&["LLEN", "vectordb.dlq"]),
         0,
         "parked, not dead-lettered"
     );
@@ -703,7 +703,7 @@ fn a_disabled_handlers_tasks_are_parked_and_run_when_it_is_enabled_again() {
 
     let worker = celery.start_worker("whole", &[]);
     wait_for("the parked tasks to run", Duration::from_secs(60), || {
-        (celery.int(&["LLEN", "celery.parked.context_aggregated"]) == 0
+        (celery.int(&["LLEN", "vectordb.parked.context_aggregated"]) == 0
             && celery.idle("vectordb")
             && celery.result_states().get("SUCCESS") == Some(&90))
         .then_some(())
@@ -1069,7 +1069,7 @@ fn journal_entries_from_python_are_stored_bounded_and_an_event_over_the_limit_is
     let (status, _, log) = worker.stop();
     assert!(status.success(), "{log}");
 
-    let dead = celery.list("celery.dlq");
+    let dead = celery.list("vectordb.dlq");
     assert_eq!(dead.len(), 1, "{dead:?}");
     let reason = dead[0].to_string();
     assert!(reason.contains("MAX_EVENT_BYTES"), "{reason}");

@@ -57,6 +57,16 @@ pub fn task_for(event_type: &str) -> Option<&'static str> {
         .map(|(_, task)| *task)
 }
 
+/// The Celery task names of the vectordb pipeline: `vectosvc.worker.tasks.*`. A task in this namespace that no
+/// handler knows is ours and unknown (`NotRegistered`, as Celery reports it); any other name belongs to another app
+/// sharing the broker, and is never failed on its behalf.
+pub const TASK_NAMESPACE: &str = "vectosvc.worker.tasks.";
+
+/// Whether `task` is one of the pipeline's task names, known or not.
+pub fn is_pipeline_task(task: &str) -> bool {
+    task.starts_with(TASK_NAMESPACE)
+}
+
 /// Event type carried by a Celery task name.
 pub fn event_type_for_task(task: &str) -> Option<&'static str> {
     TASKS
