@@ -1005,21 +1005,25 @@ impl Broker {
             pipe.llen(key);
         }
         pipe.llen(dead_letter_key(queue));
+        pipe.zcard(delayed_key(queue));
         for handler in handlers {
             pipe.llen(parked_key(queue, handler));
         }
         let lengths: Vec<u64> = self.link.pipe("queue depth", patience, &pipe).await?;
-        let waiting = lengths.iter().take(PRIORITY_STEPS.len()).sum();
-        let dead_letters = lengths.get(PRIORITY_STEPS.len()).copied().unwrap_or(0);
+        let steps = PRIORITY_STEPS.len();
+        let waiting = lengths.iter().take(steps).sum();
+        let dead_letters = lengths.get(steps).copied().unwrap_or(0);
+        let delayed = lengths.get(steps + 1).copied().unwrap_or(0);
         let parked = handlers
             .iter()
-            .zip(lengths.iter().skip(PRIORITY_STEPS.len() + 1))
+            .zip(lengths.iter().skip(steps + 2))
             .map(|(handler, n)| ((*handler).to_owned(), *n))
             .collect();
         Ok(QueueDepth {
             queue: queue.to_owned(),
             waiting,
             dead_letters,
+            delayed,
             parked,
         })
     }
@@ -1165,6 +1169,8 @@ pub struct QueueDepth {
     pub waiting: u64,
     /// Entries on `<queue>.dlq`.
     pub dead_letters: u64,
+    /// Scheduled tasks waiting for their eta in `<queue>.delayed`.
+    pub delayed: u64,
     /// Parked tasks per disabled handler (`<queue>.parked.<handler>`).
     pub parked: std::collections::BTreeMap<String, u64>,
 }

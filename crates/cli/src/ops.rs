@@ -336,8 +336,8 @@ pub fn render_lag(report: &LagReport) -> String {
         for q in &celery.queues {
             let parked: u64 = q.parked.values().sum();
             out.push_str(&format!(
-                "  queue {:<30} waiting {:>8}  dead letters {:>6}  parked {:>6}\n",
-                q.queue, q.waiting, q.dead_letters, parked
+                "  queue {:<30} waiting {:>8}  dead letters {:>6}  parked {:>6}  delayed {:>6}\n",
+                q.queue, q.waiting, q.dead_letters, parked, q.delayed
             ));
         }
     }
