@@ -240,34 +240,34 @@ impl CeleryWorker {
                     unparked += broker.unpark(queue, handler).await?;
                 }
             }
-            Ok::<usize, TransportError>(unparked)
+            if unparked > 0 {
+                tracing::info!(
+                    unparked,
+                    "moved parked tasks of enabled handlers back onto their queues"
+                );
+            }
+            for queue in &options.queues {
+                match broker
+                    .sweep_unreadable(queue, |raw| unreadable_entry(queue, raw))
+                    .await
+                {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        tracing::warn!(queue = %queue, dead_lettered = n, "dead-lettered unreadable messages a stopped worker left in quarantine")
+                    }
+                    Err(error) => tracing::warn!(%error, "dead-lettering quarantined messages"),
+                }
+            }
+            let restored = broker.restore_visible().await.unwrap_or_else(|error| {
+                tracing::warn!(%error, "restoring expired unacked messages at start-up");
+                0
+            });
+            Ok::<(usize, usize), TransportError>((unparked, restored))
         };
-        let unparked = tokio::select! {
+        let (unparked, restored) = tokio::select! {
             ready = startup => ready?,
             _ = &mut shutdown => return Ok(WorkerReport::default()),
         };
-        if unparked > 0 {
-            tracing::info!(
-                unparked,
-                "moved parked tasks of enabled handlers back onto their queues"
-            );
-        }
-        for queue in &options.queues {
-            match broker
-                .sweep_unreadable(queue, |raw| unreadable_entry(queue, raw))
-                .await
-            {
-                Ok(0) => {}
-                Ok(n) => {
-                    tracing::warn!(queue = %queue, dead_lettered = n, "dead-lettered unreadable messages a stopped worker left in quarantine")
-                }
-                Err(error) => tracing::warn!(%error, "dead-lettering quarantined messages"),
-            }
-        }
-        let restored = broker.restore_visible().await.unwrap_or_else(|error| {
-            tracing::warn!(%error, "restoring expired unacked messages at start-up");
-            0
-        });
 
         let identity = WorkerIdentity::new(options.hostname.clone());
         let events = Arc::new(EventSender::new(

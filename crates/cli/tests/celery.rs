@@ -1242,6 +1242,7 @@ fn sigterm_while_redis_is_down_exits_within_10_seconds_and_loses_nothing() {
     server.crash();
     worker.wait_log("Redis unavailable", 1, Duration::from_secs(30));
     let (status, took, log) = worker.stop();
+    eprintln!("exit after SIGTERM with Redis down: {took:?}");
     assert!(status.success(), "{log}");
     assert!(took < Duration::from_secs(10), "exit took {took:?}:\n{log}");
     // A worker starting while Redis is down stops as promptly.

@@ -47,7 +47,7 @@ pub struct Metric {
 
 /// Every metric the processes export: DESIGN §9's, plus the backlog and the publish fallback. The Grafana dashboard
 /// (`deploy/grafana`) is checked against this list.
-pub const METRICS: [Metric; 10] = [
+pub const METRICS: [Metric; 11] = [
     Metric {
         name: "aura360_events_published_total",
         kind: MetricKind::Counter,
@@ -91,12 +91,17 @@ pub const METRICS: [Metric; 10] = [
     Metric {
         name: "aura360_dependency_up",
         kind: MetricKind::Gauge,
-        help: "A handler dependency (embedder, vector_store, dead_letters) as its last call found it: 1 ok, 0 failing",
+        help: "A dependency (embedder, vector_store, dead_letters, result_backend, broker_acks) as its last call found it: 1 ok, 0 failing",
     },
     Metric {
         name: "aura360_dead_letters_spooled_total",
         kind: MetricKind::Counter,
         help: "Dead letters the dead-letter topic refused for good, kept on disk under DEAD_LETTER_SPOOL_DIR",
+    },
+    Metric {
+        name: "aura360_celery_foreign_tasks_total",
+        kind: MetricKind::Counter,
+        help: "Tasks of other apps that reached vectordb-worker and were given back to their queue, by queue",
     },
 ];
 
