@@ -2,7 +2,7 @@
 # The test command (README, .ci/run): everything the tests need, then `cargo test`.
 #
 # - a Python venv (.venv) with pinned foreign clients: the tests drive real confluent-kafka, Celery 5.7 and Flower
-#   (the Celery tests use the Redis on 127.0.0.1:6379, one database each, and their own redis-server to restart);
+#   (the Celery tests start redis-servers of their own: redis-server must be on PATH; the machine's Redis is checked only);
 # - Debian's docker-compose, installed if missing (tests/deploy.rs resolves docker-compose.yml with it);
 # - tansu, a Kafka-protocol broker, installed if missing and started on a free port for this run (stopped at exit);
 # - AURA_TEST_KAFKA / AURA_TEST_PYTHON tell the tests where they are. Extra arguments go to `cargo test`.

@@ -580,13 +580,14 @@ fn topics_create_is_idempotent_and_publish_sends_the_python_record_shape() {
 fn rolling_back_to_celery_forwards_the_kafka_backlog_as_tasks_and_loses_nothing() {
     let kafka = Scenario::new("rollback");
     kafka.produce_moods(100, 5);
-    // Redis database 7 of the machine's Redis is this test's (the Celery tests use others).
-    let redis_url = "redis://127.0.0.1:6379/7";
+    // A redis-server of the test's own (never the machine's shared one).
+    let own_redis = TestRedis::start();
+    let redis_url = own_redis.url();
+    let redis_url = redis_url.as_str();
     let mut redis = redis::Client::open(redis_url)
         .unwrap()
         .get_connection()
         .unwrap();
-    let _: () = redis::cmd("FLUSHDB").query(&mut redis).unwrap();
     let celery_env = [
         ("MESSAGING_BACKEND", "celery"),
         ("BROKER_URL", redis_url),
@@ -696,7 +697,7 @@ impl TestRedis {
         [("BROKER_URL", self.url()), ("RESULT_BACKEND", self.url())]
     }
 
-    /// Nothing waiting on or taken from `celery` (a worker finished everything it was given).
+    /// Nothing waiting on or taken from `vectordb` (a worker finished everything it was given).
     fn idle(&self) -> bool {
         self.int(&["LLEN", "vectordb"]) == 0 && self.int(&["HLEN", "unacked"]) == 0
     }
