@@ -103,7 +103,7 @@ impl WorkerOptions {
             },
             send_task_events: true,
             track_started: false,
-            grace: Duration::from_secs(8),
+            grace: Duration::from_secs(7),
             restore_interval: Duration::from_secs(10),
             fetch_block: Duration::from_secs(1),
             max_event_bytes: aura_runtime::events::limits::Limits::default().max_event_bytes,
@@ -218,7 +218,7 @@ impl CeleryWorker {
     }
 
     /// Runs until `shutdown` resolves, then drains (see the module docs). Whatever the broker's state, it returns
-    /// within `grace` + 1.5 s of `shutdown`.
+    /// within `grace` + 1 s of `shutdown`.
     pub async fn run(
         self,
         shutdown: impl Future<Output = ()>,
@@ -358,13 +358,18 @@ impl CeleryWorker {
             concurrency = options.concurrency, prefetch, "celery worker ready");
 
         let mut tasks = JoinSet::new();
+        // When shutdown was asked for: the grace and the exit deadline count from here.
+        let mut shutdown_at = tokio::time::Instant::now();
         loop {
             let first = tokio::select! {
                 permit = shared.prefetch.clone().acquire_owned() => match permit {
                     Ok(permit) => permit,
                     Err(_) => break,
                 },
-                _ = &mut shutdown => break,
+                _ = &mut shutdown => {
+                    shutdown_at = tokio::time::Instant::now();
+                    break;
+                }
             };
             let mut permits = vec![first];
             while permits.len() < 256 {
@@ -377,7 +382,10 @@ impl CeleryWorker {
                 // The queue brings only other apps' tasks: give their workers time to take them.
                 tokio::select! {
                     _ = tokio::time::sleep(options.fetch_block) => {}
-                    _ = &mut shutdown => break,
+                    _ = &mut shutdown => {
+                        shutdown_at = tokio::time::Instant::now();
+                        break;
+                    }
                 }
                 shared.foreign_streak.store(0, Ordering::Relaxed);
             }
@@ -391,6 +399,7 @@ impl CeleryWorker {
                 fetched = &mut fetch => fetched,
                 _ = &mut shutdown => {
                     stopping_now = true;
+                    shutdown_at = tokio::time::Instant::now();
                     match tokio::time::timeout(FETCH_FINISH, &mut fetch).await {
                         Ok(fetched) => fetched,
                         Err(_) => break,
@@ -415,7 +424,10 @@ impl CeleryWorker {
                     tracing::warn!(%error, "fetching from the broker failed; retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                        _ = &mut shutdown => break,
+                        _ = &mut shutdown => {
+                            shutdown_at = tokio::time::Instant::now();
+                            break;
+                        }
                     }
                 }
             }
@@ -430,7 +442,9 @@ impl CeleryWorker {
             grace_s = options.grace.as_secs_f64(),
             "shutting down: finishing in-flight tasks"
         );
-        let deadline = tokio::time::Instant::now() + options.grace + Duration::from_millis(1000);
+        // Handlers get `grace` from the signal; writes and requeues until half a second later; then the last
+        // bounded steps (committer, helpers, `worker-offline`): out within grace + 1 s of the signal.
+        let deadline = shutdown_at + options.grace + Duration::from_millis(500);
         let stop_at_deadline = {
             let hard_stop = hard_stop.clone();
             tokio::spawn(async move {
@@ -439,7 +453,7 @@ impl CeleryWorker {
             })
         };
         stopping.cancel();
-        let drained = tokio::time::timeout(options.grace, async {
+        let drained = tokio::time::timeout_at(shutdown_at + options.grace, async {
             while tasks.join_next().await.is_some() {}
         })
         .await;
@@ -479,7 +493,7 @@ impl CeleryWorker {
         drop(shared);
         // The committer ends once every task's sender is gone and its queue is written — or at the deadline.
         let mut committer = committer;
-        if tokio::time::timeout_at(deadline + Duration::from_millis(250), &mut committer)
+        if tokio::time::timeout_at(deadline + Duration::from_millis(200), &mut committer)
             .await
             .is_err()
         {
@@ -487,7 +501,7 @@ impl CeleryWorker {
         }
         stop_at_deadline.abort();
         background.cancel();
-        let helpers_done = tokio::time::timeout(Duration::from_millis(250), async {
+        let helpers_done = tokio::time::timeout(Duration::from_millis(100), async {
             while helpers.join_next().await.is_some() {}
         })
         .await;
@@ -495,7 +509,7 @@ impl CeleryWorker {
             helpers.abort_all();
         }
         let offline = tokio::time::timeout(
-            Duration::from_millis(250),
+            Duration::from_millis(200),
             events.send_worker_event("worker-offline"),
         )
         .await;

@@ -1595,7 +1595,7 @@ fn dead_letters_are_replayed_to_their_source_after_the_fix() {
     consumer.stop();
     assert_eq!(kafka.points(), 10);
 
-    // Celery: same failure, no retries → `celery.dlq`; the fix; `--celery-dlq` puts them back; the worker runs them.
+    // Celery: same failure, no retries → `vectordb.dlq`; the fix; `--celery-dlq` puts them back; the worker runs them.
     let redis = TestRedis::start();
     let mut env = redis.env().to_vec();
     env.push(("MESSAGING_BACKEND", "celery".to_owned()));
@@ -1607,17 +1607,17 @@ fn dead_letters_are_replayed_to_their_source_after_the_fix() {
     publisher.feed(&mood_lines(2000..2010), Duration::ZERO);
     assert_eq!(publisher.finish()["published"], 10);
     run_worker_until_idle(&kafka, &redis, &broken_env);
-    assert_eq!(redis.int(&["LLEN", "celery.dlq"]), 10);
+    assert_eq!(redis.int(&["LLEN", "vectordb.dlq"]), 10);
     assert_eq!(kafka.points(), 10);
     let summary = kafka.vectordb_json(
         &fixed_env,
         &["replay", "--celery-dlq", "vectordb", "--json"],
     );
     assert_eq!(summary["replayed"], 10, "{summary}");
-    assert_eq!(redis.int(&["LLEN", "celery.dlq"]), 0);
+    assert_eq!(redis.int(&["LLEN", "vectordb.dlq"]), 0);
     assert_eq!(redis.int(&["LLEN", "vectordb"]), 10);
     run_worker_until_idle(&kafka, &redis, &fixed_env);
-    assert_eq!(redis.int(&["LLEN", "celery.dlq"]), 0);
+    assert_eq!(redis.int(&["LLEN", "vectordb.dlq"]), 0);
     assert_eq!(kafka.points(), 20);
 }
 
@@ -1827,7 +1827,7 @@ fn an_embedding_outage_under_the_celery_worker_is_retried_reported_and_loses_not
     assert!(!embedder_down(&body), "{body}");
     worker.stop();
 
-    assert_eq!(redis.int(&["LLEN", "celery.dlq"]), 0);
+    assert_eq!(redis.int(&["LLEN", "vectordb.dlq"]), 0);
     assert_eq!(kafka.points(), 60);
     let (refused, _) = embedder.requests();
     assert!(refused >= 1, "the outage was seen");
