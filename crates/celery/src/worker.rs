@@ -431,7 +431,9 @@ impl CeleryWorker {
                     }
                 }
             }
-            while tasks.try_join_next().is_some() {}
+            while let Some(joined) = tasks.try_join_next() {
+                report_lost_task(joined);
+            }
             if stopping_now {
                 break;
             }
@@ -454,7 +456,9 @@ impl CeleryWorker {
         };
         stopping.cancel();
         let drained = tokio::time::timeout_at(shutdown_at + options.grace, async {
-            while tasks.join_next().await.is_some() {}
+            while let Some(joined) = tasks.join_next().await {
+                report_lost_task(joined);
+            }
         })
         .await;
         if drained.is_err() {
@@ -520,6 +524,16 @@ impl CeleryWorker {
         }
         tracing::info!(?report, "celery worker stopped");
         Ok(report)
+    }
+}
+
+/// A message task that ended in a panic outside its handler (the handler's own panics are caught and become
+/// `FAILURE`): a bug in the worker. Its message stays in `unacked` and is restored after the visibility timeout.
+fn report_lost_task(joined: Result<(), tokio::task::JoinError>) {
+    if let Err(error) = joined
+        && error.is_panic()
+    {
+        tracing::error!(%error, "a message task panicked outside its handler (a worker bug); its message stays in unacked and is restored after the visibility timeout");
     }
 }
 
