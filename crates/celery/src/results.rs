@@ -113,17 +113,11 @@ impl ResultBackend {
 
     /// Reads a stored result (tests and the admin CLI).
     pub async fn get(&self, task_id: &str) -> Result<Option<Value>, TransportError> {
-        let key = meta_key(task_id);
+        let mut get = redis::cmd("GET");
+        get.arg(meta_key(task_id));
         let raw: Option<Vec<u8>> = self
             .link
-            .run(
-                "read result",
-                Patience::Until(Duration::from_secs(5)),
-                |mut conn| {
-                    let key = key.clone();
-                    async move { redis::cmd("GET").arg(key).query_async(&mut conn).await }
-                },
-            )
+            .query("read result", Patience::Until(Duration::from_secs(5)), &get)
             .await?;
         Ok(raw.and_then(|bytes| serde_json::from_slice(&bytes).ok()))
     }

@@ -14,12 +14,16 @@
 //! the message a blocking `BRPOP` returns on an idle queue), and a restore only pushes an entry back if it is
 //! still the same entry (a compare-and-set script), so two restorers never duplicate a message.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, Pipeline, RedisError, Script, Value as RedisValue};
+use redis::{
+    AsyncConnectionConfig, Client, Pipeline, RedisError, Script, ScriptInvocation,
+    Value as RedisValue,
+};
 use tokio::sync::Mutex;
 
 use crate::protocol::Envelope;
@@ -244,6 +248,32 @@ impl RedisLink {
         })
         .await
     }
+
+    /// Runs one command.
+    pub async fn query<T: redis::FromRedisValue>(
+        &self,
+        what: &'static str,
+        patience: Patience,
+        cmd: &redis::Cmd,
+    ) -> Result<T, TransportError> {
+        self.run(what, patience, |mut conn| async move {
+            cmd.query_async(&mut conn).await
+        })
+        .await
+    }
+
+    /// Runs a script (`EVALSHA`, loading it on `NOSCRIPT`).
+    pub async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        what: &'static str,
+        patience: Patience,
+        invocation: &ScriptInvocation<'_>,
+    ) -> Result<T, TransportError> {
+        self.run(what, patience, |mut conn| async move {
+            invocation.invoke_async(&mut conn).await
+        })
+        .await
+    }
 }
 
 /// Connection-level trouble (dropped, refused, timed out, server loading or read-only after a failover) is worth a
@@ -387,6 +417,9 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 "#;
 
+/// How long the worker's own bookkeeping commands (restore, delay, promote, sweep) wait for an unreachable Redis.
+const BOOKKEEPING: Patience = Patience::Until(Duration::from_secs(5));
+
 /// The broker side of a worker: fetch, acknowledge, requeue, restore, publish.
 pub struct Broker {
     link: Arc<RedisLink>,
@@ -440,13 +473,9 @@ impl Broker {
     /// Checks the server answers (start-up), within `patience`.
     pub async fn ping(&self, patience: Patience) -> Result<(), TransportError> {
         self.link
-            .run("PING", patience, |mut conn| async move {
-                redis::cmd("PING")
-                    .query_async::<String>(&mut conn)
-                    .await
-                    .map(|_| ())
-            })
+            .query::<String>("PING", patience, &redis::cmd("PING"))
             .await
+            .map(|_| ())
     }
 
     /// Declares `queue` as kombu does when a Python app declares it (binding entries in `_kombu.binding.*`).
@@ -487,26 +516,15 @@ impl Broker {
         // Other priority lists and queues are looked at every IDLE_POLL at the latest.
         const IDLE_POLL: Duration = Duration::from_millis(250);
         let wait = block.min(IDLE_POLL).as_secs_f64();
-        let woke: Result<Option<Vec<u8>>, TransportError> = self
-            .blocking
-            .run(
-                "BLMOVE",
-                Patience::Until(Duration::from_secs(5)),
-                |mut conn| {
-                    let first = first.clone();
-                    async move {
-                        redis::cmd("BLMOVE")
-                            .arg(&first)
-                            .arg(&first)
-                            .arg("RIGHT")
-                            .arg("RIGHT")
-                            .arg(wait)
-                            .query_async(&mut conn)
-                            .await
-                    }
-                },
-            )
-            .await;
+        let mut rotate = redis::cmd("BLMOVE");
+        rotate
+            .arg(first)
+            .arg(first)
+            .arg("RIGHT")
+            .arg("RIGHT")
+            .arg(wait);
+        let woke: Result<Option<Vec<u8>>, TransportError> =
+            self.blocking.query("BLMOVE", BOOKKEEPING, &rotate).await;
         match woke {
             Ok(None) => Ok(Vec::new()),
             Ok(Some(_)) => self.fetch_batch(&keys, max.max(1)).await,
@@ -525,22 +543,13 @@ impl Broker {
         max: usize,
     ) -> Result<Vec<Fetched>, TransportError> {
         let now = now_secs().to_string();
-        let reply: Vec<RedisValue> = self
-            .link
-            .run(
-                "fetch",
-                Patience::Until(Duration::from_secs(5)),
-                |mut conn| {
-                    let mut invocation = self.fetch_script.prepare_invoke();
-                    invocation.key(UNACKED_INDEX).key(UNACKED);
-                    invocation.arg(max).arg(&now);
-                    for (key, queue) in keys {
-                        invocation.key(key).arg(queue);
-                    }
-                    async move { invocation.invoke_async(&mut conn).await }
-                },
-            )
-            .await?;
+        let mut invocation = self.fetch_script.prepare_invoke();
+        invocation.key(UNACKED_INDEX).key(UNACKED);
+        invocation.arg(max).arg(&now);
+        for (key, queue) in keys {
+            invocation.key(key).arg(queue);
+        }
+        let reply: Vec<RedisValue> = self.link.invoke("fetch", BOOKKEEPING, &invocation).await?;
         let refusal = reply.first().map(bulk_string).unwrap_or_default();
         let mut out = Vec::with_capacity(reply.len() / 3);
         for triple in reply.get(1..).unwrap_or_default().chunks_exact(3) {
@@ -619,23 +628,17 @@ impl Broker {
         leftmost: bool,
         patience: Patience,
     ) -> Result<bool, TransportError> {
-        let expected = expected.unwrap_or(b"");
-        let restored: i64 = self
-            .link
-            .run("restore", patience, |mut conn| {
-                let mut invocation = self.restore_script.prepare_invoke();
-                invocation.key(UNACKED_INDEX).key(UNACKED);
-                for target in targets {
-                    invocation.key(target);
-                }
-                invocation
-                    .arg(tag)
-                    .arg(payload)
-                    .arg(expected)
-                    .arg(if leftmost { "1" } else { "0" });
-                async move { invocation.invoke_async(&mut conn).await }
-            })
-            .await?;
+        let mut invocation = self.restore_script.prepare_invoke();
+        invocation.key(UNACKED_INDEX).key(UNACKED);
+        for target in targets {
+            invocation.key(target);
+        }
+        invocation
+            .arg(tag)
+            .arg(payload)
+            .arg(expected.unwrap_or(b""))
+            .arg(if leftmost { "1" } else { "0" });
+        let restored: i64 = self.link.invoke("restore", patience, &invocation).await?;
         Ok(restored == 1)
     }
 
@@ -645,19 +648,13 @@ impl Broker {
     pub async fn refresh_leases(&self, tags: &[String]) -> Result<(), TransportError> {
         let now = now_secs();
         for chunk in tags.chunks(1000) {
-            let mut cmd = redis::cmd("ZADD");
-            cmd.arg(UNACKED_INDEX).arg("XX");
+            let mut zadd = redis::cmd("ZADD");
+            zadd.arg(UNACKED_INDEX).arg("XX");
             for tag in chunk {
-                cmd.arg(now).arg(tag);
+                zadd.arg(now).arg(tag);
             }
-            let mut pipe = redis::pipe();
-            pipe.add_command(cmd).ignore();
             self.link
-                .pipe::<()>(
-                    "refresh unacked_index",
-                    Patience::Until(Duration::from_secs(5)),
-                    &pipe,
-                )
+                .query::<()>("refresh unacked_index", BOOKKEEPING, &zadd)
                 .await?;
         }
         Ok(())
@@ -672,25 +669,15 @@ impl Broker {
         queue: &str,
         eta: f64,
     ) -> Result<bool, TransportError> {
-        let delayed = delayed_key(queue);
-        let moved: i64 = self
-            .link
-            .run(
-                "delay",
-                Patience::Until(Duration::from_secs(5)),
-                |mut conn| {
-                    let mut invocation = self.delay_script.prepare_invoke();
-                    invocation
-                        .key(UNACKED_INDEX)
-                        .key(UNACKED)
-                        .key(&delayed)
-                        .arg(tag)
-                        .arg(raw)
-                        .arg(eta);
-                    async move { invocation.invoke_async(&mut conn).await }
-                },
-            )
-            .await?;
+        let mut invocation = self.delay_script.prepare_invoke();
+        invocation
+            .key(UNACKED_INDEX)
+            .key(UNACKED)
+            .key(delayed_key(queue))
+            .arg(tag)
+            .arg(raw)
+            .arg(eta);
+        let moved: i64 = self.link.invoke("delay", BOOKKEEPING, &invocation).await?;
         Ok(moved == 1)
     }
 
@@ -698,44 +685,27 @@ impl Broker {
     /// exactly once whatever other workers do. Returns how many it moved.
     pub async fn promote_due(&self, queue: &str, max: usize) -> Result<usize, TransportError> {
         let delayed = delayed_key(queue);
-        let due: Vec<Vec<u8>> = self
-            .link
-            .run(
-                "delayed scan",
-                Patience::Until(Duration::from_secs(5)),
-                |mut conn| {
-                    let delayed = delayed.clone();
-                    async move {
-                        redis::cmd("ZRANGEBYSCORE")
-                            .arg(delayed)
-                            .arg("-inf")
-                            .arg(now_secs())
-                            .arg("LIMIT")
-                            .arg(0)
-                            .arg(max)
-                            .query_async(&mut conn)
-                            .await
-                    }
-                },
-            )
-            .await?;
+        let mut scan = redis::cmd("ZRANGEBYSCORE");
+        scan.arg(&delayed)
+            .arg("-inf")
+            .arg(now_secs())
+            .arg("LIMIT")
+            .arg(0)
+            .arg(max);
+        let due: Vec<Vec<u8>> = self.link.query("delayed scan", BOOKKEEPING, &scan).await?;
         let mut moved = 0;
         for raw in due {
             let priority = Envelope::from_slice(&raw)
                 .map(|e| e.priority())
                 .unwrap_or(0);
-            let target = priority_key(queue, priority);
+            let mut invocation = self.promote_script.prepare_invoke();
+            invocation
+                .key(&delayed)
+                .key(priority_key(queue, priority))
+                .arg(&raw);
             let done: i64 = self
                 .link
-                .run(
-                    "promote",
-                    Patience::Until(Duration::from_secs(5)),
-                    |mut conn| {
-                        let mut invocation = self.promote_script.prepare_invoke();
-                        invocation.key(&delayed).key(&target).arg(&raw);
-                        async move { invocation.invoke_async(&mut conn).await }
-                    },
-                )
+                .invoke("promote", BOOKKEEPING, &invocation)
                 .await?;
             moved += done as usize;
         }
@@ -743,49 +713,30 @@ impl Broker {
     }
 
     /// Dead-letters what a worker quarantined in `<queue>.unreadable` and could not dead-letter itself (it died in
-    /// between). Each entry exactly once. Returns how many.
+    /// between), up to 1,000 per call. Each entry exactly once. Returns how many.
     pub async fn sweep_unreadable(
         &self,
         queue: &str,
         entry: impl Fn(&[u8]) -> Vec<u8>,
     ) -> Result<usize, TransportError> {
         let quarantine = unreadable_key(queue);
+        let mut scan = redis::cmd("LRANGE");
+        scan.arg(&quarantine).arg(0).arg(999);
         let items: Vec<Vec<u8>> = self
             .link
-            .run(
-                "unreadable scan",
-                Patience::Until(Duration::from_secs(5)),
-                |mut conn| {
-                    let quarantine = quarantine.clone();
-                    async move {
-                        redis::cmd("LRANGE")
-                            .arg(quarantine)
-                            .arg(0)
-                            .arg(999)
-                            .query_async(&mut conn)
-                            .await
-                    }
-                },
-            )
+            .query("unreadable scan", BOOKKEEPING, &scan)
             .await?;
         let mut moved = 0;
         for raw in items {
-            let entry = entry(&raw);
+            let mut invocation = self.move_script.prepare_invoke();
+            invocation
+                .key(&quarantine)
+                .key(dead_letter_key(queue))
+                .arg(&raw)
+                .arg(entry(&raw));
             let done: i64 = self
                 .link
-                .run(
-                    "dead-letter unreadable",
-                    Patience::Until(Duration::from_secs(5)),
-                    |mut conn| {
-                        let mut invocation = self.move_script.prepare_invoke();
-                        invocation
-                            .key(&quarantine)
-                            .key(dead_letter_key(queue))
-                            .arg(&raw)
-                            .arg(&entry);
-                        async move { invocation.invoke_async(&mut conn).await }
-                    },
-                )
+                .invoke("dead-letter unreadable", BOOKKEEPING, &invocation)
                 .await?;
             moved += done as usize;
         }
@@ -808,16 +759,11 @@ impl Broker {
                 routing_key.to_owned()
             }]);
         }
+        let mut smembers = redis::cmd("SMEMBERS");
+        smembers.arg(format!("_kombu.binding.{exchange}"));
         let members: Vec<Vec<u8>> = self
             .link
-            .run(
-                "exchange bindings",
-                Patience::Until(Duration::from_secs(5)),
-                |mut conn| {
-                    let key = format!("_kombu.binding.{exchange}");
-                    async move { redis::cmd("SMEMBERS").arg(key).query_async(&mut conn).await }
-                },
-            )
+            .query("exchange bindings", BOOKKEEPING, &smembers)
             .await?;
         let mut queues: Vec<String> = members
             .iter()
@@ -842,78 +788,53 @@ impl Broker {
     /// timeout ago and never acknowledged (its worker died). Returns how many it restored.
     pub async fn restore_visible(&self) -> Result<usize, TransportError> {
         let token = uuid::Uuid::new_v4().simple().to_string();
-        let acquired: Option<String> = self
-            .link
-            .run(
-                "unacked_mutex",
-                Patience::Until(Duration::from_secs(5)),
-                |mut conn| {
-                    let token = token.clone();
-                    async move {
-                        redis::cmd("SET")
-                            .arg(UNACKED_MUTEX)
-                            .arg(token)
-                            .arg("NX")
-                            .arg("PX")
-                            .arg(300_000)
-                            .query_async(&mut conn)
-                            .await
-                    }
-                },
-            )
-            .await?;
+        let mut lock = redis::cmd("SET");
+        lock.arg(UNACKED_MUTEX)
+            .arg(&token)
+            .arg("NX")
+            .arg("PX")
+            .arg(300_000);
+        let acquired: Option<String> = self.link.query("unacked_mutex", BOOKKEEPING, &lock).await?;
         if acquired.is_none() {
             return Ok(0); // another worker is restoring
         }
         let result = self.restore_expired().await;
-        let release = self
+        let mut release = self.release_script.prepare_invoke();
+        release.key(UNACKED_MUTEX).arg(&token);
+        let released = self
             .link
-            .run(
-                "unacked_mutex release",
-                Patience::Until(Duration::from_secs(5)),
-                |mut conn| {
-                    let mut invocation = self.release_script.prepare_invoke();
-                    invocation.key(UNACKED_MUTEX).arg(&token);
-                    async move { invocation.invoke_async::<i64>(&mut conn).await }
-                },
-            )
+            .invoke::<i64>("unacked_mutex release", BOOKKEEPING, &release)
             .await;
-        if let Err(error) = release {
+        if let Err(error) = released {
             tracing::warn!(%error, "releasing unacked_mutex (it expires by itself in 300 s)");
         }
         result
     }
 
     /// Restores expired entries page by page. Entries that are not `[envelope, exchange, routing_key]` are left in
-    /// place (a person must look at them) and skipped, so they never hide the readable ones behind them.
+    /// place (a person must look at them) and skipped, so they never hide the readable ones behind them. Exchange
+    /// bindings are read once per exchange and routing key per pass.
     async fn restore_expired(&self) -> Result<usize, TransportError> {
         const PAGE: usize = 1000;
         let ceiling = now_secs() - self.visibility_timeout.as_secs_f64();
+        let mut routes = HashMap::new();
         let mut restored = 0;
         let mut unreadable = 0usize;
         loop {
-            let offset = unreadable;
+            let mut scan = redis::cmd("ZRANGEBYSCORE");
+            scan.arg(UNACKED_INDEX)
+                .arg("-inf")
+                .arg(ceiling)
+                .arg("LIMIT")
+                .arg(unreadable)
+                .arg(PAGE);
             let expired: Vec<String> = self
                 .link
-                .run(
-                    "unacked_index scan",
-                    Patience::Until(Duration::from_secs(5)),
-                    |mut conn| async move {
-                        redis::cmd("ZRANGEBYSCORE")
-                            .arg(UNACKED_INDEX)
-                            .arg("-inf")
-                            .arg(ceiling)
-                            .arg("LIMIT")
-                            .arg(offset)
-                            .arg(PAGE)
-                            .query_async(&mut conn)
-                            .await
-                    },
-                )
+                .query("unacked_index scan", BOOKKEEPING, &scan)
                 .await?;
             let page = expired.len();
             for tag in expired {
-                match self.restore_one(&tag).await? {
+                match self.restore_one(&tag, &mut routes).await? {
                     Restore::Restored => restored += 1,
                     Restore::Gone => {}
                     Restore::Unreadable => unreadable += 1,
@@ -933,31 +854,20 @@ impl Broker {
         Ok(restored)
     }
 
-    async fn restore_one(&self, tag: &str) -> Result<Restore, TransportError> {
-        let entry: Option<Vec<u8>> = self
-            .link
-            .run(
-                "unacked read",
-                Patience::Until(Duration::from_secs(5)),
-                |mut conn| async move {
-                    redis::cmd("HGET")
-                        .arg(UNACKED)
-                        .arg(tag)
-                        .query_async(&mut conn)
-                        .await
-                },
-            )
-            .await?;
+    async fn restore_one(
+        &self,
+        tag: &str,
+        routes: &mut HashMap<(String, String), Vec<String>>,
+    ) -> Result<Restore, TransportError> {
+        let mut hget = redis::cmd("HGET");
+        hget.arg(UNACKED).arg(tag);
+        let entry: Option<Vec<u8>> = self.link.query("unacked read", BOOKKEEPING, &hget).await?;
         let Some(entry) = entry else {
             // Acknowledged meanwhile, or an index entry without its message: drop the index entry.
-            let mut pipe = redis::pipe();
-            pipe.zrem(UNACKED_INDEX, tag).ignore();
+            let mut zrem = redis::cmd("ZREM");
+            zrem.arg(UNACKED_INDEX).arg(tag);
             self.link
-                .pipe::<()>(
-                    "unacked index cleanup",
-                    Patience::Until(Duration::from_secs(5)),
-                    &pipe,
-                )
+                .query::<()>("unacked index cleanup", BOOKKEEPING, &zrem)
                 .await?;
             return Ok(Restore::Gone);
         };
@@ -965,7 +875,15 @@ impl Broker {
             return Ok(Restore::Unreadable);
         };
         envelope.mark_redelivered();
-        let queues = self.lookup(&exchange, &routing_key).await?;
+        let route = (exchange, routing_key);
+        let queues = match routes.get(&route) {
+            Some(queues) => queues.clone(),
+            None => {
+                let queues = self.lookup(&route.0, &route.1).await?;
+                routes.insert(route.clone(), queues.clone());
+                queues
+            }
+        };
         let targets: Vec<String> = queues
             .iter()
             .map(|queue| priority_key(queue, envelope.priority()))
@@ -977,11 +895,11 @@ impl Broker {
                 &targets,
                 Some(&entry),
                 false,
-                Patience::Until(Duration::from_secs(5)),
+                BOOKKEEPING,
             )
             .await?;
         if restored {
-            tracing::warn!(delivery_tag = %tag, queues = %queues.join(","), exchange = %exchange,
+            tracing::warn!(delivery_tag = %tag, queues = %queues.join(","), exchange = %route.0,
                 task_id = envelope.header_str("id").unwrap_or("-"),
                 "restored a message its worker never acknowledged (visibility timeout passed)");
         }
@@ -1044,18 +962,11 @@ impl Broker {
         let mut skip: isize = 0;
         while moved < max {
             let index = -1 - skip;
+            let mut lindex = redis::cmd("LINDEX");
+            lindex.arg(&dlq).arg(index);
             let entry: Option<Vec<u8>> = self
                 .link
-                .run("LINDEX dead letters", Patience::Forever, |mut conn| {
-                    let dlq = dlq.clone();
-                    async move {
-                        redis::cmd("LINDEX")
-                            .arg(dlq)
-                            .arg(index)
-                            .query_async(&mut conn)
-                            .await
-                    }
-                })
+                .query("LINDEX dead letters", Patience::Forever, &lindex)
                 .await?;
             let Some(entry) = entry else { break };
             let Some((target, message)) = dead_letter_message(&entry, queue) else {
@@ -1063,21 +974,11 @@ impl Broker {
                 skip += 1;
                 continue;
             };
+            let mut invocation = REPLAY_DEAD_LETTER.prepare_invoke();
+            invocation.key(&dlq).key(&target).arg(&entry).arg(&message);
             let removed: i64 = self
                 .link
-                .run("replay dead letter", Patience::Forever, |mut conn| {
-                    let (dlq, target, message, entry) =
-                        (dlq.clone(), target.clone(), message.clone(), entry.clone());
-                    async move {
-                        REPLAY_DEAD_LETTER
-                            .key(dlq)
-                            .key(target)
-                            .arg(entry)
-                            .arg(message)
-                            .invoke_async(&mut conn)
-                            .await
-                    }
-                })
+                .invoke("replay dead letter", Patience::Forever, &invocation)
                 .await?;
             if removed > 0 {
                 moved += 1;
@@ -1103,24 +1004,12 @@ impl Broker {
     /// Moves every parked task of `handler` back onto `queue` (a worker with the handler enabled started).
     pub async fn unpark(&self, queue: &str, handler: &str) -> Result<usize, TransportError> {
         let parked = parked_key(queue, handler);
+        let mut lmove = redis::cmd("LMOVE");
+        lmove.arg(&parked).arg(queue).arg("RIGHT").arg("LEFT");
         let mut moved = 0;
         loop {
-            let item: Option<Vec<u8>> = self
-                .link
-                .run("unpark", Patience::Forever, |mut conn| {
-                    let parked = parked.clone();
-                    let queue = queue.to_owned();
-                    async move {
-                        redis::cmd("LMOVE")
-                            .arg(parked)
-                            .arg(queue)
-                            .arg("RIGHT")
-                            .arg("LEFT")
-                            .query_async(&mut conn)
-                            .await
-                    }
-                })
-                .await?;
+            let item: Option<Vec<u8>> =
+                self.link.query("unpark", Patience::Forever, &lmove).await?;
             if item.is_none() {
                 return Ok(moved);
             }

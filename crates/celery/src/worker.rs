@@ -333,23 +333,32 @@ impl CeleryWorker {
             control,
             background.clone(),
         ));
-        helpers.spawn(heartbeats(events.clone(), background.clone()));
-        helpers.spawn(restorer(
-            broker.clone(),
-            shared.counters.clone(),
+        let heartbeat_events = events.clone();
+        helpers.spawn(every(
+            Duration::from_secs_f64(HEARTBEAT_SECS),
+            background.clone(),
+            move || heartbeat(heartbeat_events.clone()),
+        ));
+        let (restore_broker, counters) = (broker.clone(), shared.counters.clone());
+        helpers.spawn(every(
             options.restore_interval,
             background.clone(),
+            move || restore(restore_broker.clone(), counters.clone()),
         ));
-        helpers.spawn(lease_refresher(
-            broker.clone(),
-            held,
+        let lease_broker = broker.clone();
+        helpers.spawn(every(
             options.lease_interval(),
             background.clone(),
+            move || refresh_leases(lease_broker.clone(), held.clone()),
         ));
-        helpers.spawn(promoter(
+        let (promote_broker, queues) = (
             broker.clone(),
-            options.queues.clone(),
+            Arc::<[String]>::from(options.queues.clone()),
+        );
+        helpers.spawn(every(
+            Duration::from_secs(1),
             background.clone(),
+            move || promote(promote_broker.clone(), queues.clone()),
         ));
         if let Err(error) = events.send_worker_event("worker-online").await {
             tracing::warn!(%error, "worker-online event");
@@ -537,89 +546,68 @@ fn report_lost_task(joined: Result<(), tokio::task::JoinError>) {
     }
 }
 
+/// Runs `tick` every `interval` (after each one ends) until `stop`: the worker's background chores.
+async fn every<F, Fut>(interval: Duration, stop: CancellationToken, mut tick: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = stop.cancelled() => return,
+        }
+        tick().await;
+    }
+}
+
+async fn heartbeat(events: Arc<EventSender>) {
+    if let Err(error) = events.send_worker_event("worker-heartbeat").await {
+        tracing::debug!(%error, "heartbeat not sent");
+    }
+}
+
+/// Restores what dead workers left in `unacked` past the visibility timeout.
+async fn restore(broker: Arc<Broker>, counters: Arc<Counters>) {
+    match broker.restore_visible().await {
+        Ok(0) => {}
+        Ok(n) => {
+            counters.restored.fetch_add(n as u64, Ordering::Relaxed);
+            tracing::warn!(
+                restored = n,
+                "restored messages left unacknowledged past the visibility timeout"
+            );
+        }
+        Err(error) => tracing::warn!(%error, "visibility restore failed"),
+    }
+}
+
 /// Keeps the leases of held messages fresh (see [`Broker::refresh_leases`]).
-async fn lease_refresher(
-    broker: Arc<Broker>,
-    held: Arc<StdMutex<HashSet<String>>>,
-    interval: Duration,
-    stop: CancellationToken,
-) {
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(interval) => {}
-            _ = stop.cancelled() => return,
-        }
-        let tags: Vec<String> = held
-            .lock()
-            .map(|held| held.iter().cloned().collect())
-            .unwrap_or_default();
-        if tags.is_empty() {
-            continue;
-        }
-        if let Err(error) = broker.refresh_leases(&tags).await {
-            tracing::warn!(%error, held = tags.len(),
-                "could not refresh the leases of held messages; if this lasts past the visibility timeout they are restored and may run twice");
-        }
+async fn refresh_leases(broker: Arc<Broker>, held: Arc<StdMutex<HashSet<String>>>) {
+    let tags: Vec<String> = held
+        .lock()
+        .map(|held| held.iter().cloned().collect())
+        .unwrap_or_default();
+    if tags.is_empty() {
+        return;
+    }
+    if let Err(error) = broker.refresh_leases(&tags).await {
+        tracing::warn!(%error, held = tags.len(),
+            "could not refresh the leases of held messages; if this lasts past the visibility timeout they are restored and may run twice");
     }
 }
 
-/// Moves due scheduled tasks from `<queue>.delayed` back onto their queues, once a second.
-async fn promoter(broker: Arc<Broker>, queues: Vec<String>, stop: CancellationToken) {
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            _ = stop.cancelled() => return,
-        }
-        for queue in &queues {
-            match broker.promote_due(queue, 500).await {
-                Ok(0) => {}
-                Ok(n) => {
-                    tracing::debug!(queue = %queue, due = n, "scheduled tasks due: back on their queue")
-                }
-                Err(error) => {
-                    tracing::warn!(%error, queue = %queue, "moving due scheduled tasks back")
-                }
-            }
-        }
-    }
-}
-
-async fn heartbeats(events: Arc<EventSender>, stop: CancellationToken) {
-    let mut ticker = tokio::time::interval(Duration::from_secs_f64(HEARTBEAT_SECS));
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ticker.tick().await;
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            _ = stop.cancelled() => return,
-        }
-        if let Err(error) = events.send_worker_event("worker-heartbeat").await {
-            tracing::debug!(%error, "heartbeat not sent");
-        }
-    }
-}
-
-async fn restorer(
-    broker: Arc<Broker>,
-    counters: Arc<Counters>,
-    interval: Duration,
-    stop: CancellationToken,
-) {
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(interval) => {}
-            _ = stop.cancelled() => return,
-        }
-        match broker.restore_visible().await {
+/// Moves due scheduled tasks from `<queue>.delayed` back onto their queues.
+async fn promote(broker: Arc<Broker>, queues: Arc<[String]>) {
+    for queue in queues.iter() {
+        match broker.promote_due(queue, 500).await {
             Ok(0) => {}
             Ok(n) => {
-                counters.restored.fetch_add(n as u64, Ordering::Relaxed);
-                tracing::warn!(
-                    restored = n,
-                    "restored messages left unacknowledged past the visibility timeout"
-                );
+                tracing::debug!(queue = %queue, due = n, "scheduled tasks due: back on their queue")
             }
-            Err(error) => tracing::warn!(%error, "visibility restore failed"),
+            Err(error) => {
+                tracing::warn!(%error, queue = %queue, "moving due scheduled tasks back")
+            }
         }
     }
 }

@@ -12,54 +12,12 @@ use aura_celery::protocol::{TaskOptions, build_task};
 use aura_celery::transport::{Patience, priority_key};
 use aura_celery::{Broker, CeleryPublisher, CeleryWorker, ResultBackend, WorkerOptions};
 use aura_runtime::events::Event;
+use aura_runtime::testing::RedisServer;
 use aura_runtime::{Dispatcher, Handler, HandlerContext, HandlerError, Registry, RetryPolicy};
 use chrono::Utc;
 use serde_json::{Map, Value, json};
 
 const MOOD_TASK: &str = "vectosvc.worker.tasks.process_mood_created";
-
-/// A private `redis-server` on a free port, without persistence; killed on drop.
-struct RedisServer {
-    child: std::process::Child,
-    url: String,
-}
-
-impl RedisServer {
-    fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server on PATH");
-        let url = format!("redis://127.0.0.1:{port}/0");
-        let started = Instant::now();
-        while redis::Client::open(url.as_str())
-            .unwrap()
-            .get_connection()
-            .is_err()
-        {
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "redis-server did not start"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Self { child, url }
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// Fails transiently `failures` times, sleeps `sleep` each call, then succeeds; counts calls. An event whose
 /// `data.panic` is true makes it panic (a bug in a handler).
@@ -113,7 +71,7 @@ impl Harness {
         configure: impl FnOnce(&mut WorkerOptions),
     ) -> Self {
         let server = RedisServer::start();
-        let url = server.url.clone();
+        let url = server.url();
         let broker = Arc::new(Broker::open(&url, url.clone(), Duration::from_secs(3600)).unwrap());
         let results =
             Arc::new(ResultBackend::open(&url, url.clone(), Duration::from_secs(600)).unwrap());
@@ -393,8 +351,8 @@ async fn a_task_that_expires_while_it_waits_for_its_eta_is_revoked_not_run() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_restorer_is_not_stalled_by_a_thousand_unreadable_unacked_entries() {
     let server = RedisServer::start();
-    let broker = Broker::open(&server.url, server.url.clone(), Duration::from_secs(60)).unwrap();
-    let mut conn = conn(&server.url).await;
+    let broker = Broker::open(&server.url(), server.url(), Duration::from_secs(60)).unwrap();
+    let mut conn = conn(&server.url()).await;
     let old = aura_celery::transport::now_secs() - 3600.0;
     let mut pipe = redis::pipe();
     for n in 0..1200 {

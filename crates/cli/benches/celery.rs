@@ -12,7 +12,7 @@
 //! `BENCH_RUST_CONCURRENCY` (default 64). Needs `AURA_TEST_PYTHON` (the venv's python) and `redis-server` on PATH.
 
 use std::collections::BTreeMap;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -67,44 +67,20 @@ fn env_usize(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+/// The benchmark's own redis-server (no persistence).
 struct Redis {
-    child: Child,
-    port: u16,
+    server: aura_runtime::testing::RedisServer,
 }
 
 impl Redis {
     fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server on PATH");
-        let redis = Self { child, port };
-        for _ in 0..100 {
-            if redis.conn(0).is_some() {
-                return redis;
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        Self {
+            server: aura_runtime::testing::RedisServer::start(),
         }
-        panic!("redis-server did not start");
     }
 
     fn url(&self, db: u32) -> String {
-        format!("redis://127.0.0.1:{}/{db}", self.port)
+        format!("{}/{db}", self.server.url())
     }
 
     fn conn(&self, db: u32) -> Option<redis::Connection> {
@@ -161,13 +137,6 @@ impl Redis {
             }
             let _: () = pipe.query(&mut conn).unwrap();
         }
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -395,7 +364,7 @@ fn main() {
     let redis = Redis::start();
     println!(
         "Celery worker benchmark: {cores} cores, Redis on 127.0.0.1:{}",
-        redis.port
+        redis.server.port()
     );
 
     let python_run = python_worker(&redis, &python, cores);

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use aura_runtime::testing::RedisServer;
 use serde_json::{Value, json};
 
 const MOOD_TASK: &str = "vectosvc.worker.tasks.process_mood_created";
@@ -45,16 +46,16 @@ struct Celery {
     db: u32,
     dir: tempfile::TempDir,
     /// The test's own `redis-server`, when `private` started it.
-    _server: Option<OwnRedis>,
+    _server: Option<RedisServer>,
 }
 
 impl Celery {
     /// On a `redis-server` of the test's own (no persistence), never the machine's shared Redis: the worker's keys
     /// (`unacked`, `unacked_index`, queues) are per database, and a test must not touch data it did not create.
     fn private() -> Self {
-        let server = OwnRedis::start_ephemeral();
+        let server = RedisServer::start();
         Self {
-            redis: format!("redis://127.0.0.1:{}", server.port),
+            redis: server.url(),
             db: 0,
             dir: tempfile::tempdir().unwrap(),
             _server: Some(server),
@@ -291,18 +292,7 @@ impl Process {
 
     /// Waits until the log holds `text` at least `times` times (the process must stay up meanwhile).
     fn wait_log(&mut self, text: &str, times: usize, limit: Duration) {
-        let started = Instant::now();
-        while self.log().matches(text).count() < times {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("exited ({status}) before logging {text:?}:\n{}", self.log());
-            }
-            assert!(
-                started.elapsed() < limit,
-                "{text:?} not logged {times} times:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        common::wait_log(&mut self.child, &self.log, text, times, limit);
     }
 
     fn alive(&mut self) -> bool {
@@ -743,136 +733,10 @@ fn sigterm_under_load_finishes_in_flight_requeues_the_rest_and_loses_nothing() {
     assert_eq!(celery.points(), 600);
 }
 
-/// A private `redis-server` (append-only, fsync always) on a free port, so the test can restart it.
-struct OwnRedis {
-    port: u16,
-    dir: tempfile::TempDir,
-    child: Option<Child>,
-}
-
-impl OwnRedis {
-    fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut redis = Self {
-            port,
-            dir: tempfile::tempdir().unwrap(),
-            child: None,
-        };
-        redis.spawn();
-        redis
-    }
-
-    /// Without persistence: a test's scratch broker.
-    fn start_ephemeral() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut redis = Self {
-            port,
-            dir: tempfile::tempdir().unwrap(),
-            child: None,
-        };
-        redis.spawn_with(&["--appendonly", "no"]);
-        redis
-    }
-
-    fn spawn(&mut self) {
-        self.spawn_with(&[]);
-    }
-
-    fn spawn_with(&mut self, extra: &[&str]) {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-            ])
-            .args([
-                "--appendfsync",
-                "always",
-                "--dir",
-                self.dir.path().to_str().unwrap(),
-            ])
-            .args(extra)
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        let password = extra
-            .iter()
-            .position(|a| *a == "--requirepass")
-            .map(|i| extra[i + 1]);
-        let url = match password {
-            Some(password) => format!("redis://:{password}@127.0.0.1:{}", self.port),
-            None => format!("redis://127.0.0.1:{}", self.port),
-        };
-        wait_for(
-            "redis-server to accept connections",
-            Duration::from_secs(10),
-            || {
-                redis::Client::open(url.as_str())
-                    .ok()?
-                    .get_connection()
-                    .ok()
-                    .map(|_| ())
-            },
-        );
-    }
-
-    /// SIGKILL: the server is gone at once, as in a crash (its append-only file keeps what it acknowledged).
-    fn crash(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn restart(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // SIGTERM: redis flushes its append-only file and exits.
-            let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
-            let _ = child.wait();
-        }
-        std::thread::sleep(Duration::from_millis(1500));
-        self.spawn();
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 #[test]
 fn the_worker_reconnects_after_client_kill_and_a_redis_restart_and_loses_nothing() {
-    let mut server = OwnRedis::start();
-    let celery = Celery {
-        redis: format!("redis://127.0.0.1:{}", server.port),
-        db: 0,
-        dir: tempfile::tempdir().unwrap(),
-        _server: None,
-    };
+    let mut server = RedisServer::durable();
+    let celery = Celery::on(&server);
     let sent = celery.client(&["send", "--count", "500"]);
     let worker = celery.start_worker(
         "sturdy",
@@ -990,18 +854,9 @@ fn flower_lists_our_worker_and_its_tasks_and_inspect_answers() {
 
 #[test]
 fn a_password_protected_broker_works_and_the_password_never_reaches_the_logs() {
-    let mut server = OwnRedis {
-        port: std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port(),
-        dir: tempfile::tempdir().unwrap(),
-        child: None,
-    };
-    server.spawn_with(&["--requirepass", "Sup3rSecretPw"]);
+    let server = RedisServer::start_with(&["--requirepass", "Sup3rSecretPw"]);
     let celery = Celery {
-        redis: format!("redis://:Sup3rSecretPw@127.0.0.1:{}", server.port),
+        redis: format!("redis://:Sup3rSecretPw@127.0.0.1:{}", server.port()),
         db: 2,
         dir: tempfile::tempdir().unwrap(),
         _server: None,
@@ -1030,13 +885,8 @@ impl Process {
 #[test]
 fn journal_entries_from_python_are_stored_bounded_and_an_event_over_the_limit_is_dead_lettered_with_its_size()
  {
-    let server = OwnRedis::start();
-    let celery = Celery {
-        redis: format!("redis://127.0.0.1:{}", server.port),
-        db: 0,
-        dir: tempfile::tempdir().unwrap(),
-        _server: None,
-    };
+    let server = RedisServer::start();
+    let celery = Celery::on(&server);
     let worker = celery.start_worker("journal", &[("CELERY_CONCURRENCY", "4")]);
     assert_all_succeeded(&celery.client(&["send", "--count", "40", "--wait", "120"]));
     // 600,000-character notes: valid events under MAX_EVENT_BYTES; the chain cuts the text, never the entry.
@@ -1095,7 +945,7 @@ fn free_port() -> u16 {
 
 impl Celery {
     /// A view of `server` (which the test keeps, to crash or restart it).
-    fn on(server: &OwnRedis) -> Self {
+    fn on(server: &RedisServer) -> Self {
         Self {
             redis: server.url(),
             db: 0,
@@ -1226,7 +1076,7 @@ fn python_sending_legal_but_extreme_headers_and_payloads_gets_a_terminal_state_f
 /// Defect 3: SIGTERM while Redis is down hung (the fetch retried forever, never raced against shutdown).
 #[test]
 fn sigterm_while_redis_is_down_exits_within_10_seconds_and_loses_nothing() {
-    let mut server = OwnRedis::start();
+    let mut server = RedisServer::durable();
     let celery = Celery::on(&server);
     let sent = celery.client(&["send", "--count", "300"]);
     let mut worker = celery.start_worker(
@@ -1269,7 +1119,7 @@ fn sigterm_while_redis_is_down_exits_within_10_seconds_and_loses_nothing() {
 #[test]
 fn with_the_result_backend_down_the_worker_holds_no_more_than_its_prefetch() {
     let celery = Celery::private();
-    let mut results = OwnRedis::start_ephemeral();
+    let mut results = RedisServer::start();
     let results_url = results.url();
     results.crash();
     let sent = celery.client(&["send", "--count", "300"]);
@@ -1311,7 +1161,7 @@ fn with_the_result_backend_down_the_worker_holds_no_more_than_its_prefetch() {
     );
     assert!(celery.int(&["LLEN", "vectordb"]) >= 300 - 8);
     // The backend is back: every task runs and its result is stored.
-    results.spawn_with(&["--appendonly", "no"]);
+    results.spawn();
     let stored = Celery::on(&results);
     wait_for("every result", Duration::from_secs(180), || {
         (stored.success_count() >= 300 * 3 && celery.idle("vectordb")).then_some(())
@@ -1436,10 +1286,18 @@ fn a_killed_python_workers_task_on_a_named_exchange_is_restored_to_its_bound_que
 #[test]
 fn python_and_our_workers_share_one_redis_and_every_task_runs_once_on_a_worker_that_knows_it() {
     let celery = Celery::private();
-    let python = celery.start_python_worker("batch", "celery", &[("RECORD_KEY", "recorded")]);
-    let ours = celery.start_worker("ours", &[("CELERY_QUEUES", "vectordb,celery")]);
+    let mut ours = celery.start_worker("ours", &[("CELERY_QUEUES", "vectordb,celery")]);
+    ours.wait_log("celery worker ready", 1, Duration::from_secs(60));
     let foreign = celery.client(&["foreign", "--count", "40"]);
     let moods = celery.client(&["send", "--count", "40"]);
+    // Ours meets the Python app's tasks first (no Python worker yet) and gives them back, untouched.
+    ours.wait_log(
+        "a task of another app reached this worker",
+        10,
+        Duration::from_secs(60),
+    );
+    assert!(celery.final_states(&ids(&foreign)).is_empty());
+    let python = celery.start_python_worker("batch", "celery", &[("RECORD_KEY", "recorded")]);
     celery.await_success(&foreign, "180");
     celery.await_success(&moods, "180");
     wait_for("both queues to drain", Duration::from_secs(120), || {

@@ -651,33 +651,18 @@ fn rolling_back_to_celery_forwards_the_kafka_backlog_as_tasks_and_loses_nothing(
 
 /// A `redis-server` of the test's own on a free port (no persistence): the Celery side of a switch or fallback.
 struct TestRedis {
-    port: u16,
-    child: Child,
+    server: aura_runtime::testing::RedisServer,
 }
 
 impl TestRedis {
     fn start() -> Self {
-        let port = free_port();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let redis = Self { port, child };
-        let started = Instant::now();
-        while redis.connection().is_none() {
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "redis-server did not start"
-            );
-            std::thread::sleep(Duration::from_millis(50));
+        Self {
+            server: aura_runtime::testing::RedisServer::start(),
         }
-        redis
     }
 
     fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        format!("{}/0", self.server.url())
     }
 
     fn connection(&self) -> Option<redis::Connection> {
@@ -701,21 +686,6 @@ impl TestRedis {
     fn idle(&self) -> bool {
         self.int(&["LLEN", "vectordb"]) == 0 && self.int(&["HLEN", "unacked"]) == 0
     }
-}
-
-impl Drop for TestRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Environment pairs with owned values, as `start` takes them.
@@ -750,18 +720,7 @@ impl Consumer {
 
     /// Waits until the process has logged `text`.
     fn wait_log(&mut self, text: &str, limit: Duration) {
-        let started = Instant::now();
-        while !self.log().contains(text) {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("exited ({status}) before logging {text:?}:\n{}", self.log());
-            }
-            assert!(
-                started.elapsed() < limit,
-                "{text:?} not logged:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        common::wait_log(&mut self.child, &self.log, text, 1, limit);
     }
 }
 

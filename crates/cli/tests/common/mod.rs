@@ -38,3 +38,28 @@ pub fn try_http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     let status = head.split_whitespace().nth(1)?.parse().ok()?;
     Some((status, body.to_owned()))
 }
+
+/// Waits until the log file `log` of process `child` holds `text` at least `times` times; panics if the process
+/// exits first or `limit` passes.
+#[allow(dead_code)]
+pub fn wait_log(
+    child: &mut std::process::Child,
+    log: &std::path::Path,
+    text: &str,
+    times: usize,
+    limit: std::time::Duration,
+) {
+    let started = std::time::Instant::now();
+    let read = || std::fs::read_to_string(log).unwrap_or_default();
+    while read().matches(text).count() < times {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("exited ({status}) before logging {text:?}:\n{}", read());
+        }
+        assert!(
+            started.elapsed() < limit,
+            "{text:?} not logged {times} times:\n{}",
+            read()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
