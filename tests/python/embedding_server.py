@@ -1,10 +1,12 @@
 """An OpenAI-compatible /v1/embeddings endpoint that is down for a while: the dependency-outage tests' embedder.
 
-    embedding_server.py PORT_FILE DOWN_SECONDS
+    embedding_server.py PORT_FILE DOWN_SECONDS [MAX_DELAY_MS]
 
 Answers 503 to every request for DOWN_SECONDS after its first request, then deterministic unit vectors of the
 requested model's dimension (the `dimensions` field, else 64), one per input text. Writes the port it listens on
 to PORT_FILE; prints one line per request to stderr ("503" or "200 N") so a test can count the attempts.
+With MAX_DELAY_MS, each answer with vectors is delayed by 0..MAX_DELAY_MS ms, chosen by the first text's digest (so
+concurrent requests finish out of order, the same way every time).
 """
 import hashlib
 import json
@@ -14,6 +16,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 port_file, down_seconds = sys.argv[1], float(sys.argv[2])
+max_delay_ms = int(sys.argv[3]) if len(sys.argv) > 3 else 0
 first_request = None
 
 
@@ -43,6 +46,9 @@ class Handler(BaseHTTPRequestHandler):
             print("503", file=sys.stderr, flush=True)
         else:
             texts = request.get("input", [])
+            if max_delay_ms and texts:
+                digest = hashlib.sha256(str(texts[0]).encode("utf-8", "surrogatepass")).digest()
+                time.sleep(int.from_bytes(digest[:4], "big") % max_delay_ms / 1000)
             dimension = int(request.get("dimensions") or 64)
             data = [{"index": i, "embedding": vector(t, dimension), "object": "embedding"} for i, t in enumerate(texts)]
             body = json.dumps({"object": "list", "model": "outage-test-model", "data": data}).encode()

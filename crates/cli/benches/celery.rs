@@ -8,8 +8,13 @@
 //! tests/python/celery_app.py (`TASK_MODE=forward`); ours: `CeleryWorker` in-process with handlers that do the
 //! same. Redis `INFO commandstats` before/after gives the commands per task and `INFO cpu` Redis's own CPU time.
 //!
-//! Sizes: `BENCH_PY_TASKS` (mood tasks for Python, default 3000), `BENCH_RUST_TASKS` (default 20000),
-//! `BENCH_RUST_CONCURRENCY` (default 64). Needs `AURA_TEST_PYTHON` (the venv's python) and `redis-server` on PATH.
+//! Our worker runs with the settings' defaults (`worker_options(&Settings::load())`: concurrency, prefetch, task
+//! events on), in celery mode (the next hop is a Celery task) and, when `AURA_TEST_KAFKA` names a broker, in kafka
+//! mode (the next hop is produced to Kafka through the same fallback publisher `vectordb-worker` uses; N tasks, N
+//! records, each acknowledged by the broker before its task is acknowledged).
+//!
+//! Sizes: `BENCH_PY_TASKS` (mood tasks for Python, default 3000), `BENCH_RUST_TASKS` (default 20000). Needs
+//! `AURA_TEST_PYTHON` (the venv's python) and `redis-server` on PATH; `scripts/bench-celery.sh` starts tansu.
 
 use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
@@ -19,9 +24,11 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use aura_celery::protocol::{TaskOptions, build_task};
 use aura_celery::transport::priority_key;
-use aura_celery::{Broker, CeleryPublisher, CeleryWorker, ResultBackend, WorkerOptions};
+use aura_celery::{Broker, CeleryPublisher, CeleryWorker, ResultBackend};
 use aura_runtime::events::Event;
-use aura_runtime::{Dispatcher, Handler, HandlerContext, HandlerError, Registry};
+use aura_runtime::{
+    Dispatcher, Handler, HandlerContext, HandlerError, Publisher, Registry, Settings,
+};
 use serde_json::{Map, json};
 
 const MOOD_TASK: &str = "vectosvc.worker.tasks.process_mood_created";
@@ -221,13 +228,13 @@ impl Measured {
     }
 }
 
-/// Pushes `moods`, waits for 2×moods results, measures.
-fn measure(redis: &Redis, moods: usize) -> Measured {
+/// Pushes `moods`, waits for `results_per_mood`×moods results, measures.
+fn measure(redis: &Redis, moods: usize, results_per_mood: u64) -> Measured {
     let cpu_before = redis_cpu(&redis.info("cpu"));
     let calls_before = command_calls(&redis.info("commandstats"));
     let started = Instant::now();
     redis.push_moods(moods);
-    let target = 2 * moods as u64;
+    let target = results_per_mood * moods as u64;
     let deadline = Instant::now() + Duration::from_secs(900);
     while redis.dbsize(1) < target {
         assert!(
@@ -303,7 +310,7 @@ fn python_worker(redis: &Redis, python: &str, concurrency: usize) -> Measured {
     );
     redis.flushall();
     let moods = env_usize("BENCH_PY_TASKS", 3000);
-    let measured = measure(redis, moods);
+    let measured = measure(redis, moods, 2);
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
@@ -311,7 +318,14 @@ fn python_worker(redis: &Redis, python: &str, concurrency: usize) -> Measured {
     measured
 }
 
-fn rust_worker(redis: &Redis, concurrency: usize, task_events: bool) -> Measured {
+/// Where our worker sends the next hop.
+enum NextHop {
+    Celery,
+    /// Produced to Kafka (settings with the bootstrap servers and a topic prefix of this run).
+    Kafka(aura_runtime::settings::KafkaSettings),
+}
+
+fn rust_worker(redis: &Redis, next_hop: &NextHop) -> Measured {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let guard = runtime.enter();
     let embedded = aura_runtime::testing::embedded();
@@ -322,11 +336,33 @@ fn rust_worker(redis: &Redis, concurrency: usize, task_events: bool) -> Measured
             ResultBackend::open(&redis.url(1), redis.url(1), Duration::from_secs(86400)).unwrap(),
         );
         let registry = Arc::new(Registry::new().with(Forward).with(Sink));
-        let publisher = Arc::new(CeleryPublisher::new(broker.clone(), "vectordb"));
+        let mut settings = Settings::load().expect("settings");
+        // The publish fallback (MESSAGING_FALLBACK) writes to this run's Redis, never the machine's.
+        settings.celery.broker_url = aura_runtime::settings::SecretUrl::new(redis.url(0));
+        let (publisher, results_per_mood): (Arc<dyn Publisher>, u64) = match next_hop {
+            NextHop::Celery => (
+                Arc::new(CeleryPublisher::new(broker.clone(), "vectordb")),
+                2,
+            ),
+            NextHop::Kafka(kafka) => {
+                settings.kafka = kafka.clone();
+                let producer = aura_kafka::KafkaPublisher::new(kafka).expect("producer");
+                (
+                    aura_cli::publish::with_fallback(&settings, Arc::new(producer))
+                        .expect("publisher"),
+                    1,
+                )
+            }
+        };
         let dispatcher = Dispatcher::new(registry.clone(), embedded.ctx.clone(), publisher);
-        let mut options =
-            WorkerOptions::new(vec!["vectordb".into()], concurrency, "rustbench@localhost");
-        options.send_task_events = task_events;
+        // The defaults `vectordb-worker` runs with.
+        let mut options = aura_cli::worker::worker_options(&settings);
+        options.queues = vec!["vectordb".into()];
+        options.hostname = "rustbench@localhost".into();
+        println!(
+            "  (defaults: concurrency {}, prefetch multiplier {}, task events {})",
+            options.concurrency, options.prefetch_multiplier, options.send_task_events
+        );
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let worker = tokio::spawn(
             CeleryWorker::new(broker, results, registry, dispatcher, options).run(async {
@@ -337,13 +373,32 @@ fn rust_worker(redis: &Redis, concurrency: usize, task_events: bool) -> Measured
         redis.flushall();
         let moods = env_usize("BENCH_RUST_TASKS", 20000);
         let cpu_before = own_cpu();
-        let measured = tokio::task::block_in_place(|| measure(redis, moods));
+        let measured = tokio::task::block_in_place(|| measure(redis, moods, results_per_mood));
         let measured = Measured {
             worker_cpu: Some(own_cpu() - cpu_before),
             ..measured
         };
         let _ = stop.send(());
         let _ = worker.await;
+        if let NextHop::Kafka(kafka) = next_hop {
+            let topic = aura_kafka::TopicNames::from_settings(kafka)
+                .for_event_type("context.aggregated")
+                .expect("topic");
+            let (lags, _) = aura_kafka::offsets::group_lag(
+                kafka,
+                "bench-reader",
+                &[topic.clone()],
+                Duration::from_secs(10),
+            )
+            .await
+            .expect("offsets");
+            let records: i64 = lags.iter().map(|l| l.end).sum();
+            println!("  {records} records on {topic} for {moods} tasks");
+            assert_eq!(
+                records, moods as i64,
+                "every task's output acknowledged by Kafka"
+            );
+        }
         measured
     });
     drop(embedded);
@@ -360,7 +415,6 @@ fn main() {
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2);
-    let rust_concurrency = env_usize("BENCH_RUST_CONCURRENCY", 64);
     let redis = Redis::start();
     println!(
         "Celery worker benchmark: {cores} cores, Redis on 127.0.0.1:{}",
@@ -372,15 +426,43 @@ fn main() {
         "Python Celery 5.7 worker (prefork -c {cores}, acks_late, result backend)"
     ));
     redis.flushall();
-    let rust_run = rust_worker(&redis, rust_concurrency, false);
-    rust_run.print(&format!(
-        "vectordb-worker (concurrency {rust_concurrency}, acks_late, result backend)"
-    ));
-    redis.flushall();
-    let rust_events = rust_worker(&redis, rust_concurrency, true);
-    rust_events.print("vectordb-worker with task events on (-E)");
+    let celery_run = rust_worker(&redis, &NextHop::Celery);
+    celery_run.print(
+        "vectordb-worker, MESSAGING_BACKEND=celery, default settings (acks_late, result backend)",
+    );
     println!(
         "ratio: {:.1}x the Python worker",
-        rust_run.rate() / python_run.rate()
+        celery_run.rate() / python_run.rate()
     );
+    if let Ok(bootstrap) = std::env::var("AURA_TEST_KAFKA") {
+        let id = format!(
+            "{:x}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_micros()
+        );
+        let mut kafka = Settings::load().expect("settings").kafka;
+        kafka.bootstrap_servers = bootstrap;
+        kafka.topic_prefix = format!("bench-worker-{id}.");
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            let names = aura_kafka::TopicNames::from_settings(&kafka);
+            aura_kafka::create_topics(&kafka, &names.all(), 3, 1)
+                .await
+                .expect("topics");
+        });
+        drop(runtime);
+        redis.flushall();
+        let kafka_run = rust_worker(&redis, &NextHop::Kafka(kafka));
+        kafka_run.print("vectordb-worker, MESSAGING_BACKEND=kafka, default settings (next hop produced to Kafka, acks=all)");
+        println!(
+            "ratio: {:.1}x the Python worker",
+            kafka_run.rate() / python_run.rate()
+        );
+    } else {
+        println!(
+            "kafka mode: skipped (AURA_TEST_KAFKA not set; scripts/bench-celery.sh starts tansu)"
+        );
+    }
 }

@@ -1,14 +1,18 @@
-//! The Kafka mount against a real Kafka-protocol broker (`AURA_TEST_KAFKA`; `scripts/bench-kafka.sh` starts tansu).
+//! The Kafka mount, measured on two brokers in one run (`scripts/bench-kafka.sh`):
 //!
-//! 1. Dispatch overhead: the same topic of N records consumed by (a) a raw rdkafka `StreamConsumer` loop that stores
-//!    each offset, (b) `run_consumer` with a no-op handler, (c) the Python confluent-kafka loop
-//!    (`tests/python/consume_bench.py`, when `AURA_TEST_PYTHON` is set) — each in a fresh group. (a) and (b) first
-//!    prefetch for 15 s and are timed from local queues: tansu serves fetches slower than either loop consumes, so
-//!    without it both would measure the broker.
-//! 2. End to end: mood events through all three handlers into the embedded store (every write durable), as a
-//!    backlog (events/s) and paced (latency from produce to point written, p50/p99).
+//! - **librdkafka's in-process mock cluster** (`rdkafka::mocking::MockCluster`): serves fetches from memory, so the
+//!   loops measure themselves, not a broker. (a) dispatch overhead: the same topic of N records consumed live by a
+//!   raw rdkafka `StreamConsumer` loop that stores each offset, and by `run_consumer` with a no-op handler; (b) end to
+//!   end: mood events through all three handlers into the embedded store (every write durable), as a backlog
+//!   (events/s, CPU per event, peak RSS) and paced (produce → point latency, p50/p99).
+//! - **tansu** (`AURA_TEST_KAFKA`, sqlite engine): the honest end-to-end figure on a real Kafka-protocol broker, the
+//!   same (b), plus the plain Python confluent-kafka poll loop (`tests/python/consume_bench.py`, `fetch.wait.max.ms`
+//!   20, offsets stored per message) reading the same input topic.
 //!
-//! `scripts/bench-kafka.sh` — results in BENCHMARKS.md.
+//! The mock cluster runs inside this process: its CPU and memory are counted with the mount's.
+//!
+//! Sizes: `BENCH_MESSAGES` (dispatch, default 50,000), `BENCH_E2E_EVENTS` (backlog, default 5,000),
+//! `BENCH_PACED_EVENTS` (default 2,000) at `BENCH_PACED_RATE` events/s (default 100).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,6 +21,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use aura_kafka::rdkafka::Message;
 use aura_kafka::rdkafka::consumer::{Consumer, StreamConsumer};
+use aura_kafka::rdkafka::mocking::MockCluster;
+use aura_kafka::rdkafka::producer::DefaultProducerContext;
 use aura_kafka::{ConsumerOptions, KafkaPublisher, OutgoingRecord, TopicNames, run_consumer};
 use aura_runtime::events::Event;
 use aura_runtime::settings::KafkaSettings;
@@ -28,8 +34,8 @@ use handler_mood_created::MoodCreated;
 
 const NOOP_TYPE: &str = "user.bench.noop";
 
-/// Counts; every call waits until the gate opens, so the consumer can prefetch before the clock starts.
-struct NoOp(Arc<AtomicU64>, tokio::sync::watch::Receiver<bool>);
+/// Counts, and notes when it handled its first event.
+struct NoOp(Arc<AtomicU64>, Arc<std::sync::OnceLock<(Instant, f64)>>);
 
 #[async_trait]
 impl Handler for NoOp {
@@ -40,8 +46,7 @@ impl Handler for NoOp {
         &[NOOP_TYPE]
     }
     async fn handle(&self, _: &Event, _: &HandlerContext) -> Result<Vec<Event>, HandlerError> {
-        let mut gate = self.1.clone();
-        let _ = gate.wait_for(|open| *open).await;
+        self.1.get_or_init(|| (Instant::now(), cpu_seconds()));
         self.0.fetch_add(1, Ordering::Relaxed);
         Ok(Vec::new())
     }
@@ -101,10 +106,9 @@ fn now_us() -> u64 {
         .unwrap_or(0)
 }
 
-fn kafka_settings(prefix: &str, group: &str) -> KafkaSettings {
+fn kafka_settings(bootstrap: &str, prefix: &str, group: &str) -> KafkaSettings {
     let mut settings = Settings::load().expect("settings").kafka;
-    settings.bootstrap_servers =
-        std::env::var("AURA_TEST_KAFKA").expect("AURA_TEST_KAFKA: run scripts/bench-kafka.sh");
+    settings.bootstrap_servers = bootstrap.to_owned();
     settings.topic_prefix = prefix.to_owned();
     settings.group_id = group.to_owned();
     // tansu holds every fetch for the full `fetch.wait.max.ms`; Kafka answers as soon as data arrives.
@@ -117,6 +121,21 @@ fn env_usize(name: &str, default: usize) -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+/// Resets this process's peak RSS (`VmHWM`), so the next reading is the peak of what follows.
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// Peak RSS in MiB since the last reset.
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
 async fn produce_noop(settings: &KafkaSettings, topic: &str, n: usize) {
@@ -146,7 +165,7 @@ async fn produce_noop(settings: &KafkaSettings, topic: &str, n: usize) {
     while futures::StreamExt::next(&mut pending).await.is_some() {}
 }
 
-/// The baseline: consume and store every offset, nothing else.
+/// The baseline: consume and store every offset, nothing else; timed from the first message to the n-th.
 async fn raw_loop(settings: &KafkaSettings, topic: &str, n: usize) -> (Duration, f64) {
     let consumer: StreamConsumer = aura_kafka::client_config(settings)
         .expect("config")
@@ -159,8 +178,6 @@ async fn raw_loop(settings: &KafkaSettings, topic: &str, n: usize) -> (Duration,
         .expect("consumer");
     consumer.subscribe(&[topic]).expect("subscribe");
     let first = consumer.recv().await.expect("first message");
-    // Let librdkafka prefetch, as the mounted loop does behind its gate: both then run from local queues.
-    tokio::time::sleep(PREFETCH).await;
     let started = Instant::now();
     let cpu = cpu_seconds();
     consumer.store_offset_from_message(&first).expect("store");
@@ -172,36 +189,30 @@ async fn raw_loop(settings: &KafkaSettings, topic: &str, n: usize) -> (Duration,
     (started.elapsed(), cpu_seconds() - cpu)
 }
 
-/// How long both loops prefetch before the clock starts (the broker is not what is measured here).
-const PREFETCH: Duration = Duration::from_secs(15);
-
-/// `run_consumer` with the no-op handler; timed from the gate's opening to the n-th handled event.
+/// `run_consumer` with the no-op handler; timed from the first handled event to the n-th.
 async fn mounted_loop(settings: &KafkaSettings, n: usize, ctx: HandlerContext) -> (Duration, f64) {
     let count = Arc::new(AtomicU64::new(0));
-    let (open, gate) = tokio::sync::watch::channel(false);
-    let registry = Arc::new(Registry::new().with(NoOp(count.clone(), gate)));
+    let first = Arc::new(std::sync::OnceLock::new());
+    let registry = Arc::new(Registry::new().with(NoOp(count.clone(), first.clone())));
     let publisher = KafkaPublisher::new(settings).expect("producer");
     let dispatcher = Dispatcher::new(registry.clone(), ctx, Arc::new(publisher.clone()));
     let mut settings = settings.clone();
     settings.group_id = format!("{}-mounted", settings.group_id);
     let (stop, task) = spawn_consumer(settings, registry, dispatcher, publisher);
-    tokio::time::sleep(PREFETCH).await;
-    let started = Instant::now();
-    let _ = open.send(true);
-    let cpu = cpu_seconds();
     while count.load(Ordering::Relaxed) < n as u64 {
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    let elapsed = (started.elapsed(), cpu_seconds() - cpu);
+    let finished = (Instant::now(), cpu_seconds());
+    let (started, cpu) = *first.get().expect("first handled");
     let _ = stop.send(());
     task.await.expect("join").expect("consumer");
-    elapsed
+    (finished.0 - started, finished.1 - cpu)
 }
 
 type ConsumerTask =
     tokio::task::JoinHandle<Result<aura_kafka::ConsumerReport, aura_kafka::ClientError>>;
 
-/// `run_consumer` on a task until the returned sender fires.
+/// `run_consumer` (default options: key ordering, default bounds) on a task until the returned sender fires.
 fn spawn_consumer(
     settings: KafkaSettings,
     registry: Arc<Registry>,
@@ -213,13 +224,9 @@ fn spawn_consumer(
         let shutdown = async {
             let _ = stopped.await;
         };
+        let options = ConsumerOptions::default().with_settings(&settings);
         run_consumer(
-            &settings,
-            registry,
-            dispatcher,
-            publisher,
-            ConsumerOptions::default(),
-            shutdown,
+            &settings, registry, dispatcher, publisher, options, shutdown,
         )
         .await
     });
@@ -269,8 +276,19 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
+/// What one end-to-end run measured.
+struct EndToEnd {
+    backlog_rate: f64,
+    cpu_us_per_event: f64,
+    peak_rss_mib: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    points: u64,
+}
+
 /// Full chain on the mount: a backlog of `n` events (throughput), then `paced` events at `rate`/s (latency).
-async fn end_to_end(settings: &KafkaSettings, n: usize, paced: usize, rate: u64) {
+async fn end_to_end(settings: &KafkaSettings, n: usize, paced: usize, rate: u64) -> EndToEnd {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut full = Settings::load().expect("settings");
     full.qdrant.path = dir.path().join("qdrant");
@@ -287,53 +305,166 @@ async fn end_to_end(settings: &KafkaSettings, n: usize, paced: usize, rate: u64)
             }),
     );
     let publisher = KafkaPublisher::new(settings).expect("producer");
+    let mut pending = futures::stream::FuturesUnordered::new();
     for i in 0..n {
-        aura_runtime::publish_event(&publisher, &mood(i, 0))
-            .await
-            .expect("produce");
+        let publisher = publisher.clone();
+        pending.push(async move {
+            aura_runtime::publish_event(&publisher, &mood(i, 0))
+                .await
+                .expect("produce")
+        });
+        if pending.len() >= 1_000 {
+            futures::StreamExt::next(&mut pending).await;
+        }
     }
+    while futures::StreamExt::next(&mut pending).await.is_some() {}
     let dispatcher = Dispatcher::new(registry.clone(), ctx.clone(), Arc::new(publisher.clone()));
+    reset_peak_rss();
     let (stop, task) = spawn_consumer(settings.clone(), registry, dispatcher, publisher);
     let points = || latencies.lock().unwrap_or_else(|p| p.into_inner()).len();
     while points() == 0 {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let started = Instant::now();
+    let cpu = cpu_seconds();
     while points() < n {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let backlog = started.elapsed();
-    println!(
-        "end-to-end backlog: {n} mood events through 3 handlers into the store in {:.2} s = {:.0} events/s",
-        backlog.as_secs_f64(),
-        n as f64 / backlog.as_secs_f64()
-    );
+    let cpu = cpu_seconds() - cpu;
     latencies.lock().unwrap_or_else(|p| p.into_inner()).clear();
     let producer = KafkaPublisher::new(settings).expect("producer");
     let mut ticker = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
+    let mut sends = futures::stream::FuturesUnordered::new();
     for i in 0..paced {
         ticker.tick().await;
-        aura_runtime::publish_event(&producer, &mood(n + i, now_us()))
-            .await
-            .expect("produce");
+        let producer = producer.clone();
+        // Sent at the pace whatever the broker's ack latency (a producer does not wait for one event's ack before
+        // sending the next).
+        sends.push(tokio::spawn(async move {
+            aura_runtime::publish_event(&producer, &mood(n + i, now_us()))
+                .await
+                .expect("produce")
+        }));
     }
+    while futures::StreamExt::next(&mut sends).await.is_some() {}
     while points() < paced {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    let peak_rss_mib = peak_rss_mib();
     let mut sorted = latencies.lock().unwrap_or_else(|p| p.into_inner()).clone();
     sorted.sort_by(f64::total_cmp);
-    println!(
-        "end-to-end latency at {rate} events/s ({paced} events): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-        percentile(&sorted, 0.5),
-        percentile(&sorted, 0.99),
-        sorted.last().copied().unwrap_or(f64::NAN)
-    );
     let _ = stop.send(());
     task.await.expect("join").expect("consumer");
+    EndToEnd {
+        backlog_rate: n as f64 / backlog.as_secs_f64(),
+        cpu_us_per_event: cpu * 1e6 / n as f64,
+        peak_rss_mib,
+        p50_ms: percentile(&sorted, 0.5),
+        p99_ms: percentile(&sorted, 0.99),
+        max_ms: sorted.last().copied().unwrap_or(f64::NAN),
+        points: ctx.store.count(None).await.expect("count"),
+    }
+}
+
+/// Creates this run's topics (all six, with their dead-letter topics) on `cluster`'s broker.
+async fn create_topics(
+    settings: &KafkaSettings,
+    mock: Option<&MockCluster<'static, DefaultProducerContext>>,
+) {
+    let names = TopicNames::from_settings(settings).all();
+    match mock {
+        Some(cluster) => {
+            for name in &names {
+                cluster.create_topic(name, 3, 1).expect("mock topic");
+            }
+        }
+        None => {
+            aura_kafka::create_topics(settings, &names, 3, 1)
+                .await
+                .expect("topics");
+        }
+    }
+}
+
+/// Dispatch overhead: raw loop vs the mount with a no-op handler, live from the broker.
+async fn dispatch(
+    bootstrap: &str,
+    id: &str,
+    mock: Option<&MockCluster<'static, DefaultProducerContext>>,
+) {
+    let n = env_usize("BENCH_MESSAGES", 50_000);
+    let settings = kafka_settings(bootstrap, &format!("bench-{id}."), &format!("bench-{id}"));
+    create_topics(&settings, mock).await;
+    let topic = TopicNames::from_settings(&settings)
+        .for_event_type(NOOP_TYPE)
+        .expect("topic");
+    produce_noop(&settings, &topic, n).await;
+    println!("  {n} records on {topic} (3 partitions, lz4, 64 keys)");
+    let raw = raw_loop(&settings, &topic, n).await;
+    let embedded = aura_runtime::testing::embedded();
+    let mounted = mounted_loop(&settings, n, embedded.ctx.clone()).await;
+    let report = |name: &str, (wall, cpu): (Duration, f64)| {
+        let rate = n as f64 / wall.as_secs_f64();
+        println!(
+            "  {name:<44} {rate:>9.0} msg/s, {:>5.2} us CPU/msg",
+            cpu * 1e6 / n as f64
+        );
+        rate
+    };
+    let raw_rate = report("raw rdkafka loop (store offset per message):", raw);
+    let mounted_rate = report("run_consumer, no-op handler:", mounted);
     println!(
-        "points in the store: {}",
-        ctx.store.count(None).await.expect("count")
+        "  run_consumer vs raw: {:.0}% of its rate",
+        100.0 * mounted_rate / raw_rate
     );
+}
+
+/// End to end on one broker; with `python`, the Python poll loop reads the same input topic afterwards.
+async fn chain(
+    bootstrap: &str,
+    id: &str,
+    mock: Option<&MockCluster<'static, DefaultProducerContext>>,
+    python: bool,
+) {
+    let n = env_usize("BENCH_E2E_EVENTS", 5_000);
+    let paced = env_usize("BENCH_PACED_EVENTS", 2_000);
+    let rate = env_usize("BENCH_PACED_RATE", 100) as u64;
+    let settings = kafka_settings(
+        bootstrap,
+        &format!("bench-e2e-{id}."),
+        &format!("bench-e2e-{id}"),
+    );
+    create_topics(&settings, mock).await;
+    let run = end_to_end(&settings, n, paced, rate).await;
+    println!(
+        "  end to end, backlog of {n} mood events through 3 handlers into the store: {:.0} events/s, {:.0} us CPU \
+         per event, peak RSS {:.0} MiB",
+        run.backlog_rate, run.cpu_us_per_event, run.peak_rss_mib
+    );
+    println!(
+        "  end to end, paced {rate} events/s ({paced} events), produce -> point: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        run.p50_ms, run.p99_ms, run.max_ms
+    );
+    println!(
+        "  points in the store: {} (expected {})",
+        run.points,
+        n + paced
+    );
+    if python {
+        let input = TopicNames::from_settings(&settings)
+            .for_event_type("user.mood.created")
+            .expect("topic");
+        match python_loop(&settings, &input, n) {
+            Some(py) => println!(
+                "  python confluent-kafka poll loop on the same input topic: {py:.0} msg/s; end to end / python = {:.3}",
+                run.backlog_rate / py
+            ),
+            None => {
+                println!("  python confluent-kafka poll loop: skipped (AURA_TEST_PYTHON not set)")
+            }
+        }
+    }
 }
 
 fn main() {
@@ -342,48 +473,21 @@ fn main() {
     }
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     runtime.block_on(async {
-        let n = env_usize("BENCH_MESSAGES", 50_000);
         let id = format!("{:x}", now_us());
-        let settings = kafka_settings(&format!("bench-{id}."), &format!("bench-{id}"));
-        let names = TopicNames::from_settings(&settings);
-        aura_kafka::create_topics(&settings, &names.all(), 3, 1).await.expect("topics");
-        let topic = names.for_event_type(NOOP_TYPE).expect("topic");
-        produce_noop(&settings, &topic, n).await;
-        println!("{n} records on {topic} (3 partitions, lz4)");
-
-        let raw = raw_loop(&settings, &topic, n).await;
-        let embedded = aura_runtime::testing::embedded();
-        let mounted = mounted_loop(&settings, n, embedded.ctx.clone()).await;
-        // Wall-clock rates are bounded by how fast the broker serves fetches; CPU per message is our own cost.
-        let report = |name: &str, (wall, cpu): (Duration, f64)| {
-            let rate = n as f64 / wall.as_secs_f64();
-            let capacity = n as f64 / cpu.max(0.01);
-            println!("{name:<46} {rate:>8.0} msg/s wall, {:>6.1} us CPU/msg (capacity {capacity:.0} msg/s per core)",
-                cpu * 1e6 / n as f64);
-            (rate, capacity)
-        };
-        let (raw_rate, raw_capacity) = report("raw rdkafka loop (store offset per message):", raw);
-        let (mounted_rate, mounted_capacity) = report("run_consumer, no-op handler:", mounted);
-        println!(
-            "run_consumer vs raw: {:.0}% of its wall-clock rate, {:.0}% of its CPU capacity",
-            100.0 * mounted_rate / raw_rate,
-            100.0 * mounted_capacity / raw_capacity
-        );
-        match python_loop(&settings, &topic, n) {
-            Some(rate) => println!("python confluent-kafka poll loop:            {rate:.0} msg/s"),
-            None => println!("python confluent-kafka poll loop: skipped (AURA_TEST_PYTHON not set)"),
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        let bootstrap = cluster.bootstrap_servers();
+        println!("librdkafka mock cluster (in-process) at {bootstrap}:");
+        dispatch(&bootstrap, &format!("mock-{id}"), Some(&cluster)).await;
+        chain(&bootstrap, &format!("mock-{id}"), Some(&cluster), false).await;
+        drop(cluster);
+        match std::env::var("AURA_TEST_KAFKA") {
+            Ok(bootstrap) => {
+                println!("tansu (sqlite engine) at {bootstrap}:");
+                chain(&bootstrap, &format!("tansu-{id}"), None, true).await;
+            }
+            Err(_) => println!(
+                "tansu: skipped (AURA_TEST_KAFKA not set; scripts/bench-kafka.sh starts it)"
+            ),
         }
-
-        let e2e = kafka_settings(&format!("bench-e2e-{id}."), &format!("bench-e2e-{id}"));
-        aura_kafka::create_topics(&e2e, &TopicNames::from_settings(&e2e).all(), 3, 1)
-            .await
-            .expect("topics");
-        end_to_end(
-            &e2e,
-            env_usize("BENCH_E2E_EVENTS", 5_000),
-            env_usize("BENCH_PACED_EVENTS", 2_000),
-            env_usize("BENCH_PACED_RATE", 200) as u64,
-        )
-        .await;
     });
 }

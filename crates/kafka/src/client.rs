@@ -68,6 +68,11 @@ mod tests {
             drain_to_celery: true,
             dead_letter_spool_dir: "data/dead-letters".into(),
             message_max_bytes: 1_000_000,
+            ordering: aura_runtime::settings::KafkaOrdering::Key,
+            concurrency: 64,
+            max_in_flight_per_partition: 1000,
+            max_in_flight: 10_000,
+            max_in_flight_bytes: 64 << 20,
         }
     }
 

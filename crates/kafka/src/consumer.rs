@@ -1,18 +1,34 @@
 //! The consumer-group loop behind `vectordb-consumer` (DESIGN §5, §6).
 //!
-//! One task (the *poller*) receives messages and hands each to its partition's *lane*: a task that processes its
-//! partition's messages one at a time, in offset order. Lanes run concurrently. After an event was handled and
-//! every event it produced was acknowledged by the broker — or after it was written to `<topic>.dlq` — the lane
-//! stores `offset + 1`; librdkafka commits stored offsets every second, on revocation and on close
+//! One task (the *poller*) receives messages and books each into its partition's *window*: the offsets received and
+//! not yet committable. With `KAFKA_ORDERING=key` (the default) a message whose record key has nothing in flight
+//! starts a *runner* for that key; a message whose key is busy waits behind it. A runner handles its key's messages
+//! one after another, in offset order, so events of one key (one user) are never reordered, while different keys of
+//! the same partition run concurrently (up to `KAFKA_CONCURRENCY` handlers for the whole process). With
+//! `KAFKA_ORDERING=partition` every message of a partition has the same key: one at a time, in order.
+//!
+//! A message is finished when it was handled and every event it produced was acknowledged by the broker, or when it
+//! was written to `<topic>.dlq`. The offset stored for its partition is the end of the window's contiguous prefix
+//! of finished messages — never past an unfinished one — so a crash redelivers the unfinished messages and those
+//! that finished after the first of them, nothing less. The poller stores the offsets of every partition in one
+//! call per tick; librdkafka commits stored offsets every second, on revocation and on close
 //! (`enable.auto.commit` with `enable.auto.offset.store=false`: nothing is committed that was not finished).
 //!
-//! A lane whose event keeps failing transiently retries it with backoff and never skips it; its backlog grows until
-//! the poller pauses the partition, while polling (and so the group session) goes on for the other partitions.
-//! An event whose handler is disabled *holds* its partition: paused, nothing further committed, resumed from the
-//! committed offset by the next process that has the handler enabled.
+//! A key whose event keeps failing transiently retries it with backoff and never skips it; only that key waits.
+//! The partition keeps being fetched until its window reaches its bound (`KAFKA_MAX_IN_FLIGHT_PER_PARTITION`, or a
+//! quarter of `KAFKA_MAX_IN_FLIGHT_BYTES`), or the process reaches its own (`KAFKA_MAX_IN_FLIGHT`,
+//! `KAFKA_MAX_IN_FLIGHT_BYTES`); then it is paused, while polling (and so the group session) goes on for the other
+//! partitions. An event whose handler is disabled *holds* its partition: paused, nothing further committed, resumed
+//! from the committed offset by the next process that has the handler enabled.
+//!
+//! A revocation (rebalance) or SIGTERM lets the window drain within the grace period: retries give up at once,
+//! everything else in the window finishes, and the final offsets are stored before the partition is handed on —
+//! a clean rebalance handles nothing twice.
 
-use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
+use std::hash::BuildHasher;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -21,15 +37,15 @@ use std::time::{Duration, Instant};
 use aura_runtime::events::Event;
 use aura_runtime::events::limits::Limits;
 use aura_runtime::observe::names;
-use aura_runtime::settings::KafkaSettings;
+use aura_runtime::settings::{KafkaOrdering, KafkaSettings};
 use aura_runtime::{DependencyObserver, Dispatcher, Outcome, Registry, RetryPolicy, Route};
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
 use rdkafka::error::KafkaResult;
-use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::message::{BorrowedMessage, Headers, Message, OwnedMessage};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use tokio::sync::mpsc;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::publisher::OutgoingRecord;
@@ -37,18 +53,21 @@ use crate::{ClientError, KafkaPublisher, TopicNames, client_config};
 
 #[derive(Clone)]
 pub struct ConsumerOptions {
-    /// Backoff for transient failures; `max_attempts` is ignored (a partition never skips a failing event).
+    /// Backoff for transient failures; `max_attempts` is ignored (a key never skips a failing event).
     pub retry: RetryPolicy,
     /// How long SIGTERM (or a revocation) waits for in-flight events before giving up on them (uncommitted).
     pub grace: Duration,
-    /// A partition is paused while its lane retries an event, or when this many of its messages wait in its lane
-    /// (a memory bound); it is resumed once the lane is healthy and below `low_water`. Pausing discards librdkafka's
-    /// prefetched messages for the partition, so it is kept for lanes that are really stuck.
-    pub high_water: usize,
-    pub low_water: usize,
-    /// The same bound in bytes of message values waiting in one lane: journal-sized events reach it long before
-    /// `high_water` messages.
-    pub high_water_bytes: usize,
+    /// `KAFKA_ORDERING`: per key (concurrent keys) or per partition (one event at a time).
+    pub ordering: KafkaOrdering,
+    /// `KAFKA_CONCURRENCY`: handlers running at once in the whole process.
+    pub concurrency: usize,
+    /// `KAFKA_MAX_IN_FLIGHT_PER_PARTITION`: a partition's window (received, not yet committable) pauses the
+    /// partition at this many messages, or at `max_in_flight_bytes / 4` bytes; it resumes below half of both.
+    pub max_in_flight_per_partition: usize,
+    /// `KAFKA_MAX_IN_FLIGHT`, `KAFKA_MAX_IN_FLIGHT_BYTES`: the same bound for the whole process. Bytes are record
+    /// values and keys.
+    pub max_in_flight: usize,
+    pub max_in_flight_bytes: usize,
     /// `MAX_EVENT_BYTES`: a larger record is dead-lettered unread.
     pub max_event_bytes: usize,
     /// `DEAD_LETTER_SPOOL_DIR`: where a dead letter goes when `<topic>.dlq` refuses it for good (authorization, a
@@ -68,13 +87,28 @@ impl Default for ConsumerOptions {
                 jitter: 0.2,
             },
             grace: Duration::from_secs(8),
-            high_water: 10_000,
-            low_water: 1_000,
-            high_water_bytes: 8 * 1024 * 1024,
+            ordering: KafkaOrdering::Key,
+            concurrency: 64,
+            max_in_flight_per_partition: 1_000,
+            max_in_flight: 10_000,
+            max_in_flight_bytes: 64 * 1024 * 1024,
             max_event_bytes: Limits::default().max_event_bytes,
             dead_letter_spool: PathBuf::from("data/dead-letters"),
             observer: None,
         }
+    }
+}
+
+impl ConsumerOptions {
+    /// The ordering, concurrency and in-flight bounds of `settings` (`KAFKA_ORDERING`, `KAFKA_CONCURRENCY`,
+    /// `KAFKA_MAX_IN_FLIGHT*`); everything else as it was.
+    pub fn with_settings(mut self, settings: &KafkaSettings) -> Self {
+        self.ordering = settings.ordering;
+        self.concurrency = settings.concurrency;
+        self.max_in_flight_per_partition = settings.max_in_flight_per_partition;
+        self.max_in_flight = settings.max_in_flight;
+        self.max_in_flight_bytes = settings.max_in_flight_bytes;
+        self
     }
 }
 
@@ -152,11 +186,12 @@ pub async fn run_consumer(
     shutdown: impl Future<Output = ()>,
 ) -> Result<ConsumerReport, ClientError> {
     let topics = subscribed_topics(&registry, &TopicNames::from_settings(settings));
-    let stopping = CancellationToken::new();
     let shared = Arc::new(Shared {
-        lanes: Mutex::new(HashMap::new()),
+        lanes: Mutex::new(Vec::new()),
         grace: options.grace,
         counters: Counters::default(),
+        in_flight: AtomicUsize::new(0),
+        in_flight_bytes: AtomicUsize::new(0),
     });
     let consumer: Arc<StreamConsumer<MountContext>> = Arc::new(
         client_config(settings)?
@@ -186,10 +221,10 @@ pub async fn run_consumer(
     consumer
         .subscribe(&names)
         .map_err(|e| ClientError::kafka(format!("subscribing to {}", topics.join(", ")), e))?;
-    tracing::info!(group = %settings.group_id, topics = %topics.join(","), "consumer subscribed");
+    tracing::info!(group = %settings.group_id, topics = %topics.join(","),
+        ordering = ?options.ordering, concurrency = options.concurrency, "consumer subscribed");
 
-    let lane_context = Arc::new(LaneContext {
-        consumer: consumer.clone(),
+    let runners = Arc::new(RunnerContext {
         registry,
         dispatcher,
         dead_letters,
@@ -198,33 +233,31 @@ pub async fn run_consumer(
         spool: options.dead_letter_spool.clone(),
         observer: options.observer.clone(),
         shared: shared.clone(),
+        slots: Semaphore::new(options.concurrency.max(1)),
     });
     let poller = Poller {
         consumer: consumer.clone(),
-        lanes: lane_context,
-        stopping: stopping.clone(),
-        options,
+        runners,
+        keys: std::collections::hash_map::RandomState::new(),
+        bounds: Bounds::new(&options),
+        ordering: options.ordering,
     };
     poller.run(shutdown).await;
 
-    // Stop: no lane starts another event, retries give up, in-flight events finish within the grace period.
-    stopping.cancel();
-    let lanes: Vec<Lane> = shared.lanes().drain().map(|(_, lane)| lane).collect();
-    let deadline = tokio::time::Instant::now() + shared.grace;
-    for lane in lanes {
-        let mut task = lane.task;
-        if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
-            tracing::warn!(topic = %lane.topic, partition = lane.partition,
-                "in-flight event did not finish within the grace period; it stays uncommitted");
-            task.abort();
-        }
+    // Stop: retries give up, the windows drain within the grace period, the final offsets are stored.
+    let lanes: Vec<Lane> = shared.lanes().drain(..).collect();
+    let deadline = Instant::now() + shared.grace;
+    drain(&lanes, deadline).await;
+    poller.store_progress(&lanes);
+    for lane in &lanes {
+        shared.release(lane);
     }
     drop(poller);
     // The final commit and the close share what is left of the grace period (at least a second, at most
     // CLOSE_LIMIT): with the broker down, a synchronous commit waits until the session times out, and the exit must
     // stay bounded whatever the broker does.
     let left = deadline
-        .saturating_duration_since(tokio::time::Instant::now())
+        .saturating_duration_since(Instant::now())
         .clamp(Duration::from_secs(1), CLOSE_LIMIT);
     close_within(consumer, left).await;
     let report = shared.counters.report(topics);
@@ -237,40 +270,95 @@ pub async fn run_consumer(
     Ok(report)
 }
 
-type PartitionKey = (String, i32);
+/// Shutdown: gives up retries now, lets everything else in the windows finish until `deadline`, then lets no runner
+/// take a further event.
+async fn drain(lanes: &[Lane], deadline: Instant) {
+    for lane in lanes {
+        lane.part.book().start_drain();
+        lane.part.cancel.cancel();
+    }
+    while lanes
+        .iter()
+        .any(|l| l.part.running.load(Ordering::Acquire) > 0)
+    {
+        if Instant::now() >= deadline {
+            for lane in lanes
+                .iter()
+                .filter(|l| l.part.running.load(Ordering::Acquire) > 0)
+            {
+                tracing::warn!(topic = %lane.part.topic, partition = lane.part.partition,
+                    "in-flight events did not finish within the grace period; they stay uncommitted");
+            }
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for lane in lanes {
+        lane.part.abort.cancel();
+    }
+}
 
-/// State the poller, the lanes and the rebalance callback share.
+/// State the poller, the runners and the rebalance callback share.
 struct Shared {
-    lanes: Mutex<HashMap<PartitionKey, Lane>>,
+    lanes: Mutex<Vec<Lane>>,
     grace: Duration,
     counters: Counters,
+    /// Messages in every window, and their bytes: the process-wide bound.
+    in_flight: AtomicUsize,
+    in_flight_bytes: AtomicUsize,
 }
 
 impl Shared {
-    fn lanes(&self) -> MutexGuard<'_, HashMap<PartitionKey, Lane>> {
-        // A panicking lane never holds this lock across its work; the map stays consistent.
+    fn lanes(&self) -> MutexGuard<'_, Vec<Lane>> {
+        // Nothing panics while holding this lock; the list stays consistent.
         self.lanes
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Revocation: stop the revoked lanes and give their in-flight events the grace period to finish and store
-    /// their offsets, which librdkafka commits right after this callback returns.
-    fn revoke(&self, partitions: &TopicPartitionList) {
+    /// A lane leaves the process (revoked, or at exit): what its window still holds no longer counts, and a runner
+    /// still finishing an event of it later releases nothing twice.
+    fn release(&self, lane: &Lane) {
+        let mut book = lane.part.book();
+        self.in_flight
+            .fetch_sub(book.window.len(), Ordering::AcqRel);
+        self.in_flight_bytes.fetch_sub(book.bytes, Ordering::AcqRel);
+        book.window.clear();
+        book.keys.clear();
+        book.bytes = 0;
+        book.finished_ahead = 0;
+    }
+
+    /// Revocation: give the revoked partitions' windows the grace period to drain, and store their final offsets,
+    /// which librdkafka commits right after this callback returns.
+    fn revoke(&self, consumer: &BaseConsumer<MountContext>, partitions: &TopicPartitionList) {
         let revoked: Vec<Lane> = {
             let mut lanes = self.lanes();
-            partitions
-                .elements()
-                .iter()
-                .filter_map(|p| lanes.remove(&(p.topic().to_owned(), p.partition())))
-                .collect()
+            let mut revoked = Vec::new();
+            let mut i = 0;
+            while i < lanes.len() {
+                let part = &lanes[i].part;
+                if partitions
+                    .elements()
+                    .iter()
+                    .any(|p| p.partition() == part.partition && p.topic() == part.topic)
+                {
+                    revoked.push(lanes.swap_remove(i));
+                } else {
+                    i += 1;
+                }
+            }
+            revoked
         };
         for lane in &revoked {
-            lane.state.cancel.cancel();
+            lane.part.book().start_drain();
+            lane.part.cancel.cancel();
         }
         let wait = || {
             let deadline = Instant::now() + self.grace;
-            while revoked.iter().any(|l| l.state.busy.load(Ordering::Acquire))
+            while revoked
+                .iter()
+                .any(|l| l.part.running.load(Ordering::Acquire) > 0)
                 && Instant::now() < deadline
             {
                 std::thread::sleep(Duration::from_millis(5));
@@ -280,6 +368,25 @@ impl Shared {
         match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
             Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(wait),
             _ => wait(),
+        }
+        let mut finals = TopicPartitionList::new();
+        for lane in &revoked {
+            lane.part.abort.cancel();
+            if let Some(next) = lane.part.book().next
+                && Some(next) != lane.stored
+            {
+                let _ = finals.add_partition_offset(
+                    &lane.part.topic,
+                    lane.part.partition,
+                    Offset::Offset(next),
+                );
+            }
+            self.release(lane);
+        }
+        if finals.count() > 0
+            && let Err(error) = consumer.store_offsets(&finals)
+        {
+            tracing::warn!(%error, "storing the revoked partitions' offsets failed; their new owner redelivers");
         }
         tracing::info!(partitions = revoked.len(), "partitions revoked");
     }
@@ -312,9 +419,9 @@ struct MountContext {
 impl ClientContext for MountContext {}
 
 impl ConsumerContext for MountContext {
-    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(partitions) = rebalance {
-            self.shared.revoke(partitions);
+            self.shared.revoke(consumer, partitions);
         }
     }
 
@@ -357,42 +464,169 @@ fn describe(partitions: &TopicPartitionList) -> String {
         .join(",")
 }
 
-/// One partition's ordered worker, as the poller sees it.
+/// One assigned partition, as the poller sees it.
 struct Lane {
-    topic: String,
-    partition: i32,
-    sender: mpsc::UnboundedSender<OwnedMessage>,
-    state: Arc<LaneState>,
+    part: Arc<Partition>,
     paused: bool,
-    task: tokio::task::JoinHandle<()>,
+    /// The offset last stored for it.
+    stored: Option<i64>,
 }
 
-struct LaneState {
-    /// Messages handed to the lane and not finished yet.
-    backlog: AtomicUsize,
-    /// Their value bytes.
-    backlog_bytes: AtomicUsize,
-    /// An event is being processed (revocation and shutdown wait for it).
-    busy: AtomicBool,
+/// One assigned partition, as its runners see it.
+struct Partition {
+    topic: String,
+    partition: i32,
+    book: Mutex<Book>,
+    /// Runners alive (revocation and shutdown wait for none).
+    running: AtomicUsize,
     /// Stopped at an event whose handler is disabled.
     held: AtomicBool,
-    /// Retrying a transiently failing event.
-    retrying: AtomicBool,
-    /// Revocation or shutdown: take no further event, abandon retries.
+    /// Revocation or shutdown: retries give up.
     cancel: CancellationToken,
+    /// The grace period is over: no runner takes a further event.
+    abort: CancellationToken,
+}
+
+impl Partition {
+    fn book(&self) -> MutexGuard<'_, Book> {
+        // Nothing panics while holding this lock (plain collection updates).
+        self.book
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// A partition's window and the messages waiting behind their keys.
+#[derive(Default)]
+struct Book {
+    /// Received and not yet committable, in offset order.
+    window: VecDeque<Slot>,
+    /// Bytes of the messages in the window.
+    bytes: usize,
+    /// Keys with a runner: the offset it runs and the messages waiting for it (in offset order).
+    keys: HashMap<u64, KeyRun>,
+    /// Revocation or shutdown: the last offset still to run (see [`Book::start_drain`]).
+    drain_to: Option<i64>,
+    /// The offset to commit: the end of the contiguous prefix of finished messages.
+    next: Option<i64>,
+    /// Finished messages still in the window (behind an unfinished one).
+    finished_ahead: usize,
+}
+
+struct Slot {
+    offset: i64,
+    bytes: usize,
+    done: bool,
+}
+
+/// One key's runner, as its partition's book sees it.
+struct KeyRun {
+    running: i64,
+    waiting: VecDeque<OwnedMessage>,
+}
+
+impl Book {
+    /// Stops the window at the furthest offset finished or running: everything up to it still runs (each key's
+    /// waiting events up to it, in order), nothing beyond it starts. Once that is done the finished events form a
+    /// contiguous prefix, so the partition's next owner starts right after them and handles nothing twice.
+    fn start_drain(&mut self) {
+        let finished = self
+            .window
+            .iter()
+            .filter(|s| s.done)
+            .map(|s| s.offset)
+            .max();
+        let running = self.keys.values().map(|k| k.running).max();
+        self.drain_to = Some(finished.max(running).unwrap_or(-1));
+    }
+
+    /// The next message of `key`'s runner, or `None` (and the key is idle) when none waits or the drain stops here.
+    fn next_for(&mut self, key: u64) -> Option<OwnedMessage> {
+        let drain_to = self.drain_to;
+        let next = self.keys.get_mut(&key).and_then(|run| {
+            let next = run.waiting.pop_front()?;
+            if drain_to.is_some_and(|last| next.offset() > last) {
+                return None;
+            }
+            run.running = next.offset();
+            Some(next)
+        });
+        if next.is_none() {
+            self.keys.remove(&key);
+        }
+        next
+    }
+
+    /// Marks `offset` finished and drops the finished prefix of the window; returns the messages and bytes it
+    /// released.
+    fn finish(&mut self, offset: i64) -> (usize, usize) {
+        if let Ok(i) = self
+            .window
+            .binary_search_by_key(&offset, |slot| slot.offset)
+            && !self.window[i].done
+        {
+            self.window[i].done = true;
+            self.finished_ahead += 1;
+        }
+        let (mut count, mut bytes) = (0, 0);
+        while let Some(slot) = self.window.front() {
+            if !slot.done {
+                break;
+            }
+            self.next = Some(slot.offset + 1);
+            self.finished_ahead -= 1;
+            count += 1;
+            bytes += slot.bytes;
+            self.window.pop_front();
+        }
+        self.bytes -= bytes;
+        (count, bytes)
+    }
+}
+
+/// When a partition pauses and resumes.
+struct Bounds {
+    partition_count: usize,
+    partition_bytes: usize,
+    process_count: usize,
+    process_bytes: usize,
+}
+
+impl Bounds {
+    fn new(options: &ConsumerOptions) -> Self {
+        Self {
+            partition_count: options.max_in_flight_per_partition.max(1),
+            partition_bytes: (options.max_in_flight_bytes / 4).max(1),
+            process_count: options.max_in_flight.max(1),
+            process_bytes: options.max_in_flight_bytes.max(1),
+        }
+    }
+
+    /// At a bound (`divisor` 1) or above half of one (`divisor` 2, the resume test).
+    fn reached(&self, book: &Book, shared: &Shared, divisor: usize) -> bool {
+        book.window.len() >= self.partition_count / divisor
+            || book.bytes >= self.partition_bytes / divisor
+            || shared.in_flight.load(Ordering::Acquire) >= self.process_count / divisor
+            || shared.in_flight_bytes.load(Ordering::Acquire) >= self.process_bytes / divisor
+    }
 }
 
 struct Poller {
     consumer: Arc<StreamConsumer<MountContext>>,
-    lanes: Arc<LaneContext>,
-    stopping: CancellationToken,
-    options: ConsumerOptions,
+    runners: Arc<RunnerContext>,
+    /// Record keys are hashed to one `u64`: two keys that collide merely wait for each other.
+    keys: std::collections::hash_map::RandomState,
+    bounds: Bounds,
+    ordering: KafkaOrdering,
 }
+
+/// The key of a record without one (its own ordering group).
+const NO_KEY: u64 = u64::MAX;
 
 impl Poller {
     async fn run(&self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
-        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_error: Option<String> = None;
         loop {
@@ -405,7 +639,7 @@ impl Poller {
                 received = self.consumer.recv() => match received {
                     Ok(message) => {
                         last_error = None;
-                        self.route(message.detach());
+                        self.route(&message);
                     }
                     Err(error) => {
                         let text = error.to_string();
@@ -416,84 +650,177 @@ impl Poller {
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                 },
-                _ = tick.tick() => self.adjust_pauses(),
+                _ = tick.tick() => {
+                    let mut lanes = self.runners.shared.lanes();
+                    self.store_progress(&lanes);
+                    let (mut in_flight, mut ahead) = (0, 0);
+                    for lane in lanes.iter_mut() {
+                        let book = lane.part.book();
+                        if let Some(next) = book.next {
+                            lane.stored = Some(next);
+                        }
+                        in_flight += book.window.len();
+                        ahead += book.finished_ahead;
+                    }
+                    metrics::gauge!("aura360_kafka_in_flight_events").set(in_flight as f64);
+                    metrics::gauge!("aura360_kafka_finished_ahead_events").set(ahead as f64);
+                    self.adjust_pauses(&mut lanes);
+                }
             }
         }
     }
 
-    fn route(&self, message: OwnedMessage) {
-        let key = (message.topic().to_owned(), message.partition());
-        let mut lanes = self.lanes.shared.lanes();
-        let lane = lanes
-            .entry(key)
-            .or_insert_with_key(|(topic, partition)| self.spawn_lane(topic, *partition));
-        if lane.state.held.load(Ordering::Acquire) {
+    /// Books one message into its partition's window and starts its key's runner if the key is idle.
+    fn route(&self, message: &BorrowedMessage<'_>) {
+        let shared = &self.runners.shared;
+        let mut lanes = shared.lanes();
+        let index = match lanes.iter().position(|l| {
+            l.part.partition == message.partition() && l.part.topic == message.topic()
+        }) {
+            Some(index) => index,
+            None => {
+                lanes.push(self.new_lane(message.topic(), message.partition()));
+                lanes.len() - 1
+            }
+        };
+        let lane = &mut lanes[index];
+        if lane.part.held.load(Ordering::Acquire) {
             // Not processed and not committed: the next owner with the handler enabled starts here.
             return;
         }
-        let bytes = message_bytes(&message);
-        lane.state.backlog.fetch_add(1, Ordering::AcqRel);
-        lane.state.backlog_bytes.fetch_add(bytes, Ordering::AcqRel);
-        if lane.sender.send(message).is_err() {
-            lane.state.backlog.fetch_sub(1, Ordering::AcqRel);
-            lane.state.backlog_bytes.fetch_sub(bytes, Ordering::AcqRel);
+        let offset = message.offset();
+        // A type routed by header to no handler here is finished without copying or decoding it.
+        if let Some(event_type) = foreign_type(message, &self.runners.registry) {
+            tracing::debug!(
+                topic = message.topic(),
+                offset,
+                event_type,
+                "no handler for event type; skipped"
+            );
+            metrics::counter!("aura360_events_processed_total", "handler" => "none", "outcome" => "skipped")
+                .increment(1);
+            shared.counters.skipped.fetch_add(1, Ordering::Relaxed);
+            let mut book = lane.part.book();
+            book.window.push_back(Slot {
+                offset,
+                bytes: 0,
+                done: false,
+            });
+            shared.in_flight.fetch_add(1, Ordering::AcqRel);
+            let (count, _) = book.finish(offset);
+            shared.in_flight.fetch_sub(count, Ordering::AcqRel);
+            return;
         }
-        let behind = lane.state.backlog.load(Ordering::Acquire) >= self.options.high_water
-            || lane.state.backlog_bytes.load(Ordering::Acquire) >= self.options.high_water_bytes;
-        if !lane.paused && behind {
-            lane.paused = set_paused(&self.consumer, lane, true);
-            tracing::info!(topic = %lane.topic, partition = lane.partition,
-                backlog = lane.state.backlog.load(Ordering::Acquire),
-                backlog_bytes = lane.state.backlog_bytes.load(Ordering::Acquire),
-                "partition paused: its lane is behind");
+        let key = match self.ordering {
+            KafkaOrdering::Partition => 0,
+            KafkaOrdering::Key => message.key().map_or(NO_KEY, |k| self.keys.hash_one(k)),
+        };
+        let bytes = message.payload().map_or(0, <[u8]>::len) + message.key().map_or(0, <[u8]>::len);
+        let owned = message.detach();
+        let (start, behind) = {
+            let mut book = lane.part.book();
+            book.window.push_back(Slot {
+                offset,
+                bytes,
+                done: false,
+            });
+            book.bytes += bytes;
+            shared.in_flight.fetch_add(1, Ordering::AcqRel);
+            shared.in_flight_bytes.fetch_add(bytes, Ordering::AcqRel);
+            let start = match book.keys.entry(key) {
+                Entry::Occupied(mut run) => {
+                    run.get_mut().waiting.push_back(owned);
+                    None
+                }
+                Entry::Vacant(idle) => {
+                    idle.insert(KeyRun {
+                        running: offset,
+                        waiting: VecDeque::new(),
+                    });
+                    Some(owned)
+                }
+            };
+            (start, !lane.paused && self.bounds.reached(&book, shared, 1))
+        };
+        if let Some(message) = start {
+            lane.part.running.fetch_add(1, Ordering::AcqRel);
+            tokio::spawn(
+                self.runners
+                    .clone()
+                    .run_key(lane.part.clone(), key, message),
+            );
+        }
+        if behind {
+            lane.paused = set_paused(&self.consumer, &lane.part, true);
+            let book = lane.part.book();
+            tracing::info!(topic = %lane.part.topic, partition = lane.part.partition,
+                in_flight = book.window.len(), in_flight_bytes = book.bytes,
+                process_in_flight = shared.in_flight.load(Ordering::Acquire),
+                "partition paused: in-flight bound reached");
         }
     }
 
-    fn spawn_lane(&self, topic: &str, partition: i32) -> Lane {
-        let (sender, receiver) = mpsc::unbounded_channel();
-        let state = Arc::new(LaneState {
-            backlog: AtomicUsize::new(0),
-            backlog_bytes: AtomicUsize::new(0),
-            busy: AtomicBool::new(false),
-            held: AtomicBool::new(false),
-            retrying: AtomicBool::new(false),
-            cancel: self.stopping.child_token(),
-        });
-        let task = tokio::spawn(self.lanes.clone().run(receiver, state.clone()));
+    fn new_lane(&self, topic: &str, partition: i32) -> Lane {
         Lane {
-            topic: topic.to_owned(),
-            partition,
-            sender,
-            state,
+            part: Arc::new(Partition {
+                topic: topic.to_owned(),
+                partition,
+                book: Mutex::new(Book::default()),
+                running: AtomicUsize::new(0),
+                held: AtomicBool::new(false),
+                cancel: CancellationToken::new(),
+                abort: CancellationToken::new(),
+            }),
             paused: false,
-            task,
+            stored: None,
         }
     }
 
-    /// Pauses held and retrying lanes; resumes lanes that are healthy again and caught up.
-    fn adjust_pauses(&self) {
-        let mut lanes = self.lanes.shared.lanes();
-        for lane in lanes.values_mut() {
-            let stuck = lane.state.held.load(Ordering::Acquire)
-                || lane.state.retrying.load(Ordering::Acquire);
-            let caught_up = lane.state.backlog.load(Ordering::Acquire) <= self.options.low_water
-                && lane.state.backlog_bytes.load(Ordering::Acquire)
-                    <= self.options.high_water_bytes / 4;
-            if stuck && !lane.paused {
-                lane.paused = set_paused(&self.consumer, lane, true);
-                tracing::info!(topic = %lane.topic, partition = lane.partition, "partition paused: its lane is retrying or held");
-            } else if lane.paused && caught_up && !stuck {
-                lane.paused = set_paused(&self.consumer, lane, false);
-                tracing::info!(topic = %lane.topic, partition = lane.partition, "partition resumed");
+    /// Stores the committable offset of every lane that moved, in one call.
+    fn store_progress(&self, lanes: &[Lane]) {
+        let mut list: Option<TopicPartitionList> = None;
+        for lane in lanes {
+            let next = lane.part.book().next;
+            if let Some(next) = next
+                && lane.stored != Some(next)
+            {
+                let list =
+                    list.get_or_insert_with(|| TopicPartitionList::with_capacity(lanes.len()));
+                let _ = list.add_partition_offset(
+                    &lane.part.topic,
+                    lane.part.partition,
+                    Offset::Offset(next),
+                );
+            }
+        }
+        if let Some(list) = list
+            && let Err(error) = self.consumer.store_offsets(&list)
+        {
+            // A partition taken away meanwhile: its new owner redelivers (at-least-once).
+            tracing::debug!(%error, "offsets not stored");
+        }
+    }
+
+    /// Pauses held lanes; resumes lanes that are healthy again and below half of every bound.
+    fn adjust_pauses(&self, lanes: &mut [Lane]) {
+        let shared = &self.runners.shared;
+        for lane in lanes.iter_mut() {
+            let held = lane.part.held.load(Ordering::Acquire);
+            if held && !lane.paused {
+                lane.paused = set_paused(&self.consumer, &lane.part, true);
+                tracing::info!(topic = %lane.part.topic, partition = lane.part.partition, "partition paused: held");
+            } else if lane.paused && !held && !self.bounds.reached(&lane.part.book(), shared, 2) {
+                lane.paused = set_paused(&self.consumer, &lane.part, false);
+                tracing::info!(topic = %lane.part.topic, partition = lane.part.partition, "partition resumed");
             }
         }
     }
 }
 
 /// Pauses or resumes one partition; returns the resulting paused state.
-fn set_paused(consumer: &StreamConsumer<MountContext>, lane: &Lane, pause: bool) -> bool {
+fn set_paused(consumer: &StreamConsumer<MountContext>, part: &Partition, pause: bool) -> bool {
     let mut list = TopicPartitionList::new();
-    list.add_partition(&lane.topic, lane.partition);
+    list.add_partition(&part.topic, part.partition);
     let result = if pause {
         consumer.pause(&list)
     } else {
@@ -502,15 +829,14 @@ fn set_paused(consumer: &StreamConsumer<MountContext>, lane: &Lane, pause: bool)
     match result {
         Ok(()) => pause,
         Err(error) => {
-            tracing::warn!(%error, topic = %lane.topic, partition = lane.partition, pause, "pause/resume failed");
+            tracing::warn!(%error, topic = %part.topic, partition = part.partition, pause, "pause/resume failed");
             !pause
         }
     }
 }
 
-/// What every lane needs.
-struct LaneContext {
-    consumer: Arc<StreamConsumer<MountContext>>,
+/// What every runner needs.
+struct RunnerContext {
     registry: Arc<Registry>,
     dispatcher: Dispatcher,
     dead_letters: KafkaPublisher,
@@ -519,6 +845,8 @@ struct LaneContext {
     spool: PathBuf,
     observer: Option<Arc<dyn DependencyObserver>>,
     shared: Arc<Shared>,
+    /// `KAFKA_CONCURRENCY`.
+    slots: Semaphore,
 }
 
 /// How one message ended.
@@ -532,28 +860,37 @@ enum Finished {
     Abandoned,
 }
 
-impl LaneContext {
-    async fn run(
-        self: Arc<Self>,
-        mut receiver: mpsc::UnboundedReceiver<OwnedMessage>,
-        state: Arc<LaneState>,
-    ) {
+/// Counts a runner out when it ends, however it ends.
+struct Running(Arc<Partition>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl RunnerContext {
+    /// Handles `message` and then every message that queues behind its key, one at a time, until none waits.
+    async fn run_key(self: Arc<Self>, part: Arc<Partition>, key: u64, mut message: OwnedMessage) {
+        let running = Running(part.clone());
         loop {
-            let message = tokio::select! {
-                biased;
-                () = state.cancel.cancelled() => return,
-                message = receiver.recv() => match message {
-                    Some(message) => message,
-                    None => return,
-                },
+            let finished = if part.abort.is_cancelled() || part.held.load(Ordering::Acquire) {
+                Finished::Abandoned
+            } else {
+                let slot = tokio::select! {
+                    slot = self.slots.acquire() => slot.ok(),
+                    () = part.abort.cancelled() => None,
+                };
+                match slot {
+                    Some(_slot) => self.process(&message, &part).await,
+                    None => Finished::Abandoned,
+                }
             };
-            state.busy.store(true, Ordering::Release);
-            let finished = self.process(&message, &state).await;
             let counters = &self.shared.counters;
-            let counter = match finished {
-                Finished::Handled => &counters.handled,
-                Finished::Skipped => &counters.skipped,
-                Finished::DeadLettered => &counters.dead_lettered,
+            match finished {
+                Finished::Handled => counters.handled.fetch_add(1, Ordering::Relaxed),
+                Finished::Skipped => counters.skipped.fetch_add(1, Ordering::Relaxed),
+                Finished::DeadLettered => counters.dead_lettered.fetch_add(1, Ordering::Relaxed),
                 Finished::Held(handler) => {
                     tracing::warn!(
                         topic = message.topic(),
@@ -563,59 +900,49 @@ impl LaneContext {
                         "handler disabled: partition held at this offset (nothing further committed)"
                     );
                     counters.held.fetch_add(1, Ordering::Relaxed);
-                    state.held.store(true, Ordering::Release);
-                    state.busy.store(false, Ordering::Release);
+                    part.held.store(true, Ordering::Release);
+                    part.book().keys.remove(&key);
                     return;
                 }
                 Finished::Abandoned => {
-                    state.busy.store(false, Ordering::Release);
+                    // Nothing after an abandoned event can be committed: stop the rest of the window too.
+                    part.abort.cancel();
+                    part.book().keys.remove(&key);
                     return;
                 }
             };
-            counter.fetch_add(1, Ordering::Relaxed);
-            if let Err(error) = self.store_next_offset(&message) {
-                // The partition was taken away meanwhile: its new owner redelivers (at-least-once).
-                tracing::debug!(%error, topic = message.topic(), partition = message.partition(), "offset not stored");
+            let next = {
+                let mut book = part.book();
+                let (count, bytes) = book.finish(message.offset());
+                self.shared.in_flight.fetch_sub(count, Ordering::AcqRel);
+                self.shared
+                    .in_flight_bytes
+                    .fetch_sub(bytes, Ordering::AcqRel);
+                book.next_for(key)
+            };
+            match next {
+                Some(next) => message = next,
+                None => break,
             }
-            state.backlog.fetch_sub(1, Ordering::AcqRel);
-            state
-                .backlog_bytes
-                .fetch_sub(message_bytes(&message), Ordering::AcqRel);
-            state.busy.store(false, Ordering::Release);
         }
+        drop(running);
     }
 
-    /// Marks everything up to `message` done: the next commit of its partition is `offset + 1`. (`store_offsets`
-    /// stores the offset as given; the older `rd_kafka_offset_store` behind `store_offset` adds 1 itself.)
-    fn store_next_offset(&self, message: &OwnedMessage) -> KafkaResult<()> {
-        let mut list = TopicPartitionList::new();
-        list.add_partition_offset(
-            message.topic(),
-            message.partition(),
-            Offset::Offset(message.offset() + 1),
-        )?;
-        self.consumer.store_offsets(&list)
-    }
-
-    /// Decodes, dispatches and dead-letters one message, retrying transient failures until they pass or the lane is
-    /// cancelled.
-    async fn process(&self, message: &OwnedMessage, state: &LaneState) -> Finished {
+    /// Decodes, dispatches and dead-letters one message, retrying transient failures until they pass or the
+    /// partition is revoked or the process stops.
+    async fn process(&self, message: &OwnedMessage, part: &Partition) -> Finished {
         let mut attempt = 0;
         loop {
             attempt += 1;
             let error = match self.attempt(message).await {
-                Ok(finished) => {
-                    state.retrying.store(false, Ordering::Release);
-                    return finished;
-                }
+                Ok(finished) => return finished,
                 Err(error) => error,
             };
-            state.retrying.store(true, Ordering::Release);
             let delay = self.retry.delay(attempt);
             tracing::warn!(topic = message.topic(), partition = message.partition(), offset = message.offset(),
-                attempt, retry_in_ms = delay.as_millis() as u64, %error, "transient failure; retrying (partition held)");
+                attempt, retry_in_ms = delay.as_millis() as u64, %error, "transient failure; retrying (its key waits)");
             tokio::select! {
-                () = state.cancel.cancelled() => return Finished::Abandoned,
+                () = part.cancel.cancelled() => return Finished::Abandoned,
                 () = tokio::time::sleep(delay) => {}
             }
         }
@@ -866,31 +1193,33 @@ pub enum Decoded {
     Foreign(String),
 }
 
-/// What a message holds in memory, as the lanes' byte bound counts it.
-fn message_bytes(message: &OwnedMessage) -> usize {
-    message.payload().map_or(0, <[u8]>::len) + message.key().map_or(0, <[u8]>::len)
-}
-
-/// The event of a message, routed by its `event_type` header when present (else the JSON body's). `Err` is the
-/// reason it is dead-lettered.
-pub fn decode(
-    message: &OwnedMessage,
-    registry: &Registry,
-    max_event_bytes: usize,
-) -> Result<Decoded, String> {
-    let header_type = message.headers().and_then(|headers| {
+/// The `event_type` header's value, when it is text.
+fn header_type<M: Message>(message: &M) -> Option<&str> {
+    message.headers().and_then(|headers| {
         headers
             .iter()
             .find(|h| h.key == "event_type")
             .and_then(|h| h.value)
             .and_then(|v| std::str::from_utf8(v).ok())
-            .map(str::to_owned)
-    });
-    if let Some(event_type) = &header_type
-        && matches!(registry.route(event_type), Route::Unhandled)
-    {
-        return Ok(Decoded::Foreign(event_type.clone()));
+    })
+}
+
+/// The type of a record whose `event_type` header names a type no handler here knows: it is skipped unread.
+fn foreign_type<'m, M: Message>(message: &'m M, registry: &Registry) -> Option<&'m str> {
+    header_type(message).filter(|t| matches!(registry.route(t), Route::Unhandled))
+}
+
+/// The event of a message, routed by its `event_type` header when present (else the JSON body's). `Err` is the
+/// reason it is dead-lettered.
+pub fn decode<M: Message>(
+    message: &M,
+    registry: &Registry,
+    max_event_bytes: usize,
+) -> Result<Decoded, String> {
+    if let Some(event_type) = foreign_type(message, registry) {
+        return Ok(Decoded::Foreign(event_type.to_owned()));
     }
+    let header_type = header_type(message);
     let payload = message
         .payload()
         .ok_or_else(|| "empty message (no value)".to_owned())?;
@@ -906,7 +1235,50 @@ pub fn decode(
     {
         tracing::warn!(header = %event_type, body = %event.event_type, offset = message.offset(),
             "event_type header and body disagree; routing by the header");
-        event.event_type = event_type;
+        event.event_type = event_type.to_owned();
     }
     Ok(Decoded::Event(Box::new(event)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn book(offsets: &[i64]) -> Book {
+        let mut book = Book::default();
+        for &offset in offsets {
+            book.window.push_back(Slot {
+                offset,
+                bytes: 10,
+                done: false,
+            });
+            book.bytes += 10;
+        }
+        book
+    }
+
+    #[test]
+    fn the_committable_offset_is_the_end_of_the_finished_prefix_and_never_passes_a_gap() {
+        // Offsets need not be contiguous (compaction, transaction markers).
+        let mut book = book(&[4, 5, 7, 8, 9]);
+        assert_eq!(book.finish(7), (0, 0));
+        assert_eq!(book.finish(9), (0, 0));
+        assert_eq!((book.next, book.finished_ahead), (None, 2));
+        assert_eq!(book.finish(4), (1, 10));
+        assert_eq!(book.next, Some(5));
+        assert_eq!(book.finish(5), (2, 20), "5 and the already finished 7");
+        assert_eq!(
+            (book.next, book.finished_ahead, book.window.len()),
+            (Some(8), 1, 2)
+        );
+        // A second report of the same offset, or one not in the window, changes nothing.
+        assert_eq!(book.finish(9), (0, 0));
+        assert_eq!(book.finish(100), (0, 0));
+        assert_eq!(book.finish(8), (2, 20));
+        assert_eq!(
+            (book.next, book.finished_ahead, book.bytes),
+            (Some(10), 0, 0)
+        );
+        assert!(book.window.is_empty());
+    }
 }

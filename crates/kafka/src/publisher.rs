@@ -117,6 +117,10 @@ impl Publisher for KafkaPublisher {
     }
 
     async fn publish(&self, event: &Event) -> Result<(), PublishError> {
+        self.publish_encoded(event, &event.to_vec()).await.map(drop)
+    }
+
+    async fn publish_encoded(&self, event: &Event, json: &[u8]) -> Result<Backend, PublishError> {
         let Some(topic) = self.topics.for_event_type(&event.event_type) else {
             return Err(PublishError::Unroutable {
                 event_type: event.event_type.clone(),
@@ -124,12 +128,11 @@ impl Publisher for KafkaPublisher {
                 reason: "no Kafka topic for this event type".into(),
             });
         };
-        let payload = event.to_vec();
         let event_id = event.event_id.to_string();
         let record = OutgoingRecord {
             topic: &topic,
             key: event.user_id.as_deref().map(str::as_bytes),
-            payload: Some(&payload),
+            payload: Some(json),
             headers: vec![
                 ("event_type", event.event_type.as_bytes()),
                 ("event_id", event_id.as_bytes()),
@@ -140,7 +143,7 @@ impl Publisher for KafkaPublisher {
             ],
         };
         let Err(error) = self.send(record).await else {
-            return Ok(());
+            return Ok(Backend::Kafka);
         };
         let reason = format!("{topic}: {error}");
         let event_type = event.event_type.clone();

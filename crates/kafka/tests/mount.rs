@@ -1,7 +1,9 @@
-//! The consumer loop in-process against tansu (`scripts/test.sh` sets `AURA_TEST_KAFKA`): ordering under transient
-//! failures, and a rebalance between two members of one group.
+//! The consumer loop in-process against tansu (`scripts/test.sh` sets `AURA_TEST_KAFKA`): per-key ordering under
+//! concurrency and transient failures, a crash inside an out-of-order completion window, and a rebalance between
+//! two members of one group.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,6 +23,15 @@ struct Recorder {
     handled: Arc<Mutex<Vec<(String, u64)>>>,
     failing: Arc<Mutex<HashMap<u64, u32>>>,
     delay: Duration,
+    /// Up to this much more delay, varying per (user, seq): concurrent events finish out of offset order.
+    jitter_ms: u64,
+    /// This (user, seq) never finishes.
+    stuck: Option<(String, u64)>,
+    /// Handlers running now, and the most seen at once.
+    running: Arc<AtomicUsize>,
+    peak: Arc<AtomicUsize>,
+    /// Set after a simulated crash: nothing more is recorded.
+    dead: Arc<AtomicBool>,
 }
 
 #[async_trait]
@@ -47,9 +58,26 @@ impl Handler for Recorder {
                 "store unavailable (injected)".into(),
             ));
         }
-        tokio::time::sleep(self.delay).await;
         let user = event.user_id.clone().unwrap_or_default();
-        self.handled.lock().unwrap().push((user, seq));
+        if self.stuck.as_ref() == Some(&(user.clone(), seq)) {
+            std::future::pending::<()>().await;
+        }
+        let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak.fetch_max(now, Ordering::SeqCst);
+        let jitter = if self.jitter_ms > 0 {
+            let digest = uuid::Uuid::new_v5(
+                &uuid::Uuid::NAMESPACE_OID,
+                format!("{user}/{seq}").as_bytes(),
+            );
+            Duration::from_millis(digest.as_u128() as u64 % self.jitter_ms)
+        } else {
+            Duration::ZERO
+        };
+        tokio::time::sleep(self.delay + jitter).await;
+        self.running.fetch_sub(1, Ordering::SeqCst);
+        if !self.dead.load(Ordering::SeqCst) {
+            self.handled.lock().unwrap().push((user, seq));
+        }
         Ok(Vec::new())
     }
 }
@@ -71,12 +99,30 @@ fn settings(name: &str) -> KafkaSettings {
         drain_to_celery: true,
         dead_letter_spool_dir: "data/dead-letters".into(),
         message_max_bytes: 1_000_000,
+        ordering: aura_runtime::settings::KafkaOrdering::Key,
+        concurrency: 64,
+        max_in_flight_per_partition: 1000,
+        max_in_flight: 10_000,
+        max_in_flight_bytes: 64 << 20,
     }
 }
 
 async fn produce(settings: &KafkaSettings, users: usize, per_user: u64) -> usize {
+    produce_on(settings, 3, users, per_user).await
+}
+
+/// `per_user` events for each of `users` users, interleaved (seq 0 of every user, then seq 1, …), on topics of
+/// `partitions` partitions.
+async fn produce_on(
+    settings: &KafkaSettings,
+    partitions: i32,
+    users: usize,
+    per_user: u64,
+) -> usize {
     let topics = aura_kafka::TopicNames::from_settings(settings).all();
-    create_topics(settings, &topics, 3, 1).await.unwrap();
+    create_topics(settings, &topics, partitions, 1)
+        .await
+        .unwrap();
     let publisher = KafkaPublisher::new(settings).unwrap();
     let mut sent = 0;
     for seq in 0..per_user {
@@ -193,16 +239,167 @@ async fn transient_failures_are_retried_in_place_without_skipping_or_reordering(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_users_on_one_partition_run_concurrently_and_each_users_events_stay_in_order() {
+    let settings = settings("keyed");
+    let (users, per_user) = (30, 40);
+    let sent = produce_on(&settings, 1, users, per_user).await;
+    let embedded = aura_runtime::testing::embedded();
+    let recorder = Recorder {
+        jitter_ms: 4,
+        ..Recorder::default()
+    };
+    // One user's event fails a few times: only that user waits.
+    recorder.failing.lock().unwrap().insert(10, 3);
+    let (stop, task) = start(&settings, &recorder, embedded.ctx.clone());
+    wait_for("every event handled", Duration::from_secs(120), || {
+        recorder.handled.lock().unwrap().len() >= sent
+    })
+    .await;
+    stop.send(()).unwrap();
+    let report = task.await.unwrap();
+
+    let handled = recorder.handled.lock().unwrap().clone();
+    assert_eq!(handled.len(), sent, "each event exactly once");
+    assert_eq!(report.handled, sent as u64);
+    let per_user_seqs = by_user(&handled);
+    assert_eq!(per_user_seqs.len(), users);
+    for (user, seqs) in per_user_seqs {
+        assert_eq!(
+            seqs,
+            (0..per_user).collect::<Vec<u64>>(),
+            "{user}: out of order, a gap or a repeat"
+        );
+    }
+    // Handling order is not offset order (offsets interleave users): keys really ran side by side.
+    let peak = recorder.peak.load(Ordering::SeqCst);
+    assert!(
+        peak > 4,
+        "at most {peak} events of the partition ran at once"
+    );
+    let offsets_order: Vec<(String, u64)> = (0..per_user)
+        .flat_map(|seq| (0..users).map(move |u| (format!("user-{u}"), seq)))
+        .collect();
+    assert_ne!(
+        handled, offsets_order,
+        "handled in plain offset order: no concurrency"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_inside_an_out_of_order_window_redelivers_from_the_gap_and_skips_nothing() {
+    let settings = settings("crash");
+    let (users, per_user) = (10, 20);
+    let sent = produce_on(&settings, 1, users, per_user).await;
+    let embedded = aura_runtime::testing::embedded();
+    // user-3's seq 5 (offset 5 * 10 + 3 = 53) never finishes; everything else does, out of order.
+    let gap = 5 * users as i64 + 3;
+    let first = Recorder {
+        jitter_ms: 3,
+        stuck: Some(("user-3".into(), 5)),
+        ..Recorder::default()
+    };
+    let options = ConsumerOptions {
+        grace: Duration::from_millis(500),
+        ..options()
+    };
+    let (_stop, task) = start_with_options(
+        &settings,
+        Registry::new().with(first.clone()),
+        embedded.ctx.clone(),
+        options.clone(),
+    );
+    // Every other user finishes its 20 events; user-3 stops at 5.
+    wait_for(
+        "all but the stuck user's tail",
+        Duration::from_secs(120),
+        || first.handled.lock().unwrap().len() >= sent - (per_user as usize - 5),
+    )
+    .await;
+    // Let the stored offset reach the commit (auto-commit every second).
+    let topic = aura_kafka::TopicNames::from_settings(&settings)
+        .for_event_type(EVENT_TYPE)
+        .unwrap();
+    wait_for("the prefix committed", Duration::from_secs(30), || {
+        committed(&settings, &topic, 0) == Some(gap)
+    })
+    .await;
+    // Crash: the process stops dead, with 146 events finished after the gap.
+    task.abort();
+    let _ = task.await;
+    first.dead.store(true, Ordering::SeqCst);
+    let finished_after_gap = first
+        .handled
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(user, seq)| offset_of(user, *seq, users) > gap)
+        .count();
+    assert!(
+        finished_after_gap > 100,
+        "{finished_after_gap} finished after the gap"
+    );
+    assert_eq!(
+        committed(&settings, &topic, 0),
+        Some(gap),
+        "never past the unfinished event"
+    );
+
+    let second = Recorder::default();
+    let (stop, task) = start_with_options(
+        &settings,
+        Registry::new().with(second.clone()),
+        embedded.ctx.clone(),
+        options,
+    );
+    let expected = sent - gap as usize;
+    wait_for("the redelivered window", Duration::from_secs(120), || {
+        second.handled.lock().unwrap().len() >= expected
+    })
+    .await;
+    stop.send(()).unwrap();
+    task.await.unwrap();
+
+    let redelivered = second.handled.lock().unwrap().clone();
+    assert_eq!(
+        redelivered.len(),
+        expected,
+        "exactly the events from the gap on"
+    );
+    assert!(
+        redelivered
+            .iter()
+            .all(|(user, seq)| offset_of(user, *seq, users) >= gap)
+    );
+    for (user, seqs) in by_user(&redelivered) {
+        let first_seq = seqs[0];
+        assert_eq!(seqs, (first_seq..per_user).collect::<Vec<u64>>(), "{user}");
+    }
+    let mut all: Vec<(String, u64)> = first.handled.lock().unwrap().clone();
+    all.extend(redelivered);
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), sent, "an event was skipped");
+}
+
+/// The offset of `user`'s `seq` in [`produce_on`]'s order on one partition.
+fn offset_of(user: &str, seq: u64, users: usize) -> i64 {
+    let index: i64 = user.trim_start_matches("user-").parse().unwrap();
+    seq as i64 * users as i64 + index
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rebalance_hands_partitions_over_without_losing_or_repeating_events() {
     let settings = settings("rebalance");
     let sent = produce(&settings, 12, 100).await;
     let embedded = aura_runtime::testing::embedded();
+    // Each user's 100 events run one after another (key order): ≥ 15 s per user, so the group is still busy when
+    // the second member joins, while the 12 users run side by side.
     let first = Recorder {
-        delay: Duration::from_millis(40),
+        delay: Duration::from_millis(150),
         ..Recorder::default()
     };
     let second = Recorder {
-        delay: Duration::from_millis(40),
+        delay: Duration::from_millis(150),
         ..Recorder::default()
     };
     let (stop_first, first_task) = start(&settings, &first, embedded.ctx.clone());

@@ -1,16 +1,19 @@
 //! One event through its handler: route, handle, publish the outputs, classify the outcome.
 //!
 //! Publishing happens here, before `dispatch` returns `Ok`, so a mount that acknowledges on `Ok` never acknowledges
-//! an input whose outputs were not accepted by the broker. A retry re-runs the handler, so outputs published before
-//! a later publish failed are sent again with new event ids; downstream point ids derive from the origin event id
-//! and chunk index, so the duplicates overwrite instead of adding points.
+//! an input whose outputs were not accepted by the broker. All outputs of one event are sent at once and their
+//! acknowledgements awaited together. Outputs get ids and timestamps derived from their cause
+//! ([`derive_identities`]), so a retry or a redelivery re-publishes the same events, byte for byte; downstream point
+//! ids derive from the origin event id and chunk index, so the duplicates overwrite instead of adding points.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use aura_events::Event;
 
-use crate::{HandlerContext, HandlerError, Publisher, Registry, RetryPolicy, Route, publish_event};
+use crate::{
+    HandlerContext, HandlerError, Publisher, Registry, RetryPolicy, Route, publish_event_encoded,
+};
 
 /// What happened to an event that did not fail.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,54 +142,103 @@ impl Dispatcher {
         handler: &dyn crate::Handler,
         event: &Event,
     ) -> Result<usize, HandlerError> {
-        let outputs = handler.handle(event, &self.context).await?;
+        let mut outputs = handler.handle(event, &self.context).await?;
+        derive_identities(event, &mut outputs);
         // Every output must fit before any is sent: a broker would refuse the oversized one only after the others
-        // went out, and the same would happen on every retry.
+        // went out, and the same would happen on every retry. The JSON measured is the JSON sent.
         let limit = self.context.limits.max_event_bytes;
+        let mut encoded = Vec::with_capacity(outputs.len());
         for output in &outputs {
-            let size = json_size(output);
-            if size > limit {
+            let json = output.to_vec();
+            if json.len() > limit {
                 return Err(HandlerError::Permanent(format!(
-                    "the {} event it produced is {size} bytes, over MAX_EVENT_BYTES={limit} (lower \
+                    "the {} event it produced is {} bytes, over MAX_EVENT_BYTES={limit} (lower \
                      MAX_CHUNKS_PER_EVENT or MAX_EMBED_CHARS, or raise MAX_EVENT_BYTES with the broker's limit)",
-                    output.event_type
+                    output.event_type,
+                    json.len()
                 )));
             }
+            encoded.push(json);
         }
-        for output in &outputs {
-            publish_event(self.publisher.as_ref(), output)
-                .await
-                .map_err(|e| {
-                    if e.is_transient() {
-                        HandlerError::Transient(e.to_string())
-                    } else {
-                        HandlerError::Permanent(e.to_string())
-                    }
-                })?;
+        // All outputs are in flight together and their acknowledgements awaited together: one round trip to the
+        // broker per event, not one per output.
+        let sent =
+            futures::future::join_all(outputs.iter().zip(&encoded).map(|(output, json)| {
+                publish_event_encoded(self.publisher.as_ref(), output, json)
+            }))
+            .await;
+        for result in sent {
+            result.map_err(|e| {
+                if e.is_transient() {
+                    HandlerError::Transient(e.to_string())
+                } else {
+                    HandlerError::Permanent(e.to_string())
+                }
+            })?;
         }
         Ok(outputs.len())
     }
 }
 
-/// Bytes of `event`'s JSON, counted without keeping them.
-fn json_size(event: &Event) -> usize {
-    struct Count(usize);
-    impl std::io::Write for Count {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0 += bytes.len();
-            Ok(bytes.len())
+/// Gives the events a handler derived from `cause` (their `metadata.causation_id` is the cause's id, as
+/// [`Event::caused_by`] sets it) ids and timestamps that depend only on the cause: the id is the UUIDv5 of
+/// `<output type>/<index>` in the cause's id as namespace, the timestamp is the cause's. A handler retry or a
+/// redelivery of the cause therefore publishes byte-identical events (given a deterministic handler), which
+/// downstream consumers recognise as duplicates by `event_id`. Other outputs (an event forwarded as it is) keep
+/// their own identity.
+pub fn derive_identities(cause: &Event, outputs: &mut [Event]) {
+    let cause_id = cause.event_id.to_string();
+    for (index, output) in outputs.iter_mut().enumerate() {
+        if output.causation_id() != Some(cause_id.as_str()) {
+            continue;
         }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
+        output.event_id = derived_event_id(cause, &output.event_type, index);
+        output.timestamp = cause.timestamp.clone();
     }
-    let mut count = Count(0);
-    // Writing into a counter cannot fail.
-    let _ = serde_json::to_writer(&mut count, event);
-    count.0
+}
+
+/// The id of the `index`-th output (of type `event_type`) of `cause`.
+pub fn derived_event_id(cause: &Event, event_type: &str, index: usize) -> uuid::Uuid {
+    uuid::Uuid::new_v5(&cause.event_id, format!("{event_type}/{index}").as_bytes())
 }
 
 fn record(handler: &'static str, outcome: &'static str) {
     metrics::counter!("aura360_events_processed_total", "handler" => handler, "outcome" => outcome)
         .increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn derived_events_get_ids_and_timestamps_from_their_cause_and_forwarded_ones_keep_theirs() {
+        let cause = Event::new("user.mood.created", Some("u1".into()), Some("t".into()));
+        let outputs = || {
+            vec![
+                Event::caused_by(&cause, "context.aggregated"),
+                Event::caused_by(&cause, "context.aggregated"),
+                cause.clone(),
+            ]
+        };
+        let (mut first, mut again) = (outputs(), outputs());
+        derive_identities(&cause, &mut first);
+        derive_identities(&cause, &mut again);
+        assert_eq!(
+            first.iter().map(Event::to_vec).collect::<Vec<_>>(),
+            again.iter().map(Event::to_vec).collect::<Vec<_>>(),
+            "a retry publishes the same bytes"
+        );
+        assert_ne!(
+            first[0].event_id, first[1].event_id,
+            "the index tells outputs apart"
+        );
+        assert_eq!(
+            first[0].event_id,
+            derived_event_id(&cause, "context.aggregated", 0)
+        );
+        assert_eq!(first[0].event_id.get_version_num(), 5);
+        assert_eq!(first[0].timestamp, cause.timestamp);
+        assert_eq!(first[2], cause, "a forwarded event keeps its identity");
+    }
 }

@@ -138,6 +138,17 @@ impl Publisher for FallbackPublisher {
     }
 
     async fn publish_via(&self, event: &Event) -> Result<Backend, PublishError> {
+        self.send(event, None).await
+    }
+
+    async fn publish_encoded(&self, event: &Event, json: &[u8]) -> Result<Backend, PublishError> {
+        self.send(event, Some(json)).await
+    }
+}
+
+impl FallbackPublisher {
+    /// The primary while its circuit is closed (or for a probe), else the fallback.
+    async fn send(&self, event: &Event, json: Option<&[u8]>) -> Result<Backend, PublishError> {
         let admitted = self.breaker().admit(Instant::now());
         if admitted == Try::Fallback {
             return self.to_fallback(event, "circuit_open").await;
@@ -148,7 +159,13 @@ impl Publisher for FallbackPublisher {
             publisher: self,
             armed: admitted == Try::Probe,
         };
-        let sent = tokio::time::timeout(self.timeout, self.primary.publish_via(event)).await;
+        let primary = async {
+            match json {
+                Some(json) => self.primary.publish_encoded(event, json).await,
+                None => self.primary.publish_via(event).await,
+            }
+        };
+        let sent = tokio::time::timeout(self.timeout, primary).await;
         probe.armed = false;
         let reason = match sent {
             Ok(Ok(backend)) => {

@@ -19,12 +19,13 @@ pub mod settings;
 mod wiring;
 
 pub use bus::{BusReport, InMemoryBus};
-pub use dispatch::{DeadLetter, Dispatcher, Failure, Outcome};
+pub use dispatch::{DeadLetter, Dispatcher, Failure, Outcome, derive_identities, derived_event_id};
 pub use fallback::FallbackPublisher;
 pub use handler::{Handler, HandlerContext, HandlerError};
 pub use observe::{DependencyObserver, ObservedEmbedder, ObservedStore};
 pub use publish::{
-    Backend, DisabledPublisher, PublishError, Publisher, publish_event, publish_event_via,
+    Backend, DisabledPublisher, PublishError, Publisher, publish_event, publish_event_encoded,
+    publish_event_via,
 };
 pub use registry::{Registry, Route, UnknownHandler};
 pub use retry::RetryPolicy;

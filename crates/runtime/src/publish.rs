@@ -82,6 +82,13 @@ pub trait Publisher: Send + Sync {
     async fn publish_via(&self, event: &Event) -> Result<Backend, PublishError> {
         self.publish(event).await.map(|()| self.backend())
     }
+
+    /// [`Publisher::publish_via`] for an event whose JSON the caller already has (`json` is `event.to_vec()`): a
+    /// backend that sends the event's own JSON (Kafka) uses it instead of serialising the event again.
+    async fn publish_encoded(&self, event: &Event, json: &[u8]) -> Result<Backend, PublishError> {
+        let _ = json;
+        self.publish_via(event).await
+    }
 }
 
 /// Publishes through `publisher` and counts it in `aura360_events_published_total{backend,event_type}` under the
@@ -96,13 +103,28 @@ pub async fn publish_event_via(
     event: &Event,
 ) -> Result<Backend, PublishError> {
     let backend = publisher.publish_via(event).await?;
+    count_published(backend, event);
+    Ok(backend)
+}
+
+/// [`publish_event_via`] with the event's JSON already encoded (see [`Publisher::publish_encoded`]).
+pub async fn publish_event_encoded(
+    publisher: &dyn Publisher,
+    event: &Event,
+    json: &[u8],
+) -> Result<Backend, PublishError> {
+    let backend = publisher.publish_encoded(event, json).await?;
+    count_published(backend, event);
+    Ok(backend)
+}
+
+fn count_published(backend: Backend, event: &Event) {
     metrics::counter!(
         "aura360_events_published_total",
         "backend" => backend.as_str(),
         "event_type" => event.event_type.clone()
     )
     .increment(1);
-    Ok(backend)
 }
 
 /// `MESSAGING_BACKEND=disabled`: events are logged and counted, not sent.

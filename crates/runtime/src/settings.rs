@@ -56,6 +56,10 @@ impl fmt::Debug for Secret {
 pub struct SecretUrl(String);
 
 impl SecretUrl {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self(url.into())
+    }
+
     pub fn expose(&self) -> &str {
         &self.0
     }
@@ -155,6 +159,16 @@ pub enum LogFormat {
     Json,
 }
 
+/// `KAFKA_ORDERING`: what the consumer keeps in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KafkaOrdering {
+    /// Events with the same record key (the user id) run one after another, in offset order; different keys of one
+    /// partition run concurrently (default).
+    Key,
+    /// One event of a partition at a time, in offset order (the stricter, slower guarantee).
+    Partition,
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct KafkaSettings {
     pub bootstrap_servers: String,
@@ -185,6 +199,18 @@ pub struct KafkaSettings {
     /// `KAFKA_MESSAGE_MAX_BYTES` (librdkafka `message.max.bytes` of our producers, default 1,000,000): the largest
     /// record they send. Raise it together with the topics' `max.message.bytes` (and `MAX_EVENT_BYTES`).
     pub message_max_bytes: usize,
+    /// `KAFKA_ORDERING` (`key` | `partition`, default `key`).
+    pub ordering: KafkaOrdering,
+    /// `KAFKA_CONCURRENCY` (default 64): events handled at once by the whole process.
+    pub concurrency: usize,
+    /// `KAFKA_MAX_IN_FLIGHT_PER_PARTITION` (default 1000): events of one partition received and not yet committable
+    /// (running, waiting behind their key, or finished behind an unfinished one); the partition pauses at this bound.
+    pub max_in_flight_per_partition: usize,
+    /// `KAFKA_MAX_IN_FLIGHT` (default 10000) and `KAFKA_MAX_IN_FLIGHT_BYTES` (default 67108864): the same for the
+    /// whole process, by count and by bytes of record values and keys; a partition's own byte bound is a quarter of
+    /// the process's.
+    pub max_in_flight: usize,
+    pub max_in_flight_bytes: usize,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -457,6 +483,17 @@ impl Layers {
                 drain_to_celery: self.flag("kafka_drain_to_celery")?,
                 dead_letter_spool_dir: PathBuf::from(self.required("dead_letter_spool_dir")?),
                 message_max_bytes: self.number("kafka_message_max_bytes", 1000)?,
+                ordering: self.choice(
+                    "kafka_ordering",
+                    &[
+                        ("key", KafkaOrdering::Key),
+                        ("partition", KafkaOrdering::Partition),
+                    ],
+                )?,
+                concurrency: self.number("kafka_concurrency", 1)?,
+                max_in_flight_per_partition: self.number("kafka_max_in_flight_per_partition", 1)?,
+                max_in_flight: self.number("kafka_max_in_flight", 1)?,
+                max_in_flight_bytes: self.number("kafka_max_in_flight_bytes", 65_536)?,
             },
             celery: CelerySettings {
                 broker_url: SecretUrl(self.required("broker_url")?),
