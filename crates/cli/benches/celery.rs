@@ -322,7 +322,7 @@ fn python_worker(redis: &Redis, python: &str, concurrency: usize) -> Measured {
 enum NextHop {
     Celery,
     /// Produced to Kafka (settings with the bootstrap servers and a topic prefix of this run).
-    Kafka(aura_runtime::settings::KafkaSettings),
+    Kafka(Box<aura_runtime::settings::KafkaSettings>),
 }
 
 fn rust_worker(redis: &Redis, next_hop: &NextHop) -> Measured {
@@ -345,7 +345,7 @@ fn rust_worker(redis: &Redis, next_hop: &NextHop) -> Measured {
                 2,
             ),
             NextHop::Kafka(kafka) => {
-                settings.kafka = kafka.clone();
+                settings.kafka = (**kafka).clone();
                 let producer = aura_kafka::KafkaPublisher::new(kafka).expect("producer");
                 (
                     aura_cli::publish::with_fallback(&settings, Arc::new(producer))
@@ -387,7 +387,7 @@ fn rust_worker(redis: &Redis, next_hop: &NextHop) -> Measured {
             let (lags, _) = aura_kafka::offsets::group_lag(
                 kafka,
                 "bench-reader",
-                &[topic.clone()],
+                std::slice::from_ref(&topic),
                 Duration::from_secs(10),
             )
             .await
@@ -454,7 +454,7 @@ fn main() {
         });
         drop(runtime);
         redis.flushall();
-        let kafka_run = rust_worker(&redis, &NextHop::Kafka(kafka));
+        let kafka_run = rust_worker(&redis, &NextHop::Kafka(Box::new(kafka)));
         kafka_run.print("vectordb-worker, MESSAGING_BACKEND=kafka, default settings (next hop produced to Kafka, acks=all)");
         println!(
             "ratio: {:.1}x the Python worker",

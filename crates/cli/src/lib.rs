@@ -12,6 +12,13 @@ pub mod publish;
 pub mod replay;
 pub mod worker;
 
+/// Every binary (and the benchmarks and tests that link this crate) allocates with mimalloc: the Kafka consumer's
+/// poller allocates each message's copy on one thread and its runner frees it on another, and glibc's malloc spends
+/// that hand-over in arena locks (measured with `perf` on the mock-cluster benchmark: ~20% of the time in futex waits
+/// of malloc's arena lock).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use anyhow::Context as _;
 use aura_runtime::settings::LogFormat;
 use aura_runtime::store::Durability;

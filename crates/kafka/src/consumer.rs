@@ -21,9 +21,10 @@
 //! partitions. An event whose handler is disabled *holds* its partition: paused, nothing further committed, resumed
 //! from the committed offset by the next process that has the handler enabled.
 //!
-//! A revocation (rebalance) or SIGTERM lets the window drain within the grace period: retries give up at once,
-//! everything else in the window finishes, and the final offsets are stored before the partition is handed on —
-//! a clean rebalance handles nothing twice.
+//! A revocation (rebalance) or SIGTERM drains the window within the grace period: retries give up at once, every
+//! event up to the furthest one already finished or running still runs (each key's in order), nothing beyond it
+//! starts, and the final offsets are stored before the partition is handed on — the finished events then form a
+//! contiguous prefix, so a clean rebalance handles nothing twice.
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
@@ -191,6 +192,9 @@ pub async fn run_consumer(
         grace: options.grace,
         counters: Counters::default(),
         in_flight: AtomicUsize::new(0),
+        bounds: Bounds::new(&options),
+        room: tokio::sync::Notify::new(),
+        poller_waits: AtomicBool::new(false),
         in_flight_bytes: AtomicUsize::new(0),
     });
     let consumer: Arc<StreamConsumer<MountContext>> = Arc::new(
@@ -239,7 +243,6 @@ pub async fn run_consumer(
         consumer: consumer.clone(),
         runners,
         keys: std::collections::hash_map::RandomState::new(),
-        bounds: Bounds::new(&options),
         ordering: options.ordering,
     };
     poller.run(shutdown).await;
@@ -306,6 +309,10 @@ struct Shared {
     /// Messages in every window, and their bytes: the process-wide bound.
     in_flight: AtomicUsize,
     in_flight_bytes: AtomicUsize,
+    bounds: Bounds,
+    /// Told when a window falls below half of its bounds while the poller waits for room (`poller_waits`).
+    room: tokio::sync::Notify,
+    poller_waits: AtomicBool,
 }
 
 impl Shared {
@@ -616,12 +623,14 @@ struct Poller {
     runners: Arc<RunnerContext>,
     /// Record keys are hashed to one `u64`: two keys that collide merely wait for each other.
     keys: std::collections::hash_map::RandomState,
-    bounds: Bounds,
     ordering: KafkaOrdering,
 }
 
 /// The key of a record without one (its own ordering group).
 const NO_KEY: u64 = u64::MAX;
+
+/// How long the poller waits for a full window to drain before it pauses the partition.
+const ROOM_WAIT: Duration = Duration::from_millis(200);
 
 impl Poller {
     async fn run(&self, shutdown: impl Future<Output = ()>) {
@@ -639,7 +648,11 @@ impl Poller {
                 received = self.consumer.recv() => match received {
                     Ok(message) => {
                         last_error = None;
-                        self.route(&message);
+                        let full = self.route(&message);
+                        drop(message);
+                        if let Some(part) = full {
+                            self.make_room(&part).await;
+                        }
                     }
                     Err(error) => {
                         let text = error.to_string();
@@ -670,8 +683,43 @@ impl Poller {
         }
     }
 
-    /// Books one message into its partition's window and starts its key's runner if the key is idle.
-    fn route(&self, message: &BorrowedMessage<'_>) {
+    /// Waits (without fetching) until the runners bring the window below half of every bound, as librdkafka's own prefetch limits
+    /// hold back the broker meanwhile. A partition still at its bound after [`ROOM_WAIT`] is stuck (a key retrying,
+    /// a slow handler holding the window) and is paused, so the other partitions keep flowing. Pausing is kept for
+    /// that case: librdkafka drops a paused partition's prefetched messages and fetches them again on resume.
+    async fn make_room(&self, part: &Arc<Partition>) {
+        let shared = &self.runners.shared;
+        let deadline = tokio::time::Instant::now() + ROOM_WAIT;
+        loop {
+            let room = shared.room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            shared.poller_waits.store(true, Ordering::Release);
+            if !shared.bounds.reached(&part.book(), shared, 2) {
+                shared.poller_waits.store(false, Ordering::Release);
+                return;
+            }
+            if tokio::time::timeout_at(deadline, room).await.is_err() {
+                break;
+            }
+        }
+        shared.poller_waits.store(false, Ordering::Release);
+        let mut lanes = shared.lanes();
+        if let Some(lane) = lanes.iter_mut().find(|l| Arc::ptr_eq(&l.part, part))
+            && !lane.paused
+        {
+            lane.paused = set_paused(&self.consumer, part, true);
+            let book = part.book();
+            tracing::info!(topic = %part.topic, partition = part.partition,
+                in_flight = book.window.len(), in_flight_bytes = book.bytes,
+                process_in_flight = shared.in_flight.load(Ordering::Acquire),
+                "partition paused: in-flight bound reached and not draining");
+        }
+    }
+
+    /// Books one message into its partition's window and starts its key's runner if the key is idle. Returns the
+    /// partition when a bound is reached.
+    fn route(&self, message: &BorrowedMessage<'_>) -> Option<Arc<Partition>> {
         let shared = &self.runners.shared;
         let mut lanes = shared.lanes();
         let index = match lanes.iter().position(|l| {
@@ -686,7 +734,7 @@ impl Poller {
         let lane = &mut lanes[index];
         if lane.part.held.load(Ordering::Acquire) {
             // Not processed and not committed: the next owner with the handler enabled starts here.
-            return;
+            return None;
         }
         let offset = message.offset();
         // A type routed by header to no handler here is finished without copying or decoding it.
@@ -709,7 +757,7 @@ impl Poller {
             shared.in_flight.fetch_add(1, Ordering::AcqRel);
             let (count, _) = book.finish(offset);
             shared.in_flight.fetch_sub(count, Ordering::AcqRel);
-            return;
+            return None;
         }
         let key = match self.ordering {
             KafkaOrdering::Partition => 0,
@@ -740,7 +788,10 @@ impl Poller {
                     Some(owned)
                 }
             };
-            (start, !lane.paused && self.bounds.reached(&book, shared, 1))
+            (
+                start,
+                !lane.paused && shared.bounds.reached(&book, shared, 1),
+            )
         };
         if let Some(message) = start {
             lane.part.running.fetch_add(1, Ordering::AcqRel);
@@ -750,14 +801,7 @@ impl Poller {
                     .run_key(lane.part.clone(), key, message),
             );
         }
-        if behind {
-            lane.paused = set_paused(&self.consumer, &lane.part, true);
-            let book = lane.part.book();
-            tracing::info!(topic = %lane.part.topic, partition = lane.part.partition,
-                in_flight = book.window.len(), in_flight_bytes = book.bytes,
-                process_in_flight = shared.in_flight.load(Ordering::Acquire),
-                "partition paused: in-flight bound reached");
-        }
+        behind.then(|| lane.part.clone())
     }
 
     fn new_lane(&self, topic: &str, partition: i32) -> Lane {
@@ -809,7 +853,7 @@ impl Poller {
             if held && !lane.paused {
                 lane.paused = set_paused(&self.consumer, &lane.part, true);
                 tracing::info!(topic = %lane.part.topic, partition = lane.part.partition, "partition paused: held");
-            } else if lane.paused && !held && !self.bounds.reached(&lane.part.book(), shared, 2) {
+            } else if lane.paused && !held && !shared.bounds.reached(&lane.part.book(), shared, 2) {
                 lane.paused = set_paused(&self.consumer, &lane.part, false);
                 tracing::info!(topic = %lane.part.topic, partition = lane.part.partition, "partition resumed");
             }
@@ -918,6 +962,12 @@ impl RunnerContext {
                 self.shared
                     .in_flight_bytes
                     .fetch_sub(bytes, Ordering::AcqRel);
+                if count > 0
+                    && self.shared.poller_waits.load(Ordering::Acquire)
+                    && !self.shared.bounds.reached(&book, &self.shared, 2)
+                {
+                    self.shared.room.notify_waiters();
+                }
                 book.next_for(key)
             };
             match next {

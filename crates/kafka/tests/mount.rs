@@ -405,7 +405,7 @@ async fn a_rebalance_hands_partitions_over_without_losing_or_repeating_events() 
     let (stop_first, first_task) = start(&settings, &first, embedded.ctx.clone());
     wait_for(
         "the first member under way",
-        Duration::from_secs(60),
+        Duration::from_secs(120),
         || first.handled.lock().unwrap().len() >= 60,
     )
     .await;
