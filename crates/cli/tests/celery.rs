@@ -507,12 +507,19 @@ fn our_publisher_feeds_python_workers_intact_events_chained_to_their_parent() {
 fn killed_worker_scenario(count: usize, finish_with_python: bool) {
     let celery = Celery::private();
     let sent = celery.client(&["send", "--count", &count.to_string()]);
+    // Embeddings answered after 0–100 ms: the worker is still busy with its prefetched messages when it is killed,
+    // however fast the rest of it is.
+    let embedder = common::EmbeddingServer::start_delayed(&python_bin(), celery.dir.path(), 0, 100);
+    let url = embedder.url();
     let worker = celery.start_worker(
         "doomed",
         &[
             ("CELERY_VISIBILITY_TIMEOUT", "2"),
             ("CELERY_CONCURRENCY", "2"),
             ("CELERY_PREFETCH_MULTIPLIER", "16"),
+            ("EMBEDDING_PROVIDER", "openai"),
+            ("EMBEDDING_URL", url.as_str()),
+            ("EMBEDDING_TIMEOUT_S", "10"),
         ],
     );
     // Kill early (a cheap check: result keys exist), while most of the backlog is still ahead.

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use aura_kafka::rdkafka::consumer::{BaseConsumer, Consumer as _};
 use aura_kafka::rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use common::EmbeddingServer;
 use serde_json::{Value, json};
 
 const USER_TOPIC: &str = "aura360.user.events";
@@ -353,7 +354,7 @@ fn python_produced_events_flow_through_all_three_handlers_into_the_store() {
 fn a_consumer_killed_mid_stream_resumes_and_every_event_becomes_exactly_its_points() {
     let kafka = Scenario::new("kill9");
     // Embeddings answered after 0–150 ms, varying per text: concurrent keys finish out of offset order.
-    let embedder = EmbeddingServer::start_delayed(&kafka, 0, 150);
+    let embedder = EmbeddingServer::start_delayed(&kafka.python, kafka.dir.path(), 0, 150);
     let url = embedder.url();
     let env = [
         ("EMBEDDING_PROVIDER", "openai"),
@@ -1669,73 +1670,6 @@ fn journal_sized_entries_among_ordinary_events_of_the_same_user_neither_stall_no
     );
 }
 
-/// `tests/python/embedding_server.py`: an OpenAI-compatible embeddings endpoint answering 503 for its first
-/// `down_seconds` (counted from its first request), then real vectors.
-struct EmbeddingServer {
-    child: Child,
-    port: u16,
-    log: PathBuf,
-}
-
-impl EmbeddingServer {
-    fn start(scenario: &Scenario, down_seconds: u32) -> Self {
-        Self::start_delayed(scenario, down_seconds, 0)
-    }
-
-    /// [`EmbeddingServer::start`], answering each request after 0..`max_delay_ms` ms (varying per text).
-    fn start_delayed(scenario: &Scenario, down_seconds: u32, max_delay_ms: u32) -> Self {
-        let port_file = scenario
-            .dir
-            .path()
-            .join(format!("embedder-{}.port", uuid_suffix()));
-        let log = port_file.with_extension("log");
-        let script =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/python/embedding_server.py");
-        let child = Command::new(&scenario.python)
-            .arg(script)
-            .arg(&port_file)
-            .arg(down_seconds.to_string())
-            .arg(max_delay_ms.to_string())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let started = Instant::now();
-        let port = loop {
-            if let Some(port) = std::fs::read_to_string(&port_file)
-                .ok()
-                .and_then(|p| p.trim().parse().ok())
-            {
-                break port;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(20),
-                "embedding server did not start"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        Self { child, port, log }
-    }
-
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    /// Requests answered 503, and requests answered with vectors.
-    fn requests(&self) -> (usize, usize) {
-        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let refused = log.lines().filter(|l| l.starts_with("503")).count();
-        (refused, log.lines().count() - refused)
-    }
-}
-
-impl Drop for EmbeddingServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn embedder_down(body: &Value) -> bool {
     body["dependencies"].as_array().is_some_and(|deps| {
         deps.iter()
@@ -1746,7 +1680,7 @@ fn embedder_down(body: &Value) -> bool {
 #[test]
 fn an_embedding_outage_under_the_kafka_consumer_is_retried_reported_and_loses_nothing() {
     let kafka = Scenario::new("outage-kafka");
-    let embedder = EmbeddingServer::start(&kafka, 30);
+    let embedder = EmbeddingServer::start(&kafka.python, kafka.dir.path(), 30);
     kafka.produce_moods(100, 10);
     let url = embedder.url();
     let mut consumer = kafka.start_consumer(&[
@@ -1782,7 +1716,7 @@ fn an_embedding_outage_under_the_kafka_consumer_is_retried_reported_and_loses_no
 fn an_embedding_outage_under_the_celery_worker_is_retried_reported_and_loses_nothing() {
     let kafka = Scenario::new("outage-celery");
     let redis = TestRedis::start();
-    let embedder = EmbeddingServer::start(&kafka, 30);
+    let embedder = EmbeddingServer::start(&kafka.python, kafka.dir.path(), 30);
     let mut env = redis.env().to_vec();
     env.extend([
         ("MESSAGING_BACKEND", "celery".to_owned()),

@@ -1,5 +1,9 @@
 //! Helpers shared by the process-level tests.
 
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
 /// Peak resident memory of process `pid` so far (the kernel's `VmHWM`), in bytes; 0 once it has exited.
 pub fn peak_rss(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -61,5 +65,72 @@ pub fn wait_log(
             read()
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// `tests/python/embedding_server.py`: an OpenAI-compatible embeddings endpoint answering 503 for its first
+/// `down_seconds` (counted from its first request), then real vectors.
+#[allow(dead_code)] // not every test binary uses every part
+pub struct EmbeddingServer {
+    child: Child,
+    port: u16,
+    log: PathBuf,
+}
+
+#[allow(dead_code)]
+impl EmbeddingServer {
+    /// Started with `python` (the venv's), its port file and request log in `dir`.
+    pub fn start(python: &Path, dir: &Path, down_seconds: u32) -> Self {
+        Self::start_delayed(python, dir, down_seconds, 0)
+    }
+
+    /// [`EmbeddingServer::start`], answering each request after 0..`max_delay_ms` ms (varying per text).
+    pub fn start_delayed(python: &Path, dir: &Path, down_seconds: u32, max_delay_ms: u32) -> Self {
+        let port_file = dir.join(format!("embedder-{}.port", uuid::Uuid::new_v4().simple()));
+        let log = port_file.with_extension("log");
+        let script =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/python/embedding_server.py");
+        let child = Command::new(python)
+            .arg(script)
+            .arg(&port_file)
+            .arg(down_seconds.to_string())
+            .arg(max_delay_ms.to_string())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        let port = loop {
+            if let Some(port) = std::fs::read_to_string(&port_file)
+                .ok()
+                .and_then(|p| p.trim().parse().ok())
+            {
+                break port;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "embedding server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        Self { child, port, log }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Requests answered 503, and requests answered with vectors.
+    pub fn requests(&self) -> (usize, usize) {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let refused = log.lines().filter(|l| l.starts_with("503")).count();
+        (refused, log.lines().count() - refused)
+    }
+}
+
+impl Drop for EmbeddingServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
