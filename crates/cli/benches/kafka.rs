@@ -12,7 +12,8 @@
 //! The mock cluster runs inside this process: its CPU and memory are counted with the mount's.
 //!
 //! Sizes: `BENCH_MESSAGES` (dispatch, default 50,000), `BENCH_E2E_EVENTS` (backlog, default 5,000),
-//! `BENCH_PACED_EVENTS` (default 2,000) at `BENCH_PACED_RATE` events/s (default 100).
+//! `BENCH_PACED_EVENTS` (default 2,000) at `BENCH_PACED_RATE` events/s (default 100); `BENCH_PARTITIONS` per topic
+//! (default 3, as `vectordb topics create`); `BENCH_FETCH_WAIT_MS`, the consumers' `fetch.wait.max.ms` (default 20).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -112,7 +113,7 @@ fn kafka_settings(bootstrap: &str, prefix: &str, group: &str) -> KafkaSettings {
     settings.topic_prefix = prefix.to_owned();
     settings.group_id = group.to_owned();
     // tansu holds every fetch for the full `fetch.wait.max.ms`; Kafka answers as soon as data arrives.
-    settings.fetch_wait_max_ms = 20;
+    settings.fetch_wait_max_ms = env_usize("BENCH_FETCH_WAIT_MS", 20) as u32;
     settings
 }
 
@@ -373,14 +374,17 @@ async fn create_topics(
     mock: Option<&MockCluster<'static, DefaultProducerContext>>,
 ) {
     let names = TopicNames::from_settings(settings).all();
+    let partitions = env_usize("BENCH_PARTITIONS", 3) as i32;
     match mock {
         Some(cluster) => {
             for name in &names {
-                cluster.create_topic(name, 3, 1).expect("mock topic");
+                cluster
+                    .create_topic(name, partitions, 1)
+                    .expect("mock topic");
             }
         }
         None => {
-            aura_kafka::create_topics(settings, &names, 3, 1)
+            aura_kafka::create_topics(settings, &names, partitions, 1)
                 .await
                 .expect("topics");
         }
@@ -400,7 +404,10 @@ async fn dispatch(
         .for_event_type(NOOP_TYPE)
         .expect("topic");
     produce_noop(&settings, &topic, n).await;
-    println!("  {n} records on {topic} (3 partitions, lz4, 64 keys)");
+    println!(
+        "  {n} records on {topic} ({} partitions, lz4, 64 keys)",
+        env_usize("BENCH_PARTITIONS", 3)
+    );
     let raw = raw_loop(&settings, &topic, n).await;
     let embedded = aura_runtime::testing::embedded();
     let mounted = mounted_loop(&settings, n, embedded.ctx.clone()).await;
