@@ -47,7 +47,7 @@ pub struct Metric {
 
 /// Every metric the processes export: DESIGN §9's, plus the backlog and the publish fallback. The Grafana dashboard
 /// (`deploy/grafana`) is checked against this list.
-pub const METRICS: [Metric; 11] = [
+pub const METRICS: [Metric; 13] = [
     Metric {
         name: "aura360_events_published_total",
         kind: MetricKind::Counter,
@@ -102,6 +102,16 @@ pub const METRICS: [Metric; 11] = [
         name: "aura360_celery_foreign_tasks_total",
         kind: MetricKind::Counter,
         help: "Tasks of other apps that reached vectordb-worker and were given back to their queue, by queue",
+    },
+    Metric {
+        name: "aura360_kafka_in_flight_events",
+        kind: MetricKind::Gauge,
+        help: "Events vectordb-consumer received and cannot commit yet (running, waiting behind their key, or finished behind an unfinished one)",
+    },
+    Metric {
+        name: "aura360_kafka_finished_ahead_events",
+        kind: MetricKind::Gauge,
+        help: "Events vectordb-consumer finished that wait behind an unfinished earlier one before their offset can be committed",
     },
 ];
 
