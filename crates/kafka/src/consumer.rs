@@ -609,12 +609,32 @@ impl Bounds {
         }
     }
 
-    /// At a bound (`divisor` 1) or above half of one (`divisor` 2, the resume test).
+    /// At a bound (`divisor` 1) or at half of one (`divisor` 2, the resume test). A bound of 1 resumes at 0.
     fn reached(&self, book: &Book, shared: &Shared, divisor: usize) -> bool {
-        book.window.len() >= self.partition_count / divisor
-            || book.bytes >= self.partition_bytes / divisor
-            || shared.in_flight.load(Ordering::Acquire) >= self.process_count / divisor
-            || shared.in_flight_bytes.load(Ordering::Acquire) >= self.process_bytes / divisor
+        self.exceeds(
+            [
+                book.window.len(),
+                book.bytes,
+                shared.in_flight.load(Ordering::Acquire),
+                shared.in_flight_bytes.load(Ordering::Acquire),
+            ],
+            divisor,
+        )
+    }
+
+    /// `[partition count, partition bytes, process count, process bytes]` against the bounds divided by `divisor`
+    /// (never below 1, so that an empty window is always below them).
+    fn exceeds(&self, levels: [usize; 4], divisor: usize) -> bool {
+        let bounds = [
+            self.partition_count,
+            self.partition_bytes,
+            self.process_count,
+            self.process_bytes,
+        ];
+        levels
+            .iter()
+            .zip(bounds)
+            .any(|(level, bound)| *level >= (bound / divisor).max(1))
     }
 }
 
@@ -1305,6 +1325,28 @@ mod tests {
             book.bytes += 10;
         }
         book
+    }
+
+    #[test]
+    fn a_bound_of_one_pauses_at_one_and_resumes_at_zero() {
+        let bounds = Bounds::new(&ConsumerOptions {
+            max_in_flight_per_partition: 1,
+            max_in_flight: 1,
+            max_in_flight_bytes: 1,
+            ..ConsumerOptions::default()
+        });
+        assert!(!bounds.exceeds([0, 0, 0, 0], 1));
+        assert!(
+            !bounds.exceeds([0, 0, 0, 0], 2),
+            "an empty window must resume"
+        );
+        assert!(bounds.exceeds([1, 0, 1, 0], 1));
+        assert!(bounds.exceeds([1, 0, 1, 0], 2));
+        let defaults = Bounds::new(&ConsumerOptions::default());
+        assert!(!defaults.exceeds([999, 0, 999, 0], 1));
+        assert!(defaults.exceeds([1_000, 0, 1_000, 0], 1));
+        assert!(defaults.exceeds([500, 0, 500, 0], 2));
+        assert!(!defaults.exceeds([499, 0, 499, 0], 2));
     }
 
     #[test]
