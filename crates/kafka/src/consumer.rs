@@ -1020,19 +1020,9 @@ impl RunnerContext {
 
     /// One attempt; `Err` is a transient failure worth retrying.
     async fn attempt(&self, message: &OwnedMessage) -> Result<Finished, String> {
-        let event = match decode(message, &self.registry, self.max_event_bytes) {
-            Ok(Decoded::Event(event)) => event,
-            Ok(Decoded::Foreign(event_type)) => {
-                tracing::info!(
-                    topic = message.topic(),
-                    offset = message.offset(),
-                    event_type,
-                    "no handler for event type; skipped"
-                );
-                metrics::counter!("aura360_events_processed_total", "handler" => "none", "outcome" => "skipped")
-                    .increment(1);
-                return Ok(Finished::Skipped);
-            }
+        // Types routed by header to no handler never reach a runner (the poller finished them).
+        let event = match decode_event(message, self.max_event_bytes) {
+            Ok(event) => event,
             Err(reason) => return self.dead_letter(message, "decode", &reason).await,
         };
         match self.dispatcher.dispatch(&event).await {
@@ -1286,9 +1276,15 @@ pub fn decode<M: Message>(
     registry: &Registry,
     max_event_bytes: usize,
 ) -> Result<Decoded, String> {
-    if let Some(event_type) = foreign_type(message, registry) {
-        return Ok(Decoded::Foreign(event_type.to_owned()));
+    match foreign_type(message, registry) {
+        Some(event_type) => Ok(Decoded::Foreign(event_type.to_owned())),
+        None => decode_event(message, max_event_bytes).map(Decoded::Event),
     }
+}
+
+/// The event of a message whose type is not known to be foreign, routed by its `event_type` header when present
+/// (else the JSON body's). `Err` is the reason it is dead-lettered.
+fn decode_event<M: Message>(message: &M, max_event_bytes: usize) -> Result<Box<Event>, String> {
     let header_type = header_type(message);
     let payload = message
         .payload()
@@ -1307,7 +1303,7 @@ pub fn decode<M: Message>(
             "event_type header and body disagree; routing by the header");
         event.event_type = event_type.to_owned();
     }
-    Ok(Decoded::Event(Box::new(event)))
+    Ok(Box::new(event))
 }
 
 #[cfg(test)]

@@ -205,6 +205,24 @@ async fn wait_for(what: &str, limit: Duration, done: impl Fn() -> bool) {
     }
 }
 
+/// Runs `recorder` until it handled `sent` events (or 120 s pass), stops the consumer; what it handled, in order,
+/// and the consumer's report.
+async fn handle_all(
+    settings: &KafkaSettings,
+    recorder: &Recorder,
+    ctx: HandlerContext,
+    sent: usize,
+) -> (Vec<(String, u64)>, aura_kafka::ConsumerReport) {
+    let (stop, task) = start(settings, recorder, ctx);
+    wait_for("every event handled", Duration::from_secs(120), || {
+        recorder.handled.lock().unwrap().len() >= sent
+    })
+    .await;
+    stop.send(()).unwrap();
+    let report = task.await.unwrap();
+    (recorder.handled.lock().unwrap().clone(), report)
+}
+
 /// Per user (= per key = per partition), the sequence numbers handled, in handling order.
 fn by_user(handled: &[(String, u64)]) -> HashMap<String, Vec<u64>> {
     let mut map: HashMap<String, Vec<u64>> = HashMap::new();
@@ -222,15 +240,7 @@ async fn transient_failures_are_retried_in_place_without_skipping_or_reordering(
     let recorder = Recorder::default();
     // seq 3 of every user fails five times before it passes.
     recorder.failing.lock().unwrap().extend([(3, 5), (10, 2)]);
-    let (stop, task) = start(&settings, &recorder, embedded.ctx.clone());
-    wait_for("every event handled", Duration::from_secs(60), || {
-        recorder.handled.lock().unwrap().len() >= sent
-    })
-    .await;
-    stop.send(()).unwrap();
-    let report = task.await.unwrap();
-
-    let handled = recorder.handled.lock().unwrap().clone();
+    let (handled, report) = handle_all(&settings, &recorder, embedded.ctx.clone(), sent).await;
     assert_eq!(handled.len(), sent, "each event exactly once in one run");
     assert_eq!(report.handled, sent as u64);
     for (user, seqs) in by_user(&handled) {
@@ -250,15 +260,7 @@ async fn many_users_on_one_partition_run_concurrently_and_each_users_events_stay
     };
     // One user's event fails a few times: only that user waits.
     recorder.failing.lock().unwrap().insert(10, 3);
-    let (stop, task) = start(&settings, &recorder, embedded.ctx.clone());
-    wait_for("every event handled", Duration::from_secs(120), || {
-        recorder.handled.lock().unwrap().len() >= sent
-    })
-    .await;
-    stop.send(()).unwrap();
-    let report = task.await.unwrap();
-
-    let handled = recorder.handled.lock().unwrap().clone();
+    let (handled, report) = handle_all(&settings, &recorder, embedded.ctx.clone(), sent).await;
     assert_eq!(handled.len(), sent, "each event exactly once");
     assert_eq!(report.handled, sent as u64);
     let per_user_seqs = by_user(&handled);
