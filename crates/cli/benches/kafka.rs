@@ -293,6 +293,8 @@ async fn end_to_end(settings: &KafkaSettings, n: usize, paced: usize, rate: u64)
     let dir = tempfile::tempdir().expect("tempdir");
     let mut full = Settings::load().expect("settings");
     full.qdrant.path = dir.path().join("qdrant");
+    // This measures the mount, not the model (crates/embed/benches/local.rs measures the model).
+    full.embedding.provider = aura_runtime::settings::EmbeddingProvider::Hash;
     let ctx = aura_cli::handler_context(&full, Durability::EveryWrite)
         .await
         .expect("store");

@@ -14,8 +14,8 @@ use aura_cli::standard_registry;
 use aura_runtime::HandlerContext;
 use aura_runtime::embed::{Embedder, HashEmbedder};
 use aura_runtime::store::{
-    CollectionInfo, CollectionSpec, Distance, Durability, EdgeStore, Hit, Point, StoreError,
-    VectorStore,
+    CollectionInfo, CollectionSpec, Distance, Durability, EdgeStore, ForeignPoints, Hit, Point,
+    StoreError, VectorStore,
 };
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
@@ -71,6 +71,9 @@ impl VectorStore for DiscardStore {
     }
     async fn info(&self) -> Result<CollectionInfo, StoreError> {
         Err(StoreError::Invalid("bench store".into()))
+    }
+    async fn foreign_points(&self, _: &[String]) -> Result<Option<ForeignPoints>, StoreError> {
+        Ok(None)
     }
 }
 

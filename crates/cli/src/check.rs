@@ -5,6 +5,10 @@ use std::time::Duration;
 use aura_celery::{Patience, ResultBackend};
 use aura_kafka::TopicNames;
 use aura_kafka::offsets::group_lag;
+use std::sync::Arc;
+
+use aura_runtime::embed::Embedder;
+use aura_runtime::settings::EmbeddingProvider;
 use aura_runtime::store::Durability;
 use aura_runtime::{Backend, Settings};
 use serde::Serialize;
@@ -83,8 +87,9 @@ pub async fn check(settings: &Settings) -> anyhow::Result<CheckReport> {
         checks.push(check_results(settings).await);
     }
     if backend != Backend::Disabled {
-        checks.push(check_store(settings).await);
-        checks.push(check_embedder(settings).await);
+        let (check, embedder) = check_embedder(settings).await;
+        checks.push(check_store(settings, embedder.as_deref()).await);
+        checks.push(check);
     }
     Ok(CheckReport {
         messaging_backend: backend.as_str(),
@@ -232,20 +237,49 @@ async fn check_results(settings: &Settings) -> Check {
     }
 }
 
-async fn check_store(settings: &Settings) -> Check {
+/// The store, and (given the embedder) whether another embedding model wrote its collection.
+async fn check_store(settings: &Settings, embedder: Option<&dyn Embedder>) -> Check {
     let location = match &settings.qdrant.url {
         Some(url) => format!("Qdrant at {url}"),
         None => format!("embedded Qdrant under {}", settings.qdrant.path.display()),
     };
     match aura_runtime::build_store(settings, Durability::EveryWrite).await {
         Ok(store) => match store.info().await {
-            Ok(info) => passed(
-                "qdrant",
-                format!(
+            Ok(info) => {
+                let detail = format!(
                     "{location}: collection {} ({} points, size {}, {:?})",
                     info.name, info.points, info.dimension, info.distance
-                ),
-            ),
+                );
+                let models = match embedder {
+                    Some(embedder) => aura_runtime::accepted_models(settings, embedder).await,
+                    None => None,
+                };
+                let foreign = match &models {
+                    Some(models) => store.foreign_points(models).await,
+                    None => Ok(None),
+                };
+                match (foreign, models) {
+                    (Ok(Some(foreign)), Some(models)) => failed(
+                        "qdrant",
+                        format!(
+                            "{detail}; {} point(s) were embedded by {} (version {}), not by `{}`",
+                            foreign.points,
+                            foreign.model.as_deref().unwrap_or("(no embedding_model)"),
+                            foreign.version.as_deref().unwrap_or("?"),
+                            models[0]
+                        ),
+                        "the processes refuse to start on this collection: use another QDRANT_COLLECTION for this \
+                         model and re-embed into it (README, \"Changing the embedding model\"), or set \
+                         EMBEDDING_PROVIDER to the model that wrote it",
+                    ),
+                    (Err(error), _) => failed(
+                        "qdrant",
+                        format!("{detail}; reading the points' embedding_model failed: {error}"),
+                        "check QDRANT_URL / QDRANT_API_KEY",
+                    ),
+                    _ => passed("qdrant", detail),
+                }
+            }
             Err(error) => failed(
                 "qdrant",
                 format!("{location}: {error}"),
@@ -265,33 +299,56 @@ async fn check_store(settings: &Settings) -> Check {
     }
 }
 
-async fn check_embedder(settings: &Settings) -> Check {
-    let embedder = match aura_runtime::build_embedder(settings) {
+/// The configured embedder, built and asked for one vector; the embedder too when that worked.
+async fn check_embedder(settings: &Settings) -> (Check, Option<Arc<dyn Embedder>>) {
+    let embedding = &settings.embedding;
+    let provider = embedding.provider.name();
+    let embedder: Arc<dyn Embedder> = match aura_runtime::build_embedder(settings) {
         Ok(embedder) => embedder,
         Err(error) => {
-            return failed(
-                "embedding",
-                error.to_string(),
-                "check EMBEDDING_PROVIDER, EMBEDDING_URL",
+            let fix = match embedding.provider {
+                EmbeddingProvider::Local => {
+                    "run `vectordb model install` once (or set EMBEDDING_MODEL_DIR to where the model is), or choose \
+                     EMBEDDING_PROVIDER=hash|openai"
+                }
+                _ => "check EMBEDDING_PROVIDER, EMBEDDING_URL",
+            };
+            return (
+                failed("embedding", format!("provider {provider}: {error}"), fix),
+                None,
             );
         }
     };
-    match embedder.embed(&["aura360 check".to_owned()]).await {
+    let source = match embedding.provider {
+        EmbeddingProvider::Local => format!(
+            ", from {}, {} thread(s), batches of {}",
+            aura_runtime::embed::local::model::model_dir(&embedding.model_root).display(),
+            embedding.threads,
+            embedding.batch_size
+        ),
+        EmbeddingProvider::Hash => " (lexical n-gram hashing, not semantic)".to_owned(),
+        EmbeddingProvider::OpenAi => embedding
+            .url
+            .as_ref()
+            .map(|u| format!(", at {}", u.redacted()))
+            .unwrap_or_default(),
+    };
+    let check = match embedder.embed(&["aura360 check".to_owned()]).await {
         Ok(embeddings) => passed(
             "embedding",
             format!(
-                "{:?} model {}: {} dimensions",
-                settings.embedding.provider,
+                "provider {provider}: model {}, {} dimensions{source}",
                 embeddings.model,
                 embeddings.vectors.first().map_or(0, Vec::len)
             ),
         ),
         Err(error) => failed(
             "embedding",
-            error.to_string(),
+            format!("provider {provider}: {error}"),
             "check EMBEDDING_URL, EMBEDDING_API_KEY, DEFAULT_EMBEDDING_MODEL, and that the model returns EMBEDDING_DIM dimensions",
         ),
-    }
+    };
+    (check, Some(embedder))
 }
 
 /// `vectordb check` as text.

@@ -7,9 +7,10 @@ use std::time::Duration;
 use anyhow::Context as _;
 use aura_celery::CeleryPublisher;
 use aura_kafka::{ConsumerOptions, ConsumerReport, KafkaPublisher, run_consumer};
+use aura_runtime::embed::{EmbedError, Embedder, Embeddings};
 use aura_runtime::events::Event;
 use aura_runtime::store::{
-    CollectionInfo, CollectionSpec, Durability, Hit, Point, StoreError, VectorStore,
+    CollectionInfo, CollectionSpec, Durability, ForeignPoints, Hit, Point, StoreError, VectorStore,
 };
 use aura_runtime::{
     Backend, Dispatcher, Handler, HandlerContext, HandlerError, Registry, Settings,
@@ -110,6 +111,26 @@ impl Handler for ForwardToCelery {
     }
 }
 
+/// The embedder of a process that embeds nothing (the forwarder): every call is refused.
+struct NoEmbedder;
+
+#[async_trait::async_trait]
+impl Embedder for NoEmbedder {
+    fn model(&self) -> &str {
+        "none"
+    }
+
+    fn dimension(&self) -> usize {
+        0
+    }
+
+    async fn embed(&self, _: &[String]) -> Result<Embeddings, EmbedError> {
+        Err(EmbedError::Unavailable(
+            "this process embeds nothing".into(),
+        ))
+    }
+}
+
 /// The store of a process that writes none (the forwarder): every call is refused.
 struct NoStore(CollectionSpec);
 
@@ -134,6 +155,10 @@ impl VectorStore for NoStore {
     }
 
     async fn info(&self) -> Result<CollectionInfo, StoreError> {
+        Err(StoreError::Unavailable("this process has no store".into()))
+    }
+
+    async fn foreign_points(&self, _: &[String]) -> Result<Option<ForeignPoints>, StoreError> {
         Err(StoreError::Unavailable("this process has no store".into()))
     }
 }
@@ -178,7 +203,8 @@ async fn forward_to_celery(
             dimension: settings.embedding.dimension,
             distance: settings.qdrant.distance,
         })),
-        embedder: aura_runtime::build_embedder(settings).context("setting up the embedder")?,
+        // Nor any embedder: a forwarded event is never embedded here (no model is loaded for it).
+        embedder: Arc::new(NoEmbedder),
         embedding_version: settings.embedding.version.clone(),
         limits: settings.limits,
     };

@@ -10,6 +10,7 @@ pub mod pipeline;
 pub mod progress;
 pub mod publish;
 pub mod replay;
+pub mod search;
 pub mod worker;
 
 /// Every binary (and the benchmarks and tests that link this crate) allocates with mimalloc: the Kafka consumer's
@@ -22,7 +23,13 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use anyhow::Context as _;
 use aura_runtime::settings::LogFormat;
 use aura_runtime::store::Durability;
-use aura_runtime::{HandlerContext, Registry, Settings, build_embedder, build_store};
+use std::sync::Arc;
+
+use aura_runtime::embed::{CachedEmbedder, Embedder};
+use aura_runtime::store::ForeignPoints;
+use aura_runtime::{
+    HandlerContext, Registry, Settings, accepted_models, build_embedder, build_store,
+};
 use handler_context_aggregated::ContextAggregated;
 use handler_ingest_vectors::IngestVectors;
 use handler_mood_created::MoodCreated;
@@ -50,6 +57,32 @@ pub async fn handler_context(
     settings: &Settings,
     durability: Durability,
 ) -> anyhow::Result<HandlerContext> {
+    Ok(wired(settings, durability, ModelCheck::Refuse)
+        .await?
+        .context)
+}
+
+/// What start-up does about points another embedding model wrote into the collection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModelCheck {
+    /// Refuse to start: vectors of two models are not comparable, even of the same size.
+    Refuse,
+    /// Look only (`vectordb stats`).
+    Skip,
+}
+
+/// The handler context and the cached embedder inside it (for its hit/miss counts).
+pub struct Wired {
+    pub context: HandlerContext,
+    pub embedder: Arc<CachedEmbedder<dyn Embedder>>,
+}
+
+/// [`handler_context`], keeping the embedder's concrete handle.
+pub async fn wired(
+    settings: &Settings,
+    durability: Durability,
+    check: ModelCheck,
+) -> anyhow::Result<Wired> {
     let store =
         build_store(settings, durability)
             .await
@@ -65,12 +98,50 @@ pub async fn handler_context(
                 ),
             })?;
     let embedder = build_embedder(settings).context("setting up the embedder")?;
-    Ok(HandlerContext {
-        store,
+    if check == ModelCheck::Refuse {
+        match accepted_models(settings, embedder.as_ref()).await {
+            Some(models) => {
+                if let Some(foreign) = store
+                    .foreign_points(&models)
+                    .await
+                    .context("checking which embedding model wrote the collection")?
+                {
+                    anyhow::bail!(foreign_model_message(settings, &models[0], &foreign));
+                }
+            }
+            None => tracing::warn!(
+                collection = %settings.qdrant.collection,
+                "the embedding endpoint did not answer a probe: which model wrote the collection is not checked"
+            ),
+        }
+    }
+    Ok(Wired {
+        context: HandlerContext {
+            store,
+            embedder: embedder.clone(),
+            embedding_version: settings.embedding.version.clone(),
+            limits: settings.limits,
+        },
         embedder,
-        embedding_version: settings.embedding.version.clone(),
-        limits: settings.limits,
     })
+}
+
+fn foreign_model_message(settings: &Settings, model: &str, foreign: &ForeignPoints) -> String {
+    let written_by = match (&foreign.model, &foreign.version) {
+        (Some(m), Some(v)) => format!("`{m}` (version {v})"),
+        (Some(m), None) => format!("`{m}`"),
+        (None, _) => "a writer that did not record `embedding_model`".to_owned(),
+    };
+    format!(
+        "collection `{collection}` holds {points} point(s) embedded by {written_by}, but EMBEDDING_PROVIDER={provider} \
+         embeds with `{model}`: vectors of different models live in different spaces even at the same size, so \
+         searches would mix them. Point QDRANT_COLLECTION at a collection for `{model}` (a new one is created) and \
+         re-embed into it (README, \"Changing the embedding model\"), or set EMBEDDING_PROVIDER back to the model \
+         that wrote it.",
+        collection = settings.qdrant.collection,
+        points = foreign.points,
+        provider = settings.embedding.provider.name(),
+    )
 }
 
 /// Logs to stderr, `LOG_FORMAT=json` for JSON lines; `RUST_LOG` overrides `default_level`.

@@ -42,6 +42,10 @@ impl Ops {
                 .collect(),
             settings.ops.broker_grace,
         );
+        health.set_embedder(
+            settings.embedding.provider.name(),
+            settings.embedding.model_name(),
+        );
         let addr = aura_ops::serve(settings.http_addr, health.clone(), metrics)
             .await
             .context("starting the HTTP endpoints")?;

@@ -12,6 +12,7 @@ use std::io::BufRead;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use aura_runtime::embed::CacheStats;
 use aura_runtime::events::Event;
 use aura_runtime::store::InterceptedStore;
 use aura_runtime::{DeadLetter, Dispatcher, HandlerContext, InMemoryBus, Registry, RetryPolicy};
@@ -69,6 +70,33 @@ pub struct PipelineSummary {
     pub dead_letters: Vec<DeadLetterReport>,
     pub elapsed_s: f64,
     pub events_per_s: f64,
+    /// Which embedder ran and how often its cache answered (filled by the caller that owns the embedder).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub embedding: Option<EmbeddingReport>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct EmbeddingReport {
+    /// `EMBEDDING_PROVIDER`: local | hash | openai.
+    pub provider: String,
+    /// What the points' `embedding_model` says.
+    pub model: String,
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+    /// Hits over lookups (`null` when nothing was embedded).
+    pub cache_hit_rate: Option<f64>,
+}
+
+impl EmbeddingReport {
+    pub fn new(settings: &aura_runtime::Settings, cache: CacheStats) -> Self {
+        Self {
+            provider: settings.embedding.provider.name().to_owned(),
+            model: settings.embedding.model_name().to_owned(),
+            cache_hits: cache.hits,
+            cache_misses: cache.misses,
+            cache_hit_rate: cache.hit_rate(),
+        }
+    }
 }
 
 /// Dead letters listed one by one in a summary; the rest are counted (a file of garbage must not fill memory with
@@ -247,6 +275,19 @@ pub fn render(summary: &PipelineSummary) -> String {
         out.push_str(&format!(
             "parked:           {} (handler disabled by DISABLED_HANDLERS)\n",
             summary.parked
+        ));
+    }
+    if let Some(embedding) = &summary.embedding {
+        out.push_str(&format!(
+            "embedding:        {} ({}); cache {} hits, {} misses{}\n",
+            embedding.model,
+            embedding.provider,
+            embedding.cache_hits,
+            embedding.cache_misses,
+            embedding
+                .cache_hit_rate
+                .map(|r| format!(" ({:.1}% hit rate)", r * 100.0))
+                .unwrap_or_default()
         ));
     }
     out.push_str(&format!(

@@ -139,6 +139,8 @@ impl Celery {
             .env("BROKER_URL", self.broker())
             .env("RESULT_BACKEND", self.broker())
             .env("QDRANT_PATH", self.dir.path().join("qdrant"))
+            // These tests measure the runtime, not the model: the hash embedder (64-d) is exact and instant.
+            .env("EMBEDDING_PROVIDER", "hash")
             .env("EMBEDDING_DIM", "64")
             .env("MESSAGING_BACKEND", "celery")
             .env("RUST_LOG", "info")

@@ -12,13 +12,22 @@ const EXAMPLES: &str = concat!(
     "/../../examples/mood_events.jsonl"
 );
 
-/// `vectordb` in `dir` with a clean environment (no `.env`, no config files, no inherited settings).
+/// Where `vectordb model install` put the local model (scripts/test.sh installs it; HOME is cleared below).
+fn model_root() -> PathBuf {
+    std::env::var_os("EMBEDDING_MODEL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(aura_cli::aura_runtime::embed::local::model::default_model_root)
+}
+
+/// `vectordb` in `dir` with a clean environment (no `.env`, no config files, no inherited settings): the defaults,
+/// so the local embedding model.
 fn command(dir: &Path, env: &[(&str, &str)], args: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_vectordb"));
     command
         .env_clear()
         .current_dir(dir)
         .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("EMBEDDING_MODEL_DIR", model_root())
         .env("QDRANT_PATH", dir.join("qdrant"))
         .envs(env.iter().copied())
         .args(args);
@@ -129,7 +138,10 @@ fn search_returns_hits_for_that_user_only() {
         &[],
         &["search", "--user", "user-003", "--text", "work"],
     );
-    assert!(String::from_utf8_lossy(&human.stdout).contains("user=user-003"));
+    let human = String::from_utf8_lossy(&human.stdout);
+    assert!(human.starts_with("5 best matches for user-003"), "{human}");
+    // Dates as dates, not epoch seconds.
+    assert!(human.contains(" UTC  "), "{human}");
 }
 
 #[test]
@@ -278,7 +290,11 @@ fn bad_configuration_fails_start_up_naming_the_variable() {
 fn an_existing_collection_of_another_size_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     json_of(&vectordb(dir.path(), &[], &["stats", "--json"]));
-    let output = vectordb(dir.path(), &[("EMBEDDING_DIM", "768")], &["stats"]);
+    let output = vectordb(
+        dir.path(),
+        &[("EMBEDDING_PROVIDER", "hash"), ("EMBEDDING_DIM", "768")],
+        &["stats"],
+    );
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
@@ -296,7 +312,11 @@ fn dotenv_and_config_files_in_the_working_directory_are_read() {
         "qdrant_collection = \"from_staging_file\"\n",
     )
     .unwrap();
-    std::fs::write(dir.path().join(".env"), "ENV=staging\nEMBEDDING_DIM=32\n").unwrap();
+    std::fs::write(
+        dir.path().join(".env"),
+        "ENV=staging\nEMBEDDING_PROVIDER=hash\nEMBEDDING_DIM=32\n",
+    )
+    .unwrap();
     let stats = json_of(&vectordb(dir.path(), &[], &["stats", "--json"]));
     assert_eq!(stats["collection"], "from_staging_file");
     assert_eq!(stats["vector_size"], 32);

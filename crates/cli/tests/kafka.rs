@@ -71,6 +71,8 @@ impl Scenario {
             .env("KAFKA_FETCH_WAIT_MAX_MS", "50")
             .env("KAFKA_SESSION_TIMEOUT_MS", "6000")
             .env("QDRANT_PATH", self.dir.path().join("qdrant"))
+            // These tests measure the runtime, not the model: the hash embedder (64-d) is exact and instant.
+            .env("EMBEDDING_PROVIDER", "hash")
             .env("EMBEDDING_DIM", "64")
             .env("RUST_LOG", "info,librdkafka=warn")
             // Every process serves /health and /metrics; port 0 so parallel tests never collide.

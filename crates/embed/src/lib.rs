@@ -1,16 +1,23 @@
 //! Text → vector, behind one trait.
 //!
-//! Two providers: [`HashEmbedder`], a deterministic feature-hashing embedder that needs no model download (the
-//! default, so the pipeline runs offline and tests are reproducible), and [`OpenAiEmbedder`], which speaks the
-//! OpenAI `/v1/embeddings` API that OpenAI, TEI, Ollama and vLLM all serve. Both return L2-normalised vectors of
-//! exactly the configured dimension; anything else is an error, never a padded, trimmed or made-up vector.
+//! Three providers: [`LocalEmbedder`], a real sentence-embedding transformer (all-MiniLM-L6-v2) run in process on
+//! the CPU from weights installed once (the default: semantic vectors with no service and no network at run
+//! time); [`HashEmbedder`], a deterministic feature-hashing embedder that needs no model at all (for benchmarks and
+//! tests that measure the runtime, not the model); and [`OpenAiEmbedder`], which speaks the OpenAI
+//! `/v1/embeddings` API that OpenAI, TEI, Ollama and vLLM all serve. All return L2-normalised vectors of exactly
+//! the configured dimension; anything else is an error, never a padded, trimmed or made-up vector.
+//! [`CachedEmbedder`] puts an LRU keyed by (model, text hash) in front of any of them.
 
+mod cache;
 mod hash;
+pub mod local;
 mod openai;
 
 use async_trait::async_trait;
 
+pub use cache::{CACHE_METRIC, CacheStats, CachedEmbedder};
 pub use hash::HashEmbedder;
+pub use local::{LocalConfig, LocalEmbedder};
 pub use openai::{OpenAiConfig, OpenAiEmbedder};
 
 /// Vectors for a batch of texts, one per text in order, and the model that actually produced them.

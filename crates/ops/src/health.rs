@@ -27,6 +27,14 @@ struct State {
     detail: Option<String>,
     brokers: Vec<BrokerEntry>,
     dependencies: Vec<DependencyEntry>,
+    embedder: Option<EmbedderInfo>,
+}
+
+/// Which embedder the handlers use (`EMBEDDING_PROVIDER`) and the model it writes into `embedding_model`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct EmbedderInfo {
+    pub provider: &'static str,
+    pub model: String,
 }
 
 /// A dependency the handlers use (embedder, vector store, dead-letter destination), as their calls found it.
@@ -102,6 +110,7 @@ pub struct HealthReport {
     pub handlers: Handlers,
     pub brokers: Vec<BrokerState>,
     pub dependencies: Vec<DependencyState>,
+    pub embedder: Option<EmbedderInfo>,
     /// Why the process is not ready, or what it is doing instead of consuming.
     pub detail: Option<String>,
     pub version: &'static str,
@@ -139,6 +148,14 @@ impl Health {
             .state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Records the embedder the process's handlers use.
+    pub fn set_embedder(&self, provider: &'static str, model: &str) {
+        self.state().embedder = Some(EmbedderInfo {
+            provider,
+            model: model.to_owned(),
+        });
     }
 
     /// The process has opened what it needs and is consuming (or, disabled, is idling as asked).
@@ -282,6 +299,7 @@ impl Health {
             },
             brokers,
             dependencies,
+            embedder: state.embedder.clone(),
             detail: state.detail.clone(),
             version: env!("CARGO_PKG_VERSION"),
         }

@@ -11,6 +11,6 @@ mod health;
 mod sampler;
 mod server;
 
-pub use health::{BrokerState, Health, HealthReport, HealthStatus};
+pub use health::{BrokerState, EmbedderInfo, Health, HealthReport, HealthStatus};
 pub use sampler::{Backlog, PartitionLag, Probe, Sampler};
 pub use server::{METRICS, Metric, MetricKind, ServeError, install_metrics, serve};

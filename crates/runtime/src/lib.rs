@@ -30,7 +30,7 @@ pub use publish::{
 pub use registry::{Registry, Route, UnknownHandler};
 pub use retry::RetryPolicy;
 pub use settings::{ConfigError, Settings};
-pub use wiring::{build_embedder, build_store};
+pub use wiring::{accepted_models, build_embedder, build_store};
 
 pub use aura_embed as embed;
 pub use aura_events as events;

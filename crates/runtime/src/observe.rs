@@ -9,7 +9,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use aura_embed::{EmbedError, Embedder, Embeddings};
-use aura_store::{CollectionInfo, CollectionSpec, Hit, Point, StoreError, VectorStore};
+use aura_store::{
+    CollectionInfo, CollectionSpec, ForeignPoints, Hit, Point, StoreError, VectorStore,
+};
 
 /// Where dependency outcomes go (the process's health).
 pub trait DependencyObserver: Send + Sync {
@@ -118,5 +120,9 @@ impl VectorStore for ObservedStore {
 
     async fn info(&self) -> Result<CollectionInfo, StoreError> {
         self.inner.info().await
+    }
+
+    async fn foreign_points(&self, models: &[String]) -> Result<Option<ForeignPoints>, StoreError> {
+        self.inner.foreign_points(models).await
     }
 }

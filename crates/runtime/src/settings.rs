@@ -149,8 +149,20 @@ fn redact_userinfo(url: &str) -> String {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EmbeddingProvider {
+    /// all-MiniLM-L6-v2 in process (the default).
+    Local,
     Hash,
     OpenAi,
+}
+
+impl EmbeddingProvider {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Local => "local",
+            Self::Hash => "hash",
+            Self::OpenAi => "openai",
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -276,6 +288,23 @@ pub struct EmbeddingSettings {
     pub api_key: Option<Secret>,
     pub batch_size: usize,
     pub timeout: Duration,
+    /// `EMBEDDING_MODEL_DIR`: where `vectordb model install` put the local model.
+    pub model_root: PathBuf,
+    /// `EMBEDDING_THREADS`: the local model's inference threads (default: the CPUs this process may use).
+    pub threads: usize,
+    /// `EMBEDDING_CACHE_SIZE`: vectors kept in the in-process LRU (0: no cache).
+    pub cache_size: usize,
+}
+
+impl EmbeddingSettings {
+    /// The model the configured provider writes into `embedding_model`.
+    pub fn model_name(&self) -> &str {
+        match self.provider {
+            EmbeddingProvider::Local => aura_embed::local::model::MODEL_NAME,
+            EmbeddingProvider::Hash => aura_embed::HashEmbedder::MODEL,
+            EmbeddingProvider::OpenAi => &self.model,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -381,10 +410,19 @@ impl Layers {
         let provider = self.choice(
             "embedding_provider",
             &[
+                ("local", EmbeddingProvider::Local),
                 ("hash", EmbeddingProvider::Hash),
                 ("openai", EmbeddingProvider::OpenAi),
             ],
         )?;
+        let threads = match self.text("embedding_threads") {
+            Some(_) => self.number("embedding_threads", 1)?,
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        };
+        let model_root = self
+            .text("embedding_model_dir")
+            .map(PathBuf::from)
+            .unwrap_or_else(aura_embed::local::model::default_model_root);
         let embedding = EmbeddingSettings {
             provider,
             dimension: self.number("embedding_dim", 1)?,
@@ -394,7 +432,21 @@ impl Layers {
             api_key: self.text("embedding_api_key").map(Secret),
             batch_size: self.number("embedding_batch_size", 1)?,
             timeout: Duration::from_secs(self.number("embedding_timeout_s", 1)?),
+            model_root,
+            threads,
+            cache_size: self.number("embedding_cache_size", 0)?,
         };
+        let local_dimension = aura_embed::local::model::DIMENSION;
+        if provider == EmbeddingProvider::Local && embedding.dimension != local_dimension {
+            return Err(invalid(
+                "EMBEDDING_DIM",
+                &embedding.dimension.to_string(),
+                &format!(
+                    "EMBEDDING_PROVIDER=local ({}) produces {local_dimension}-dimensional vectors",
+                    aura_embed::local::model::MODEL_NAME
+                ),
+            ));
+        }
         if provider == EmbeddingProvider::OpenAi && embedding.url.is_none() {
             return Err(invalid(
                 "EMBEDDING_URL",
@@ -649,8 +701,14 @@ mod tests {
         assert_eq!(s.qdrant.url, None);
         assert_eq!(s.qdrant.path, PathBuf::from("./data/qdrant"));
         assert_eq!(s.qdrant.collection, "user_context");
-        assert_eq!(s.embedding.provider, EmbeddingProvider::Hash);
+        assert_eq!(s.embedding.provider, EmbeddingProvider::Local);
+        assert_eq!(
+            s.embedding.model_name(),
+            "sentence-transformers/all-MiniLM-L6-v2"
+        );
         assert_eq!(s.embedding.dimension, 384);
+        assert_eq!(s.embedding.cache_size, 10_000);
+        assert!(s.embedding.threads >= 1);
         assert_eq!(s.celery.queues, ["vectordb"]);
         assert_eq!(s.celery.publish_queue(), "vectordb");
         assert_eq!(s.celery.eta_max_held, 1000);
@@ -664,6 +722,35 @@ mod tests {
             s.kafka.dead_letter_spool_dir,
             PathBuf::from("./data/dead-letters")
         );
+    }
+
+    #[test]
+    fn the_local_model_fixes_the_dimension_and_its_settings_are_read() {
+        let err = load(Path::new("/nonexistent"), &[("EMBEDDING_DIM", "768")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("EMBEDDING_DIM=\"768\"") && err.contains("384-dimensional"),
+            "{err}"
+        );
+        let s = load(
+            Path::new("/nonexistent"),
+            &[
+                ("EMBEDDING_MODEL_DIR", "/opt/models"),
+                ("EMBEDDING_THREADS", "3"),
+                ("EMBEDDING_CACHE_SIZE", "0"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.embedding.model_root, PathBuf::from("/opt/models"));
+        assert_eq!((s.embedding.threads, s.embedding.cache_size), (3, 0));
+        let s = load(
+            Path::new("/nonexistent"),
+            &[("EMBEDDING_PROVIDER", "hash"), ("EMBEDDING_DIM", "64")],
+        )
+        .unwrap();
+        assert_eq!(s.embedding.model_name(), "hash-ngram-v1");
+        assert!(load(Path::new("/nonexistent"), &[("EMBEDDING_THREADS", "0")]).is_err());
     }
 
     #[test]
@@ -700,7 +787,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(
             dir.path().join("default.toml"),
-            "embedding_dim = 768\ncelery_concurrency = 3\n",
+            "embedding_provider = \"hash\"\nembedding_dim = 768\ncelery_concurrency = 3\n",
         )
         .unwrap();
         std::fs::write(

@@ -2,7 +2,10 @@
 
 use std::sync::Arc;
 
-use aura_embed::{EmbedError, Embedder, HashEmbedder, OpenAiConfig, OpenAiEmbedder};
+use aura_embed::{
+    CachedEmbedder, EmbedError, Embedder, HashEmbedder, LocalConfig, LocalEmbedder, OpenAiConfig,
+    OpenAiEmbedder,
+};
 use aura_store::{
     CollectionSpec, Durability, EdgeStore, QdrantServerStore, StoreError, VectorStore,
 };
@@ -35,9 +38,18 @@ pub async fn build_store(
     })
 }
 
-pub fn build_embedder(settings: &Settings) -> Result<Arc<dyn Embedder>, EmbedError> {
+/// The configured embedder behind the `EMBEDDING_CACHE_SIZE` LRU. `local` verifies and loads the installed model
+/// and starts its inference threads here (a missing model is an error naming `vectordb model install`).
+pub fn build_embedder(
+    settings: &Settings,
+) -> Result<Arc<CachedEmbedder<dyn Embedder>>, EmbedError> {
     let embedding = &settings.embedding;
-    Ok(match embedding.provider {
+    let inner: Arc<dyn Embedder> = match embedding.provider {
+        EmbeddingProvider::Local => Arc::new(LocalEmbedder::load(LocalConfig {
+            model_root: embedding.model_root.clone(),
+            threads: embedding.threads,
+            batch_size: embedding.batch_size,
+        })?),
         EmbeddingProvider::Hash => Arc::new(HashEmbedder::new(embedding.dimension)),
         EmbeddingProvider::OpenAi => Arc::new(OpenAiEmbedder::new(OpenAiConfig {
             url: embedding
@@ -56,5 +68,34 @@ pub fn build_embedder(settings: &Settings) -> Result<Arc<dyn Embedder>, EmbedErr
             batch_size: embedding.batch_size,
             timeout: embedding.timeout,
         })?),
-    })
+    };
+    Ok(Arc::new(CachedEmbedder::new(inner, embedding.cache_size)))
+}
+
+/// The `embedding_model` values the configured embedder writes, for [`VectorStore::foreign_points`]: the model's
+/// name and its aliases, and for `openai` also the name the endpoint reports (TEI and Ollama answer with their own
+/// model id whatever was asked), learned from one probe call. `None` when that probe fails: the check cannot be made
+/// now, and an embedding outage must not keep a consumer from starting.
+pub async fn accepted_models(settings: &Settings, embedder: &dyn Embedder) -> Option<Vec<String>> {
+    let embedding = &settings.embedding;
+    let mut models = vec![embedding.model_name().to_owned()];
+    match embedding.provider {
+        EmbeddingProvider::Local => models.extend(
+            aura_embed::local::model::MODEL_ALIASES
+                .iter()
+                .map(|m| (*m).to_owned()),
+        ),
+        EmbeddingProvider::Hash => {}
+        EmbeddingProvider::OpenAi => {
+            let reported = embedder
+                .embed(&["aura360 model check".to_owned()])
+                .await
+                .ok()?
+                .model;
+            if !models.contains(&reported) {
+                models.push(reported);
+            }
+        }
+    }
+    Some(models)
 }

@@ -32,8 +32,8 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
-    CollectionInfo, CollectionSpec, Distance, Hit, KEYWORD_INDEXES, Point, StoreError, VectorStore,
-    check_vectors,
+    CollectionInfo, CollectionSpec, Distance, ForeignPoints, Hit, KEYWORD_INDEXES, Point,
+    StoreError, VectorStore, any_direction, check_vectors,
 };
 
 const DEFAULT_VECTOR: &str = "";
@@ -221,6 +221,26 @@ fn user_filter(user_id: Option<&str>) -> qdrant_edge::OperationResult<Option<Fil
     Ok(Some(Filter::new_must(Condition::Field(condition))))
 }
 
+/// `embedding_model` is none of `models`.
+fn not_models(models: &[String]) -> qdrant_edge::OperationResult<Filter> {
+    let path = json_path("embedding_model")?;
+    let conditions = models
+        .iter()
+        .map(|m| {
+            Condition::Field(FieldCondition::new_match(
+                path.clone(),
+                Match::from(m.clone()),
+            ))
+        })
+        .collect();
+    Ok(Filter {
+        should: None,
+        min_should: None,
+        must: None,
+        must_not: Some(conditions),
+    })
+}
+
 fn json_path(field: &str) -> qdrant_edge::OperationResult<JsonPath> {
     JsonPath::try_from(field).map_err(|_| {
         qdrant_edge::OperationError::service_error(format!("invalid payload path `{field}`"))
@@ -331,6 +351,46 @@ impl VectorStore for EdgeStore {
             distance: self.spec.distance,
             engine: "embedded",
         })
+    }
+
+    async fn foreign_points(&self, models: &[String]) -> Result<Option<ForeignPoints>, StoreError> {
+        let filter = not_models(models).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let count_filter = filter.clone();
+        let points = self
+            .read(move |shard| {
+                shard.count(CountRequest {
+                    filter: Some(count_filter),
+                    exact: true,
+                })
+            })
+            .await? as u64;
+        if points == 0 {
+            return Ok(None);
+        }
+        let query = any_direction(self.spec.dimension);
+        let sample = self
+            .read(move |shard| {
+                shard.search(SearchRequest {
+                    query: QueryEnum::Nearest(qdrant_edge::NamedQuery {
+                        query: query.into(),
+                        using: None,
+                    }),
+                    filter: Some(filter),
+                    params: None,
+                    limit: 1,
+                    offset: 0,
+                    with_payload: Some(WithPayloadInterface::Bool(true)),
+                    with_vector: Some(WithVector::Bool(false)),
+                    score_threshold: None,
+                })
+            })
+            .await?;
+        let payload: Option<serde_json::Map<String, Value>> = sample
+            .into_iter()
+            .next()
+            .and_then(|p| p.payload)
+            .map(|payload| payload.0.into_iter().collect());
+        Ok(Some(ForeignPoints::from_payload(points, payload.as_ref())))
     }
 }
 

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 
-use crate::{CollectionInfo, CollectionSpec, Hit, Point, StoreError, VectorStore};
+use crate::{CollectionInfo, CollectionSpec, ForeignPoints, Hit, Point, StoreError, VectorStore};
 
 type UpsertHook = Box<dyn Fn(&[Point]) -> Result<(), StoreError> + Send + Sync>;
 
@@ -73,5 +73,9 @@ impl VectorStore for InterceptedStore {
 
     async fn info(&self) -> Result<CollectionInfo, StoreError> {
         self.inner.info().await
+    }
+
+    async fn foreign_points(&self, models: &[String]) -> Result<Option<ForeignPoints>, StoreError> {
+        self.inner.foreign_points(models).await
     }
 }

@@ -134,6 +134,39 @@ pub trait VectorStore: Send + Sync {
     /// Exact number of points, restricted to `user_id` when given.
     async fn count(&self, user_id: Option<&str>) -> Result<u64, StoreError>;
     async fn info(&self) -> Result<CollectionInfo, StoreError>;
+    /// Points whose `embedding_model` is none of `models` (or missing): how many, and what one of them says.
+    /// `None` when every point was written by one of `models` (an empty collection included).
+    async fn foreign_points(&self, models: &[String]) -> Result<Option<ForeignPoints>, StoreError>;
+}
+
+/// Points another embedding model wrote (see [`VectorStore::foreign_points`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ForeignPoints {
+    pub points: u64,
+    /// One such point's `embedding_model` and `version` (`None`: the field is missing).
+    pub model: Option<String>,
+    pub version: Option<String>,
+}
+
+impl ForeignPoints {
+    fn from_payload(points: u64, payload: Option<&Map<String, Value>>) -> Self {
+        let field = |name: &str| {
+            payload
+                .and_then(|p| p.get(name))
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        };
+        Self {
+            points,
+            model: field("embedding_model"),
+            version: field("version"),
+        }
+    }
+}
+
+/// A query vector for "any point": every coordinate equal (never zero, so cosine is defined).
+fn any_direction(dimension: usize) -> Vec<f32> {
+    vec![1.0 / (dimension.max(1) as f32).sqrt(); dimension]
 }
 
 fn check_vectors(spec: &CollectionSpec, points: &[Point]) -> Result<(), StoreError> {

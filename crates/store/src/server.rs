@@ -15,8 +15,8 @@ use qdrant_client::{Payload, Qdrant, QdrantError};
 use serde_json::Value;
 
 use crate::{
-    CollectionInfo, CollectionSpec, Distance, Hit, KEYWORD_INDEXES, Point, StoreError, VectorStore,
-    check_vectors,
+    CollectionInfo, CollectionSpec, Distance, ForeignPoints, Hit, KEYWORD_INDEXES, Point,
+    StoreError, VectorStore, check_vectors,
 };
 
 pub struct QdrantServerStore {
@@ -308,6 +308,47 @@ impl VectorStore for QdrantServerStore {
             .await
             .map_err(|e| self.error(e))?;
         Ok(response.result.map(|r| r.count).unwrap_or(0))
+    }
+
+    async fn foreign_points(&self, models: &[String]) -> Result<Option<ForeignPoints>, StoreError> {
+        let filter = Filter::must_not(
+            models
+                .iter()
+                .map(|m| Condition::matches("embedding_model", m.clone())),
+        );
+        let response = self
+            .client
+            .count(
+                CountPointsBuilder::new(self.spec.name.clone())
+                    .exact(true)
+                    .filter(filter.clone()),
+            )
+            .await
+            .map_err(|e| self.error(e))?;
+        let points = response.result.map(|r| r.count).unwrap_or(0);
+        if points == 0 {
+            return Ok(None);
+        }
+        let sample = self
+            .client
+            .search_points(
+                SearchPointsBuilder::new(
+                    self.spec.name.clone(),
+                    crate::any_direction(self.spec.dimension),
+                    1,
+                )
+                .with_payload(true)
+                .filter(filter),
+            )
+            .await
+            .map_err(|e| self.error(e))?;
+        let payload = sample.result.into_iter().next().and_then(|p| {
+            match Value::from(Payload::from(p.payload)) {
+                Value::Object(map) => Some(map),
+                _ => None,
+            }
+        });
+        Ok(Some(ForeignPoints::from_payload(points, payload.as_ref())))
     }
 
     async fn info(&self) -> Result<CollectionInfo, StoreError> {

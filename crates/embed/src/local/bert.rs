@@ -1,0 +1,473 @@
+//! A BERT encoder forward pass (MiniLM-L6-H384: 6 layers, 12 heads, hidden 384, FFN 1536) over *packed*
+//! sequences, then sentence-transformers' mean pooling and L2 normalisation.
+//!
+//! Packing: the token rows of every text in a batch are stacked into one `[tokens × hidden]` matrix, so each
+//! linear layer is one matrix product over all texts at once with no padding rows; only attention, which must not
+//! cross texts, runs per text and head on its own slice. The result equals running every text alone (no attention
+//! mask is needed: there are no padded positions to mask).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use serde::Deserialize;
+
+use super::LoadError;
+
+/// `config.json` fields the forward pass depends on; anything else in the file is ignored.
+#[derive(Clone, Debug, Deserialize)]
+pub(crate) struct BertConfig {
+    pub hidden_size: usize,
+    pub num_attention_heads: usize,
+    pub num_hidden_layers: usize,
+    pub intermediate_size: usize,
+    pub max_position_embeddings: usize,
+    pub vocab_size: usize,
+    pub type_vocab_size: usize,
+    pub layer_norm_eps: f64,
+    pub hidden_act: String,
+}
+
+/// A linear layer `y = x Wᵀ + b` with PyTorch's `[out × in]` weight layout.
+struct Linear {
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+    inputs: usize,
+    outputs: usize,
+}
+
+struct LayerNorm {
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+}
+
+struct Layer {
+    /// Query, key and value fused into one `[3·hidden × hidden]` product.
+    qkv: Linear,
+    attention_out: Linear,
+    attention_norm: LayerNorm,
+    intermediate: Linear,
+    output: Linear,
+    output_norm: LayerNorm,
+}
+
+pub(crate) struct Bert {
+    config: BertConfig,
+    eps: f32,
+    word: Vec<f32>,
+    position: Vec<f32>,
+    token_type: Vec<f32>,
+    embedding_norm: LayerNorm,
+    layers: Vec<Layer>,
+}
+
+/// Tensors of a `.safetensors` file, as f32.
+struct Tensors {
+    tensors: HashMap<String, (Vec<usize>, Vec<f32>)>,
+}
+
+#[derive(Deserialize)]
+struct TensorHeader {
+    dtype: String,
+    shape: Vec<usize>,
+    data_offsets: [usize; 2],
+}
+
+impl Tensors {
+    /// Parses the safetensors layout (u64 header length, JSON header, raw little-endian data) keeping F32 tensors.
+    fn parse(bytes: &[u8]) -> Result<Self, LoadError> {
+        let bad = |why: String| LoadError::Invalid(format!("model.safetensors: {why}"));
+        let header_len = bytes
+            .get(..8)
+            .map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()) as usize)
+            .ok_or_else(|| bad("shorter than its header".into()))?;
+        let header = bytes
+            .get(8..8usize.saturating_add(header_len))
+            .ok_or_else(|| bad("header runs past the end".into()))?;
+        let data = &bytes[8 + header_len..];
+        let entries: HashMap<String, serde_json::Value> =
+            serde_json::from_slice(header).map_err(|e| bad(format!("header: {e}")))?;
+        let mut tensors = HashMap::new();
+        for (name, value) in entries {
+            if name == "__metadata__" {
+                continue;
+            }
+            let header: TensorHeader =
+                serde_json::from_value(value).map_err(|e| bad(format!("{name}: {e}")))?;
+            if header.dtype != "F32" {
+                continue;
+            }
+            let [start, end] = header.data_offsets;
+            let raw = data
+                .get(start..end)
+                .ok_or_else(|| bad(format!("{name}: data out of range")))?;
+            let count: usize = header.shape.iter().product();
+            if raw.len() != count * 4 {
+                return Err(bad(format!(
+                    "{name}: {} bytes for shape {:?}",
+                    raw.len(),
+                    header.shape
+                )));
+            }
+            let values = raw
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            tensors.insert(name, (header.shape, values));
+        }
+        Ok(Self { tensors })
+    }
+
+    fn take(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>, LoadError> {
+        let (found, values) = self.tensors.remove(name).ok_or_else(|| {
+            LoadError::Invalid(format!("model.safetensors has no F32 tensor `{name}`"))
+        })?;
+        if found != shape {
+            return Err(LoadError::Invalid(format!(
+                "tensor `{name}` has shape {found:?}; the config implies {shape:?}"
+            )));
+        }
+        Ok(values)
+    }
+
+    fn linear(&mut self, prefix: &str, outputs: usize, inputs: usize) -> Result<Linear, LoadError> {
+        Ok(Linear {
+            weight: self.take(&format!("{prefix}.weight"), &[outputs, inputs])?,
+            bias: self.take(&format!("{prefix}.bias"), &[outputs])?,
+            inputs,
+            outputs,
+        })
+    }
+
+    fn norm(&mut self, prefix: &str, size: usize) -> Result<LayerNorm, LoadError> {
+        Ok(LayerNorm {
+            weight: self.take(&format!("{prefix}.weight"), &[size])?,
+            bias: self.take(&format!("{prefix}.bias"), &[size])?,
+        })
+    }
+}
+
+impl Bert {
+    pub(crate) fn load(config: BertConfig, weights: &Path) -> Result<Self, LoadError> {
+        let bytes = std::fs::read(weights).map_err(|e| LoadError::io(weights, e))?;
+        Self::from_safetensors(config, &bytes)
+    }
+
+    pub(crate) fn from_safetensors(config: BertConfig, bytes: &[u8]) -> Result<Self, LoadError> {
+        if config.hidden_act != "gelu" {
+            return Err(LoadError::Invalid(format!(
+                "hidden_act `{}` is not supported (only BERT's erf `gelu`)",
+                config.hidden_act
+            )));
+        }
+        if config.num_attention_heads == 0 || config.hidden_size % config.num_attention_heads != 0 {
+            return Err(LoadError::Invalid(format!(
+                "hidden size {} does not split into {} heads",
+                config.hidden_size, config.num_attention_heads
+            )));
+        }
+        let mut t = Tensors::parse(bytes)?;
+        let h = config.hidden_size;
+        let word = t.take("embeddings.word_embeddings.weight", &[config.vocab_size, h])?;
+        let position = t.take(
+            "embeddings.position_embeddings.weight",
+            &[config.max_position_embeddings, h],
+        )?;
+        let token_type = t.take(
+            "embeddings.token_type_embeddings.weight",
+            &[config.type_vocab_size, h],
+        )?;
+        let embedding_norm = t.norm("embeddings.LayerNorm", h)?;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let p = format!("encoder.layer.{i}");
+            let q = t.linear(&format!("{p}.attention.self.query"), h, h)?;
+            let k = t.linear(&format!("{p}.attention.self.key"), h, h)?;
+            let v = t.linear(&format!("{p}.attention.self.value"), h, h)?;
+            let qkv = Linear {
+                weight: [q.weight, k.weight, v.weight].concat(),
+                bias: [q.bias, k.bias, v.bias].concat(),
+                inputs: h,
+                outputs: 3 * h,
+            };
+            layers.push(Layer {
+                qkv,
+                attention_out: t.linear(&format!("{p}.attention.output.dense"), h, h)?,
+                attention_norm: t.norm(&format!("{p}.attention.output.LayerNorm"), h)?,
+                intermediate: t.linear(
+                    &format!("{p}.intermediate.dense"),
+                    config.intermediate_size,
+                    h,
+                )?,
+                output: t.linear(&format!("{p}.output.dense"), h, config.intermediate_size)?,
+                output_norm: t.norm(&format!("{p}.output.LayerNorm"), h)?,
+            });
+        }
+        Ok(Self {
+            eps: config.layer_norm_eps as f32,
+            config,
+            word,
+            position,
+            token_type,
+            embedding_norm,
+            layers,
+        })
+    }
+
+    pub(crate) fn hidden_size(&self) -> usize {
+        self.config.hidden_size
+    }
+
+    pub(crate) fn max_positions(&self) -> usize {
+        self.config.max_position_embeddings
+    }
+
+    pub(crate) fn vocab_size(&self) -> usize {
+        self.config.vocab_size
+    }
+
+    /// Mean-pooled, L2-normalised sentence vectors for token-id sequences (each already `[CLS] … [SEP]` and no
+    /// longer than [`Bert::max_positions`]; ids below [`Bert::vocab_size`]). Zero-length sequences are refused.
+    pub(crate) fn embed(&self, sequences: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, String> {
+        let h = self.config.hidden_size;
+        let mut spans = Vec::with_capacity(sequences.len());
+        let mut total = 0;
+        for seq in sequences {
+            if seq.is_empty() || seq.len() > self.config.max_position_embeddings {
+                return Err(format!(
+                    "a sequence of {} tokens (1..={} allowed)",
+                    seq.len(),
+                    self.config.max_position_embeddings
+                ));
+            }
+            spans.push((total, seq.len()));
+            total += seq.len();
+        }
+        // Embeddings: word + position + token type 0, then LayerNorm.
+        let mut x = vec![0.0f32; total * h];
+        for (seq, &(start, _)) in sequences.iter().zip(&spans) {
+            for (pos, &id) in seq.iter().enumerate() {
+                let id = id as usize;
+                if id >= self.config.vocab_size {
+                    return Err(format!("token id {id} outside the vocabulary"));
+                }
+                let row = &mut x[(start + pos) * h..(start + pos + 1) * h];
+                let word = &self.word[id * h..(id + 1) * h];
+                let position = &self.position[pos * h..(pos + 1) * h];
+                for j in 0..h {
+                    row[j] = word[j] + position[j] + self.token_type[j];
+                }
+            }
+        }
+        layer_norm(&mut x, h, &self.embedding_norm, self.eps);
+
+        let longest = spans.iter().map(|&(_, len)| len).max().unwrap_or(0);
+        let mut scratch = Scratch::new(total, longest, h, self.config.intermediate_size);
+        for layer in &self.layers {
+            self.layer(layer, &mut x, &spans, &mut scratch);
+        }
+
+        let mut vectors = Vec::with_capacity(spans.len());
+        for &(start, len) in &spans {
+            let mut pooled = vec![0.0f32; h];
+            for row in x[start * h..(start + len) * h].chunks_exact(h) {
+                for (p, v) in pooled.iter_mut().zip(row) {
+                    *p += v;
+                }
+            }
+            let scale = 1.0 / len as f32;
+            pooled.iter_mut().for_each(|p| *p *= scale);
+            let norm = pooled.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+            if !norm.is_finite() {
+                return Err("the model produced a non-finite vector".into());
+            }
+            pooled.iter_mut().for_each(|p| *p /= norm);
+            vectors.push(pooled);
+        }
+        Ok(vectors)
+    }
+
+    fn layer(&self, layer: &Layer, x: &mut [f32], spans: &[(usize, usize)], s: &mut Scratch) {
+        let h = self.config.hidden_size;
+        let heads = self.config.num_attention_heads;
+        let head_dim = h / heads;
+        let rows = x.len() / h;
+        let scale = 1.0 / (head_dim as f32).sqrt();
+
+        linear(x, rows, &layer.qkv, &mut s.qkv);
+        let stride = 3 * h;
+        for &(start, len) in spans {
+            let scores = &mut s.scores[..len * len];
+            for head in 0..heads {
+                let q = &s.qkv[start * stride + head * head_dim..];
+                let k = &s.qkv[start * stride + h + head * head_dim..];
+                let v = &s.qkv[start * stride + 2 * h + head * head_dim..];
+                // scores[len × len] = Q · Kᵀ · scale
+                // SAFETY: every matrix is addressed within its slice: Q and K rows `start..start+len`, columns
+                // `head·d..(head+1)·d` of the `[rows × 3h]` qkv buffer; scores is `len × len`.
+                unsafe {
+                    matrixmultiply::sgemm(
+                        len,
+                        head_dim,
+                        len,
+                        scale,
+                        q.as_ptr(),
+                        stride as isize,
+                        1,
+                        k.as_ptr(),
+                        1,
+                        stride as isize,
+                        0.0,
+                        scores.as_mut_ptr(),
+                        len as isize,
+                        1,
+                    );
+                }
+                for row in scores.chunks_exact_mut(len) {
+                    softmax(row);
+                }
+                let out = &mut s.context[start * h + head * head_dim..];
+                // context[len × d] = P · V, written into the head's columns of the `[rows × h]` context.
+                // SAFETY: as above; the output block is rows `start..start+len`, columns of this head.
+                unsafe {
+                    matrixmultiply::sgemm(
+                        len,
+                        len,
+                        head_dim,
+                        1.0,
+                        scores.as_ptr(),
+                        len as isize,
+                        1,
+                        v.as_ptr(),
+                        stride as isize,
+                        1,
+                        0.0,
+                        out.as_mut_ptr(),
+                        h as isize,
+                        1,
+                    );
+                }
+            }
+        }
+        linear(&s.context, rows, &layer.attention_out, &mut s.projected);
+        add_in_place(x, &s.projected);
+        layer_norm(x, h, &layer.attention_norm, self.eps);
+
+        linear(x, rows, &layer.intermediate, &mut s.intermediate);
+        s.intermediate.iter_mut().for_each(|v| *v = gelu(*v));
+        linear(&s.intermediate, rows, &layer.output, &mut s.projected);
+        add_in_place(x, &s.projected);
+        layer_norm(x, h, &layer.output_norm, self.eps);
+    }
+}
+
+/// Buffers one forward pass reuses across layers.
+struct Scratch {
+    qkv: Vec<f32>,
+    context: Vec<f32>,
+    projected: Vec<f32>,
+    intermediate: Vec<f32>,
+    scores: Vec<f32>,
+}
+
+impl Scratch {
+    fn new(rows: usize, longest: usize, hidden: usize, intermediate: usize) -> Self {
+        Self {
+            qkv: vec![0.0; rows * 3 * hidden],
+            context: vec![0.0; rows * hidden],
+            projected: vec![0.0; rows * hidden],
+            intermediate: vec![0.0; rows * intermediate],
+            scores: vec![0.0; longest * longest],
+        }
+    }
+}
+
+/// `out[rows × outputs] = x[rows × inputs] · Wᵀ + b`.
+fn linear(x: &[f32], rows: usize, layer: &Linear, out: &mut Vec<f32>) {
+    out.resize(rows * layer.outputs, 0.0);
+    for row in out.chunks_exact_mut(layer.outputs) {
+        row.copy_from_slice(&layer.bias);
+    }
+    debug_assert_eq!(x.len(), rows * layer.inputs);
+    // SAFETY: x is `rows × inputs` row-major, the weight `outputs × inputs` row-major (read transposed through its
+    // strides), out `rows × outputs` row-major; all three lengths are checked above / sized by resize.
+    unsafe {
+        matrixmultiply::sgemm(
+            rows,
+            layer.inputs,
+            layer.outputs,
+            1.0,
+            x.as_ptr(),
+            layer.inputs as isize,
+            1,
+            layer.weight.as_ptr(),
+            1,
+            layer.inputs as isize,
+            1.0,
+            out.as_mut_ptr(),
+            layer.outputs as isize,
+            1,
+        );
+    }
+}
+
+fn add_in_place(x: &mut [f32], y: &[f32]) {
+    x.iter_mut().zip(y).for_each(|(a, b)| *a += b);
+}
+
+fn layer_norm(x: &mut [f32], width: usize, norm: &LayerNorm, eps: f32) {
+    for row in x.chunks_exact_mut(width) {
+        let mean = row.iter().sum::<f32>() / width as f32;
+        let variance = row.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / width as f32;
+        let inv = 1.0 / (variance + eps).sqrt();
+        for ((v, w), b) in row.iter_mut().zip(&norm.weight).zip(&norm.bias) {
+            *v = (*v - mean) * inv * w + b;
+        }
+    }
+}
+
+fn softmax(row: &mut [f32]) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for v in row.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    row.iter_mut().for_each(|v| *v /= sum);
+}
+
+/// BERT's exact GELU: `x · Φ(x)` with the error function (not the tanh approximation).
+fn gelu(x: f32) -> f32 {
+    0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gelu_and_softmax_match_their_definitions() {
+        assert!((gelu(1.0) - 0.841_344_7).abs() < 1e-6);
+        assert!((gelu(-3.0) + 0.004_049_7).abs() < 1e-6);
+        let mut row = [1.0, 2.0, 3.0];
+        softmax(&mut row);
+        assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert!((row[2] - 0.665_240_9).abs() < 1e-6);
+    }
+
+    #[test]
+    fn a_truncated_or_foreign_weights_file_is_an_error_not_a_panic() {
+        let config: BertConfig = serde_json::from_str(
+            r#"{"hidden_size":4,"num_attention_heads":2,"num_hidden_layers":1,"intermediate_size":8,
+                "max_position_embeddings":8,"vocab_size":10,"type_vocab_size":2,"layer_norm_eps":1e-12,
+                "hidden_act":"gelu"}"#,
+        )
+        .unwrap();
+        for bytes in [
+            &b""[..],
+            b"\xff\xff\xff\xff\xff\xff\xff\x7f{}",
+            b"\x02\0\0\0\0\0\0\0{}",
+        ] {
+            assert!(Bert::from_safetensors(config.clone(), bytes).is_err());
+        }
+    }
+}
