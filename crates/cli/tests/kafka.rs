@@ -850,6 +850,10 @@ fn health_and_metrics_report_backend_readiness_and_backlog() {
     );
     assert_eq!(body["brokers"][0]["name"], "kafka");
     assert_eq!(body["brokers"][0]["reachable"], true);
+    assert_eq!(
+        body["embedder"],
+        json!({"provider": "hash", "model": "hash-ngram-v1"})
+    );
 
     // Once the sampler has seen the drained topics, the backlog is 0 on each.
     let user_topic = kafka.topic(USER_TOPIC);

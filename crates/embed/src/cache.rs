@@ -18,9 +18,12 @@ use crate::{EmbedError, Embedder, Embeddings};
 
 pub const CACHE_METRIC: &str = "aura360_embedding_cache_requests_total";
 
+/// SHA-256 of (model, text) → (the model the provider reported, the vector).
+type Lru = LruCache<[u8; 32], (String, Vec<f32>)>;
+
 pub struct CachedEmbedder<E: ?Sized> {
     inner: std::sync::Arc<E>,
-    cache: Option<Mutex<LruCache<[u8; 32], (String, Vec<f32>)>>>,
+    cache: Option<Mutex<Lru>>,
     hits: AtomicU64,
     misses: AtomicU64,
 }

@@ -47,7 +47,7 @@ pub struct Metric {
 
 /// Every metric the processes export: DESIGN §9's, plus the backlog and the publish fallback. The Grafana dashboard
 /// (`deploy/grafana`) is checked against this list.
-pub const METRICS: [Metric; 13] = [
+pub const METRICS: [Metric; 15] = [
     Metric {
         name: "aura360_events_published_total",
         kind: MetricKind::Counter,
@@ -112,6 +112,16 @@ pub const METRICS: [Metric; 13] = [
         name: "aura360_kafka_finished_ahead_events",
         kind: MetricKind::Gauge,
         help: "Events vectordb-consumer finished that wait behind an unfinished earlier one before their offset can be committed",
+    },
+    Metric {
+        name: "aura360_embedding_cache_requests_total",
+        kind: MetricKind::Counter,
+        help: "Texts looked up in the embedding cache (EMBEDDING_CACHE_SIZE), by result: hit or miss",
+    },
+    Metric {
+        name: "aura360_embedding_truncated_total",
+        kind: MetricKind::Counter,
+        help: "Texts the local embedding model cut at its 256-token window",
     },
 ];
 

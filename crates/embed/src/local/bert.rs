@@ -159,7 +159,11 @@ impl Bert {
                 config.hidden_act
             )));
         }
-        if config.num_attention_heads == 0 || config.hidden_size % config.num_attention_heads != 0 {
+        if config.num_attention_heads == 0
+            || !config
+                .hidden_size
+                .is_multiple_of(config.num_attention_heads)
+        {
             return Err(LoadError::Invalid(format!(
                 "hidden size {} does not split into {} heads",
                 config.hidden_size, config.num_attention_heads

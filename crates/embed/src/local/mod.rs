@@ -27,6 +27,9 @@ use tokio::sync::oneshot;
 use crate::{EmbedError, Embedder, Embeddings};
 use bert::{Bert, BertConfig};
 
+/// Texts cut at the model's window.
+pub const TRUNCATED_METRIC: &str = "aura360_embedding_truncated_total";
+
 /// The most tokens one thread runs in one forward pass: 2,048 rows ≈ 32 MB of activations (beyond a few hundred rows
 /// the matrix products gain nothing from more).
 pub const MAX_BATCH_TOKENS: usize = 2048;
@@ -111,10 +114,12 @@ struct Item {
     job: Arc<Job>,
 }
 
+type Reply = oneshot::Sender<Result<Vec<Vec<f32>>, EmbedError>>;
+
 struct Job {
     vectors: Mutex<Vec<Option<Vec<f32>>>>,
     remaining: AtomicUsize,
-    reply: Mutex<Option<oneshot::Sender<Result<Vec<Vec<f32>>, EmbedError>>>>,
+    reply: Mutex<Option<Reply>>,
 }
 
 impl Job {
@@ -374,6 +379,7 @@ fn tokenize(model: &Model, stats: &LocalStats, text: &str) -> Result<Vec<u32>, E
     stats.tokens.fetch_add(ids.len() as u64, Ordering::Relaxed);
     if !encoding.get_overflowing().is_empty() {
         stats.truncated.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(TRUNCATED_METRIC).increment(1);
     }
     if ids.iter().any(|&id| id as usize >= model.bert.vocab_size()) {
         return Err(EmbedError::Rejected(
