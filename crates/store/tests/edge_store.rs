@@ -176,3 +176,46 @@ async fn concurrent_upserts_all_become_durable() {
     }
     assert_eq!(store.count(Some("carol")).await.unwrap(), 64);
 }
+
+#[tokio::test]
+async fn points_of_another_embedding_model_are_counted_and_one_of_them_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EdgeStore::open(dir.path(), spec(DIM)).unwrap();
+    let accepted = ["model-a".to_owned(), "model-a-alias".to_owned()];
+    assert_eq!(
+        store.foreign_points(&accepted).await.unwrap(),
+        None,
+        "empty"
+    );
+    let with_model = |n: u8, model: Option<&str>| {
+        let mut p = point(n, "alice");
+        if let Some(model) = model {
+            p.payload.insert("embedding_model".into(), json!(model));
+            p.payload.insert("version".into(), json!("v7"));
+        }
+        p
+    };
+    store
+        .upsert(vec![
+            with_model(0, Some("model-a")),
+            with_model(1, Some("model-a-alias")),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(store.foreign_points(&accepted).await.unwrap(), None);
+    store
+        .upsert(vec![
+            with_model(2, Some("model-b")),
+            with_model(3, Some("model-b")),
+        ])
+        .await
+        .unwrap();
+    let foreign = store.foreign_points(&accepted).await.unwrap().unwrap();
+    assert_eq!(foreign.points, 2);
+    assert_eq!(foreign.model.as_deref(), Some("model-b"));
+    assert_eq!(foreign.version.as_deref(), Some("v7"));
+    // A point that does not say which model wrote it is foreign too.
+    store.upsert(vec![with_model(4, None)]).await.unwrap();
+    let foreign = store.foreign_points(&accepted[..1]).await.unwrap().unwrap();
+    assert_eq!(foreign.points, 4, "alias not accepted here; model-b; none");
+}

@@ -333,36 +333,52 @@ fn work(shared: &Shared) {
             let take = queue.items.len().min(shared.batch_size);
             queue.items.drain(..take).collect()
         };
-        let mut ready = Vec::with_capacity(items.len());
-        for item in items {
-            // A job that already failed needs no more work.
-            if lock(&item.job.reply).is_none() {
-                continue;
-            }
-            match tokenize(&shared.model, &shared.stats, &item.text) {
-                Ok(ids) => ready.push((item, ids)),
-                Err(e) => item.job.fail(e),
+        // A panic in the tokenizer or the forward pass (a bug, never an input we accept) must not kill the thread
+        // with its callers waiting forever: their calls fail, and the thread goes on.
+        let jobs: Vec<Arc<Job>> = items.iter().map(|i| i.job.clone()).collect();
+        let outcome =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| embed_items(shared, items)));
+        if outcome.is_err() {
+            for job in jobs {
+                job.fail(EmbedError::Rejected(
+                    "the local model failed on this input (a panic in inference)".into(),
+                ));
             }
         }
-        let sequences: Vec<Vec<u32>> = ready
-            .iter_mut()
-            .map(|(_, ids)| std::mem::take(ids))
-            .collect();
-        let mut offset = 0;
-        for batch in token_batches(&sequences) {
-            let items = &ready[offset..offset + batch.len()];
-            offset += batch.len();
-            shared.stats.batches.fetch_add(1, Ordering::Relaxed);
-            match shared.model.bert.embed(batch) {
-                Ok(vectors) => {
-                    for ((item, _), vector) in items.iter().zip(vectors) {
-                        item.job.complete(item.index, vector);
-                    }
+    }
+}
+
+/// Tokenizes `items`, runs them in token-bounded batches and answers their jobs.
+fn embed_items(shared: &Shared, items: Vec<Item>) {
+    let mut ready = Vec::with_capacity(items.len());
+    for item in items {
+        // A job that already failed needs no more work.
+        if lock(&item.job.reply).is_none() {
+            continue;
+        }
+        match tokenize(&shared.model, &shared.stats, &item.text) {
+            Ok(ids) => ready.push((item, ids)),
+            Err(e) => item.job.fail(e),
+        }
+    }
+    let sequences: Vec<Vec<u32>> = ready
+        .iter_mut()
+        .map(|(_, ids)| std::mem::take(ids))
+        .collect();
+    let mut offset = 0;
+    for batch in token_batches(&sequences) {
+        let items = &ready[offset..offset + batch.len()];
+        offset += batch.len();
+        shared.stats.batches.fetch_add(1, Ordering::Relaxed);
+        match shared.model.bert.embed(batch) {
+            Ok(vectors) => {
+                for ((item, _), vector) in items.iter().zip(vectors) {
+                    item.job.complete(item.index, vector);
                 }
-                Err(e) => {
-                    for (item, _) in items {
-                        item.job.fail(EmbedError::Rejected(e.clone()));
-                    }
+            }
+            Err(e) => {
+                for (item, _) in items {
+                    item.job.fail(EmbedError::Rejected(e.clone()));
                 }
             }
         }
