@@ -221,6 +221,23 @@ fn user_filter(user_id: Option<&str>) -> qdrant_edge::OperationResult<Option<Fil
     Ok(Some(Filter::new_must(Condition::Field(condition))))
 }
 
+/// The `limit` points nearest to `vector` that pass `filter`, with their payloads.
+fn nearest(vector: Vec<f32>, filter: Option<Filter>, limit: usize) -> SearchRequest {
+    SearchRequest {
+        query: QueryEnum::Nearest(qdrant_edge::NamedQuery {
+            query: vector.into(),
+            using: None,
+        }),
+        filter,
+        params: None,
+        limit,
+        offset: 0,
+        with_payload: Some(WithPayloadInterface::Bool(true)),
+        with_vector: Some(WithVector::Bool(false)),
+        score_threshold: None,
+    }
+}
+
 /// `embedding_model` is none of `models`.
 fn not_models(models: &[String]) -> qdrant_edge::OperationResult<Filter> {
     let path = json_path("embedding_model")?;
@@ -301,21 +318,7 @@ impl VectorStore for EdgeStore {
         }
         let filter = user_filter(user_id).map_err(|e| StoreError::Invalid(e.to_string()))?;
         let points = self
-            .read(move |shard| {
-                shard.search(SearchRequest {
-                    query: QueryEnum::Nearest(qdrant_edge::NamedQuery {
-                        query: vector.into(),
-                        using: None,
-                    }),
-                    filter,
-                    params: None,
-                    limit,
-                    offset: 0,
-                    with_payload: Some(WithPayloadInterface::Bool(true)),
-                    with_vector: Some(WithVector::Bool(false)),
-                    score_threshold: None,
-                })
-            })
+            .read(move |shard| shard.search(nearest(vector, filter, limit)))
             .await?;
         Ok(points
             .into_iter()
@@ -369,21 +372,7 @@ impl VectorStore for EdgeStore {
         }
         let query = any_direction(self.spec.dimension);
         let sample = self
-            .read(move |shard| {
-                shard.search(SearchRequest {
-                    query: QueryEnum::Nearest(qdrant_edge::NamedQuery {
-                        query: query.into(),
-                        using: None,
-                    }),
-                    filter: Some(filter),
-                    params: None,
-                    limit: 1,
-                    offset: 0,
-                    with_payload: Some(WithPayloadInterface::Bool(true)),
-                    with_vector: Some(WithVector::Bool(false)),
-                    score_threshold: None,
-                })
-            })
+            .read(move |shard| shard.search(nearest(query, Some(filter), 1)))
             .await?;
         let payload: Option<serde_json::Map<String, Value>> = sample
             .into_iter()

@@ -175,21 +175,32 @@ fn tempfile_dir(root: &Path) -> Result<PathBuf, LoadError> {
     Ok(path)
 }
 
+/// `error` and its causes, `: `-joined (reqwest's own message names only the step that failed, not why).
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
+}
+
 async fn download(url: &str, to: &Path) -> Result<(), LoadError> {
     let failed = |e: String| LoadError::Download(format!("{url}: {e}"));
     let client = reqwest::Client::builder()
         .connect_timeout(std::time::Duration::from_secs(30))
         .build()
-        .map_err(|e| failed(e.to_string()))?;
+        .map_err(|e| failed(chain(&e)))?;
     let mut response = client
         .get(url)
         .send()
         .await
         .and_then(|r| r.error_for_status())
-        .map_err(|e| failed(e.to_string()))?;
+        .map_err(|e| failed(chain(&e)))?;
     let mut file = std::fs::File::create(to).map_err(|e| LoadError::io(to, e))?;
     let mut written = 0u64;
-    while let Some(chunk) = response.chunk().await.map_err(|e| failed(e.to_string()))? {
+    while let Some(chunk) = response.chunk().await.map_err(|e| failed(chain(&e)))? {
         written += chunk.len() as u64;
         if written > WHEEL_BYTES {
             return Err(failed(format!("more than the wheel's {WHEEL_BYTES} bytes")));
