@@ -81,7 +81,11 @@ pub struct EmbeddingReport {
     pub provider: String,
     /// What the points' `embedding_model` says.
     pub model: String,
+    /// Answered by the in-process LRU.
     pub cache_hits: u64,
+    /// Answered by the Redis tier (`EMBEDDING_CACHE_REDIS_URL`).
+    pub cache_redis_hits: u64,
+    /// Embedded.
     pub cache_misses: u64,
     /// Hits over lookups (`null` when nothing was embedded).
     pub cache_hit_rate: Option<f64>,
@@ -93,6 +97,7 @@ impl EmbeddingReport {
             provider: settings.embedding.provider.name().to_owned(),
             model: settings.embedding.model_name().to_owned(),
             cache_hits: cache.hits,
+            cache_redis_hits: cache.redis_hits,
             cache_misses: cache.misses,
             cache_hit_rate: cache.hit_rate(),
         }
@@ -279,10 +284,11 @@ pub fn render(summary: &PipelineSummary) -> String {
     }
     if let Some(embedding) = &summary.embedding {
         out.push_str(&format!(
-            "embedding:        {} ({}); cache {} hits, {} misses{}\n",
+            "embedding:        {} ({}); cache {} hits, {} from Redis, {} embedded{}\n",
             embedding.model,
             embedding.provider,
             embedding.cache_hits,
+            embedding.cache_redis_hits,
             embedding.cache_misses,
             embedding
                 .cache_hit_rate

@@ -662,3 +662,83 @@ fn without_the_model_installed_the_local_default_says_how_to_install_it() {
     assert_eq!(report["installed"], false);
     assert_eq!(report["model"], "sentence-transformers/all-MiniLM-L6-v2");
 }
+
+#[test]
+fn a_re_run_is_served_by_the_redis_cache_tier_and_a_redis_that_is_down_only_costs_the_cache() {
+    use aura_cli::aura_runtime::testing::RedisServer;
+    let mut redis = RedisServer::start_with(&["--requirepass", "cache-s3cret"]);
+    let url = format!("redis://:cache-s3cret@127.0.0.1:{}/3", redis.port());
+    let cache = [("EMBEDDING_CACHE_REDIS_URL", url.as_str())];
+    let dir = tempfile::tempdir().unwrap();
+    let first = json_of(&vectordb(
+        dir.path(),
+        &cache,
+        &["pipeline", "--events", EXAMPLES, "--json"],
+    ));
+    assert_eq!(first["embedding"]["cache_misses"], 360);
+    // Another process, another store: nothing recomputed, the same vectors found in Redis.
+    let other = tempfile::tempdir().unwrap();
+    let second = json_of(&vectordb(
+        other.path(),
+        &cache,
+        &["pipeline", "--events", EXAMPLES, "--json"],
+    ));
+    assert_eq!(second["embedding"]["cache_redis_hits"], 360, "{second}");
+    assert_eq!(second["embedding"]["cache_misses"], 0);
+    assert_eq!(second["embedding"]["cache_hit_rate"], 1.0);
+    assert_eq!(second["collection_points"], 360);
+    let search = |dir: &Path| {
+        json_of(&vectordb(
+            dir,
+            &[],
+            &[
+                "search",
+                "--user",
+                "user-003",
+                "--text",
+                "deadline at work",
+                "--json",
+            ],
+        ))
+    };
+    let (a, b) = (search(dir.path()), search(other.path()));
+    assert_eq!(a[0]["id"], b[0]["id"]);
+    assert!((a[0]["score"].as_f64().unwrap() - b[0]["score"].as_f64().unwrap()).abs() < 1e-6);
+    // One entry per distinct text (a few example events repeat a text), each expiring (EMBEDDING_CACHE_TTL_S, a
+    // week by default).
+    let redis_cli = |args: &[&str]| {
+        let output = std::process::Command::new("redis-cli")
+            .args([
+                "-p",
+                &redis.port().to_string(),
+                "-a",
+                "cache-s3cret",
+                "--no-auth-warning",
+            ])
+            .args(["-n", "3"])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let keys = redis_cli(&["--scan", "--pattern", "aura360:embedding:*"]);
+    let keys: Vec<&str> = keys.lines().collect();
+    assert!((300..=360).contains(&keys.len()), "{}", keys.len());
+    let ttl: u64 = redis_cli(&["TTL", keys[0]]).trim().parse().unwrap();
+    assert!(ttl > 604_000 && ttl <= 604_800, "{ttl}");
+
+    // Redis gone: the run embeds everything and succeeds; the warning does not show the password.
+    redis.crash();
+    let third = tempfile::tempdir().unwrap();
+    let output = vectordb(
+        third.path(),
+        &cache,
+        &["pipeline", "--events", EXAMPLES, "--json"],
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    let summary = json_of(&output);
+    assert_eq!(summary["embedding"]["cache_misses"], 360);
+    assert_eq!(summary["collection_points"], 360);
+    assert!(stderr.contains("embedding cache"), "{stderr}");
+    assert!(!stderr.contains("cache-s3cret"), "{stderr}");
+}

@@ -15,7 +15,7 @@ mod openai;
 
 use async_trait::async_trait;
 
-pub use cache::{CACHE_METRIC, CacheStats, CachedEmbedder};
+pub use cache::{CACHE_METRIC, CacheStats, CachedEmbedder, RedisTier};
 pub use hash::HashEmbedder;
 pub use local::{LocalConfig, LocalEmbedder};
 pub use openai::{OpenAiConfig, OpenAiEmbedder};

@@ -116,7 +116,7 @@ pub const METRICS: [Metric; 15] = [
     Metric {
         name: "aura360_embedding_cache_requests_total",
         kind: MetricKind::Counter,
-        help: "Texts looked up in the embedding cache (EMBEDDING_CACHE_SIZE), by result: hit or miss",
+        help: "Texts looked up in the embedding cache, by result: hit (in-process LRU), redis_hit (EMBEDDING_CACHE_REDIS_URL) or miss (embedded)",
     },
     Metric {
         name: "aura360_embedding_truncated_total",

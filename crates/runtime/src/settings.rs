@@ -294,6 +294,10 @@ pub struct EmbeddingSettings {
     pub threads: usize,
     /// `EMBEDDING_CACHE_SIZE`: vectors kept in the in-process LRU (0: no cache).
     pub cache_size: usize,
+    /// `EMBEDDING_CACHE_REDIS_URL`: the shared cache tier (unset: none). May carry a password: shown redacted.
+    pub cache_redis_url: Option<SecretUrl>,
+    /// `EMBEDDING_CACHE_TTL_S`: how long the Redis tier keeps a vector.
+    pub cache_ttl: Duration,
 }
 
 impl EmbeddingSettings {
@@ -435,6 +439,8 @@ impl Layers {
             model_root,
             threads,
             cache_size: self.number("embedding_cache_size", 0)?,
+            cache_redis_url: self.text("embedding_cache_redis_url").map(SecretUrl),
+            cache_ttl: Duration::from_secs(self.number("embedding_cache_ttl_s", 1)?),
         };
         let local_dimension = aura_embed::local::model::DIMENSION;
         if provider == EmbeddingProvider::Local && embedding.dimension != local_dimension {
@@ -744,6 +750,8 @@ mod tests {
         .unwrap();
         assert_eq!(s.embedding.model_root, PathBuf::from("/opt/models"));
         assert_eq!((s.embedding.threads, s.embedding.cache_size), (3, 0));
+        assert_eq!(s.embedding.cache_redis_url, None);
+        assert_eq!(s.embedding.cache_ttl, Duration::from_secs(7 * 24 * 3600));
         let s = load(
             Path::new("/nonexistent"),
             &[("EMBEDDING_PROVIDER", "hash"), ("EMBEDDING_DIM", "64")],

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use aura_embed::{
     CachedEmbedder, EmbedError, Embedder, HashEmbedder, LocalConfig, LocalEmbedder, OpenAiConfig,
-    OpenAiEmbedder,
+    OpenAiEmbedder, RedisTier,
 };
 use aura_store::{
     CollectionSpec, Durability, EdgeStore, QdrantServerStore, StoreError, VectorStore,
@@ -69,7 +69,15 @@ pub fn build_embedder(
             timeout: embedding.timeout,
         })?),
     };
-    Ok(Arc::new(CachedEmbedder::new(inner, embedding.cache_size)))
+    let mut cached = CachedEmbedder::new(inner, embedding.cache_size);
+    if let Some(url) = &embedding.cache_redis_url {
+        cached = cached.with_redis(RedisTier::new(
+            url.expose(),
+            url.redacted(),
+            embedding.cache_ttl,
+        )?);
+    }
+    Ok(Arc::new(cached))
 }
 
 /// The `embedding_model` values the configured embedder writes, for [`VectorStore::foreign_points`]: the model's
