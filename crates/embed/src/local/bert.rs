@@ -7,6 +7,7 @@
 //! mask is needed: there are no padded positions to mask).
 
 use std::collections::HashMap;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
 use serde::Deserialize;
@@ -60,71 +61,101 @@ pub(crate) struct Bert {
     layers: Vec<Layer>,
 }
 
-/// Tensors of a `.safetensors` file, as f32.
-struct Tensors {
-    tensors: HashMap<String, (Vec<usize>, Vec<f32>)>,
+/// The F32 tensors of a `.safetensors` file (u64 header length, JSON header, raw little-endian data), read one at a
+/// time as they are taken: loading never holds the whole file next to the converted weights.
+struct Tensors<R> {
+    reader: R,
+    /// Where the data section starts.
+    data_start: u64,
+    data_len: u64,
+    headers: HashMap<String, TensorHeader>,
 }
 
 #[derive(Deserialize)]
 struct TensorHeader {
     dtype: String,
     shape: Vec<usize>,
-    data_offsets: [usize; 2],
+    data_offsets: [u64; 2],
 }
 
-impl Tensors {
-    /// Parses the safetensors layout (u64 header length, JSON header, raw little-endian data) keeping F32 tensors.
-    fn parse(bytes: &[u8]) -> Result<Self, LoadError> {
-        let bad = |why: String| LoadError::Invalid(format!("model.safetensors: {why}"));
-        let header_len = bytes
-            .get(..8)
-            .map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()) as usize)
-            .ok_or_else(|| bad("shorter than its header".into()))?;
-        let header = bytes
-            .get(8..8usize.saturating_add(header_len))
-            .ok_or_else(|| bad("header runs past the end".into()))?;
-        let data = &bytes[8 + header_len..];
+/// The header is JSON of a few KB; anything larger is not a model file.
+const MAX_HEADER_BYTES: u64 = 16 * 1024 * 1024;
+
+fn bad(why: String) -> LoadError {
+    LoadError::Invalid(format!("model.safetensors: {why}"))
+}
+
+impl<R: Read + Seek> Tensors<R> {
+    fn parse(mut reader: R) -> Result<Self, LoadError> {
+        let total = reader
+            .seek(SeekFrom::End(0))
+            .map_err(|e| bad(e.to_string()))?;
+        reader
+            .seek(SeekFrom::Start(0))
+            .map_err(|e| bad(e.to_string()))?;
+        let mut len = [0u8; 8];
+        reader
+            .read_exact(&mut len)
+            .map_err(|_| bad("shorter than its header".into()))?;
+        let header_len = u64::from_le_bytes(len);
+        if header_len > MAX_HEADER_BYTES || 8 + header_len > total {
+            return Err(bad(format!("a header of {header_len} bytes")));
+        }
+        let mut header = vec![0u8; header_len as usize];
+        reader
+            .read_exact(&mut header)
+            .map_err(|e| bad(e.to_string()))?;
         let entries: HashMap<String, serde_json::Value> =
-            serde_json::from_slice(header).map_err(|e| bad(format!("header: {e}")))?;
-        let mut tensors = HashMap::new();
+            serde_json::from_slice(&header).map_err(|e| bad(format!("header: {e}")))?;
+        let mut headers = HashMap::new();
         for (name, value) in entries {
             if name == "__metadata__" {
                 continue;
             }
             let header: TensorHeader =
                 serde_json::from_value(value).map_err(|e| bad(format!("{name}: {e}")))?;
-            if header.dtype != "F32" {
-                continue;
-            }
-            let [start, end] = header.data_offsets;
-            let raw = data
-                .get(start..end)
-                .ok_or_else(|| bad(format!("{name}: data out of range")))?;
-            let count: usize = header.shape.iter().product();
-            if raw.len() != count * 4 {
-                return Err(bad(format!(
-                    "{name}: {} bytes for shape {:?}",
-                    raw.len(),
-                    header.shape
-                )));
-            }
-            let values = raw
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
-            tensors.insert(name, (header.shape, values));
+            headers.insert(name, header);
         }
-        Ok(Self { tensors })
+        Ok(Self {
+            reader,
+            data_start: 8 + header_len,
+            data_len: total - 8 - header_len,
+            headers,
+        })
     }
 
     fn take(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>, LoadError> {
-        let (found, values) = self.tensors.remove(name).ok_or_else(|| {
-            LoadError::Invalid(format!("model.safetensors has no F32 tensor `{name}`"))
+        let header = self.headers.remove(name).ok_or_else(|| {
+            LoadError::Invalid(format!("model.safetensors has no tensor `{name}`"))
         })?;
-        if found != shape {
+        if header.dtype != "F32" || header.shape != shape {
             return Err(LoadError::Invalid(format!(
-                "tensor `{name}` has shape {found:?}; the config implies {shape:?}"
+                "tensor `{name}` is {} {:?}; the config implies F32 {shape:?}",
+                header.dtype, header.shape
             )));
+        }
+        let [start, end] = header.data_offsets;
+        let count: usize = shape.iter().product();
+        if start > end || end > self.data_len || end - start != count as u64 * 4 {
+            return Err(bad(format!(
+                "{name}: data offsets {start}..{end} do not hold {count} floats"
+            )));
+        }
+        self.reader
+            .seek(SeekFrom::Start(self.data_start + start))
+            .map_err(|e| bad(e.to_string()))?;
+        let mut values = Vec::with_capacity(count);
+        let mut buf = vec![0u8; (1 << 20).min(count * 4)];
+        while values.len() < count {
+            let want = ((count - values.len()) * 4).min(buf.len());
+            self.reader
+                .read_exact(&mut buf[..want])
+                .map_err(|e| bad(format!("{name}: {e}")))?;
+            values.extend(
+                buf[..want]
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            );
         }
         Ok(values)
     }
@@ -148,11 +179,14 @@ impl Tensors {
 
 impl Bert {
     pub(crate) fn load(config: BertConfig, weights: &Path) -> Result<Self, LoadError> {
-        let bytes = std::fs::read(weights).map_err(|e| LoadError::io(weights, e))?;
-        Self::from_safetensors(config, &bytes)
+        let file = std::fs::File::open(weights).map_err(|e| LoadError::io(weights, e))?;
+        Self::from_safetensors(config, std::io::BufReader::new(file))
     }
 
-    pub(crate) fn from_safetensors(config: BertConfig, bytes: &[u8]) -> Result<Self, LoadError> {
+    pub(crate) fn from_safetensors(
+        config: BertConfig,
+        reader: impl Read + Seek,
+    ) -> Result<Self, LoadError> {
         if config.hidden_act != "gelu" {
             return Err(LoadError::Invalid(format!(
                 "hidden_act `{}` is not supported (only BERT's erf `gelu`)",
@@ -169,7 +203,7 @@ impl Bert {
                 config.hidden_size, config.num_attention_heads
             )));
         }
-        let mut t = Tensors::parse(bytes)?;
+        let mut t = Tensors::parse(reader)?;
         let h = config.hidden_size;
         let word = t.take("embeddings.word_embeddings.weight", &[config.vocab_size, h])?;
         let position = t.take(
@@ -471,7 +505,7 @@ mod tests {
             b"\xff\xff\xff\xff\xff\xff\xff\x7f{}",
             b"\x02\0\0\0\0\0\0\0{}",
         ] {
-            assert!(Bert::from_safetensors(config.clone(), bytes).is_err());
+            assert!(Bert::from_safetensors(config.clone(), std::io::Cursor::new(bytes)).is_err());
         }
     }
 }
