@@ -119,11 +119,10 @@ async fn pipeline_events_per_s() -> (f64, f64, f64) {
     (rates[0], rates[1], stats.hit_rate().unwrap_or(0.0))
 }
 
-/// Token counts of 900-character chunks (150 overlap) of a long English text built from the examples' notes.
-fn chunk_tokens(embedder: &LocalEmbedder, texts: &[String]) -> (usize, usize, usize) {
-    let long: String = texts.join(". ");
+/// Token counts of the chunker's 900-character chunks (150 overlap) of `long`: (chunks, most tokens, chunks cut).
+fn chunk_tokens(embedder: &LocalEmbedder, long: &str) -> (usize, usize, usize) {
     let chunks = handler_context_aggregated::chunk(
-        &long,
+        long,
         handler_context_aggregated::CHUNK_CHARS,
         handler_context_aggregated::CHUNK_OVERLAP,
     );
@@ -133,6 +132,23 @@ fn chunk_tokens(embedder: &LocalEmbedder, texts: &[String]) -> (usize, usize, us
         .collect();
     let over = counts.iter().filter(|&&n| n >= model::MAX_TOKENS).count();
     (chunks.len(), counts.into_iter().max().unwrap_or(0), over)
+}
+
+/// The examples' notes alone (prose, as a journal entry would be), one after the other.
+fn example_prose() -> String {
+    std::fs::read_to_string(EXAMPLES)
+        .expect("examples")
+        .lines()
+        .filter_map(|line| {
+            let value: serde_json::Value = serde_json::from_str(line).ok()?;
+            let data = &value["data"];
+            data["notes"]
+                .as_str()
+                .or(data["note"].as_str())
+                .map(str::to_owned)
+        })
+        .collect::<Vec<_>>()
+        .join(". ")
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -151,11 +167,19 @@ async fn main() {
         texts.len(),
         tokens as f64 / texts.len() as f64
     );
-    let (chunks, max, over) = chunk_tokens(&probe, &texts);
-    println!(
-        "900-char chunks of a long text: {chunks} chunks, at most {max} tokens, {over} at the {}-token window",
-        model::MAX_TOKENS
-    );
+    for (what, long) in [
+        ("prose (the examples' notes)", example_prose()),
+        (
+            "text representations (`User: … | Mood Score: …`)",
+            texts.join(" | "),
+        ),
+    ] {
+        let (chunks, max, over) = chunk_tokens(&probe, &long);
+        println!(
+            "900-char chunks of {what}: {chunks} chunks, at most {max} tokens, {over} cut at the {}-token window",
+            model::MAX_TOKENS
+        );
+    }
     drop(probe);
     println!("threads  batch  one call (texts/s)  concurrent 1-text calls (texts/s)");
     for threads in [1, 2] {

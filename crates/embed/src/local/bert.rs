@@ -475,12 +475,42 @@ fn softmax(row: &mut [f32]) {
 
 /// BERT's exact GELU: `x · Φ(x)` with the error function (not the tanh approximation).
 fn gelu(x: f32) -> f32 {
-    0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2))
+    0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+/// The error function as a rational polynomial on `[-4, 4]` (Eigen's `generic_fast_erf_float`; erf(±4) is ±1 in
+/// f32): no branch, no `exp`, so the GELU loop vectorises. libm's `erff` took a fifth of the inference time (perf);
+/// this one agrees with it to 1e-6 (test below). Plain multiply-adds: `mul_add` without the FMA target feature is a
+/// call per element.
+fn erf(x: f32) -> f32 {
+    let x = x.clamp(-4.0, 4.0);
+    let x2 = x * x;
+    let mut p = x2 * -2.726_142_3e-10 + 2.770_681_4e-8;
+    p = x2 * p - 2.101_024e-6;
+    p = x2 * p - 5.692_506_4e-5;
+    p = x2 * p - 7.349_906_3e-4;
+    p = x2 * p - 2.954_6e-3;
+    p = x2 * p - 1.609_603_3e-2;
+    let mut q = x2 * -1.456_607_2e-5 - 2.133_740_6e-4;
+    q = x2 * q - 1.682_827e-3;
+    q = x2 * q - 7.373_329e-3;
+    q = x2 * q - 1.426_473_9e-2;
+    x * p / q
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_fast_erf_agrees_with_libm() {
+        let mut worst = 0.0f32;
+        for i in -100_000..=100_000 {
+            let x = i as f32 / 10_000.0;
+            worst = worst.max((erf(x) - libm::erff(x)).abs());
+        }
+        assert!(worst < 1e-6, "max |erf - erff| = {worst}");
+    }
 
     #[test]
     fn gelu_and_softmax_match_their_definitions() {
