@@ -30,9 +30,9 @@ use bert::{Bert, BertConfig};
 /// Texts cut at the model's window.
 pub const TRUNCATED_METRIC: &str = "aura360_embedding_truncated_total";
 
-/// The most tokens one thread runs in one forward pass: 2,048 rows ≈ 32 MB of activations (beyond a few hundred rows
-/// the matrix products gain nothing from more).
-pub const MAX_BATCH_TOKENS: usize = 2048;
+/// The most tokens one thread runs in one forward pass: 1,024 rows ≈ 16 MB of activations (beyond a few hundred rows
+/// the matrix products gain little from more).
+pub const MAX_BATCH_TOKENS: usize = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
