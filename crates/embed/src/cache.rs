@@ -244,10 +244,6 @@ impl<E: Embedder + ?Sized> CachedEmbedder<E> {
         }
     }
 
-    pub fn inner(&self) -> &E {
-        &self.inner
-    }
-
     fn key(&self, text: &str) -> [u8; 32] {
         let mut hasher = Sha256::new();
         hasher.update(self.inner.model().as_bytes());

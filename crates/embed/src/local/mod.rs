@@ -93,11 +93,9 @@ pub struct LocalConfig {
     pub batch_size: usize,
 }
 
-/// Counters of what the embedder did; read by the summary and the metrics.
+/// Counters of what the embedder did (texts cut at the window, forward passes run), for tests and benchmarks.
 #[derive(Debug, Default)]
 pub struct LocalStats {
-    pub texts: AtomicU64,
-    pub tokens: AtomicU64,
     pub truncated: AtomicU64,
     pub batches: AtomicU64,
 }
@@ -221,10 +219,6 @@ impl LocalEmbedder {
             threads,
             config,
         })
-    }
-
-    pub fn config(&self) -> &LocalConfig {
-        &self.config
     }
 
     pub fn stats(&self) -> Arc<LocalStats> {
@@ -391,8 +385,6 @@ fn tokenize(model: &Model, stats: &LocalStats, text: &str) -> Result<Vec<u32>, E
         .encode(text, true)
         .map_err(|e| EmbedError::Rejected(format!("tokenizer: {e}")))?;
     let ids = encoding.get_ids().to_vec();
-    stats.texts.fetch_add(1, Ordering::Relaxed);
-    stats.tokens.fetch_add(ids.len() as u64, Ordering::Relaxed);
     if !encoding.get_overflowing().is_empty() {
         stats.truncated.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(TRUNCATED_METRIC).increment(1);
