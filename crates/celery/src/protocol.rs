@@ -523,91 +523,142 @@ pub fn follow_ups(
         .collect()
 }
 
-/// Celery's `saferepr`: Python `repr` of JSON data, nested containers past three levels as `[...]`/`{...}`, cut
-/// at `max_len` characters. Shown by Flower and in logs; never parsed.
+/// Celery's `saferepr` (`celery.utils.saferepr`) of JSON data, token for token: containers past three levels as
+/// `[...]`/`{...}`, strings in Celery's quoting ([`format_chars`]), and a budget of `max_len` characters that each
+/// token cuts the next one against (`truncate`), then `, ...` and the closing brackets of the containers still open.
+/// Shown by Flower and in logs, never parsed; pinned by `tests/golden.rs` against Celery 5.7's `send_task` output.
 pub fn saferepr(value: &Value, max_len: usize) -> String {
+    let mut tokens = Vec::new();
+    repr_tokens(value, 0, &mut tokens);
     let mut out = String::new();
-    repr_into(value, 1, &mut out, max_len);
-    if out.len() > max_len {
-        let mut cut = max_len;
-        while !out.is_char_boundary(cut) {
-            cut -= 1;
+    let mut budget = max_len as i64;
+    let mut rest = tokens.len();
+    for (i, token) in tokens.iter().enumerate() {
+        if budget <= 0 {
+            if let Token::Literal {
+                text, direction, ..
+            } = token
+                && *direction < 0
+            {
+                // The cut value was the last of its container: nothing is left out, just close it.
+                out.push_str(text);
+                continue;
+            }
+            out.push_str(", ...");
+            rest = i;
+            break;
         }
-        out.truncate(cut);
-        out.push_str("...");
+        let text = match token {
+            Token::Literal { text, .. } => (*text).to_owned(),
+            Token::Quoted(text) => format_chars(text, budget),
+            Token::Other(text) => truncate(text, budget),
+        };
+        budget -= text.chars().count() as i64;
+        out.push_str(&text);
+    }
+    // The brackets of containers opened before the cut; one opened after it is not shown, nor its closing bracket.
+    let mut depth = 0i32;
+    for token in &tokens[rest.min(tokens.len())..] {
+        if let Token::Literal {
+            text,
+            truncate: false,
+            direction,
+        } = token
+        {
+            depth += direction;
+            if depth < 0 {
+                depth = 0;
+                out.push_str(text);
+            }
+        }
     }
     out
 }
 
-fn repr_into(value: &Value, level: usize, out: &mut String, max_len: usize) {
-    if out.len() > max_len {
-        return;
-    }
+/// One token of Celery's `reprstream`.
+enum Token<'a> {
+    /// Brackets and separators (`truncate`: a separator, dropped after the cut; `direction`: +1 opens, -1 closes).
+    Literal {
+        text: &'static str,
+        truncate: bool,
+        direction: i32,
+    },
+    /// A string (a value or a key).
+    Quoted(&'a str),
+    /// A number, `True`/`False`/`None`.
+    Other(String),
+}
+
+const LIST_SEP: Token<'static> = Token::Literal {
+    text: ", ",
+    truncate: true,
+    direction: 0,
+};
+
+fn repr_tokens<'a>(value: &'a Value, level: usize, out: &mut Vec<Token<'a>>) {
+    let literal = |text, direction| Token::Literal {
+        text,
+        truncate: false,
+        direction,
+    };
     match value {
-        Value::Null => out.push_str("None"),
-        Value::Bool(true) => out.push_str("True"),
-        Value::Bool(false) => out.push_str("False"),
-        Value::Number(n) => match (n.as_i64(), n.as_u64(), n.as_f64()) {
-            (Some(i), _, _) => out.push_str(&i.to_string()),
-            (None, Some(u), _) => out.push_str(&u.to_string()),
-            (_, _, Some(f)) => out.push_str(&pyjson::python_float_repr(f)),
-            _ => out.push_str(&n.to_string()),
-        },
-        Value::String(s) => py_str_repr(s, out),
-        Value::Array(items) if level > REPR_MAX_LEVELS => {
-            out.push_str(if items.is_empty() { "[]" } else { "[...]" })
-        }
-        Value::Object(map) if level > REPR_MAX_LEVELS => {
-            out.push_str(if map.is_empty() { "{}" } else { "{...}" })
-        }
+        Value::Null => out.push(Token::Other("None".into())),
+        Value::Bool(b) => out.push(Token::Other(if *b { "True" } else { "False" }.into())),
+        Value::Number(n) => out.push(Token::Other(match (n.as_i64(), n.as_u64(), n.as_f64()) {
+            (Some(i), _, _) => i.to_string(),
+            (None, Some(u), _) => u.to_string(),
+            (_, _, Some(f)) => aura_runtime::events::pyfmt::float_str(f),
+            _ => n.to_string(),
+        })),
+        Value::String(text) => out.push(Token::Quoted(text)),
+        Value::Array(_) if level >= REPR_MAX_LEVELS => out.push(literal("[...]", 0)),
+        Value::Object(_) if level >= REPR_MAX_LEVELS => out.push(literal("{...}", 0)),
         Value::Array(items) => {
-            out.push('[');
+            out.push(literal("[", 1));
             for (i, item) in items.iter().enumerate() {
                 if i > 0 {
-                    out.push_str(", ");
+                    out.push(LIST_SEP);
                 }
-                repr_into(item, level + 1, out, max_len);
+                repr_tokens(item, level + 1, out);
             }
-            out.push(']');
+            out.push(literal("]", -1));
         }
         Value::Object(map) => {
-            out.push('{');
+            out.push(literal("{", 1));
             for (i, (key, item)) in map.iter().enumerate() {
                 if i > 0 {
-                    out.push_str(", ");
+                    out.push(LIST_SEP);
                 }
-                py_str_repr(key, out);
-                out.push_str(": ");
-                repr_into(item, level + 1, out, max_len);
+                out.push(Token::Quoted(key));
+                out.push(Token::Literal {
+                    text: ": ",
+                    truncate: true,
+                    direction: 0,
+                });
+                repr_tokens(item, level + 1, out);
             }
-            out.push('}');
+            out.push(literal("}", -1));
         }
     }
 }
 
-/// Python's `repr(str)`: single quotes unless the text holds `'` and no `"`.
-fn py_str_repr(text: &str, out: &mut String) {
-    let quote = if text.contains('\'') && !text.contains('"') {
-        '"'
-    } else {
-        '\''
-    };
-    out.push(quote);
-    for ch in text.chars() {
-        match ch {
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if c == quote => {
-                out.push('\\');
-                out.push(c);
-            }
-            c if (c as u32) < 0x20 || c == '\x7f' => out.push_str(&format!("\\x{:02x}", c as u32)),
-            c => out.push(c),
-        }
+/// Celery's `truncate`: text of `max_len` characters or more is cut there, back to its last space, plus `...`.
+fn truncate(text: &str, max_len: i64) -> String {
+    let max_len = max_len.max(0) as usize;
+    if max_len == 0 || text.chars().count() < max_len {
+        return text.to_owned();
     }
-    out.push(quote);
+    let head: String = text.chars().take(max_len).collect();
+    let kept = head
+        .rsplit_once(' ')
+        .map_or(head.as_str(), |(before, _)| before);
+    format!("{kept}...")
+}
+
+/// A string as Celery's `saferepr` writes it (`_format_chars`), which is not Python's `repr`: always single quotes,
+/// `'` written `\'`, nothing else escaped (a backslash, a newline or a `"` stay as they are); cut by [`truncate`].
+fn format_chars(text: &str, max_len: i64) -> String {
+    format!("'{}'", truncate(text, max_len).replace('\'', "\\'"))
 }
 
 #[cfg(test)]
@@ -761,12 +812,17 @@ mod tests {
 
     #[test]
     fn saferepr_reads_like_celerys() {
+        // Celery 5.7's own output for the same values (celery.utils.saferepr.saferepr).
         let value = json!([{"a": "it's", "n": null, "d": {"x": [1, 2], "y": {}}}]);
         assert_eq!(
             saferepr(&value, 1024),
-            r#"[{'a': "it's", 'n': None, 'd': {'x': [...], 'y': {}}}]"#
+            r#"[{'a': 'it\'s', 'n': None, 'd': {'x': [...], 'y': {...}}}]"#
         );
-        assert!(saferepr(&json!(["x".repeat(2000)]), 1024).ends_with("..."));
+        assert!(saferepr(&json!(["x".repeat(2000)]), 1024).ends_with("xxx...']"));
+        assert_eq!(
+            saferepr(&json!([1, 2, {"k": "v".repeat(50)}]), 20),
+            "[1, 2, {'k': 'vvvvvvv...'}]"
+        );
     }
 
     #[test]

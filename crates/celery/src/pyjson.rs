@@ -106,7 +106,8 @@ impl Formatter for PythonFormatter {
     }
 }
 
-/// `repr(float)`: the shortest digits that round-trip, fixed notation for exponents -4..16, else `d.ddde±XX`.
+/// `json.dumps` of a float: `repr(float)` ([`aura_runtime::events::pyfmt::float_repr`]), and Python's `NaN`,
+/// `Infinity`, `-Infinity` for what JSON has no number for.
 pub fn python_float_repr(value: f64) -> String {
     if !value.is_finite() {
         return if value.is_nan() {
@@ -117,35 +118,7 @@ pub fn python_float_repr(value: f64) -> String {
             "-Infinity".into()
         };
     }
-    // Rust's `{:e}` gives the shortest round-trip digits, like Python's repr: `1.5e16`, `-2e-5`, `0e0`.
-    let scientific = format!("{value:e}");
-    let (mantissa, exponent) = scientific.split_once('e').unwrap_or((&scientific, "0"));
-    let exponent: i32 = exponent.parse().unwrap_or(0);
-    let (sign, mantissa) = match mantissa.strip_prefix('-') {
-        Some(rest) => ("-", rest),
-        None => ("", mantissa),
-    };
-    let digits: String = mantissa.chars().filter(|c| *c != '.').collect();
-    if (-4..16).contains(&exponent) {
-        let point = exponent + 1; // digits before the decimal point
-        let body = if point <= 0 {
-            format!("0.{}{}", "0".repeat((-point) as usize), digits)
-        } else if point as usize >= digits.len() {
-            format!("{}{}.0", digits, "0".repeat(point as usize - digits.len()))
-        } else {
-            let (int, frac) = digits.split_at(point as usize);
-            format!("{int}.{frac}")
-        };
-        format!("{sign}{body}")
-    } else {
-        let mantissa = if digits.len() > 1 {
-            format!("{}.{}", &digits[..1], &digits[1..])
-        } else {
-            digits
-        };
-        let exp_sign = if exponent < 0 { '-' } else { '+' };
-        format!("{sign}{mantissa}e{exp_sign}{:02}", exponent.abs())
-    }
+    aura_runtime::events::pyfmt::float_repr(value)
 }
 
 /// Python's `json.dumps` writes `NaN`, `Infinity` and `-Infinity` (its default `allow_nan=True`), which are not JSON.

@@ -10,6 +10,7 @@
 mod event;
 pub mod limits;
 pub mod payload;
+pub mod pyfmt;
 pub mod routing;
 mod timestamp;
 

@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use aura_runtime::events::payload::{ActivityEntry, ContextSnapshot, MoodEntry};
 use aura_runtime::events::{Event, EventError, types};
 use aura_runtime::{Handler, HandlerContext, HandlerError};
-use serde_json::{Map, json};
+use serde_json::{Map, Value, json};
 
 pub struct MoodCreated;
 
@@ -43,7 +43,8 @@ pub fn aggregate(event: &Event) -> Result<ContextSnapshot, EventError> {
     let (mood_summary, activity_summary) = match event.event_type.as_str() {
         types::MOOD_CREATED => {
             let mood = MoodEntry::from_event(event)?;
-            parts.push(format!("Mood Score: {}/10", number(mood.score)));
+            let raw = data_field(event, &["mood_score", "level"]);
+            parts.push(format!("Mood Score: {}/10", python_str(raw, mood.score)));
             if !mood.tags.is_empty() {
                 parts.push(format!("Mood Tags: {}", mood.tags.join(", ")));
             }
@@ -64,10 +65,12 @@ pub fn aggregate(event: &Event) -> Result<ContextSnapshot, EventError> {
             let activity = ActivityEntry::from_event(event)?;
             parts.push(format!("Activity: {}", activity.activity_type));
             if let Some(minutes) = activity.duration_minutes {
-                parts.push(format!("Duration: {} minutes", number(minutes)));
+                let raw = data_field(event, &["duration", "duration_minutes"]);
+                parts.push(format!("Duration: {} minutes", python_str(raw, minutes)));
             }
             if let Some(calories) = activity.calories {
-                parts.push(format!("Calories: {}", number(calories)));
+                let raw = data_field(event, &["calories", "calories_burned"]);
+                parts.push(format!("Calories: {}", python_str(raw, calories)));
             }
             let summary = json!({
                 "activity_type": activity.activity_type,
@@ -101,12 +104,21 @@ pub fn aggregate(event: &Event) -> Result<ContextSnapshot, EventError> {
     })
 }
 
-/// `7.0` prints as `7`, `7.5` as `7.5` — as Python's f-strings print the ints and floats they were given.
-fn number(value: f64) -> String {
-    if value.fract() == 0.0 && value.abs() < 1e15 {
-        format!("{}", value as i64)
-    } else {
-        value.to_string()
+/// The first of `keys` in the event's `data` that is not null, as the producer sent it.
+fn data_field<'a>(event: &'a Event, keys: &[&str]) -> Option<&'a Value> {
+    let data = event.field("data")?;
+    keys.iter()
+        .find_map(|k| data.get(*k).filter(|v| !v.is_null()))
+}
+
+/// A number as the Python original's f-string prints what `json.loads` made of it: a JSON integer as an int (`7`),
+/// anything else as a float's `repr` (`7.0`, `6.5`, `1e+16`), a numeric string as it was. `parsed` is the value
+/// already read from `raw`, used when `raw` is absent.
+fn python_str(raw: Option<&Value>, parsed: f64) -> String {
+    match raw {
+        Some(Value::String(text)) => text.clone(),
+        Some(Value::Number(n)) if n.is_i64() || n.is_u64() => n.to_string(),
+        _ => aura_runtime::events::pyfmt::float_str(parsed),
     }
 }
 
@@ -114,7 +126,13 @@ fn number(value: f64) -> String {
 mod tests {
     use super::*;
     use aura_runtime::testing::embedded;
-    use serde_json::Value;
+
+    #[test]
+    fn numbers_print_as_the_python_original_prints_what_it_was_sent() {
+        assert_eq!(python_str(Some(&json!(7)), 7.0), "7");
+        assert_eq!(python_str(Some(&json!(7.0)), 7.0), "7.0");
+        assert_eq!(python_str(Some(&json!("7")), 7.0), "7");
+    }
 
     fn event(event_type: &str, user: Option<&str>, data: Value) -> Event {
         let mut e = Event::new(event_type, user.map(str::to_owned), Some("trace-7".into()));
