@@ -127,6 +127,8 @@ pub struct WorkerReport {
     pub unparked: u64,
     /// Tasks of other apps given back to their queue (never run, failed or dead-lettered here).
     pub foreign: u64,
+    /// Tasks of ours whose event type no handler knows: acknowledged as a success that says so, counted.
+    pub skipped: u64,
     /// Scheduled tasks moved to `<queue>.delayed` (no room to hold them).
     pub delayed: u64,
 }
@@ -142,6 +144,7 @@ struct Counters {
     revoked: AtomicU64,
     restored: AtomicU64,
     foreign: AtomicU64,
+    skipped: AtomicU64,
     delayed: AtomicU64,
 }
 
@@ -501,6 +504,7 @@ impl CeleryWorker {
             restored: counters.restored.load(Ordering::Relaxed),
             unparked: unparked as u64,
             foreign: counters.foreign.load(Ordering::Relaxed),
+            skipped: counters.skipped.load(Ordering::Relaxed),
             delayed: counters.delayed.load(Ordering::Relaxed),
         };
         drop(shared);
@@ -887,14 +891,9 @@ async fn decide(
     };
     let handler = match shared.registry.route(&event.event_type) {
         Route::Disabled(name) => return Verdict::Park { handler: name },
-        Route::Unhandled => {
-            let error = format!("no handler for event type {}", event.event_type);
-            return Verdict::Fail {
-                handler: None,
-                error: error.clone(),
-                exception: exception("NotRegistered", "celery.exceptions", &error),
-            };
-        }
+        // As on Kafka (where `aura360.user.events` carries every `user.*` type): an event type no handler knows is
+        // skipped, counted and acknowledged, never failed or dead-lettered.
+        Route::Unhandled => return skipped(shared, &event),
         Route::Handler(handler) => handler.name(),
     };
 
@@ -966,14 +965,12 @@ async fn decide(
             runtime,
         },
         Some(Ok(Outcome::Disabled { handler })) => Verdict::Park { handler },
-        Some(Ok(Outcome::Unhandled)) => {
-            let error = format!("no handler for event type {}", event.event_type);
-            Verdict::Fail {
-                handler: None,
-                error: error.clone(),
-                exception: exception("NotRegistered", "celery.exceptions", &error),
-            }
-        }
+        // Routed above; a registry cannot change under a running worker, but the verdict stays the same if it did.
+        Some(Ok(Outcome::Unhandled)) => Verdict::Success {
+            result: json!({"ok": true, "event_id": event.event_id.to_string(), "skipped": format!("no handler for event type {}", event.event_type), "produced": 0}),
+            staged: Vec::new(),
+            runtime,
+        },
         Some(Err(Failure { handler, error })) => {
             let text = error.to_string();
             let handler = handler.map(str::to_owned);
@@ -1003,6 +1000,20 @@ async fn decide(
 }
 
 /// The task's single argument, the event, checked against the task it came with.
+/// The verdict on an event whose type no handler knows: a success that says it was skipped, counted in
+/// `aura360_events_processed_total{handler="none",outcome="skipped"}` as the dispatcher counts it.
+fn skipped(shared: &Shared, event: &Event) -> Verdict {
+    shared.counters.skipped.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(event_id = %event.event_id, event_type = %event.event_type, "no handler for event type; skipped");
+    metrics::counter!("aura360_events_processed_total", "handler" => "none", "outcome" => "skipped")
+        .increment(1);
+    Verdict::Success {
+        result: json!({"ok": true, "event_id": event.event_id.to_string(), "skipped": format!("no handler for event type {}", event.event_type), "produced": 0}),
+        staged: Vec::new(),
+        runtime: 0.0,
+    }
+}
+
 fn decode_event(
     message: &TaskMessage,
     mut args: Vec<Value>,
@@ -1018,7 +1029,9 @@ fn decode_event(
         }
     };
     let event = Event::from_value(value).map_err(|e| format!("invalid event: {e}"))?;
+    // A type with no task of its own is one no handler knows (a newer producer's): the caller skips it.
     let accepted = event.event_type == expected_type
+        || routing::task_for(&event.event_type).is_none()
         || (expected_type.starts_with("user.")
             && routing::task_for(&event.event_type) == Some(message.task.as_str()));
     if !accepted {
