@@ -51,6 +51,7 @@ echo "test broker: tansu at $AURA_TEST_KAFKA" >&2
 # The Python services' publisher package (clients/python): its unit tests; its tests against our consumer and worker
 # are in crates/cli/tests/kafka.rs. The golden values (tests/fixtures/golden.json) still what Python computes.
 .venv/bin/python -m unittest discover -s clients/python/tests
+.venv/bin/python -m mypy --strict --ignore-missing-imports clients/python/src/aura360_events
 .venv/bin/python scripts/golden.py --check
 
 # The conformance report (tests/conformance) is printed whatever the outcome: it is what CI shows per mount.

@@ -110,6 +110,37 @@ impl Scenario {
         self.start(env!("CARGO_BIN_EXE_vectordb-consumer"), env)
     }
 
+    /// A consumer that was assigned the user topic. After a member died without leaving, tansu can hand a member
+    /// that joins before the dead one expired (KAFKA_SESSION_TIMEOUT_MS=6000 here) an empty assignment and keep it
+    /// (Kafka would rebalance): such a start is stopped and retried, until an assignment is observed.
+    fn start_consumer_assigned(&self, env: &[(&str, &str)]) -> Consumer {
+        let started = Instant::now();
+        let topic = self.topic(USER_TOPIC);
+        loop {
+            let mut consumer = self.start_consumer(env);
+            let attempt = Instant::now();
+            while attempt.elapsed() < Duration::from_secs(15) {
+                let log = consumer.log();
+                if log
+                    .lines()
+                    .any(|l| l.contains("partitions assigned") && l.contains(&topic))
+                {
+                    return consumer;
+                }
+                if let Some(status) = consumer.child.try_wait().unwrap() {
+                    panic!("consumer exited ({status}) before an assignment:\n{log}");
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "no assignment of {topic} in 120 s:\n{}",
+                consumer.log()
+            );
+            consumer.stop();
+        }
+    }
+
     fn start(&self, binary: &str, env: &[(&str, &str)]) -> Consumer {
         let log_path = self
             .dir
@@ -388,11 +419,7 @@ fn a_consumer_killed_mid_stream_resumes_and_every_event_becomes_exactly_its_poin
         committed < end,
         "killed too late to prove anything: {committed}/{end}"
     );
-    // Let the group expire the dead member (KAFKA_SESSION_TIMEOUT_MS=6000) before its successor joins: tansu can hand
-    // the successor an empty assignment when it joins while the dead member is still registered; Kafka does not.
-    std::thread::sleep(Duration::from_secs(8));
-
-    let mut consumer = kafka.start_consumer(&env);
+    let mut consumer = kafka.start_consumer_assigned(&env);
     kafka.wait_drained(&mut consumer, 2_000);
     consumer.stop();
     assert_eq!(kafka.points(), 2_000);
@@ -1183,11 +1210,10 @@ fn sigterm_while_kafka_is_down_exits_within_ten_seconds_and_loses_nothing() {
     assert!(status.success(), "exit {status}:\n{log}");
     assert!(took < Duration::from_secs(10), "took {took:?}:\n{log}");
 
-    // Kafka back: once the member that could not leave has expired (KAFKA_SESSION_TIMEOUT_MS=6000 here; tansu gives a
-    // member that joins before that nothing), a new consumer finishes the job from the committed offsets.
+    // Kafka back: a new consumer finishes the job from the committed offsets (once the member that could not leave
+    // has expired: `start_consumer_assigned`).
     broker.run("start");
-    std::thread::sleep(Duration::from_secs(10));
-    let mut consumer = kafka.start_consumer(&[]);
+    let mut consumer = kafka.start_consumer_assigned(&[]);
     kafka.wait_drained(&mut consumer, 300);
     consumer.stop();
     assert_eq!(kafka.points(), 300);
@@ -1216,7 +1242,12 @@ fn publishing_falls_back_to_celery_while_kafka_is_down_and_returns_to_kafka_afte
     let mut publisher = kafka.start_publisher(&env);
     let pace = Duration::from_millis(25);
     publisher.feed(&mood_lines(0..40), pace);
-    std::thread::sleep(Duration::from_secs(2));
+    kafka.wait_for(
+        "the first 40 events on Kafka",
+        Duration::from_secs(60),
+        &mut consumer,
+        |offsets| offsets[0].1 == 40,
+    );
 
     // Kafka goes away mid-stream; the stream goes on.
     broker.run("stop");
@@ -1309,9 +1340,14 @@ fn switching_kafka_to_celery_and_back_under_load_loses_nothing() {
         steady.finish()
     });
 
-    // Kafka mode.
-    let consumer = kafka.start_consumer(&kafka_env);
-    std::thread::sleep(Duration::from_secs(3));
+    // Kafka mode, until it has handled some of the stream.
+    let mut consumer = kafka.start_consumer(&kafka_env);
+    kafka.wait_for(
+        "some events handled on Kafka",
+        Duration::from_secs(120),
+        &mut consumer,
+        |offsets| offsets[0].0 > 0,
+    );
 
     // Roll back to Celery: restart both processes with the new env; the switched API publishes tasks.
     consumer.stop();
@@ -1323,7 +1359,13 @@ fn switching_kafka_to_celery_and_back_under_load_loses_nothing() {
     assert_eq!(summary["published"], 100, "{summary}");
     assert_eq!(summary["backend"], "celery");
     consumer.wait_log("forwarding Kafka's backlog", Duration::from_secs(60));
-    std::thread::sleep(Duration::from_secs(1));
+    let forwarded_from = kafka.offsets(USER_TOPIC).0;
+    kafka.wait_for(
+        "some of the backlog forwarded",
+        Duration::from_secs(120),
+        &mut consumer,
+        |offsets| offsets[0].0 > forwarded_from || offsets[0].0 == offsets[0].1,
+    );
 
     // And back to Kafka. The worker stops too (in production it would keep draining its queue; here it
     // shares the embedded store with the consumer, which one process holds at a time).

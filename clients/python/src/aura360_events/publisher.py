@@ -155,16 +155,16 @@ def normalise(event: Any) -> Dict[str, Any]:
         event = json.loads(event.json())
     if not isinstance(event, Mapping):
         raise UnroutableEvent(f"an event is a dict or a pydantic model, not {type(event).__name__}")
-    event = dict(event)
-    event_type = event.get("event_type")
+    wire: Dict[str, Any] = dict(event)
+    event_type = wire.get("event_type")
     if not isinstance(event_type, str) or not event_type:
         raise UnroutableEvent("the event has no event_type")
-    event.setdefault("event_id", str(uuid.uuid4()))
-    event.setdefault("timestamp", datetime.now(timezone.utc).isoformat())
-    event.setdefault("trace_id", None)
-    event.setdefault("user_id", None)
-    event.setdefault("metadata", {})
-    return event
+    wire.setdefault("event_id", str(uuid.uuid4()))
+    wire.setdefault("timestamp", datetime.now(timezone.utc).isoformat())
+    wire.setdefault("trace_id", None)
+    wire.setdefault("user_id", None)
+    wire.setdefault("metadata", {})
+    return wire
 
 
 def encode(event: Mapping[str, Any]) -> bytes:
