@@ -8,7 +8,7 @@ use aura_kafka::offsets::group_lag;
 use std::sync::Arc;
 
 use aura_runtime::embed::Embedder;
-use aura_runtime::settings::EmbeddingProvider;
+use aura_runtime::settings::{EmbeddingProvider, Process};
 use aura_runtime::store::Durability;
 use aura_runtime::{Backend, Settings};
 use serde::Serialize;
@@ -28,12 +28,26 @@ pub struct Check {
 #[derive(Debug, Serialize)]
 pub struct CheckReport {
     pub messaging_backend: &'static str,
+    /// Each process's backend (its own `<PROCESS>_MESSAGING_BACKEND`, else `MESSAGING_BACKEND`).
+    pub process_backends: std::collections::BTreeMap<&'static str, &'static str>,
+    pub kafka_security: KafkaSecurity,
     pub fallback: Option<&'static str>,
     pub enabled_handlers: Vec<&'static str>,
     pub disabled_handlers: Vec<&'static str>,
     /// What each process would do with this configuration.
     pub plan: Vec<String>,
     pub checks: Vec<Check>,
+}
+
+/// How the Kafka clients authenticate (never the secret).
+#[derive(Debug, Serialize)]
+pub struct KafkaSecurity {
+    pub security_protocol: String,
+    pub sasl_mechanism: Option<String>,
+    /// SASL_SSL chosen because credentials are set and the protocol is not.
+    pub inferred: bool,
+    pub api_key_set: bool,
+    pub api_secret_set: bool,
 }
 
 impl CheckReport {
@@ -65,9 +79,11 @@ pub async fn check(settings: &Settings) -> anyhow::Result<CheckReport> {
     let registry = crate::configured_registry(settings)?;
     let backend = settings.messaging_backend;
     let fallback = settings.fallback.backend.map(Backend::as_str);
-    let uses_kafka =
-        backend == Backend::Kafka || (backend == Backend::Celery && settings.kafka.drain_to_celery);
-    let uses_redis = backend == Backend::Celery || fallback.is_some();
+    // What any of the processes needs, each with its own backend.
+    let backends = Process::ALL.map(|p| settings.backend_of(p));
+    let uses_kafka = backends.contains(&Backend::Kafka)
+        || (backends.contains(&Backend::Celery) && settings.kafka.drain_to_celery);
+    let uses_redis = backends.contains(&Backend::Celery) || fallback.is_some();
     let plan = plan(settings, &registry.enabled());
     let mut checks = vec![passed(
         "config",
@@ -79,20 +95,36 @@ pub async fn check(settings: &Settings) -> anyhow::Result<CheckReport> {
         ),
     )];
     if uses_kafka {
+        checks.push(check_kafka_security(settings));
         checks.push(check_kafka(settings).await);
     }
-    if uses_redis || backend == Backend::Kafka {
+    if uses_redis || backends.contains(&Backend::Kafka) {
         // The worker consumes Celery queues in kafka mode too.
         checks.push(check_redis("broker", settings).await);
         checks.push(check_results(settings).await);
     }
-    if backend != Backend::Disabled {
+    if backends.iter().any(|b| *b != Backend::Disabled) {
         let (check, embedder) = check_embedder(settings).await;
         checks.push(check_store(settings, embedder.as_deref()).await);
         checks.push(check);
     }
+    let kafka = &settings.kafka;
     Ok(CheckReport {
         messaging_backend: backend.as_str(),
+        process_backends: Process::ALL
+            .iter()
+            .map(|p| (p.binary(), settings.backend_of(*p).as_str()))
+            .collect(),
+        kafka_security: KafkaSecurity {
+            security_protocol: kafka.security_protocol.clone(),
+            sasl_mechanism: kafka
+                .security_protocol
+                .starts_with("SASL")
+                .then(|| kafka.sasl_mechanism.clone()),
+            inferred: settings.kafka_security_inferred,
+            api_key_set: kafka.api_key.is_some(),
+            api_secret_set: kafka.api_secret.is_some(),
+        },
         fallback,
         enabled_handlers: registry.enabled(),
         disabled_handlers: registry.disabled(),
@@ -105,36 +137,45 @@ fn plan(settings: &Settings, enabled: &[&str]) -> Vec<String> {
     let group = &settings.kafka.group_id;
     let queues = settings.celery.queues.join(",");
     let handlers = enabled.join(", ");
-    let mut plan = match settings.messaging_backend {
-        Backend::Kafka => vec![
-            format!(
-                "vectordb-consumer: consumes the Kafka topics of [{handlers}] in group {group}, publishes to Kafka"
-            ),
+    let source = |process: Process| {
+        if settings.process_backends.iter().any(|(p, _)| *p == process) {
+            format!(" ({})", process.backend_variable())
+        } else {
+            String::new()
+        }
+    };
+    let consumer = match settings.backend_of(Process::Consumer) {
+        Backend::Kafka => format!(
+            "vectordb-consumer: consumes the Kafka topics of [{handlers}] in group {group}, publishes to Kafka"
+        ),
+        Backend::Celery if settings.kafka.drain_to_celery => format!(
+            "vectordb-consumer: forwards Kafka's backlog of group {group} as Celery tasks to {}",
+            settings.celery.publish_queue()
+        ),
+        Backend::Celery => format!(
+            "vectordb-consumer: idles (KAFKA_DRAIN_TO_CELERY=false); Kafka's backlog waits in group {group}"
+        ),
+        Backend::Disabled | Backend::Memory => {
+            "vectordb-consumer: consumes nothing, commits nothing".to_owned()
+        }
+    };
+    let worker = match settings.backend_of(Process::Worker) {
+        Backend::Kafka => {
             format!(
                 "vectordb-worker: consumes Celery queues [{queues}], publishes next events to Kafka"
-            ),
-        ],
-        Backend::Celery if settings.kafka.drain_to_celery => vec![
-            format!(
-                "vectordb-consumer: forwards Kafka's backlog of group {group} as Celery tasks to {}",
-                settings.celery.publish_queue()
-            ),
-            format!(
-                "vectordb-worker: consumes Celery queues [{queues}] with [{handlers}], publishes next events as tasks"
-            ),
-        ],
-        Backend::Celery => vec![
-            format!(
-                "vectordb-consumer: idles (KAFKA_DRAIN_TO_CELERY=false); Kafka's backlog waits in group {group}"
-            ),
-            format!(
-                "vectordb-worker: consumes Celery queues [{queues}] with [{handlers}], publishes next events as tasks"
-            ),
-        ],
-        Backend::Disabled | Backend::Memory => vec![
-            "vectordb-consumer and vectordb-worker: consume nothing, commit nothing".to_owned(),
-        ],
+            )
+        }
+        Backend::Celery => format!(
+            "vectordb-worker: consumes Celery queues [{queues}] with [{handlers}], publishes next events as tasks"
+        ),
+        Backend::Disabled | Backend::Memory => {
+            "vectordb-worker: consumes nothing, acknowledges nothing".to_owned()
+        }
     };
+    let mut plan = vec![
+        consumer + &source(Process::Consumer),
+        worker + &source(Process::Worker),
+    ];
     if settings.fallback.backend.is_some() {
         plan.push(format!(
             "publish_event: Kafka first; after {} ms or an error, the event goes to Celery queue {} (circuit opens after {} failures for {} s)",
@@ -145,6 +186,46 @@ fn plan(settings: &Settings, enabled: &[&str]) -> Vec<String> {
         ));
     }
     plan
+}
+
+/// The security settings against the credentials: a key and secret that would be ignored, or a SASL protocol
+/// without them, is a configuration that cannot be what was meant.
+fn check_kafka_security(settings: &Settings) -> Check {
+    let kafka = &settings.kafka;
+    let protocol = kafka.security_protocol.as_str();
+    let sasl = protocol.starts_with("SASL");
+    let detail = if sasl {
+        format!("{protocol} with {}", kafka.sasl_mechanism)
+    } else {
+        protocol.to_owned()
+    };
+    match (kafka.api_key.is_some(), kafka.api_secret.is_some()) {
+        (true, false) | (false, true) => failed(
+            "kafka_security",
+            format!("{detail}: only one of KAFKA_API_KEY and KAFKA_API_SECRET is set"),
+            "set both (Confluent Cloud: the API key and its secret), or neither",
+        ),
+        (true, true) if !sasl => failed(
+            "kafka_security",
+            format!(
+                "KAFKA_SECURITY_PROTOCOL={protocol} but KAFKA_API_KEY and KAFKA_API_SECRET are set: the credentials \
+                 would be ignored"
+            ),
+            "unset KAFKA_SECURITY_PROTOCOL (SASL_SSL is then used, as Confluent Cloud needs) or set it to SASL_SSL",
+        ),
+        (false, false) if sasl => failed(
+            "kafka_security",
+            format!("KAFKA_SECURITY_PROTOCOL={protocol} needs KAFKA_API_KEY and KAFKA_API_SECRET"),
+            "set both, or KAFKA_SECURITY_PROTOCOL=PLAINTEXT for a broker without authentication",
+        ),
+        _ if settings.kafka_security_inferred => passed(
+            "kafka_security",
+            format!(
+                "{detail}, inferred: KAFKA_API_KEY and KAFKA_API_SECRET are set and KAFKA_SECURITY_PROTOCOL is not"
+            ),
+        ),
+        _ => passed("kafka_security", detail),
+    }
 }
 
 async fn check_kafka(settings: &Settings) -> Check {

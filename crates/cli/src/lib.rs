@@ -158,4 +158,23 @@ pub fn init_logging(format: LogFormat, default_level: &str) {
     };
 }
 
+/// What a process says at start about choices the configuration made for it: a per-process backend override, and
+/// SASL_SSL inferred from Confluent credentials.
+pub fn announce_configuration(settings: &Settings) {
+    if settings.backend_variable != "MESSAGING_BACKEND" {
+        tracing::info!(
+            variable = settings.backend_variable,
+            messaging_backend = settings.messaging_backend.as_str(),
+            "this process's own backend variable overrides MESSAGING_BACKEND"
+        );
+    }
+    if settings.kafka_security_inferred {
+        tracing::info!(
+            security_protocol = %settings.kafka.security_protocol,
+            sasl_mechanism = %settings.kafka.sasl_mechanism,
+            "KAFKA_API_KEY and KAFKA_API_SECRET are set and KAFKA_SECURITY_PROTOCOL is not: using SASL_SSL (Confluent Cloud)"
+        );
+    }
+}
+
 pub use aura_runtime;

@@ -742,3 +742,100 @@ fn a_re_run_is_served_by_the_redis_cache_tier_and_a_redis_that_is_down_only_cost
     assert!(stderr.contains("embedding cache"), "{stderr}");
     assert!(!stderr.contains("cache-s3cret"), "{stderr}");
 }
+
+/// Confluent Cloud's `.env`: a bootstrap address, a key and a secret, nothing else. Nothing listens on the address
+/// (the check fails to connect, exit 1), which is enough to see what the Kafka client was configured with.
+#[test]
+fn confluent_credentials_alone_select_sasl_ssl_plain_and_the_secret_is_never_shown() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = "cflt-s3cret-Zq9XwV";
+    let env = [
+        ("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9"),
+        ("KAFKA_API_KEY", "CFLTKEY123"),
+        ("KAFKA_API_SECRET", secret),
+        ("BROKER_URL", "redis://127.0.0.1:9/0"),
+        ("RESULT_BACKEND", "redis://127.0.0.1:9/1"),
+        ("EMBEDDING_PROVIDER", "hash"),
+        ("EMBEDDING_DIM", "64"),
+    ];
+    let output = vectordb(dir.path(), &env, &["check", "--json"]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let report: Value =
+        serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("{e}: {stderr}"));
+    assert_eq!(
+        report["kafka_security"],
+        serde_json::json!({"security_protocol": "SASL_SSL", "sasl_mechanism": "PLAIN", "inferred": true,
+            "api_key_set": true, "api_secret_set": true})
+    );
+    let security = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "kafka_security")
+        .unwrap();
+    assert_eq!(security["ok"], true, "{security}");
+    assert!(
+        security["detail"].as_str().unwrap().contains("inferred"),
+        "{security}"
+    );
+    // librdkafka received it: its connection attempts are to a sasl_ssl:// broker.
+    assert!(stderr.contains("sasl_ssl://127.0.0.1:9"), "{stderr}");
+    assert!(
+        !stdout.contains(secret) && !stderr.contains(secret),
+        "the secret was shown"
+    );
+
+    // Said explicitly, PLAINTEXT with credentials is a contradiction the check reports with a fix.
+    let mut contradicting = env.to_vec();
+    contradicting.push(("KAFKA_SECURITY_PROTOCOL", "PLAINTEXT"));
+    let output = vectordb(dir.path(), &contradicting, &["check", "--json"]);
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let security = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "kafka_security")
+        .unwrap();
+    assert_eq!(security["ok"], false, "{security}");
+    assert!(
+        security["fix"].as_str().unwrap().contains("SASL_SSL"),
+        "{security}"
+    );
+    assert!(!output.status.success());
+}
+
+#[test]
+fn a_process_backend_variable_switches_one_process_in_the_plan() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = [
+        ("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9"),
+        ("BROKER_URL", "redis://127.0.0.1:9/0"),
+        ("RESULT_BACKEND", "redis://127.0.0.1:9/1"),
+        ("EMBEDDING_PROVIDER", "hash"),
+        ("EMBEDDING_DIM", "64"),
+        ("MESSAGING_BACKEND", "kafka"),
+        ("CONSUMER_MESSAGING_BACKEND", "disabled"),
+    ];
+    let output = vectordb(dir.path(), &env, &["check", "--json"]);
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        report["process_backends"],
+        serde_json::json!({"vectordb-consumer": "disabled", "vectordb-worker": "kafka"})
+    );
+    let plan = report["plan"].as_array().unwrap();
+    assert!(
+        plan[0]
+            .as_str()
+            .unwrap()
+            .contains("consumes nothing, commits nothing (CONSUMER_MESSAGING_BACKEND)"),
+        "{plan:?}"
+    );
+    assert!(
+        plan[1]
+            .as_str()
+            .unwrap()
+            .starts_with("vectordb-worker: consumes Celery queues"),
+        "{plan:?}"
+    );
+}

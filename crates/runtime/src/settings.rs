@@ -315,7 +315,16 @@ impl EmbeddingSettings {
 pub struct Settings {
     /// `ENV`: which `config/${ENV}.toml` was layered in, if any.
     pub environment: Option<String>,
+    /// This process's backend: its own `<PROCESS>_MESSAGING_BACKEND` when set, else `MESSAGING_BACKEND`.
     pub messaging_backend: Backend,
+    /// The variable `messaging_backend` came from (`MESSAGING_BACKEND`, or a process's own override).
+    pub backend_variable: &'static str,
+    /// The per-process overrides that are set (`CONSUMER_MESSAGING_BACKEND`, `WORKER_MESSAGING_BACKEND`), whichever
+    /// process reads the settings: `vectordb check` reports what each process will do.
+    pub process_backends: Vec<(Process, Backend)>,
+    /// `KAFKA_SECURITY_PROTOCOL` was unset and SASL_SSL was chosen because `KAFKA_API_KEY` and `KAFKA_API_SECRET`
+    /// are both set (Confluent Cloud's `.env`): the processes say so at start.
+    pub kafka_security_inferred: bool,
     pub kafka: KafkaSettings,
     pub celery: CelerySettings,
     pub qdrant: QdrantSettings,
@@ -351,10 +360,54 @@ pub struct OpsSettings {
     pub sample_every: Duration,
 }
 
+/// A long-running process that has a backend of its own (`<PROCESS>_MESSAGING_BACKEND` overrides
+/// `MESSAGING_BACKEND` for it alone: one env file, one process switched or isolated).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Process {
+    Consumer,
+    Worker,
+}
+
+impl Process {
+    pub const ALL: [Process; 2] = [Process::Consumer, Process::Worker];
+
+    /// The variable that overrides `MESSAGING_BACKEND` for this process.
+    pub fn backend_variable(self) -> &'static str {
+        match self {
+            Process::Consumer => "CONSUMER_MESSAGING_BACKEND",
+            Process::Worker => "WORKER_MESSAGING_BACKEND",
+        }
+    }
+
+    pub fn binary(self) -> &'static str {
+        match self {
+            Process::Consumer => "vectordb-consumer",
+            Process::Worker => "vectordb-worker",
+        }
+    }
+}
+
 impl Settings {
+    /// The backend `process` runs with: its override when set, else `MESSAGING_BACKEND`.
+    pub fn backend_of(&self, process: Process) -> Backend {
+        self.process_backends
+            .iter()
+            .find(|(p, _)| *p == process)
+            .map_or(self.messaging_backend, |(_, b)| *b)
+    }
+
+    /// [`Settings::load`] for `process`: its `<PROCESS>_MESSAGING_BACKEND`, when set, is its backend.
+    pub fn load_for(process: Process) -> Result<Self, ConfigError> {
+        Self::load_env(Some(process))
+    }
+
     /// Reads `.env` (without overriding variables already set), then the layers, from the process environment.
     /// Files come from `CONFIG_DIR` (default `./config`).
     pub fn load() -> Result<Self, ConfigError> {
+        Self::load_env(None)
+    }
+
+    fn load_env(process: Option<Process>) -> Result<Self, ConfigError> {
         match dotenvy::dotenv() {
             Ok(_) => {}
             Err(e) if e.not_found() => {}
@@ -365,7 +418,7 @@ impl Settings {
             .get("CONFIG_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("config"));
-        Self::from_sources(&dir, &env)
+        Self::from_sources_for(&dir, &env, process)
     }
 
     /// Builds settings from a config directory and an explicit environment (for tests and tools).
@@ -373,6 +426,43 @@ impl Settings {
         config_dir: &Path,
         env: &HashMap<String, String>,
     ) -> Result<Self, ConfigError> {
+        Self::from_sources_for(config_dir, env, None)
+    }
+
+    /// [`Settings::from_sources`] as `process` reads them.
+    pub fn from_sources_for(
+        config_dir: &Path,
+        env: &HashMap<String, String>,
+        process: Option<Process>,
+    ) -> Result<Self, ConfigError> {
+        let mut process_backends = Vec::new();
+        for p in Process::ALL {
+            let var = p.backend_variable();
+            if let Some(text) = env.get(var).map(|v| v.trim()).filter(|v| !v.is_empty()) {
+                let backend = Backend::parse(text).ok_or_else(|| {
+                    invalid(
+                        var,
+                        text,
+                        &format!("accepted values: {}", Backend::CONFIGURABLE.join(", ")),
+                    )
+                })?;
+                process_backends.push((p, backend));
+            }
+        }
+        let own = process.filter(|p| process_backends.iter().any(|(q, _)| q == p));
+        let mut env = env.clone();
+        if let Some(p) = own
+            && let Some(text) = env.get(p.backend_variable()).cloned()
+        {
+            env.insert("MESSAGING_BACKEND".into(), text);
+        }
+        let mut settings = Self::layered(config_dir, &env)?;
+        settings.backend_variable = own.map_or("MESSAGING_BACKEND", Process::backend_variable);
+        settings.process_backends = process_backends;
+        Ok(settings)
+    }
+
+    fn layered(config_dir: &Path, env: &HashMap<String, String>) -> Result<Self, ConfigError> {
         let environment = match env
             .get("ENV")
             .map(|v| v.trim().to_ascii_lowercase())
@@ -506,13 +596,13 @@ impl Layers {
         if queues.is_empty() {
             return Err(invalid("CELERY_QUEUES", "", "name at least one queue"));
         }
-        Ok(Settings {
-            environment,
-            messaging_backend,
-            kafka: KafkaSettings {
-                bootstrap_servers: self.required("kafka_bootstrap_servers")?,
-                security_protocol: self
-                    .choice(
+        let api_key = self.text("kafka_api_key");
+        let api_secret = self.text("kafka_api_secret").map(Secret);
+        // Confluent Cloud's `.env` holds a key and a secret and nothing else: that means SASL_SSL with PLAIN.
+        let (security_protocol, kafka_security_inferred) =
+            match self.text("kafka_security_protocol") {
+                Some(_) => (
+                    self.choice(
                         "kafka_security_protocol",
                         &[
                             ("PLAINTEXT", "PLAINTEXT"),
@@ -520,8 +610,21 @@ impl Layers {
                             ("SASL_PLAINTEXT", "SASL_PLAINTEXT"),
                             ("SASL_SSL", "SASL_SSL"),
                         ],
-                    )?
-                    .to_owned(),
+                    )?,
+                    false,
+                ),
+                None if api_key.is_some() && api_secret.is_some() => ("SASL_SSL", true),
+                None => ("PLAINTEXT", false),
+            };
+        Ok(Settings {
+            environment,
+            messaging_backend,
+            backend_variable: "MESSAGING_BACKEND",
+            process_backends: Vec::new(),
+            kafka_security_inferred,
+            kafka: KafkaSettings {
+                bootstrap_servers: self.required("kafka_bootstrap_servers")?,
+                security_protocol: security_protocol.to_owned(),
                 sasl_mechanism: self
                     .choice(
                         "kafka_sasl_mechanism",
@@ -532,8 +635,8 @@ impl Layers {
                         ],
                     )?
                     .to_owned(),
-                api_key: self.text("kafka_api_key"),
-                api_secret: self.text("kafka_api_secret").map(Secret),
+                api_key,
+                api_secret,
                 group_id: self.required("kafka_group_id")?,
                 topic_prefix: self.text("kafka_topic_prefix").unwrap_or_default(),
                 fetch_wait_max_ms: self.number("kafka_fetch_wait_max_ms", 1)?,
@@ -940,5 +1043,72 @@ mod tests {
             s.qdrant.url.as_ref().map(SecretUrl::expose),
             Some("https://admin:qdrant-s3cret@q.example:6334?api-key=qdrant-key")
         );
+    }
+
+    #[test]
+    fn confluent_credentials_alone_mean_sasl_ssl_with_plain() {
+        let dir = Path::new("/nonexistent");
+        let s = load(
+            dir,
+            &[
+                ("KAFKA_BOOTSTRAP_SERVERS", "pkc-1.confluent.cloud:9092"),
+                ("KAFKA_API_KEY", "KEY"),
+                ("KAFKA_API_SECRET", "s3cret"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                s.kafka.security_protocol.as_str(),
+                s.kafka.sasl_mechanism.as_str()
+            ),
+            ("SASL_SSL", "PLAIN")
+        );
+        assert!(s.kafka_security_inferred);
+        // Said explicitly, the protocol is kept (a contradiction `vectordb check` reports); without both
+        // credentials nothing is inferred.
+        let s = load(
+            dir,
+            &[
+                ("KAFKA_SECURITY_PROTOCOL", "PLAINTEXT"),
+                ("KAFKA_API_KEY", "KEY"),
+                ("KAFKA_API_SECRET", "s3cret"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.kafka.security_protocol, "PLAINTEXT");
+        assert!(!s.kafka_security_inferred);
+        let s = load(dir, &[("KAFKA_API_KEY", "KEY")]).unwrap();
+        assert_eq!(s.kafka.security_protocol, "PLAINTEXT");
+        assert!(!s.kafka_security_inferred);
+    }
+
+    #[test]
+    fn a_process_override_switches_that_process_alone() {
+        let dir = Path::new("/nonexistent");
+        let pairs = env(&[
+            ("MESSAGING_BACKEND", "kafka"),
+            ("MESSAGING_FALLBACK", "celery"),
+            ("WORKER_MESSAGING_BACKEND", "celery"),
+        ]);
+        let worker = Settings::from_sources_for(dir, &pairs, Some(Process::Worker)).unwrap();
+        assert_eq!(worker.messaging_backend, Backend::Celery);
+        assert_eq!(worker.backend_variable, "WORKER_MESSAGING_BACKEND");
+        assert_eq!(worker.fallback.backend, None, "no fallback behind celery");
+        let consumer = Settings::from_sources_for(dir, &pairs, Some(Process::Consumer)).unwrap();
+        assert_eq!(consumer.messaging_backend, Backend::Kafka);
+        assert_eq!(consumer.backend_variable, "MESSAGING_BACKEND");
+        assert_eq!(consumer.fallback.backend, Some(Backend::Celery));
+        let cli = Settings::from_sources(dir, &pairs).unwrap();
+        assert_eq!(cli.backend_of(Process::Worker), Backend::Celery);
+        assert_eq!(cli.backend_of(Process::Consumer), Backend::Kafka);
+        let err = Settings::from_sources_for(
+            dir,
+            &env(&[("CONSUMER_MESSAGING_BACKEND", "rabbit")]),
+            Some(Process::Worker),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("CONSUMER_MESSAGING_BACKEND"), "{err}");
     }
 }

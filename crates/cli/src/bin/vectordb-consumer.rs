@@ -9,6 +9,7 @@ use aura_cli::consumer::{run, shutdown_signal};
 use aura_cli::init_logging;
 use aura_kafka::ConsumerOptions;
 use aura_runtime::Settings;
+use aura_runtime::settings::Process;
 use clap::Parser;
 
 #[derive(Parser)]
@@ -28,7 +29,7 @@ struct Cli {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let mut settings = match Settings::load() {
+    let mut settings = match Settings::load_for(Process::Consumer) {
         Ok(settings) => settings,
         Err(error) => {
             eprintln!("error: {error}");
@@ -39,6 +40,7 @@ async fn main() -> ExitCode {
         settings.kafka.drain_to_celery = false;
     }
     init_logging(settings.log_format, "info");
+    aura_cli::announce_configuration(&settings);
     match run(settings, ConsumerOptions::default(), shutdown_signal()).await {
         Ok(_) => ExitCode::SUCCESS,
         Err(error) => {

@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use aura_cli::consumer::shutdown_signal;
 use aura_cli::{init_logging, worker};
 use aura_runtime::Settings;
+use aura_runtime::settings::Process;
 use clap::Parser;
 
 #[derive(Parser)]
@@ -24,7 +25,7 @@ struct Cli {}
 #[tokio::main]
 async fn main() -> ExitCode {
     let _ = Cli::parse();
-    let settings = match Settings::load() {
+    let settings = match Settings::load_for(Process::Worker) {
         Ok(settings) => settings,
         Err(error) => {
             eprintln!("error: {error}");
@@ -32,6 +33,7 @@ async fn main() -> ExitCode {
         }
     };
     init_logging(settings.log_format, "info");
+    aura_cli::announce_configuration(&settings);
     match worker::run(settings, shutdown_signal()).await {
         Ok(_) => ExitCode::SUCCESS,
         Err(error) => {
