@@ -32,6 +32,8 @@ fn resolved_compose(env: &[(&str, &str)]) -> Value {
         .env_remove("MESSAGING_BACKEND")
         .env_remove("MESSAGING_FALLBACK")
         .env_remove("DISABLED_HANDLERS")
+        .env_remove("CONSUMER_MESSAGING_BACKEND")
+        .env_remove("WORKER_MESSAGING_BACKEND")
         .envs(env.iter().copied())
         .args([
             "-f",
@@ -236,16 +238,72 @@ fn the_compose_file_resolves_to_the_stack_the_runbook_describes() {
         }
     }
     assert_eq!(
-        binds, 3,
-        "prometheus.yml, Grafana's provisioning and its dashboard"
+        binds, 5,
+        "prometheus.yml and alerts.yml, alertmanager.yml, Grafana's provisioning and its dashboard"
     );
+    // Prometheus loads the alert rules from where compose mounts them, and sends alerts to the Alertmanager service.
+    let mounts: Vec<(String, String)> = volumes(&services["prometheus"]);
+    assert!(
+        mounts.iter().any(
+            |(source, target)| source.ends_with("deploy/prometheus/alerts.yml")
+                && target == "/etc/prometheus/alerts.yml"
+        ),
+        "{mounts:?}"
+    );
+    let prometheus =
+        std::fs::read_to_string(root().join("deploy/prometheus/prometheus.yml")).unwrap();
+    assert!(prometheus.contains("- alerts.yml") && prometheus.contains("alertmanager:9093"));
+    assert!(published_ports(&services["alertmanager"]).contains(&(9093, 9093)));
+}
+
+#[test]
+fn each_process_can_be_switched_alone_and_the_fallback_is_off_unless_set() {
+    // One shared variable switches both; a process's own variable switches it alone.
+    let compose = resolved_compose(&[
+        ("MESSAGING_BACKEND", "kafka"),
+        ("CONSUMER_MESSAGING_BACKEND", "disabled"),
+    ]);
+    let consumer = environment(&compose["services"]["vectordb-consumer"]);
+    let worker = environment(&compose["services"]["vectordb-worker"]);
+    assert_eq!(consumer["MESSAGING_BACKEND"], "kafka");
+    assert_eq!(consumer["CONSUMER_MESSAGING_BACKEND"], "disabled");
+    assert_eq!(worker["MESSAGING_BACKEND"], "kafka");
+    assert_eq!(worker["WORKER_MESSAGING_BACKEND"], "");
+    assert!(!worker.contains_key("CONSUMER_MESSAGING_BACKEND"));
+    // What the processes make of it: the consumer alone is disabled.
+    for (process, env, expected) in [
+        ("vectordb-consumer", &consumer, "disabled"),
+        ("vectordb-worker", &worker, "kafka"),
+    ] {
+        let pairs: std::collections::HashMap<String, String> =
+            env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let which = if process == "vectordb-consumer" {
+            aura_runtime::settings::Process::Consumer
+        } else {
+            aura_runtime::settings::Process::Worker
+        };
+        let settings =
+            aura_runtime::Settings::from_sources_for(&root().join("config"), &pairs, Some(which))
+                .unwrap();
+        assert_eq!(settings.messaging_backend.as_str(), expected, "{process}");
+    }
+    // The defaults agree with the processes' own: no fallback unless asked for.
+    let compose = resolved_compose(&[]);
+    for process in ["vectordb-consumer", "vectordb-worker"] {
+        let env = environment(&compose["services"][process]);
+        assert_eq!(env["MESSAGING_FALLBACK"], "", "{process}");
+        assert_eq!(env["MESSAGING_BACKEND"], "kafka", "{process}");
+    }
 }
 
 #[test]
 fn every_variable_compose_sets_is_documented_and_accepted_by_the_processes() {
     let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
     for (backend, fallback) in [("kafka", Some("celery")), ("celery", None)] {
-        let compose = resolved_compose(&[("MESSAGING_BACKEND", backend)]);
+        let compose = resolved_compose(&[
+            ("MESSAGING_BACKEND", backend),
+            ("MESSAGING_FALLBACK", "celery"),
+        ]);
         for process in ["vectordb-consumer", "vectordb-worker"] {
             let env = environment(&compose["services"][process]);
             assert_eq!(env["MESSAGING_BACKEND"], backend);
