@@ -566,8 +566,14 @@ where
 }
 
 async fn heartbeat(events: Arc<EventSender>) {
-    if let Err(error) = events.send_worker_event("worker-heartbeat").await {
-        tracing::debug!(%error, "heartbeat not sent");
+    match events.send_worker_event("worker-heartbeat").await {
+        Ok(()) => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            metrics::gauge!("aura360_celery_heartbeat_timestamp_seconds").set(now);
+        }
+        Err(error) => tracing::debug!(%error, "heartbeat not sent"),
     }
 }
 

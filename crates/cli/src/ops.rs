@@ -23,6 +23,68 @@ pub struct Ops {
     sampler: Option<tokio::task::JoinHandle<()>>,
 }
 
+/// Every labelled counter this process can increment, at 0 for the label sets known at start (Prometheus' advice):
+/// a rate or an error ratio is then 0 before the first event instead of "no data", and alerts evaluate.
+fn zero_counters(process: &'static str, settings: &Settings, registry: &Registry) {
+    use aura_runtime::events::types;
+    let backend = settings.messaging_backend.as_str();
+    let mut publishers = vec![backend];
+    if let Some(fallback) = settings.fallback.backend {
+        publishers.push(fallback.as_str());
+        for reason in ["error", "timeout", "circuit_open"] {
+            metrics::counter!("aura360_publish_fallback_total", "from" => backend, "to" => fallback.as_str(),
+                "reason" => reason)
+            .absolute(0);
+        }
+    }
+    let event_types = [
+        types::MOOD_CREATED,
+        types::ACTIVITY_CREATED,
+        types::CONTEXT_AGGREGATED,
+        types::CONTEXT_VECTORIZED,
+    ];
+    for publisher in publishers {
+        for event_type in event_types {
+            metrics::counter!("aura360_events_published_total", "backend" => publisher, "event_type" => event_type)
+                .absolute(0);
+        }
+    }
+    for handler in registry.enabled() {
+        for outcome in ["success", "transient_error", "permanent_error"] {
+            metrics::counter!("aura360_events_processed_total", "handler" => handler, "outcome" => outcome)
+                .absolute(0);
+        }
+    }
+    for handler in registry.disabled() {
+        metrics::counter!("aura360_events_processed_total", "handler" => handler, "outcome" => "disabled")
+            .absolute(0);
+    }
+    metrics::counter!("aura360_events_processed_total", "handler" => "none", "outcome" => "skipped")
+        .absolute(0);
+    // Each mount dead-letters into its own broker: the consumer to `<topic>.dlq`, the worker to `<queue>.dlq`.
+    let mount = if process == "vectordb-worker" {
+        "celery"
+    } else {
+        "kafka"
+    };
+    for handler in registry.enabled().into_iter().chain(["decode"]) {
+        metrics::counter!("aura360_dead_letters_total", "backend" => mount, "handler" => handler)
+            .absolute(0);
+    }
+    if mount == "kafka" {
+        metrics::counter!("aura360_dead_letters_spooled_total", "backend" => "kafka").absolute(0);
+    } else {
+        for queue in &settings.celery.queues {
+            metrics::counter!("aura360_celery_foreign_tasks_total", "queue" => queue.clone())
+                .absolute(0);
+        }
+    }
+    for result in ["hit", "redis_hit", "miss"] {
+        metrics::counter!(aura_runtime::embed::CACHE_METRIC, "result" => result).absolute(0);
+    }
+    metrics::counter!(aura_runtime::embed::local::TRUNCATED_METRIC).absolute(0);
+}
+
 impl Ops {
     /// Installs the recorder and starts serving (a port that cannot be bound is a start-up error).
     pub async fn start(
@@ -46,6 +108,8 @@ impl Ops {
             settings.embedding.provider.name(),
             settings.embedding.model_name(),
         );
+        health.export_status();
+        zero_counters(process, settings, registry);
         let addr = aura_ops::serve(settings.http_addr, health.clone(), metrics)
             .await
             .context("starting the HTTP endpoints")?;

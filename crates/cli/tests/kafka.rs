@@ -2054,3 +2054,64 @@ fn the_python_publisher_falls_back_to_celery_while_the_broker_is_stopped() {
     );
     broker.run("stop");
 }
+
+// ---- Metrics before the first event (issue 15) ----
+
+#[test]
+fn a_fresh_consumer_and_worker_export_their_counters_at_zero_in_every_mode() {
+    let kafka = Scenario::new("zeros");
+    let redis = TestRedis::start();
+    for mode in ["kafka", "celery", "disabled"] {
+        for binary in [
+            env!("CARGO_BIN_EXE_vectordb-consumer"),
+            env!("CARGO_BIN_EXE_vectordb-worker"),
+        ] {
+            let worker = binary.ends_with("vectordb-worker");
+            let mut env = redis.env().to_vec();
+            env.push(("MESSAGING_BACKEND", mode.to_owned()));
+            // No traffic at all: a consumer in celery mode drains nothing (the topics are empty).
+            let mut process = kafka.start(binary, &pairs(&env));
+            let addr = process.http_addr();
+            let samples = kafka.metrics(&addr);
+            let at = |name: &str, labels: &[(&str, &str)]| {
+                sample(&samples, name, labels).unwrap_or_else(|| {
+                    panic!(
+                        "{binary} ({mode}): no {name}{labels:?} before any traffic:\n{samples:#?}"
+                    )
+                })
+            };
+            let gauge = match mode {
+                "kafka" => 1.0,
+                "celery" => 2.0,
+                _ => 0.0,
+            };
+            assert_eq!(at("aura360_messaging_backend", &[]), gauge);
+            for event_type in [
+                "user.mood.created",
+                "context.aggregated",
+                "context.vectorized",
+            ] {
+                let labels = [("backend", mode), ("event_type", event_type)];
+                assert_eq!(at("aura360_events_published_total", &labels), 0.0);
+            }
+            for handler in ["mood_created", "context_aggregated", "ingest_vectors"] {
+                for outcome in ["success", "transient_error", "permanent_error"] {
+                    let labels = [("handler", handler), ("outcome", outcome)];
+                    assert_eq!(at("aura360_events_processed_total", &labels), 0.0);
+                }
+                let mount = if worker { "celery" } else { "kafka" };
+                let labels = [("backend", mount), ("handler", handler)];
+                assert_eq!(at("aura360_dead_letters_total", &labels), 0.0);
+            }
+            let skipped = [("handler", "none"), ("outcome", "skipped")];
+            assert_eq!(at("aura360_events_processed_total", &skipped), 0.0);
+            // /health's status as a gauge: exactly one status is 1.
+            let statuses: f64 = ["ok", "starting", "unavailable", "degraded", "disabled"]
+                .iter()
+                .map(|s| at("aura360_health_status", &[("status", s)]))
+                .sum();
+            assert_eq!(statuses, 1.0);
+            process.stop();
+        }
+    }
+}

@@ -66,6 +66,25 @@ pub enum HealthStatus {
 }
 
 impl HealthStatus {
+    pub const ALL: [HealthStatus; 5] = [
+        Self::Ok,
+        Self::Starting,
+        Self::Unavailable,
+        Self::Degraded,
+        Self::Disabled,
+    ];
+
+    /// As `/health` spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Starting => "starting",
+            Self::Unavailable => "unavailable",
+            Self::Degraded => "degraded",
+            Self::Disabled => "disabled",
+        }
+    }
+
     /// 200 for `ok`/`degraded`/`disabled`, 503 otherwise. A degraded process is alive and retrying: restarting it
     /// would not bring its dependency back, so it is not reported as down.
     pub fn http_code(self) -> u16 {
@@ -160,9 +179,23 @@ impl Health {
 
     /// The process has opened what it needs and is consuming (or, disabled, is idling as asked).
     pub fn set_ready(&self, detail: Option<String>) {
-        let mut state = self.state();
-        state.ready = true;
-        state.detail = detail;
+        {
+            let mut state = self.state();
+            state.ready = true;
+            state.detail = detail;
+        }
+        self.export_status();
+    }
+
+    /// Sets `aura360_health_status{status}`: 1 for what `/health` says now, 0 for every other status, so an alert
+    /// on `status="unavailable"` has a series (at 0) from the start. Called at start, on readiness, after every
+    /// broker sample (the grace period turns `ok` into `unavailable` with time) and when a dependency changes.
+    pub fn export_status(&self) {
+        let current = self.report().status;
+        for status in HealthStatus::ALL {
+            metrics::gauge!("aura360_health_status", "status" => status.as_str())
+                .set(if status == current { 1.0 } else { 0.0 });
+        }
     }
 
     /// A broker the process depends on; its connectivity is unknown (not reachable) until the first report.
@@ -226,11 +259,13 @@ impl Health {
         let up = |name: &str, value: f64| {
             metrics::gauge!("aura360_dependency_up", "dependency" => name.to_owned()).set(value)
         };
+        let mut changed = false;
         match result {
             Ok(()) => {
                 if entry.failing_since.take().is_some() {
                     tracing::info!(dependency = %entry.name, "dependency recovered");
                     up(&entry.name, 1.0);
+                    changed = true;
                 }
                 entry.error = None;
             }
@@ -239,9 +274,14 @@ impl Health {
                     tracing::warn!(dependency = %entry.name, %error, "dependency failing; work waits on retries");
                     entry.failing_since = Some(Instant::now());
                     up(&entry.name, 0.0);
+                    changed = true;
                 }
                 entry.error = Some(error);
             }
+        }
+        drop(state);
+        if changed {
+            self.export_status();
         }
     }
 

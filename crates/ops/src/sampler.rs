@@ -72,6 +72,7 @@ impl Sampler {
                 Err(error) => self.health.broker_checked(probe.name(), Err(error)),
             }
         }
+        self.health.export_status();
     }
 
     /// Samples until the task is dropped or aborted.

@@ -47,7 +47,7 @@ pub struct Metric {
 
 /// Every metric the processes export: DESIGN §9's, plus the backlog and the publish fallback. The Grafana dashboard
 /// (`deploy/grafana`) is checked against this list.
-pub const METRICS: [Metric; 15] = [
+pub const METRICS: [Metric; 17] = [
     Metric {
         name: "aura360_events_published_total",
         kind: MetricKind::Counter,
@@ -117,6 +117,16 @@ pub const METRICS: [Metric; 15] = [
         name: "aura360_embedding_cache_requests_total",
         kind: MetricKind::Counter,
         help: "Texts looked up in the embedding cache, by result: hit (in-process LRU), redis_hit (EMBEDDING_CACHE_REDIS_URL) or miss (embedded)",
+    },
+    Metric {
+        name: "aura360_health_status",
+        kind: MetricKind::Gauge,
+        help: "What /health says: 1 for the current status (ok, starting, unavailable, degraded, disabled), 0 for the others",
+    },
+    Metric {
+        name: "aura360_celery_heartbeat_timestamp_seconds",
+        kind: MetricKind::Gauge,
+        help: "Unix time of vectordb-worker's last Celery worker-heartbeat sent (every 2 s; what Flower watches)",
     },
     Metric {
         name: "aura360_embedding_truncated_total",
