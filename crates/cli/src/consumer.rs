@@ -71,7 +71,7 @@ pub async fn run(
     let publisher = KafkaPublisher::new(&settings.kafka).context("creating the Kafka producer")?;
     let outputs = with_fallback(&settings, Arc::new(publisher.clone()))?;
     let dispatcher = Dispatcher::new(registry.clone(), context, outputs);
-    ops.watch(&settings, vec![kafka_probe(&settings, &registry)]);
+    ops.watch(&settings, vec![kafka_probe(&settings)]);
     ops.health.set_ready(None);
     let report = run_consumer(
         &settings.kafka,
@@ -214,7 +214,7 @@ async fn forward_to_celery(
     ops.watch(
         settings,
         vec![
-            kafka_probe(settings, &registry),
+            kafka_probe(settings),
             celery_probe(
                 settings,
                 broker,

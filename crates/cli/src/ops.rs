@@ -7,7 +7,6 @@ use std::time::Duration;
 use anyhow::Context as _;
 use aura_celery::{Broker, Patience, QueueDepth};
 use aura_kafka::TopicNames;
-use aura_kafka::consumer::subscribed_topics;
 use aura_kafka::offsets::{PartitionLag, group_lag};
 use aura_ops::{Backlog, Health, Probe, Sampler};
 use aura_runtime::settings::KafkaSettings;
@@ -259,11 +258,12 @@ impl Probe for CeleryProbe {
     }
 }
 
-/// The Kafka probe of a consumer: the topics its enabled handlers consume.
-pub fn kafka_probe(settings: &Settings, registry: &Registry) -> Arc<dyn Probe> {
+/// The Kafka probe of a consumer: the group's lag on every source topic, those of disabled handlers included (their
+/// backlog is what waits for the handler to come back, and what an operator watches grow).
+pub fn kafka_probe(settings: &Settings) -> Arc<dyn Probe> {
     Arc::new(KafkaProbe {
         settings: settings.kafka.clone(),
-        topics: subscribed_topics(registry, &TopicNames::from_settings(&settings.kafka)),
+        topics: TopicNames::from_settings(&settings.kafka).sources(),
     })
 }
 

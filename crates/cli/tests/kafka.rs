@@ -2115,3 +2115,218 @@ fn a_fresh_consumer_and_worker_export_their_counters_at_zero_in_every_mode() {
         }
     }
 }
+
+// ---- A real Prometheus (Debian's package; scripts/test.sh installs it) scraping both processes (issue 15) ----
+
+/// `prometheus` on a free port with its data in `dir`, scraping `targets` every second and evaluating
+/// deploy/prometheus/alerts.yml every second.
+struct Prometheus {
+    child: Child,
+    addr: String,
+}
+
+impl Prometheus {
+    fn start(dir: &Path, targets: &[(&str, &str)]) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let rules =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/prometheus/alerts.yml");
+        let mut config = format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n",
+            rules.canonicalize().unwrap().display()
+        );
+        for (job, target) in targets {
+            config.push_str(&format!(
+                "  - job_name: {job}\n    static_configs:\n      - targets: [\"{target}\"]\n"
+            ));
+        }
+        let config_path = dir.join("prometheus.yml");
+        std::fs::write(&config_path, config).unwrap();
+        let log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", config_path.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("tsdb").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("prometheus: {e} (scripts/test.sh installs Debian's prometheus package)")
+            });
+        let prometheus = Self {
+            child,
+            addr: format!("127.0.0.1:{port}"),
+        };
+        let started = Instant::now();
+        while common::try_http_get(&prometheus.addr, "/-/ready").map(|(s, _)| s) != Some(200) {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "prometheus not ready:\n{}",
+                std::fs::read_to_string(dir.join("prometheus.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        prometheus
+    }
+
+    /// `GET /api/v1/<path>`: its `data`.
+    fn api(&self, path: &str) -> Value {
+        let (status, body) = common::http_get(&self.addr, &format!("/api/v1/{path}"));
+        assert_eq!(status, 200, "{body}");
+        let body: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(body["status"], "success", "{body}");
+        body["data"].clone()
+    }
+
+    /// Waits until `done` holds for the result of the instant query `query`.
+    fn wait_query(
+        &self,
+        query: &str,
+        limit: Duration,
+        done: impl Fn(&[Value]) -> bool,
+    ) -> Vec<Value> {
+        let started = Instant::now();
+        loop {
+            let result = self.api(&format!("query?query={query}"))["result"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            if done(&result) {
+                return result;
+            }
+            assert!(started.elapsed() < limit, "{query}: {result:?}");
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_real_prometheus_scrapes_both_processes_and_the_lag_alert_goes_pending() {
+    let kafka = Scenario::new("prom");
+    let redis = TestRedis::start();
+    // 1,200 mood events wait behind a disabled handler: the group's lag stays above the alert's 1,000.
+    kafka.produce_moods(1_200, 5);
+    let mut env = redis.env().to_vec();
+    env.extend([
+        ("BACKLOG_SAMPLE_S", "1".to_owned()),
+        ("DISABLED_HANDLERS", "mood_created".to_owned()),
+    ]);
+    let mut consumer = kafka.start_consumer(&pairs(&env));
+    let mut worker_env = env.clone();
+    worker_env.push(("MESSAGING_BACKEND", "celery".to_owned()));
+    // Embedded Qdrant is one process's: the worker has a store of its own.
+    let worker_store = kafka.dir.path().join("qdrant-worker");
+    worker_env.push(("QDRANT_PATH", worker_store.display().to_string()));
+    let mut worker = kafka.start(env!("CARGO_BIN_EXE_vectordb-worker"), &pairs(&worker_env));
+    let (consumer_addr, worker_addr) = (consumer.http_addr(), worker.http_addr());
+    let prometheus = Prometheus::start(
+        kafka.dir.path(),
+        &[
+            ("vectordb-consumer", consumer_addr.as_str()),
+            ("vectordb-worker", worker_addr.as_str()),
+        ],
+    );
+
+    // The backend of each process, labelled by the scrape.
+    let backends =
+        prometheus.wait_query("aura360_messaging_backend", Duration::from_secs(60), |r| {
+            r.len() == 2
+        });
+    let by_job: std::collections::BTreeMap<String, String> = backends
+        .iter()
+        .map(|s| {
+            (
+                s["metric"]["job"].as_str().unwrap().to_owned(),
+                s["value"][1].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(by_job["vectordb-consumer"], "1", "kafka: {backends:?}");
+    assert_eq!(by_job["vectordb-worker"], "2", "celery: {backends:?}");
+    assert!(backends.iter().all(|s| s["metric"]["instance"].is_string()));
+
+    // The backlog: Kafka lag of the user topic (1,200, the disabled handler's input), the worker's Celery queue (0).
+    let user_topic = kafka.topic(USER_TOPIC);
+    let backlog = prometheus.wait_query("aura360_backlog", Duration::from_secs(60), |r| {
+        r.iter().any(|s| {
+            s["metric"]["queue_or_topic"] == user_topic.as_str() && s["value"][1] == "1200"
+        }) && r.iter().any(|s| s["metric"]["backend"] == "celery")
+    });
+    let celery = backlog
+        .iter()
+        .find(|s| s["metric"]["backend"] == "celery")
+        .unwrap();
+    assert_eq!(celery["metric"]["queue_or_topic"], "vectordb", "{celery}");
+    assert_eq!(celery["metric"]["job"], "vectordb-worker", "{celery}");
+    let kafka_lag = backlog
+        .iter()
+        .find(|s| s["metric"]["queue_or_topic"] == user_topic.as_str())
+        .unwrap();
+    assert_eq!(kafka_lag["metric"]["backend"], "kafka");
+    assert_eq!(kafka_lag["metric"]["job"], "vectordb-consumer");
+
+    // The plan's lag alert: pending (its `for` is 5 minutes), with its severity and runbook link.
+    let started = Instant::now();
+    let alert = loop {
+        let alerts = prometheus.api("alerts")["alerts"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if let Some(alert) = alerts
+            .iter()
+            .find(|a| a["labels"]["alertname"] == "AURA360ConsumerLagHigh")
+        {
+            break alert.clone();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the lag alert never became active: {alerts:?}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert_eq!(alert["state"], "pending", "{alert}");
+    assert_eq!(alert["labels"]["severity"], "warning");
+    assert_eq!(
+        alert["annotations"]["runbook"],
+        "RUNBOOK.md#aura360consumerlaghigh"
+    );
+    // Healthy processes fire nothing else: no backend down, no heartbeat missing.
+    let alerts = prometheus.api("alerts")["alerts"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    for quiet in [
+        "AURA360BackendDown",
+        "AURA360WorkerHeartbeatMissing",
+        "AURA360ErrorRateHigh",
+    ] {
+        assert!(
+            alerts.iter().all(|a| a["labels"]["alertname"] != quiet),
+            "{quiet}: {alerts:?}"
+        );
+    }
+    let heartbeat = prometheus.wait_query(
+        "aura360_celery_heartbeat_timestamp_seconds",
+        Duration::from_secs(30),
+        |r| r.len() == 1,
+    );
+    assert_eq!(heartbeat[0]["metric"]["job"], "vectordb-worker");
+    assert_eq!(kafka.offsets(USER_TOPIC), (0, 1_200), "nothing handled");
+    consumer.wait_log("vectordb-consumer starting", Duration::from_secs(5));
+    worker.wait_log("vectordb-worker starting", Duration::from_secs(5));
+    consumer.stop();
+    worker.stop();
+}
