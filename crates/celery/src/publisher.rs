@@ -1,4 +1,4 @@
-//! `publish_event` on Celery: each event becomes the task DESIGN §4 names for its type, written as
+//! `publish_event` on Celery: each event becomes the task docs/design.md §2 names for its type, written as
 //! `app.send_task(name, args=[event])` writes it, so Python workers take it like any other.
 //!
 //! Inside a task run by our worker, the publisher does not push right away: it *stages* the message in the

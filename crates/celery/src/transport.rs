@@ -76,7 +76,7 @@ pub fn queue_keys(queue: &str) -> [String; 4] {
     PRIORITY_STEPS.map(|p| priority_key(queue, p))
 }
 
-/// Where final failures go: `<queue>.dlq`, a list of JSON entries (DESIGN §6).
+/// Where final failures go: `<queue>.dlq`, a list of JSON entries (docs/design.md §4).
 pub fn dead_letter_key(queue: &str) -> String {
     format!("{queue}.dlq")
 }

@@ -1,4 +1,4 @@
-//! `vectordb-consumer`: the handlers on the Kafka consumer group, in the mode `MESSAGING_BACKEND` names (DESIGN §5).
+//! `vectordb-consumer`: the handlers on the Kafka consumer group, in the mode `MESSAGING_BACKEND` names (docs/design.md §3).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -163,7 +163,7 @@ impl VectorStore for NoStore {
     }
 }
 
-/// `MESSAGING_BACKEND=celery` (DESIGN §5): every event on the topics beyond the group's committed offsets — the
+/// `MESSAGING_BACKEND=celery` (docs/design.md §3): every event on the topics beyond the group's committed offsets — the
 /// backlog at the switch, and whatever producers still send to Kafka — becomes its Celery task, then its offset is
 /// committed. Same loop, same guarantees as the Kafka mode: a task is pushed to Redis before its offset is stored; a
 /// Redis outage retries in place; disabled handlers keep their topics untouched; undecodable records go to `.dlq`.

@@ -1,7 +1,7 @@
 //! `vectordb export` and `vectordb replay`: a topic range to JSONL and back, into the handlers, Kafka or Celery;
 //! dead letters back to where they came from.
 //!
-//! Replays are safe to repeat: point ids derive from the origin event id (DESIGN §6), so an event processed twice
+//! Replays are safe to repeat: point ids derive from the origin event id (docs/design.md §4), so an event processed twice
 //! overwrites its points instead of adding any; a replayed Kafka record or Celery task is just a redelivery.
 
 use std::io::{BufRead, Write};

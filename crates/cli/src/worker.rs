@@ -1,4 +1,4 @@
-//! `vectordb-worker`: the handlers on Celery queues, in the mode `MESSAGING_BACKEND` names (DESIGN §5).
+//! `vectordb-worker`: the handlers on Celery queues, in the mode `MESSAGING_BACKEND` names (docs/design.md §3).
 
 use std::future::Future;
 use std::sync::Arc;

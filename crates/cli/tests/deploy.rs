@@ -439,3 +439,121 @@ fn the_dockerfile_builds_and_ships_the_three_binaries() {
         );
     }
 }
+
+/// GitHub's anchor of a Markdown heading: lower case, spaces to dashes, punctuation dropped.
+fn anchor(heading: &str) -> String {
+    heading
+        .trim()
+        .to_lowercase()
+        .chars()
+        .filter_map(|c| match c {
+            ' ' => Some('-'),
+            c if c.is_alphanumeric() || c == '-' || c == '_' => Some(c),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn every_alert_has_a_severity_a_summary_a_runbook_section_and_a_readme_mention() {
+    let rules: Value = {
+        let text = std::fs::read(root().join("deploy/prometheus/alerts.yml")).unwrap();
+        yaml_to_json(&text)
+    };
+    let runbook = std::fs::read_to_string(root().join("RUNBOOK.md")).unwrap();
+    let anchors: Vec<String> = runbook
+        .lines()
+        .filter_map(|l| l.strip_prefix("### ").or_else(|| l.strip_prefix("## ")))
+        .map(anchor)
+        .collect();
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let mut names = Vec::new();
+    for group in rules["groups"].as_array().unwrap() {
+        for rule in group["rules"].as_array().unwrap() {
+            let name = rule["alert"].as_str().unwrap().to_owned();
+            assert!(name.starts_with("AURA360"), "{name}");
+            let severity = rule["labels"]["severity"].as_str().unwrap_or("");
+            assert!(
+                ["critical", "warning", "info"].contains(&severity),
+                "{name}: {severity:?}"
+            );
+            assert!(
+                rule["annotations"]["summary"].is_string(),
+                "{name}: no summary"
+            );
+            let link = rule["annotations"]["runbook"].as_str().unwrap_or("");
+            let target = link
+                .strip_prefix("RUNBOOK.md#")
+                .unwrap_or_else(|| panic!("{name}: {link}"));
+            assert_eq!(
+                target,
+                name.to_lowercase(),
+                "{name}: the anchor is the alert's name"
+            );
+            assert!(
+                anchors.iter().any(|a| a == target),
+                "{name}: no RUNBOOK section #{target}"
+            );
+            assert!(
+                readme.contains(&format!("`{name}`")),
+                "{name} is not listed in the README"
+            );
+            names.push(name);
+        }
+    }
+    // The plan's three and the five an operator needs beyond them.
+    for expected in [
+        "AURA360ConsumerLagHigh",
+        "AURA360ErrorRateHigh",
+        "AURA360ThroughputAnomaly",
+        "AURA360BackendDown",
+        "AURA360DeadLettersGrowing",
+        "AURA360WorkerHeartbeatMissing",
+        "AURA360PublishFallbackInUse",
+        "AURA360CeleryBacklogGrowing",
+    ] {
+        assert!(names.iter().any(|n| n == expected), "no {expected}");
+    }
+    // Every metric the rules use is one the processes export.
+    let exported: Vec<&str> = aura_ops::METRICS.iter().map(|m| m.name).collect();
+    let text = std::fs::read_to_string(root().join("deploy/prometheus/alerts.yml")).unwrap();
+    for word in text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+        if word.starts_with("aura360_") {
+            assert!(
+                exported.contains(&word),
+                "alerts.yml uses {word}, which nothing exports"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_readme_and_docs_link_only_to_files_inside_the_repository() {
+    for doc in [
+        "README.md",
+        "RUNBOOK.md",
+        "docs/design.md",
+        "clients/python/README.md",
+        "BENCHMARKS.md",
+    ] {
+        let text = std::fs::read_to_string(root().join(doc)).unwrap();
+        assert!(
+            !text.contains("../shared"),
+            "{doc} links outside the repository"
+        );
+        // Relative Markdown links resolve to files that exist.
+        let dir = root().join(doc).parent().unwrap().to_owned();
+        for (i, _) in text.match_indices("](") {
+            let rest = &text[i + 2..];
+            let Some(end) = rest.find(')') else { continue };
+            let target = rest[..end].split('#').next().unwrap();
+            if target.is_empty() || target.contains("://") || target.starts_with("mailto:") {
+                continue;
+            }
+            assert!(
+                dir.join(target).exists(),
+                "{doc} links to {target}, which does not exist"
+            );
+        }
+    }
+}

@@ -1,4 +1,4 @@
-//! Where each event type travels: its Kafka topic and its Celery task name (DESIGN §3, §4).
+//! Where each event type travels: its Kafka topic and its Celery task name (docs/design.md §2).
 //!
 //! Both maps are fixed by the Python services that already publish and consume them.
 

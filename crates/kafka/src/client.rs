@@ -1,4 +1,4 @@
-//! librdkafka client settings from `KAFKA_*` (DESIGN §8), shared by producer, consumer and admin client.
+//! librdkafka client settings from `KAFKA_*` (docs/design.md §6), shared by producer, consumer and admin client.
 
 use aura_runtime::settings::KafkaSettings;
 use rdkafka::ClientConfig;

@@ -1,4 +1,4 @@
-//! The consumer-group loop behind `vectordb-consumer` (DESIGN §5, §6).
+//! The consumer-group loop behind `vectordb-consumer` (docs/design.md §3, §4).
 //!
 //! One task (the *poller*) receives messages and books each into its partition's *window*: the offsets received and
 //! not yet committable. With `KAFKA_ORDERING=key` (the default) a message whose record key has nothing in flight
@@ -125,7 +125,7 @@ pub struct ConsumerReport {
 }
 
 /// The topics a registry's enabled handlers need: a topic whose event types all belong to disabled handlers is not
-/// subscribed, so its committed offsets stay where they are (DESIGN §5).
+/// subscribed, so its committed offsets stay where they are (docs/design.md §3).
 pub fn subscribed_topics(registry: &Registry, topics: &TopicNames) -> Vec<String> {
     let mut names: Vec<String> = registry
         .enabled_event_types()

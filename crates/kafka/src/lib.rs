@@ -1,4 +1,4 @@
-//! The Kafka mount (DESIGN §3, §5, §6).
+//! The Kafka mount (docs/design.md §2, §3, §4).
 //!
 //! - [`KafkaPublisher`]: `publish_event` onto Kafka — topic by event type, key = `user_id`, headers `event_type`,
 //!   `event_id`, `trace_id`, `acks=all`, idempotent; it returns only once the broker acknowledged the event.

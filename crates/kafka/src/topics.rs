@@ -1,4 +1,4 @@
-//! Topic names (DESIGN §3, with `KAFKA_TOPIC_PREFIX`) and idempotent topic creation.
+//! Topic names (docs/design.md §2, with `KAFKA_TOPIC_PREFIX`) and idempotent topic creation.
 
 use std::time::Duration;
 
@@ -10,7 +10,7 @@ use rdkafka::types::RDKafkaErrorCode;
 
 use crate::{ClientError, client_config};
 
-/// The topic names of one deployment: DESIGN §3's names behind an optional prefix.
+/// The topic names of one deployment: docs/design.md §2's names behind an optional prefix.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TopicNames {
     prefix: String,

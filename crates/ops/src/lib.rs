@@ -1,4 +1,4 @@
-//! What an on-call engineer looks at: `GET /health` and `GET /metrics` on `HTTP_ADDR` (DESIGN §9), in both
+//! What an on-call engineer looks at: `GET /health` and `GET /metrics` on `HTTP_ADDR` (docs/design.md §6), in both
 //! processes.
 //!
 //! - [`Health`] is the process's readiness and broker connectivity, shared by the process and the HTTP handlers.

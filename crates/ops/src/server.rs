@@ -45,7 +45,7 @@ pub struct Metric {
     pub help: &'static str,
 }
 
-/// Every metric the processes export: DESIGN §9's, plus the backlog and the publish fallback. The Grafana dashboard
+/// Every metric the processes export: the seed's names (docs/design.md §6), plus the backlog and the publish fallback. The Grafana dashboard
 /// (`deploy/grafana`) is checked against this list.
 pub const METRICS: [Metric; 17] = [
     Metric {

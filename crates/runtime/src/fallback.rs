@@ -4,7 +4,7 @@
 //! The breaker is closed (try the primary) until `failures_to_open` consecutive failures; then open (straight to the
 //! fallback) for `open_for`; then one event at a time probes the primary (half-open): a success closes it, a failure
 //! opens it again. A primary send that timed out may still be delivered later by the client library: the event then
-//! arrives twice, once per backend, which is harmless — point ids derive from the event id (DESIGN §6).
+//! arrives twice, once per backend, which is harmless — point ids derive from the event id (docs/design.md §4).
 
 use std::sync::Arc;
 use std::sync::Mutex;

@@ -5,7 +5,7 @@
 //! runs one event through its handler, publishes what it produced through a [`Publisher`] *before* reporting
 //! success (so the mount can acknowledge the input afterwards), classifies failures, and records metrics.
 //! [`InMemoryBus`] is a `Publisher` that feeds a chain to completion in-process: the zero-infrastructure pipeline
-//! and the handler tests run on it. [`Settings`] is the layered configuration of DESIGN §8.
+//! and the handler tests run on it. [`Settings`] is the layered configuration of docs/design.md §6.
 
 mod bus;
 mod dispatch;

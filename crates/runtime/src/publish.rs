@@ -36,7 +36,7 @@ impl Backend {
         }
     }
 
-    /// The value of the `aura360_messaging_backend` gauge (DESIGN §9).
+    /// The value of the `aura360_messaging_backend` gauge (docs/design.md §6).
     pub fn gauge(self) -> f64 {
         match self {
             Self::Kafka => 1.0,

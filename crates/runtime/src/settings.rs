@@ -1,4 +1,4 @@
-//! Layered configuration (DESIGN §8): built-in defaults < `config/default.toml` < `config/${ENV}.toml` <
+//! Layered configuration (docs/design.md §6): built-in defaults < `config/default.toml` < `config/${ENV}.toml` <
 //! environment variables, with a `.env` file in the working directory read first as the Python services did.
 //!
 //! Every value is read as text and parsed here, so a bad value fails start-up with one message that names the
@@ -192,7 +192,7 @@ pub struct KafkaSettings {
     pub api_secret: Option<Secret>,
     pub group_id: String,
     /// Prepended to every topic name (`KAFKA_TOPIC_PREFIX`, default empty): lets several environments or test runs
-    /// share one cluster. Empty keeps the names of DESIGN §3 that the Python services use.
+    /// share one cluster. Empty keeps the names of docs/design.md §2 that the Python services use.
     pub topic_prefix: String,
     /// `KAFKA_FETCH_WAIT_MAX_MS` (librdkafka `fetch.wait.max.ms`, default 500): how long a fetch may wait for data.
     /// Kafka answers as soon as data arrives; brokers that always hold the fetch this long (tansu) add it to every
@@ -338,7 +338,7 @@ pub struct Settings {
     pub limits: aura_events::limits::Limits,
 }
 
-/// `MESSAGING_FALLBACK`: where `publish_event` sends an event when the primary backend fails (DESIGN §5 extension).
+/// `MESSAGING_FALLBACK`: where `publish_event` sends an event when the primary backend fails (docs/design.md §3 extension).
 #[derive(Clone, Debug, PartialEq)]
 pub struct FallbackSettings {
     /// `None`: no fallback (the default, and whenever `MESSAGING_BACKEND` is not `kafka`). Only `celery` exists.

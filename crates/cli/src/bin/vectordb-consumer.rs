@@ -1,4 +1,4 @@
-//! `vectordb-consumer`: mounts the enabled handlers on the Kafka consumer group (DESIGN §5).
+//! `vectordb-consumer`: mounts the enabled handlers on the Kafka consumer group (docs/design.md §3).
 //!
 //! Configuration is the environment (and `.env`, `config/`); see the README. SIGTERM/SIGINT stop fetching, finish
 //! in-flight events, commit and exit 0.

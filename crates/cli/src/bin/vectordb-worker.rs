@@ -1,5 +1,5 @@
 //! `vectordb-worker`: mounts the enabled handlers on Celery queues over Redis, next to (or instead of) Python
-//! Celery workers (DESIGN §4, §5).
+//! Celery workers (docs/design.md §2, §3).
 //!
 //! Configuration is the environment (and `.env`, `config/`); see the README. SIGTERM/SIGINT stop fetching, finish
 //! in-flight tasks, put back the ones not started, and exit 0.

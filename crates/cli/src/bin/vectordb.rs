@@ -1,4 +1,4 @@
-//! `vectordb`: the admin CLI (DESIGN §10).
+//! `vectordb`: the admin CLI (README "CLI").
 
 use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::path::PathBuf;
