@@ -368,6 +368,8 @@ impl CeleryWorker {
         }
         tracing::info!(hostname = %options.hostname, queues = %options.queues.join(","),
             concurrency = options.concurrency, prefetch, "celery worker ready");
+        // Celery's own words, which runbooks and people grep for.
+        tracing::info!(hostname = %options.hostname, "{} ready.", options.hostname);
 
         let mut tasks = JoinSet::new();
         // When shutdown was asked for: the grace and the exit deadline count from here.
@@ -885,6 +887,7 @@ async fn decide(
     if let Some(verdict) = revoked_or_expired() {
         return verdict;
     }
+    tracing::info!(task = %message.task, task_id = %message.id, "Task {}[{}] received", message.task, message.id);
     let event = match decode_event(message, args, expected_type) {
         Ok(event) => event,
         Err(error) => {
@@ -1125,6 +1128,9 @@ async fn write(
             runtime,
         } => {
             counters.succeeded.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(task = %message.task, task_id = %message.id, runtime,
+                "Task {}[{}] succeeded in {}s: {}", message.task, message.id,
+                aura_runtime::events::pyfmt::float_str(runtime), crate::protocol::saferepr(&result, 1024));
             events.extend(shared.events.task_succeeded(&message.id, &result, runtime));
             let follow_ups = follow_ups(message, &result, &fetched.queue, &shared.options.hostname);
             let children = staged
@@ -1152,11 +1158,12 @@ async fn write(
             eta,
         } => {
             counters.retried.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(task_id = %message.id, retries = message.retries + 1, eta = %iso(eta), %error, "transient failure; retry scheduled");
             let traceback = format!(
                 "Retry in {}s: {error}",
                 (eta - Utc::now()).num_seconds().max(0)
             );
+            tracing::warn!(task = %message.task, task_id = %message.id, retries = message.retries + 1, eta = %iso(eta),
+                %error, "Task {}[{}] retry: {traceback}", message.task, message.id);
             events.extend(shared.events.task_retried(
                 &message.id,
                 &format!("Retry({error:?})"),
@@ -1281,7 +1288,8 @@ fn fail(
     metrics::counter!("aura360_dead_letters_total", "backend" => "celery", "handler" => label)
         .increment(1);
     tracing::error!(task_id = task_id.as_deref().unwrap_or("-"), task = task.as_deref().unwrap_or("-"),
-        queue = %fetched.queue, error, "task failed; dead-lettered");
+        queue = %fetched.queue, error, "Task {}[{}] raised unexpected: {error} (dead-lettered)",
+        task.as_deref().unwrap_or("-"), task_id.as_deref().unwrap_or("-"));
     if let Some(id) = &task_id {
         events.extend(shared.events.task_failed(id, error, error));
     }

@@ -1330,3 +1330,58 @@ fn python_and_our_workers_share_one_redis_and_every_task_runs_once_on_a_worker_t
     assert!(status.success(), "{log}");
     drop(python);
 }
+
+/// The rollback plan's checks grep a worker's log for Celery's own lines: `<node> ready.` and
+/// `Task <name>[<id>] succeeded in <s>s: …`. Text logs have them at INFO; JSON logs carry the same message and the
+/// fields (`task`, `task_id`, `runtime`) for machines.
+#[test]
+fn the_worker_logs_celery_shaped_lines_and_keeps_them_structured_in_json() {
+    let celery = Celery::private();
+    let mut worker = celery.start_worker("plan", &[("NO_COLOR", "1")]);
+    worker.wait_log("plan@test ready.", 1, Duration::from_secs(60));
+    let sent = celery.client(&["send", "--count", "3", "--wait", "60"]);
+    assert_all_succeeded(&sent);
+    let log = worker.log();
+    for id in ids(&sent) {
+        let succeeded = format!("Task {MOOD_TASK}[{id}] succeeded in ");
+        let line = log
+            .lines()
+            .find(|l| l.contains(&succeeded))
+            .unwrap_or_else(|| panic!("no {succeeded:?} line:\n{log}"));
+        assert!(line.contains(" INFO "), "{line}");
+        let (_, rest) = line.split_once(&succeeded).unwrap();
+        let (seconds, result) = rest.split_once("s: ").unwrap();
+        assert!(seconds.parse::<f64>().is_ok(), "{line}");
+        assert!(
+            result.starts_with("{'ok': True"),
+            "Celery's saferepr of the result: {line}"
+        );
+        assert!(
+            log.contains(&format!("Task {MOOD_TASK}[{id}] received")),
+            "{log}"
+        );
+    }
+    worker.stop();
+
+    let mut json_worker = celery.start_worker("planjson", &[("LOG_FORMAT", "json")]);
+    json_worker.wait_log("planjson@test ready.", 1, Duration::from_secs(60));
+    let sent = celery.client(&["send", "--count", "1", "--wait", "60"]);
+    assert_all_succeeded(&sent);
+    let id = &ids(&sent)[0];
+    let log = json_worker.log();
+    let line: Value = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| l["fields"]["task_id"] == id.as_str() && l["fields"]["runtime"].is_number())
+        .unwrap_or_else(|| panic!("no structured success line for {id}:\n{log}"));
+    assert_eq!(line["level"], "INFO");
+    assert_eq!(line["fields"]["task"], MOOD_TASK);
+    assert!(
+        line["fields"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("Task {MOOD_TASK}[{id}] succeeded in ")),
+        "{line}"
+    );
+    json_worker.stop();
+}
