@@ -2330,3 +2330,64 @@ fn a_real_prometheus_scrapes_both_processes_and_the_lag_alert_goes_pending() {
     consumer.stop();
     worker.stop();
 }
+
+#[test]
+fn export_takes_the_console_consumers_max_messages_and_from_beginning() {
+    let kafka = Scenario::new("exportmax");
+    kafka.produce_moods(30, 3);
+    let topic = kafka.topic(USER_TOPIC);
+    let out = kafka.dir.path().join("first.jsonl");
+    let summary = kafka.vectordb_json(
+        &[],
+        &[
+            "export",
+            "--topic",
+            &topic,
+            "--from-beginning",
+            "--max-messages",
+            "7",
+            "--out",
+            out.to_str().unwrap(),
+            "--json",
+        ],
+    );
+    assert_eq!(summary["records"], 7, "{summary}");
+    let lines = std::fs::read_to_string(&out).unwrap();
+    assert_eq!(lines.lines().count(), 7);
+    // From the beginning: each partition's records start at offset 0.
+    let first: Vec<Value> = lines
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let min_offset = first.iter().map(|r| r["offset"].as_i64().unwrap()).min();
+    assert_eq!(min_offset, Some(0));
+    // Without a limit, everything; --from-beginning and --from-offset contradict each other.
+    let all = kafka.vectordb_json(
+        &[],
+        &[
+            "export",
+            "--topic",
+            &topic,
+            "--from-beginning",
+            "--out",
+            "/dev/null",
+            "--json",
+        ],
+    );
+    assert_eq!(all["records"], 30, "{all}");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_vectordb"));
+    kafka.configure(&mut command);
+    let refused = command
+        .args([
+            "export",
+            "--topic",
+            &topic,
+            "--from-beginning",
+            "--from-offset",
+            "3",
+        ])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("cannot be used with"));
+}

@@ -122,6 +122,8 @@ pub struct Range {
     pub to: Option<i64>,
     /// Start at this group's committed offsets (what the group has not processed yet).
     pub from_group: Option<String>,
+    /// Stop after this many records (all partitions together), like the console consumer's `--max-messages`.
+    pub max_records: Option<u64>,
 }
 
 /// How many records `read_range` would read now (the sum of its partitions' offset spans: an upper bound on a
@@ -133,10 +135,11 @@ pub fn range_size(
 ) -> Result<u64, ClientError> {
     let consumer = offsets_client(settings, &reader_group())?;
     let plan = plan_range(settings, &consumer, range, timeout)?;
-    Ok(plan
+    let span: u64 = plan
         .values()
         .map(|(from, to)| (to - from).max(0) as u64)
-        .sum())
+        .sum();
+    Ok(range.max_records.map_or(span, |max| span.min(max)))
 }
 
 /// A throwaway group id: reading never commits anything anywhere.
@@ -228,7 +231,8 @@ pub fn read_range(
         .map_err(|e| ClientError::kafka(format!("reading {}", range.topic), e))?;
     let mut read = 0u64;
     let mut idle = Duration::ZERO;
-    while !stop.is_empty() {
+    let max = range.max_records.unwrap_or(u64::MAX);
+    while !stop.is_empty() && read < max {
         let Some(result) = consumer.poll(Duration::from_millis(200)) else {
             idle += Duration::from_millis(200);
             if idle > timeout {
