@@ -839,3 +839,46 @@ fn a_process_backend_variable_switches_one_process_in_the_plan() {
         "{plan:?}"
     );
 }
+
+/// With Kafka unreachable, librdkafka reports the same failure from every thread many times a millisecond; a person
+/// reading `vectordb check` sees the report and one line per distinct problem.
+#[test]
+fn an_unreachable_kafka_is_one_line_per_problem_not_a_flood() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = [
+        ("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9"),
+        ("BROKER_URL", "redis://127.0.0.1:9/0"),
+        ("RESULT_BACKEND", "redis://127.0.0.1:9/1"),
+        ("EMBEDDING_PROVIDER", "hash"),
+        ("EMBEDDING_DIM", "64"),
+        ("NO_COLOR", "1"),
+    ];
+    let output = vectordb(dir.path(), &env, &["check"]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("librdkafka"))
+        .collect();
+    assert!(!lines.is_empty(), "the failure is reported: {stderr}");
+    assert!(
+        lines.len() <= 5,
+        "{} librdkafka lines:\n{stderr}",
+        lines.len()
+    );
+    // No two lines say the same thing (numbers aside).
+    let mut seen = std::collections::HashSet::new();
+    for line in &lines {
+        let message: String = line
+            .split_once("librdkafka")
+            .map_or(*line, |(_, m)| m)
+            .split(" (after ")
+            .next()
+            .unwrap()
+            .chars()
+            .filter(|c| !c.is_ascii_digit())
+            .collect();
+        assert!(seen.insert(message), "repeated: {line}\n{stderr}");
+    }
+    assert!(String::from_utf8_lossy(&output.stdout).contains("[FAIL] kafka"));
+}

@@ -423,7 +423,15 @@ struct MountContext {
     shared: Arc<Shared>,
 }
 
-impl ClientContext for MountContext {}
+impl ClientContext for MountContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        crate::logs::log(level, fac, log_message);
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        crate::logs::error(&error, reason);
+    }
+}
 
 impl ConsumerContext for MountContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {

@@ -11,6 +11,7 @@
 
 mod client;
 pub mod consumer;
+pub mod logs;
 pub mod offsets;
 mod publisher;
 pub mod topics;

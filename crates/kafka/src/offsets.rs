@@ -150,7 +150,7 @@ fn reader_group() -> String {
 /// Per partition of `range`: the offsets to read, `[from, to)`, resolved against the broker (and the group).
 fn plan_range(
     settings: &KafkaSettings,
-    consumer: &BaseConsumer,
+    consumer: &BaseConsumer<crate::logs::LogContext>,
     range: &Range,
     timeout: Duration,
 ) -> Result<BTreeMap<i32, (i64, i64)>, ClientError> {
@@ -322,13 +322,16 @@ impl ExportedRecord {
     }
 }
 
-fn offsets_client(settings: &KafkaSettings, group: &str) -> Result<BaseConsumer, ClientError> {
+fn offsets_client(
+    settings: &KafkaSettings,
+    group: &str,
+) -> Result<BaseConsumer<crate::logs::LogContext>, ClientError> {
     client_config(settings)?
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "false")
-        .create()
+        .create_with_context(crate::logs::LogContext)
         .map_err(|source| ClientError::Create {
             role: "offsets reader",
             bootstrap: settings.bootstrap_servers.clone(),
@@ -338,7 +341,7 @@ fn offsets_client(settings: &KafkaSettings, group: &str) -> Result<BaseConsumer,
 
 /// The partitions of `topic`, or `None` when it does not exist.
 fn partitions_of(
-    consumer: &BaseConsumer,
+    consumer: &BaseConsumer<crate::logs::LogContext>,
     topic: &str,
     timeout: Duration,
 ) -> Result<Option<Vec<i32>>, ClientError> {

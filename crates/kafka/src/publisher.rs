@@ -34,7 +34,7 @@ pub struct Delivered {
 /// The idempotent producer (`acks=all`, `enable.idempotence=true`, lz4 batches).
 #[derive(Clone)]
 pub struct KafkaPublisher {
-    producer: FutureProducer,
+    producer: FutureProducer<crate::logs::LogContext>,
     topics: TopicNames,
     message_max_bytes: usize,
 }
@@ -54,7 +54,7 @@ impl KafkaPublisher {
                 "delivery.timeout.ms",
                 DELIVERY_TIMEOUT.as_millis().to_string(),
             )
-            .create()
+            .create_with_context(crate::logs::LogContext)
             .map_err(|source| ClientError::Create {
                 role: "producer",
                 bootstrap: settings.bootstrap_servers.clone(),

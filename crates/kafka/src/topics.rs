@@ -5,7 +5,6 @@ use std::time::Duration;
 use aura_runtime::events::routing;
 use aura_runtime::settings::KafkaSettings;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::{ClientError, client_config};
@@ -63,14 +62,13 @@ pub async fn create_topics(
     partitions: i32,
     replication: i32,
 ) -> Result<Vec<TopicStatus>, ClientError> {
-    let admin: AdminClient<DefaultClientContext> =
-        client_config(settings)?
-            .create()
-            .map_err(|source| ClientError::Create {
-                role: "admin client",
-                bootstrap: settings.bootstrap_servers.clone(),
-                source,
-            })?;
+    let admin: AdminClient<crate::logs::LogContext> = client_config(settings)?
+        .create_with_context(crate::logs::LogContext)
+        .map_err(|source| ClientError::Create {
+            role: "admin client",
+            bootstrap: settings.bootstrap_servers.clone(),
+            source,
+        })?;
     let new_topics: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(replication)))
