@@ -11,7 +11,7 @@ mod probes;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use aura_runtime::embed::Embedder as _;
@@ -264,25 +264,29 @@ async fn after_outage(m: &mut dyn Mount, events: &[Event], failed: u32) -> Outco
     }
 }
 
-async fn transient_store(m: &mut dyn Mount) -> Outcome {
-    let events = moods(3, 4);
-    m.store().fail_next.store(3, Ordering::SeqCst);
-    m.start(&[]).await;
-    m.send(&events).await;
-    m.settle().await?;
-    let failed = m.store().failed.load(Ordering::SeqCst);
-    let outcome = after_outage(m, &events, failed).await;
-    m.stop().await;
-    outcome
+/// What a transient-failure scenario takes down for a while.
+#[derive(Clone, Copy)]
+enum Outage {
+    Store,
+    Embedder,
 }
 
-async fn transient_embedder(m: &mut dyn Mount) -> Outcome {
+/// The probe's "fail the next N calls" and "calls failed" counters for `outage`.
+fn outage_counters(m: &dyn Mount, outage: Outage) -> (&AtomicU32, &AtomicU32) {
+    match outage {
+        Outage::Store => (&m.store().fail_next, &m.store().failed),
+        Outage::Embedder => (&m.embedder().fail_next, &m.embedder().failed),
+    }
+}
+
+/// Three failures of the store or the embedder while three users' events go through.
+async fn transient(m: &mut dyn Mount, outage: Outage) -> Outcome {
     let events = moods(3, 4);
-    m.embedder().fail_next.store(3, Ordering::SeqCst);
+    outage_counters(m, outage).0.store(3, Ordering::SeqCst);
     m.start(&[]).await;
     m.send(&events).await;
     m.settle().await?;
-    let failed = m.embedder().failed.load(Ordering::SeqCst);
+    let failed = outage_counters(m, outage).1.load(Ordering::SeqCst);
     let outcome = after_outage(m, &events, failed).await;
     m.stop().await;
     outcome
@@ -628,8 +632,8 @@ async fn sigterm_in_flight(m: &mut dyn Mount) -> Outcome {
 async fn run(scenario: &str, m: &mut dyn Mount) -> Outcome {
     match scenario {
         "chain_points" => chain_points(m).await,
-        "transient_store" => transient_store(m).await,
-        "transient_embedder" => transient_embedder(m).await,
+        "transient_store" => transient(m, Outage::Store).await,
+        "transient_embedder" => transient(m, Outage::Embedder).await,
         "permanent_dead_letter" => permanent_dead_letter(m).await,
         "disabled_keeps_input" => disabled_keeps_input(m).await,
         "redelivery_same_points" => redelivery_same_points(m).await,

@@ -69,6 +69,57 @@ pub trait Mount: Send {
     fn expected_failure(&self, scenario: &str) -> Option<&'static str>;
 }
 
+/// Polls `idle` (every 300 ms) until it holds twice in a row; an error (the mount's task exited) or 120 s is a
+/// failure.
+async fn settle_with<F, Fut>(mut idle: F) -> Result<(), String>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool, String>>,
+{
+    let started = Instant::now();
+    let mut quiet = 0;
+    while quiet < 2 {
+        if started.elapsed() > Duration::from_secs(120) {
+            return Err("not settled in 120 s".into());
+        }
+        quiet = if idle().await? { quiet + 1 } else { 0 };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    Ok(())
+}
+
+/// A mount's task, started with the shutdown future the binaries resolve on SIGTERM.
+struct Running<R> {
+    shutdown: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<R>,
+}
+
+impl<R: Send + 'static> Running<R> {
+    fn spawn<F>(run: impl FnOnce(tokio::sync::oneshot::Receiver<()>) -> F) -> Self
+    where
+        F: std::future::Future<Output = R> + Send + 'static,
+    {
+        let (shutdown, stopped) = tokio::sync::oneshot::channel();
+        Self {
+            shutdown,
+            task: tokio::spawn(run(stopped)),
+        }
+    }
+
+    /// Resolves the shutdown future and waits (60 s at most) for the task's result.
+    async fn stop(self, what: &str) -> R {
+        let _ = self.shutdown.send(());
+        tokio::time::timeout(Duration::from_secs(60), self.task)
+            .await
+            .unwrap_or_else(|_| panic!("{what} did not stop within 60 s"))
+            .unwrap()
+    }
+
+    fn exited(&self) -> bool {
+        self.task.is_finished()
+    }
+}
+
 /// Retries fast enough for a test (transient failures are retried in place).
 fn quick_retry(max_attempts: Option<u32>) -> RetryPolicy {
     RetryPolicy {
@@ -264,10 +315,7 @@ impl Mount for MemoryMount {
 pub struct KafkaMount {
     settings: KafkaSettings,
     producer: KafkaPublisher,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<
-        tokio::task::JoinHandle<Result<aura_kafka::ConsumerReport, aura_kafka::ClientError>>,
-    >,
+    running: Option<Running<Result<aura_kafka::ConsumerReport, aura_kafka::ClientError>>>,
     subscribed: Vec<String>,
     skipped: u64,
     /// Last: dropped after every task and handle that uses its store.
@@ -276,28 +324,7 @@ pub struct KafkaMount {
 
 impl KafkaMount {
     pub async fn new(name: &str) -> Self {
-        let bootstrap = std::env::var("AURA_TEST_KAFKA")
-            .expect("AURA_TEST_KAFKA is not set: run the tests with scripts/test.sh");
-        let id = uuid::Uuid::new_v4().simple().to_string();
-        let settings = KafkaSettings {
-            bootstrap_servers: bootstrap,
-            security_protocol: "PLAINTEXT".into(),
-            sasl_mechanism: "PLAIN".into(),
-            api_key: None,
-            api_secret: None,
-            group_id: format!("conformance-{name}-{id}"),
-            topic_prefix: format!("conf-{name}-{}.", &id[..8]),
-            fetch_wait_max_ms: 50,
-            session_timeout_ms: 6_000,
-            drain_to_celery: true,
-            dead_letter_spool_dir: std::env::temp_dir().join(format!("conformance-{id}")),
-            message_max_bytes: 1_000_000,
-            ordering: aura_runtime::settings::KafkaOrdering::Key,
-            concurrency: 64,
-            max_in_flight_per_partition: 1000,
-            max_in_flight: 10_000,
-            max_in_flight_bytes: 64 << 20,
-        };
+        let settings = aura_runtime::testing::kafka_settings(&format!("conformance-{name}"));
         create_topics(&settings, &TopicNames::from_settings(&settings).all(), 3, 1)
             .await
             .unwrap();
@@ -306,8 +333,7 @@ impl KafkaMount {
             parts: Parts::new(),
             settings,
             producer,
-            shutdown: None,
-            task: None,
+            running: None,
             subscribed: Vec::new(),
             skipped: 0,
         }
@@ -386,56 +412,37 @@ impl Mount for KafkaMount {
             dead_letter_spool: self.settings.dead_letter_spool_dir.clone(),
             ..ConsumerOptions::default()
         };
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let settings = self.settings.clone();
         let producer = self.producer.clone();
-        self.task = Some(tokio::spawn(async move {
+        self.running = Some(Running::spawn(|stopped| async move {
             run_consumer(&settings, registry, dispatcher, producer, options, async {
                 let _ = stopped.await;
             })
             .await
         }));
-        self.shutdown = Some(stop);
     }
 
     async fn settle(&mut self) -> Result<(), String> {
-        let started = Instant::now();
-        let mut quiet = 0;
-        while quiet < 2 {
-            if started.elapsed() > Duration::from_secs(120) {
-                return Err(format!(
-                    "not settled in 120 s: {:?}",
-                    self.lag_of(&self.subscribed).await
-                ));
+        let this = &*self;
+        settle_with(|| async move {
+            if this.running.as_ref().is_some_and(Running::exited) {
+                return Err("the consumer exited".to_owned());
             }
-            if let Some(task) = &self.task
-                && task.is_finished()
-            {
-                return Err("the consumer exited".into());
-            }
-            let lags = self.lag_of(&self.subscribed).await;
             // Settled: every record of the subscribed topics committed (a topic never written has nothing to do).
-            let done = lags
+            Ok(this
+                .lag_of(&this.subscribed)
+                .await
                 .iter()
-                .all(|l| l.lag == 0 && (l.committed.is_some() || l.end == l.start));
-            quiet = if done { quiet + 1 } else { 0 };
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
-        Ok(())
+                .all(|l| l.lag == 0 && (l.committed.is_some() || l.end == l.start)))
+        })
+        .await
+        .map_err(|e| format!("kafka: {e}"))
     }
 
     async fn stop(&mut self) -> Duration {
         let started = Instant::now();
-        if let Some(stop) = self.shutdown.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
-            let report = tokio::time::timeout(Duration::from_secs(60), task)
-                .await
-                .expect("the consumer did not stop within 60 s")
-                .unwrap()
-                .unwrap();
-            self.skipped += report.skipped;
+        if let Some(running) = self.running.take() {
+            self.skipped += running.stop("the consumer").await.unwrap().skipped;
         }
         started.elapsed()
     }
@@ -506,10 +513,7 @@ pub struct CeleryMount {
     server: RedisServer,
     broker: Arc<Broker>,
     results: Arc<ResultBackend>,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<
-        tokio::task::JoinHandle<Result<aura_celery::WorkerReport, aura_celery::TransportError>>,
-    >,
+    running: Option<Running<Result<aura_celery::WorkerReport, aura_celery::TransportError>>>,
     /// Every envelope sent, for a redelivery of the same messages.
     sent: Vec<Vec<u8>>,
     skipped: u64,
@@ -533,8 +537,7 @@ impl CeleryMount {
             server,
             broker,
             results,
-            shutdown: None,
-            task: None,
+            running: None,
             sent: Vec::new(),
             skipped: 0,
             handlers: standard_registry().names(),
@@ -636,7 +639,6 @@ impl Mount for CeleryMount {
         options.restore_interval = Duration::from_millis(500);
         options.visibility_timeout = VISIBILITY;
         options.send_task_events = false;
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let worker = CeleryWorker::new(
             self.broker.clone(),
             self.results.clone(),
@@ -644,51 +646,32 @@ impl Mount for CeleryMount {
             dispatcher,
             options,
         );
-        self.task = Some(tokio::spawn(async move {
+        self.running = Some(Running::spawn(|stopped| async move {
             worker
                 .run(async {
                     let _ = stopped.await;
                 })
                 .await
         }));
-        self.shutdown = Some(stop);
     }
 
     async fn settle(&mut self) -> Result<(), String> {
-        let started = Instant::now();
-        let mut quiet = 0;
-        while quiet < 2 {
-            if started.elapsed() > Duration::from_secs(120) {
-                return Err(format!("not settled in 120 s: {:?}", self.backlog().await));
+        let this = &*self;
+        settle_with(|| async move {
+            if this.running.as_ref().is_some_and(Running::exited) {
+                return Err("the worker exited".to_owned());
             }
-            if let Some(task) = &self.task
-                && task.is_finished()
-            {
-                return Err("the worker exited".into());
-            }
-            let (waiting, delayed, unacked, _parked) = self.backlog().await;
-            quiet = if waiting + delayed + unacked == 0 {
-                quiet + 1
-            } else {
-                0
-            };
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
-        Ok(())
+            let (waiting, delayed, unacked, _parked) = this.backlog().await;
+            Ok(waiting + delayed + unacked == 0)
+        })
+        .await
+        .map_err(|e| format!("celery: {e}"))
     }
 
     async fn stop(&mut self) -> Duration {
         let started = Instant::now();
-        if let Some(stop) = self.shutdown.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
-            let report = tokio::time::timeout(Duration::from_secs(60), task)
-                .await
-                .expect("the worker did not stop within 60 s")
-                .unwrap()
-                .unwrap();
-            self.skipped += report.skipped;
+        if let Some(running) = self.running.take() {
+            self.skipped += running.stop("the worker").await.unwrap().skipped;
         }
         started.elapsed()
     }

@@ -743,21 +743,36 @@ fn a_re_run_is_served_by_the_redis_cache_tier_and_a_redis_that_is_down_only_cost
     assert!(!stderr.contains("cache-s3cret"), "{stderr}");
 }
 
+/// The entry `name` of a `vectordb check --json` report.
+fn named_check<'a>(report: &'a Value, name: &str) -> &'a Value {
+    report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no check {name}: {report}"))
+}
+
+/// A configuration whose Kafka and Redis are unreachable (nothing listens on port 9), with the hash embedder.
+const UNREACHABLE: [(&str, &str); 5] = [
+    ("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9"),
+    ("BROKER_URL", "redis://127.0.0.1:9/0"),
+    ("RESULT_BACKEND", "redis://127.0.0.1:9/1"),
+    ("EMBEDDING_PROVIDER", "hash"),
+    ("EMBEDDING_DIM", "64"),
+];
+
 /// Confluent Cloud's `.env`: a bootstrap address, a key and a secret, nothing else. Nothing listens on the address
 /// (the check fails to connect, exit 1), which is enough to see what the Kafka client was configured with.
 #[test]
 fn confluent_credentials_alone_select_sasl_ssl_plain_and_the_secret_is_never_shown() {
     let dir = tempfile::tempdir().unwrap();
     let secret = "cflt-s3cret-Zq9XwV";
-    let env = [
-        ("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9"),
+    let mut env = UNREACHABLE.to_vec();
+    env.extend([
         ("KAFKA_API_KEY", "CFLTKEY123"),
         ("KAFKA_API_SECRET", secret),
-        ("BROKER_URL", "redis://127.0.0.1:9/0"),
-        ("RESULT_BACKEND", "redis://127.0.0.1:9/1"),
-        ("EMBEDDING_PROVIDER", "hash"),
-        ("EMBEDDING_DIM", "64"),
-    ];
+    ]);
     let output = vectordb(dir.path(), &env, &["check", "--json"]);
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -768,12 +783,7 @@ fn confluent_credentials_alone_select_sasl_ssl_plain_and_the_secret_is_never_sho
         serde_json::json!({"security_protocol": "SASL_SSL", "sasl_mechanism": "PLAIN", "inferred": true,
             "api_key_set": true, "api_secret_set": true})
     );
-    let security = report["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "kafka_security")
-        .unwrap();
+    let security = named_check(&report, "kafka_security");
     assert_eq!(security["ok"], true, "{security}");
     assert!(
         security["detail"].as_str().unwrap().contains("inferred"),
@@ -787,16 +797,11 @@ fn confluent_credentials_alone_select_sasl_ssl_plain_and_the_secret_is_never_sho
     );
 
     // Said explicitly, PLAINTEXT with credentials is a contradiction the check reports with a fix.
-    let mut contradicting = env.to_vec();
+    let mut contradicting = env.clone();
     contradicting.push(("KAFKA_SECURITY_PROTOCOL", "PLAINTEXT"));
     let output = vectordb(dir.path(), &contradicting, &["check", "--json"]);
     let report: Value = serde_json::from_slice(&output.stdout).unwrap();
-    let security = report["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "kafka_security")
-        .unwrap();
+    let security = named_check(&report, "kafka_security");
     assert_eq!(security["ok"], false, "{security}");
     assert!(
         security["fix"].as_str().unwrap().contains("SASL_SSL"),
@@ -808,15 +813,11 @@ fn confluent_credentials_alone_select_sasl_ssl_plain_and_the_secret_is_never_sho
 #[test]
 fn a_process_backend_variable_switches_one_process_in_the_plan() {
     let dir = tempfile::tempdir().unwrap();
-    let env = [
-        ("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9"),
-        ("BROKER_URL", "redis://127.0.0.1:9/0"),
-        ("RESULT_BACKEND", "redis://127.0.0.1:9/1"),
-        ("EMBEDDING_PROVIDER", "hash"),
-        ("EMBEDDING_DIM", "64"),
+    let mut env = UNREACHABLE.to_vec();
+    env.extend([
         ("MESSAGING_BACKEND", "kafka"),
         ("CONSUMER_MESSAGING_BACKEND", "disabled"),
-    ];
+    ]);
     let output = vectordb(dir.path(), &env, &["check", "--json"]);
     let report: Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(
@@ -845,14 +846,8 @@ fn a_process_backend_variable_switches_one_process_in_the_plan() {
 #[test]
 fn an_unreachable_kafka_is_one_line_per_problem_not_a_flood() {
     let dir = tempfile::tempdir().unwrap();
-    let env = [
-        ("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9"),
-        ("BROKER_URL", "redis://127.0.0.1:9/0"),
-        ("RESULT_BACKEND", "redis://127.0.0.1:9/1"),
-        ("EMBEDDING_PROVIDER", "hash"),
-        ("EMBEDDING_DIM", "64"),
-        ("NO_COLOR", "1"),
-    ];
+    let mut env = UNREACHABLE.to_vec();
+    env.push(("NO_COLOR", "1"));
     let output = vectordb(dir.path(), &env, &["check"]);
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);

@@ -508,6 +508,25 @@ struct Lane {
     stored: Option<i64>,
 }
 
+impl Lane {
+    /// A partition just assigned: nothing received, nothing stored.
+    fn new(topic: &str, partition: i32) -> Self {
+        Lane {
+            part: Arc::new(Partition {
+                topic: topic.to_owned(),
+                partition,
+                book: Mutex::new(Book::default()),
+                running: AtomicUsize::new(0),
+                held: AtomicBool::new(false),
+                cancel: CancellationToken::new(),
+                abort: CancellationToken::new(),
+            }),
+            paused: false,
+            stored: None,
+        }
+    }
+}
+
 /// One assigned partition, as its runners see it.
 struct Partition {
     topic: String,
@@ -773,7 +792,7 @@ impl Poller {
         }) {
             Some(index) => index,
             None => {
-                lanes.push(self.new_lane(message.topic(), message.partition()));
+                lanes.push(Lane::new(message.topic(), message.partition()));
                 lanes.len() - 1
             }
         };
@@ -848,22 +867,6 @@ impl Poller {
             );
         }
         behind.then(|| lane.part.clone())
-    }
-
-    fn new_lane(&self, topic: &str, partition: i32) -> Lane {
-        Lane {
-            part: Arc::new(Partition {
-                topic: topic.to_owned(),
-                partition,
-                book: Mutex::new(Book::default()),
-                running: AtomicUsize::new(0),
-                held: AtomicBool::new(false),
-                cancel: CancellationToken::new(),
-                abort: CancellationToken::new(),
-            }),
-            paused: false,
-            stored: None,
-        }
     }
 
     /// Stores the committable offset of every lane that moved, in one call, and remembers what it stored.
@@ -1370,19 +1373,8 @@ mod tests {
 
     #[test]
     fn an_offset_finished_while_the_last_one_was_being_stored_is_stored_on_the_next_tick() {
-        let lane = Lane {
-            part: Arc::new(Partition {
-                topic: "t".into(),
-                partition: 0,
-                book: Mutex::new(book(&[4, 5])),
-                running: AtomicUsize::new(0),
-                held: AtomicBool::new(false),
-                cancel: CancellationToken::new(),
-                abort: CancellationToken::new(),
-            }),
-            paused: false,
-            stored: None,
-        };
+        let lane = Lane::new("t", 0);
+        *lane.part.book() = book(&[4, 5]);
         let mut lanes = vec![lane];
         lanes[0].part.book().finish(4);
         let moved = progress_to_store(&lanes);

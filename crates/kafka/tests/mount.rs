@@ -83,28 +83,7 @@ impl Handler for Recorder {
 }
 
 fn settings(name: &str) -> KafkaSettings {
-    let bootstrap = std::env::var("AURA_TEST_KAFKA")
-        .expect("AURA_TEST_KAFKA is not set: run the tests with scripts/test.sh");
-    let id = uuid::Uuid::new_v4().simple().to_string();
-    KafkaSettings {
-        bootstrap_servers: bootstrap,
-        security_protocol: "PLAINTEXT".into(),
-        sasl_mechanism: "PLAIN".into(),
-        api_key: None,
-        api_secret: None,
-        group_id: format!("{name}-{id}"),
-        topic_prefix: format!("{name}-{}.", &id[..8]),
-        fetch_wait_max_ms: 50,
-        session_timeout_ms: 6_000,
-        drain_to_celery: true,
-        dead_letter_spool_dir: "data/dead-letters".into(),
-        message_max_bytes: 1_000_000,
-        ordering: aura_runtime::settings::KafkaOrdering::Key,
-        concurrency: 64,
-        max_in_flight_per_partition: 1000,
-        max_in_flight: 10_000,
-        max_in_flight_bytes: 64 << 20,
-    }
+    aura_runtime::testing::kafka_settings(name)
 }
 
 async fn produce(settings: &KafkaSettings, users: usize, per_user: u64) -> usize {
