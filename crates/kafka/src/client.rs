@@ -96,4 +96,20 @@ mod tests {
         let error = client_config(&missing).unwrap_err().to_string();
         assert!(error.contains("KAFKA_API_SECRET"), "{error}");
     }
+
+    #[test]
+    fn confluent_credentials_alone_reach_librdkafka_as_sasl_ssl_plain() {
+        let env = std::collections::HashMap::from([
+            ("KAFKA_API_KEY".to_owned(), "CFLTKEY".to_owned()),
+            ("KAFKA_API_SECRET".to_owned(), "cflt-secret".to_owned()),
+        ]);
+        let settings =
+            aura_runtime::Settings::from_sources(std::path::Path::new("/nonexistent"), &env)
+                .unwrap();
+        let config = client_config(&settings.kafka).unwrap();
+        assert_eq!(config.get("security.protocol"), Some("SASL_SSL"));
+        assert_eq!(config.get("sasl.mechanism"), Some("PLAIN"));
+        assert_eq!(config.get("sasl.username"), Some("CFLTKEY"));
+        assert_eq!(config.get("sasl.password"), Some("cflt-secret"));
+    }
 }
