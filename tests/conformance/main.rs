@@ -67,43 +67,28 @@ const SCENARIOS: [(&str, &str); 10] = [
     ),
 ];
 
-fn mood(user: &str, score: Value, notes: &str, trace: &str) -> Event {
-    let mut event = Event::new(
-        "user.mood.created",
-        Some(user.to_owned()),
-        Some(trace.to_owned()),
-    );
-    event.set_field(
-        "data",
-        json!({"mood_score": score, "tags": ["calm", "focused"], "notes": notes, "created_at": "2025-03-01T08:00:00"}),
-    );
+/// An event of the Python services' shape: `data` under its type.
+fn event(event_type: &str, user: &str, trace: &str, data: Value) -> Event {
+    let mut event = Event::new(event_type, Some(user.to_owned()), Some(trace.to_owned()));
+    event.set_field("data", data);
     event
+}
+
+fn mood(user: &str, score: Value, notes: &str, trace: &str) -> Event {
+    let data = json!({"mood_score": score, "tags": ["calm", "focused"], "notes": notes,
+        "created_at": "2025-03-01T08:00:00"});
+    event("user.mood.created", user, trace, data)
 }
 
 fn django_mood(user: &str, trace: &str) -> Event {
-    let mut event = Event::new(
-        "user.mood.created",
-        Some(user.to_owned()),
-        Some(trace.to_owned()),
-    );
-    event.set_field(
-        "data",
-        json!({"mood_id": 42, "level": 3, "recorded_at": "2025-03-01T21:15:00+01:00", "note": "tired after the night shift", "tags": ["tired"]}),
-    );
-    event
+    let data = json!({"mood_id": 42, "level": 3, "recorded_at": "2025-03-01T21:15:00+01:00",
+        "note": "tired after the night shift", "tags": ["tired"]});
+    event("user.mood.created", user, trace, data)
 }
 
 fn activity(user: &str, trace: &str) -> Event {
-    let mut event = Event::new(
-        "user.activity.created",
-        Some(user.to_owned()),
-        Some(trace.to_owned()),
-    );
-    event.set_field(
-        "data",
-        json!({"activity_type": "yoga", "duration": 30, "calories": 120}),
-    );
-    event
+    let data = json!({"activity_type": "yoga", "duration": 30, "calories": 120});
+    event("user.activity.created", user, trace, data)
 }
 
 /// `users` × `per_user` short mood events, interleaved by user (seq 0 of each user, then seq 1, …).
@@ -294,12 +279,12 @@ async fn transient(m: &mut dyn Mount, outage: Outage) -> Outcome {
 
 async fn permanent_dead_letter(m: &mut dyn Mount) -> Outcome {
     let good = mood("conf-a", json!(5), "fine", "trace-a");
-    let mut bad = Event::new(
+    let bad = event(
         "user.mood.created",
-        Some("conf-b".into()),
-        Some("trace-b".into()),
+        "conf-b",
+        "trace-b",
+        json!({"tags": ["no score"]}),
     );
-    bad.set_field("data", json!({"tags": ["no score"]}));
     m.start(&[]).await;
     let sent = m.send(&[good, bad]).await;
     m.settle().await?;
@@ -449,12 +434,12 @@ async fn publish_before_ack(m: &mut dyn Mount) -> Outcome {
 }
 
 async fn unknown_type_skipped(m: &mut dyn Mount) -> Outcome {
-    let mut unknown = Event::new(
+    let unknown = event(
         "user.profile.updated",
-        Some("conf-a".into()),
-        Some("trace-u".into()),
+        "conf-a",
+        "trace-u",
+        json!({"display_name": "A"}),
     );
-    unknown.set_field("data", json!({"display_name": "A"}));
     m.start(&[]).await;
     m.send(&[unknown, mood("conf-a", json!(5), "after", "trace-a")])
         .await;
@@ -728,9 +713,10 @@ async fn every_scenario_on_every_mount() {
         started.elapsed().as_secs_f64()
     );
     println!("{report}");
-    let path =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/conformance-report.md");
-    std::fs::write(&path, &report).unwrap();
+    // Where scripts/test.sh prints it from (the workspace's target/, created if another CARGO_TARGET_DIR is used).
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("conformance-report.md"), &report).unwrap();
     assert!(
         failures.is_empty(),
         "conformance failures:\n{}\n\n{report}",

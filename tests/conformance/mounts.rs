@@ -43,10 +43,21 @@ pub struct Hop {
 #[async_trait]
 pub trait Mount: Send {
     fn name(&self) -> &'static str;
-    fn store(&self) -> &Arc<ProbeStore>;
-    fn embedder(&self) -> &Arc<ProbeEmbedder>;
+    /// The store, embedder and publisher probes every mount holds.
+    fn parts(&self) -> &Parts;
+    fn store(&self) -> &Arc<ProbeStore> {
+        &self.parts().store
+    }
+    fn embedder(&self) -> &Arc<ProbeEmbedder> {
+        &self.parts().embedder
+    }
     /// The publisher of the running (or last) start.
-    fn publisher(&self) -> Arc<ProbePublisher>;
+    fn publisher(&self) -> Arc<ProbePublisher> {
+        self.parts()
+            .publisher
+            .clone()
+            .expect("a mount's publisher exists once it started")
+    }
     /// Puts `events` where the Python services put them (a Kafka record on the type's topic, keyed by user, with
     /// the `event_type`/`event_id`/`trace_id` headers; a `send_task` message); returns the bytes sent, in order.
     async fn send(&mut self, events: &[Event]) -> Vec<Vec<u8>>;
@@ -131,7 +142,7 @@ fn quick_retry(max_attempts: Option<u32>) -> RetryPolicy {
 }
 
 /// What all three mounts hold: the embedded store behind the probes.
-struct Parts {
+pub struct Parts {
     store: Arc<ProbeStore>,
     embedder: Arc<ProbeEmbedder>,
     publisher: Option<Arc<ProbePublisher>>,
@@ -224,14 +235,8 @@ impl Mount for MemoryMount {
     fn name(&self) -> &'static str {
         "memory"
     }
-    fn store(&self) -> &Arc<ProbeStore> {
-        &self.parts.store
-    }
-    fn embedder(&self) -> &Arc<ProbeEmbedder> {
-        &self.parts.embedder
-    }
-    fn publisher(&self) -> Arc<ProbePublisher> {
-        self.parts.publisher.clone().unwrap()
+    fn parts(&self) -> &Parts {
+        &self.parts
     }
 
     async fn send(&mut self, events: &[Event]) -> Vec<Vec<u8>> {
@@ -380,14 +385,8 @@ impl Mount for KafkaMount {
     fn name(&self) -> &'static str {
         "kafka"
     }
-    fn store(&self) -> &Arc<ProbeStore> {
-        &self.parts.store
-    }
-    fn embedder(&self) -> &Arc<ProbeEmbedder> {
-        &self.parts.embedder
-    }
-    fn publisher(&self) -> Arc<ProbePublisher> {
-        self.parts.publisher.clone().unwrap()
+    fn parts(&self) -> &Parts {
+        &self.parts
     }
 
     async fn send(&mut self, events: &[Event]) -> Vec<Vec<u8>> {
@@ -585,14 +584,8 @@ impl Mount for CeleryMount {
     fn name(&self) -> &'static str {
         "celery"
     }
-    fn store(&self) -> &Arc<ProbeStore> {
-        &self.parts.store
-    }
-    fn embedder(&self) -> &Arc<ProbeEmbedder> {
-        &self.parts.embedder
-    }
-    fn publisher(&self) -> Arc<ProbePublisher> {
-        self.parts.publisher.clone().unwrap()
+    fn parts(&self) -> &Parts {
+        &self.parts
     }
 
     async fn send(&mut self, events: &[Event]) -> Vec<Vec<u8>> {
