@@ -145,12 +145,13 @@ impl EventSender {
         self.task_event("task-started", [("uuid", json!(task_id))])
     }
 
-    pub fn task_succeeded(&self, task_id: &str, result: &Value, runtime: f64) -> Option<Value> {
+    /// `result_repr`: the result's `saferepr` (the worker logs the same string).
+    pub fn task_succeeded(&self, task_id: &str, result_repr: &str, runtime: f64) -> Option<Value> {
         self.task_event(
             "task-succeeded",
             [
                 ("uuid", json!(task_id)),
-                ("result", json!(saferepr(result, 1024))),
+                ("result", json!(result_repr)),
                 ("runtime", json!(runtime)),
             ],
         )

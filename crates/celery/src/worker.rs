@@ -902,7 +902,11 @@ async fn decide(
         Route::Disabled(name) => return Verdict::Park { handler: name },
         // As on Kafka (where `aura360.user.events` carries every `user.*` type): an event type no handler knows is
         // skipped, counted and acknowledged, never failed or dead-lettered.
-        Route::Unhandled => return skipped(shared, &event),
+        Route::Unhandled => {
+            tracing::info!(event_id = %event.event_id, event_type = %event.event_type, "no handler for event type; skipped");
+            aura_runtime::count_skipped();
+            return skipped(shared, &event, 0.0);
+        }
         Route::Handler(handler) => handler.name(),
     };
 
@@ -974,12 +978,8 @@ async fn decide(
             runtime,
         },
         Some(Ok(Outcome::Disabled { handler })) => Verdict::Park { handler },
-        // Routed above; a registry cannot change under a running worker, but the verdict stays the same if it did.
-        Some(Ok(Outcome::Unhandled)) => Verdict::Success {
-            result: json!({"ok": true, "event_id": event.event_id.to_string(), "skipped": format!("no handler for event type {}", event.event_type), "produced": 0}),
-            staged: Vec::new(),
-            runtime,
-        },
+        // Routed above; a registry cannot change under a running worker (the dispatcher counted it if it did).
+        Some(Ok(Outcome::Unhandled)) => skipped(shared, &event, runtime),
         Some(Err(Failure { handler, error })) => {
             let text = error.to_string();
             let handler = handler.map(str::to_owned);
@@ -1008,21 +1008,17 @@ async fn decide(
     }
 }
 
-/// The task's single argument, the event, checked against the task it came with.
-/// The verdict on an event whose type no handler knows: a success that says it was skipped, counted in
-/// `aura360_events_processed_total{handler="none",outcome="skipped"}` as the dispatcher counts it.
-fn skipped(shared: &Shared, event: &Event) -> Verdict {
+/// The verdict on an event whose type no handler knows: a success whose result says it was skipped.
+fn skipped(shared: &Shared, event: &Event, runtime: f64) -> Verdict {
     shared.counters.skipped.fetch_add(1, Ordering::Relaxed);
-    tracing::info!(event_id = %event.event_id, event_type = %event.event_type, "no handler for event type; skipped");
-    metrics::counter!("aura360_events_processed_total", "handler" => "none", "outcome" => "skipped")
-        .increment(1);
     Verdict::Success {
         result: json!({"ok": true, "event_id": event.event_id.to_string(), "skipped": format!("no handler for event type {}", event.event_type), "produced": 0}),
         staged: Vec::new(),
-        runtime: 0.0,
+        runtime,
     }
 }
 
+/// The task's single argument, the event, checked against the task it came with.
 fn decode_event(
     message: &TaskMessage,
     mut args: Vec<Value>,
@@ -1128,10 +1124,12 @@ async fn write(
             runtime,
         } => {
             counters.succeeded.fetch_add(1, Ordering::Relaxed);
+            // One repr for the log line and the task event (Celery's `resultrepr_maxsize`).
+            let repr = crate::protocol::saferepr(&result, 1024);
             tracing::info!(task = %message.task, task_id = %message.id, runtime,
-                "Task {}[{}] succeeded in {}s: {}", message.task, message.id,
-                aura_runtime::events::pyfmt::float_str(runtime), crate::protocol::saferepr(&result, 1024));
-            events.extend(shared.events.task_succeeded(&message.id, &result, runtime));
+                "Task {}[{}] succeeded in {}s: {repr}", message.task, message.id,
+                aura_runtime::events::pyfmt::float_str(runtime));
+            events.extend(shared.events.task_succeeded(&message.id, &repr, runtime));
             let follow_ups = follow_ups(message, &result, &fetched.queue, &shared.options.hostname);
             let children = staged
                 .iter()

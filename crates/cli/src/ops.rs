@@ -30,7 +30,7 @@ fn zero_counters(process: &'static str, settings: &Settings, registry: &Registry
     let mut publishers = vec![backend];
     if let Some(fallback) = settings.fallback.backend {
         publishers.push(fallback.as_str());
-        for reason in ["error", "timeout", "circuit_open"] {
+        for reason in aura_runtime::fallback::REASONS {
             metrics::counter!("aura360_publish_fallback_total", "from" => backend, "to" => fallback.as_str(),
                 "reason" => reason)
             .absolute(0);
@@ -48,18 +48,20 @@ fn zero_counters(process: &'static str, settings: &Settings, registry: &Registry
                 .absolute(0);
         }
     }
+    use aura_runtime::outcome;
     for handler in registry.enabled() {
-        for outcome in ["success", "transient_error", "permanent_error"] {
+        for outcome in outcome::OF_A_HANDLER {
             metrics::counter!("aura360_events_processed_total", "handler" => handler, "outcome" => outcome)
                 .absolute(0);
         }
     }
     for handler in registry.disabled() {
-        metrics::counter!("aura360_events_processed_total", "handler" => handler, "outcome" => "disabled")
+        metrics::counter!("aura360_events_processed_total", "handler" => handler, "outcome" => outcome::DISABLED)
             .absolute(0);
     }
-    metrics::counter!("aura360_events_processed_total", "handler" => "none", "outcome" => "skipped")
-        .absolute(0);
+    metrics::counter!("aura360_events_processed_total", "handler" => outcome::NO_HANDLER,
+        "outcome" => outcome::SKIPPED)
+    .absolute(0);
     // Each mount dead-letters into its own broker: the consumer to `<topic>.dlq`, the worker to `<queue>.dlq`.
     let mount = if process == "vectordb-worker" {
         "celery"

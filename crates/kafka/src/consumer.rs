@@ -810,8 +810,7 @@ impl Poller {
                 event_type,
                 "no handler for event type; skipped"
             );
-            metrics::counter!("aura360_events_processed_total", "handler" => "none", "outcome" => "skipped")
-                .increment(1);
+            aura_runtime::count_skipped();
             shared.counters.skipped.fetch_add(1, Ordering::Relaxed);
             let mut book = lane.part.book();
             book.window.push_back(Slot {

@@ -75,12 +75,12 @@ impl Dispatcher {
         let handler = match self.registry.route(&event.event_type) {
             Route::Handler(handler) => handler,
             Route::Disabled(name) => {
-                record(name, "disabled");
+                record(name, outcome::DISABLED);
                 return Ok(Outcome::Disabled { handler: name });
             }
             Route::Unhandled => {
                 tracing::info!(event_id = %event.event_id, event_type = %event.event_type, "no handler for event type; skipped");
-                record("none", "skipped");
+                count_skipped();
                 return Ok(Outcome::Unhandled);
             }
         };
@@ -91,7 +91,7 @@ impl Dispatcher {
             .record(started.elapsed().as_secs_f64());
         match result {
             Ok(produced) => {
-                record(name, "success");
+                record(name, outcome::SUCCESS);
                 Ok(Outcome::Handled {
                     handler: name,
                     produced,
@@ -101,9 +101,9 @@ impl Dispatcher {
                 record(
                     name,
                     if error.is_transient() {
-                        "transient_error"
+                        outcome::TRANSIENT_ERROR
                     } else {
-                        "permanent_error"
+                        outcome::PERMANENT_ERROR
                     },
                 );
                 Err(Failure {
@@ -200,6 +200,25 @@ pub fn derive_identities(cause: &Event, outputs: &mut [Event]) {
 /// The id of the `index`-th output (of type `event_type`) of `cause`.
 pub fn derived_event_id(cause: &Event, event_type: &str, index: usize) -> uuid::Uuid {
     uuid::Uuid::new_v5(&cause.event_id, format!("{event_type}/{index}").as_bytes())
+}
+
+/// The `outcome` label of `aura360_events_processed_total`.
+pub mod outcome {
+    pub const SUCCESS: &str = "success";
+    pub const TRANSIENT_ERROR: &str = "transient_error";
+    pub const PERMANENT_ERROR: &str = "permanent_error";
+    pub const DISABLED: &str = "disabled";
+    pub const SKIPPED: &str = "skipped";
+    /// What an enabled handler's event can end as.
+    pub const OF_A_HANDLER: [&str; 3] = [SUCCESS, TRANSIENT_ERROR, PERMANENT_ERROR];
+    /// The `handler` label of an event no handler knows.
+    pub const NO_HANDLER: &str = "none";
+}
+
+/// Counts an event no handler knows (`handler="none"`, `outcome="skipped"`). Every mount's skip is counted here:
+/// the dispatcher's, the Kafka poller's for a type its header announces, the Celery worker's.
+pub fn count_skipped() {
+    record(outcome::NO_HANDLER, outcome::SKIPPED);
 }
 
 fn record(handler: &'static str, outcome: &'static str) {

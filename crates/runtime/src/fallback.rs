@@ -15,6 +15,9 @@ use aura_events::Event;
 
 use crate::{Backend, PublishError, Publisher};
 
+/// The `reason` label of `aura360_publish_fallback_total`: the primary failed, timed out, or its circuit was open.
+pub const REASONS: [&str; 3] = ["error", "timeout", "circuit_open"];
+
 pub struct FallbackPublisher {
     primary: Arc<dyn Publisher>,
     fallback: Arc<dyn Publisher>,
@@ -151,7 +154,7 @@ impl FallbackPublisher {
     async fn send(&self, event: &Event, json: Option<&[u8]>) -> Result<Backend, PublishError> {
         let admitted = self.breaker().admit(Instant::now());
         if admitted == Try::Fallback {
-            return self.to_fallback(event, "circuit_open").await;
+            return self.to_fallback(event, REASONS[2]).await;
         }
         // A probe whose caller goes away mid-flight (a cancelled request, a shutdown) must not leave the circuit
         // waiting for its answer forever: the guard lets the next event probe instead.
@@ -181,12 +184,12 @@ impl FallbackPublisher {
             Ok(Err(error)) if !error.is_transient() => return Err(error),
             Ok(Err(error)) => {
                 tracing::warn!(%error, event_id = %event.event_id, "primary publish failed; using the fallback");
-                "error"
+                REASONS[0]
             }
             Err(_) => {
                 tracing::warn!(event_id = %event.event_id, timeout_ms = self.timeout.as_millis() as u64,
                     "primary publish timed out; using the fallback");
-                "timeout"
+                REASONS[1]
             }
         };
         if self.breaker().failed(Instant::now()) {

@@ -9,7 +9,7 @@
 
 mod bus;
 mod dispatch;
-mod fallback;
+pub mod fallback;
 mod handler;
 pub mod observe;
 mod publish;
@@ -19,7 +19,10 @@ pub mod settings;
 mod wiring;
 
 pub use bus::{BusReport, InMemoryBus};
-pub use dispatch::{DeadLetter, Dispatcher, Failure, Outcome, derive_identities, derived_event_id};
+pub use dispatch::{
+    DeadLetter, Dispatcher, Failure, Outcome, count_skipped, derive_identities, derived_event_id,
+    outcome,
+};
 pub use fallback::FallbackPublisher;
 pub use handler::{Handler, HandlerContext, HandlerError};
 pub use observe::{DependencyObserver, ObservedEmbedder, ObservedStore};
