@@ -10,8 +10,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from aura360_events import (  # noqa: E402
-    ConfigError, Publisher, PublishError, Settings, UnroutableEvent, __version__, encode, normalise, task_for,
-    topic_for,
+    ConfigError, Publisher, PublishError, RefusedEvent, Settings, UnroutableEvent, __version__, encode, normalise,
+    task_for, topic_for,
 )
 from aura360_events.publisher import _Breaker  # noqa: E402
 
@@ -117,6 +117,35 @@ class DisabledTest(unittest.TestCase):
         error = PublishError("kafka", {"event_type": "user.mood.created", "event_id": "e1"}, "timeout")
         self.assertIn("e1", str(error))
         self.assertEqual(__version__, "0.1.0")
+
+
+class RefusedTest(unittest.TestCase):
+    def test_a_record_kafka_refuses_is_not_sent_to_the_fallback(self):
+        """A 2 MB note exceeds the producer's message.max.bytes: refused before it leaves, as the Rust publisher
+        classifies it. The fallback is not used (Celery would take it, and Kafka would refuse it again later)."""
+        try:
+            import confluent_kafka  # noqa: F401
+        except ImportError:
+            self.skipTest("confluent-kafka is not installed")
+        sent = []
+
+        class Recorder:
+            def send_task(self, *args, **kwargs):
+                sent.append((args, kwargs))
+
+        settings = Settings.from_env({"KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9", "MESSAGING_FALLBACK": "celery"})
+        publisher = Publisher(settings, celery_app=Recorder())
+        huge = {"event_type": "user.mood.created", "user_id": "u", "data": {"notes": "x" * 2_000_000}}
+        with self.assertRaises(RefusedEvent) as refused:
+            publisher.publish(huge)
+        self.assertIn("MSG_SIZE_TOO_LARGE", str(refused.exception))
+        self.assertEqual((sent, publisher.fallbacks), ([], 0))
+        # An ordinary event on the same (unreachable) broker does go to the fallback after the timeout.
+        fast = Publisher(Settings.from_env({"KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9", "MESSAGING_FALLBACK": "celery",
+                                            "MESSAGING_FALLBACK_TIMEOUT_MS": "200"}), celery_app=Recorder())
+        self.assertEqual(fast.publish({"event_type": "user.mood.created", "user_id": "u"}), "celery")
+        self.assertEqual(len(sent), 1)
+        self.assertEqual(sent[0][0][0], "vectosvc.worker.tasks.process_mood_created")
 
 
 if __name__ == "__main__":

@@ -55,12 +55,40 @@ class PublishError(Exception):
         self.reason = reason
 
 
+class RefusedEvent(PublishError):
+    """Kafka refused the record itself (too large, invalid, not authorised): another attempt or another backend will
+    not fix it, so the fallback is not used, as in the Rust runtime."""
+
+
 class UnroutableEvent(ValueError):
     """The event cannot be published anywhere: no topic or task for its type, or no event_type at all."""
 
 
 class ConfigError(ValueError):
     """A setting has a value the runtime does not accept; the message names the variable."""
+
+
+# librdkafka error codes that refuse the record itself (the Rust publisher's `is_permanent`, by number).
+_PERMANENT_KAFKA_CODES = frozenset({
+    10,  # MSG_SIZE_TOO_LARGE
+    2,  # INVALID_MSG
+    4,  # INVALID_MSG_SIZE
+    87,  # INVALID_RECORD
+    18,  # RECORD_LIST_TOO_LARGE
+    29,  # TOPIC_AUTHORIZATION_FAILED
+    31,  # CLUSTER_AUTHORIZATION_FAILED
+    53,  # TRANSACTIONAL_ID_AUTHORIZATION_FAILED
+    17,  # TOPIC_EXCEPTION (an invalid topic)
+    44,  # POLICY_VIOLATION
+})
+
+
+def _kafka_failure(event: Mapping[str, Any], error: Any) -> PublishError:
+    """A `PublishError`, or a `RefusedEvent` when the error refuses the record itself."""
+    code = error.code() if hasattr(error, "code") else None
+    if code in _PERMANENT_KAFKA_CODES:
+        return RefusedEvent("kafka", event, str(error))
+    return PublishError("kafka", event, str(error))
 
 
 def topic_for(event_type: str, prefix: str = "") -> Optional[str]:
@@ -298,8 +326,8 @@ class Publisher:
                              headers=headers, on_delivery=delivered)
         except BufferError as error:
             raise PublishError("kafka", event, f"local queue full: {error}") from error
-        except Exception as error:  # KafkaException: the record itself was refused (too large, …)
-            raise PublishError("kafka", event, str(error)) from error
+        except Exception as error:  # KafkaException: refused before it left (too large, …)
+            raise _kafka_failure(event, error.args[0] if error.args else error) from error
         deadline = time.monotonic() + timeout_s
         while not done.is_set():
             left = deadline - time.monotonic()
@@ -309,7 +337,7 @@ class Publisher:
                 raise PublishError("kafka", event, f"no acknowledgement within {timeout_s:.1f} s")
             producer.poll(min(left, 0.05))
         if outcome.get("error") is not None:
-            raise PublishError("kafka", event, str(outcome["error"]))
+            raise _kafka_failure(event, outcome["error"])
 
     def _send_with_fallback(self, event: Dict[str, Any]) -> str:
         admitted = self._breaker.admit()
@@ -317,8 +345,8 @@ class Publisher:
             return self._to_fallback(event, "circuit_open")
         try:
             self._send_kafka(event, timeout_s=self.settings.fallback_timeout_s)
-        except UnroutableEvent:
-            raise
+        except (UnroutableEvent, RefusedEvent):
+            raise  # the event itself is refused: Celery would not fix that
         except PublishError as error:
             log.warning("Kafka publish failed (%s); publishing event %s to Celery", error.reason, event["event_id"])
             self._breaker.failed()
