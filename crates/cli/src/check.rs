@@ -137,12 +137,9 @@ fn plan(settings: &Settings, enabled: &[&str]) -> Vec<String> {
     let group = &settings.kafka.group_id;
     let queues = settings.celery.queues.join(",");
     let handlers = enabled.join(", ");
-    let source = |process: Process| {
-        if settings.process_backends.iter().any(|(p, _)| *p == process) {
-            format!(" ({})", process.backend_variable())
-        } else {
-            String::new()
-        }
+    let source = |process: Process| match settings.backend_override(process) {
+        Some(_) => format!(" ({})", process.backend_variable()),
+        None => String::new(),
     };
     let consumer = match settings.backend_of(Process::Consumer) {
         Backend::Kafka => format!(

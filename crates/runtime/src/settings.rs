@@ -388,12 +388,18 @@ impl Process {
 }
 
 impl Settings {
-    /// The backend `process` runs with: its override when set, else `MESSAGING_BACKEND`.
-    pub fn backend_of(&self, process: Process) -> Backend {
+    /// `process`'s own `<PROCESS>_MESSAGING_BACKEND`, when set.
+    pub fn backend_override(&self, process: Process) -> Option<Backend> {
         self.process_backends
             .iter()
             .find(|(p, _)| *p == process)
-            .map_or(self.messaging_backend, |(_, b)| *b)
+            .map(|(_, b)| *b)
+    }
+
+    /// The backend `process` runs with: its override when set, else `MESSAGING_BACKEND`.
+    pub fn backend_of(&self, process: Process) -> Backend {
+        self.backend_override(process)
+            .unwrap_or(self.messaging_backend)
     }
 
     /// [`Settings::load`] for `process`: its `<PROCESS>_MESSAGING_BACKEND`, when set, is its backend.
