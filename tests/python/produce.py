@@ -4,10 +4,11 @@
     produce.py BOOTSTRAP raw                       records from stdin, one JSON object per line:
                                                    {"topic", "key"?, "value"? (text), "headers"? {name: text}}
 
-Idempotent, acks=all, lz4 batches (tansu's sqlite engine cannot serve snappy). Prints the number of records
-acknowledged; exits 1 if any delivery failed.
+Idempotent, acks=all, snappy batches (the AURA360 services' producer default; PRODUCE_COMPRESSION overrides it).
+Prints the number of records acknowledged; exits 1 if any delivery failed.
 """
 import json
+import os
 import random
 import sys
 import uuid
@@ -20,7 +21,7 @@ producer = Producer({
     "bootstrap.servers": bootstrap,
     "enable.idempotence": True,
     "acks": "all",
-    "compression.type": "lz4",
+    "compression.type": os.environ.get("PRODUCE_COMPRESSION", "snappy"),
     "linger.ms": 5,
 })
 failures = []

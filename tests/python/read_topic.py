@@ -1,5 +1,5 @@
-"""Prints every record of a topic (all partitions, from the start) as JSON lines: partition, offset, key, value,
-headers (test helper: what landed in a dead-letter or downstream topic)."""
+"""Prints every record of a topic (all partitions, from the start) as JSON lines: partition, offset, timestamp (ms),
+key, value, headers (test helper: what landed in a dead-letter or downstream topic)."""
 import json
 import sys
 
@@ -25,6 +25,7 @@ while ends:
     print(json.dumps({
         "partition": message.partition(),
         "offset": message.offset(),
+        "timestamp": message.timestamp()[1],
         "key": message.key().decode() if message.key() is not None else None,
         "value": message.value().decode(errors="replace") if message.value() is not None else None,
         "headers": {k: v.decode(errors="replace") for k, v in (message.headers() or [])},

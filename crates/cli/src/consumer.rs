@@ -13,7 +13,7 @@ use aura_runtime::store::{
     CollectionInfo, CollectionSpec, Durability, ForeignPoints, Hit, Point, StoreError, VectorStore,
 };
 use aura_runtime::{
-    Backend, Dispatcher, Handler, HandlerContext, HandlerError, Registry, Settings,
+    Backend, Dispatcher, FencedStore, Handler, HandlerContext, HandlerError, Registry, Settings,
 };
 
 use crate::ops::{Ops, celery_probe, kafka_probe};
@@ -67,10 +67,13 @@ pub async fn run(
             return Ok(None);
         }
     }
-    let context = ops.observed(handler_context(&settings, Durability::EveryWrite).await?);
+    let mut context = ops.observed(handler_context(&settings, Durability::EveryWrite).await?);
+    // A paused consumer writes nothing until the group has told it what it still owns (aura_runtime::fence).
+    context.store = Arc::new(FencedStore::new(context.store, options.fence.clone()));
     let publisher = KafkaPublisher::new(&settings.kafka).context("creating the Kafka producer")?;
     let outputs = with_fallback(&settings, Arc::new(publisher.clone()))?;
-    let dispatcher = Dispatcher::new(registry.clone(), context, outputs);
+    let dispatcher =
+        Dispatcher::new(registry.clone(), context, outputs).fenced(options.fence.clone());
     ops.watch(&settings, vec![kafka_probe(&settings)]);
     ops.health.set_ready(None);
     let report = run_consumer(

@@ -222,7 +222,18 @@ impl Scenario {
         for partition in metadata.topics()[0].partitions() {
             list.add_partition(&topic, partition.id());
         }
-        let committed = consumer.committed_offsets(list, timeout).unwrap();
+        // A broker that was just restarted answers NotCoordinator until its group coordinator has loaded.
+        let started = Instant::now();
+        let committed = loop {
+            match consumer.committed_offsets(list.clone(), timeout) {
+                Ok(committed) => break committed,
+                Err(error) if started.elapsed() < Duration::from_secs(60) => {
+                    eprintln!("committed offsets of {topic}: {error}; asking again");
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(error) => panic!("committed offsets of {topic}: {error}"),
+            }
+        };
         let mut sums = (0, 0);
         for element in committed.elements() {
             if let Offset::Offset(offset) = element.offset() {
@@ -386,8 +397,9 @@ fn python_produced_events_flow_through_all_three_handlers_into_the_store() {
 #[test]
 fn a_consumer_killed_mid_stream_resumes_and_every_event_becomes_exactly_its_points() {
     let kafka = Scenario::new("kill9");
-    // Embeddings answered after 0–150 ms, varying per text: concurrent keys finish out of offset order.
-    let embedder = EmbeddingServer::start_delayed(&kafka.python, kafka.dir.path(), 0, 150);
+    // Embeddings answered after 0–400 ms, varying per text: concurrent keys finish out of offset order, and the
+    // backlog lasts long enough to be killed in the middle of it.
+    let embedder = EmbeddingServer::start_delayed(&kafka.python, kafka.dir.path(), 0, 400);
     let url = embedder.url();
     let env = [
         ("EMBEDDING_PROVIDER", "openai"),
@@ -576,8 +588,16 @@ fn a_disabled_consumer_or_handler_commits_nothing_and_the_backlog_is_processed_w
 #[test]
 fn sigterm_under_load_exits_zero_within_ten_seconds_and_loses_nothing() {
     let kafka = Scenario::new("sigterm");
+    // Embeddings answered after 0–300 ms: events are in flight when SIGTERM comes, and the backlog outlasts it.
+    let embedder = EmbeddingServer::start_delayed(&kafka.python, kafka.dir.path(), 0, 300);
+    let url = embedder.url();
+    let env = [
+        ("EMBEDDING_PROVIDER", "openai"),
+        ("EMBEDDING_URL", url.as_str()),
+        ("EMBEDDING_TIMEOUT_S", "10"),
+    ];
     kafka.produce_moods(1_500, 30);
-    let mut consumer = kafka.start_consumer(&[]);
+    let mut consumer = kafka.start_consumer(&env);
     kafka.wait_for(
         "some events committed",
         Duration::from_secs(300),
@@ -590,7 +610,7 @@ fn sigterm_under_load_exits_zero_within_ten_seconds_and_loses_nothing() {
     let (committed, end) = kafka.offsets(USER_TOPIC);
     assert!(committed < end, "stopped too late to prove anything");
 
-    let mut consumer = kafka.start_consumer(&[]);
+    let mut consumer = kafka.start_consumer(&env);
     kafka.wait_drained(&mut consumer, 1_500);
     consumer.stop();
     assert_eq!(kafka.points(), 1_500);

@@ -39,7 +39,9 @@ use aura_runtime::events::Event;
 use aura_runtime::events::limits::Limits;
 use aura_runtime::observe::names;
 use aura_runtime::settings::{KafkaOrdering, KafkaSettings};
-use aura_runtime::{DependencyObserver, Dispatcher, Outcome, Registry, RetryPolicy, Route};
+use aura_runtime::{
+    DependencyObserver, Dispatcher, Fence, Outcome, PauseWatch, Registry, RetryPolicy, Route,
+};
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
@@ -76,6 +78,9 @@ pub struct ConsumerOptions {
     pub dead_letter_spool: PathBuf,
     /// Told when dead letters cannot be written (and when they can again): `/health`.
     pub observer: Option<Arc<dyn DependencyObserver>>,
+    /// Closed while the process was paused past half its session and has not yet learnt whether it is still a
+    /// member: the dispatcher and the store this fence guards write nothing meanwhile (see [`Paused`]).
+    pub fence: Fence,
 }
 
 impl Default for ConsumerOptions {
@@ -96,6 +101,7 @@ impl Default for ConsumerOptions {
             max_event_bytes: Limits::default().max_event_bytes,
             dead_letter_spool: PathBuf::from("data/dead-letters"),
             observer: None,
+            fence: Fence::new(),
         }
     }
 }
@@ -196,7 +202,9 @@ pub async fn run_consumer(
         room: tokio::sync::Notify::new(),
         poller_waits: AtomicBool::new(false),
         in_flight_bytes: AtomicUsize::new(0),
+        paused: Paused::new(options.fence.clone(), settings.session_timeout_ms),
     });
+    let _pause_watch = shared.paused.watch(&shared);
     let consumer: Arc<StreamConsumer<MountContext>> = Arc::new(
         client_config(settings)?
             .set("group.id", &settings.group_id)
@@ -211,6 +219,10 @@ pub async fn run_consumer(
             .set(
                 "session.timeout.ms",
                 settings.session_timeout_ms.to_string(),
+            )
+            .set(
+                "heartbeat.interval.ms",
+                heartbeat_interval_ms(settings.session_timeout_ms).to_string(),
             )
             .create_with_context(MountContext {
                 shared: shared.clone(),
@@ -313,6 +325,7 @@ struct Shared {
     /// Told when a window falls below half of its bounds while the poller waits for room (`poller_waits`).
     room: tokio::sync::Notify,
     poller_waits: AtomicBool,
+    paused: Paused,
 }
 
 impl Shared {
@@ -339,6 +352,7 @@ impl Shared {
     /// Revocation: give the revoked partitions' windows the grace period to drain, and store their final offsets,
     /// which librdkafka commits right after this callback returns.
     fn revoke(&self, consumer: &BaseConsumer<MountContext>, partitions: &TopicPartitionList) {
+        let lost = consumer.assignment_lost();
         let revoked: Vec<Lane> = {
             let mut lanes = self.lanes();
             let mut revoked = Vec::new();
@@ -357,6 +371,20 @@ impl Shared {
             }
             revoked
         };
+        if lost {
+            // The group gave these partitions to another member already (this one was paused, or cut off, past its
+            // session): nothing more of theirs runs here and nothing is stored; their new owner redelivers what was
+            // not committed.
+            for lane in &revoked {
+                lane.part.cancel.cancel();
+                lane.part.abort.cancel();
+                self.release(lane);
+            }
+            metrics::counter!("aura360_kafka_partitions_lost_total").increment(revoked.len() as u64);
+            tracing::warn!(partitions = revoked.len(),
+                "partitions lost (this member's session expired): their in-flight events are given up uncommitted");
+            return;
+        }
         for lane in &revoked {
             lane.part.book().start_drain();
             lane.part.cancel.cancel();
@@ -443,6 +471,7 @@ impl ConsumerContext for MountContext {
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(partitions) => {
+                self.shared.paused.assigned();
                 tracing::info!(partitions = %describe(partitions), "partitions assigned");
                 // A partition paused under a previous assignment starts afresh.
                 if let Err(error) = consumer.resume(partitions) {
@@ -732,6 +761,7 @@ impl Poller {
                     }
                 },
                 _ = tick.tick() => {
+                    self.runners.shared.paused.clear_if_confirmed();
                     let mut lanes = self.runners.shared.lanes();
                     self.store_progress(&mut lanes);
                     let (mut in_flight, mut ahead) = (0, 0);
@@ -971,7 +1001,13 @@ impl RunnerContext {
                     () = part.abort.cancelled() => None,
                 };
                 match slot {
-                    Some(_slot) => self.process(&message, &part).await,
+                    // Once the partition is gone (lost, or the grace period after its revocation is over) an event
+                    // still running is dropped where it is: its outputs would be stale work, its new owner runs it.
+                    Some(_slot) => tokio::select! {
+                        biased;
+                        () = part.abort.cancelled() => Finished::Abandoned,
+                        finished = self.process(&message, &part) => finished,
+                    },
                     None => Finished::Abandoned,
                 }
             };
@@ -1412,5 +1448,93 @@ mod tests {
             (Some(10), 0, 0)
         );
         assert!(book.window.is_empty());
+    }
+}
+
+/// librdkafka's heartbeat interval for a session: its default (3 s), or a third of a shorter session.
+fn heartbeat_interval_ms(session_timeout_ms: u32) -> u32 {
+    (session_timeout_ms / 3).clamp(100, 3_000)
+}
+
+/// What the consumer does about having been paused (see `aura_runtime::fence`).
+///
+/// A stop of more than half the session (`session.timeout.ms`) may have cost the membership: the broker gave the
+/// partitions to the other members, which process what this one had in flight. When such a pause is seen the fence
+/// closes. It opens again once the group has spoken: an assignment after the pause (the partitions that were lost
+/// came first, as a revocation that gave their events up), or two heartbeat intervals with no revocation (librdkafka
+/// sends its overdue heartbeat at once on waking, and a member that is still one hears nothing).
+struct Paused {
+    fence: Fence,
+    limit: Duration,
+    confirm_after: Duration,
+    assignments: AtomicU64,
+    /// The closing to clear: its number, when it was seen and the assignments counted then.
+    pending: Mutex<Option<(u64, Instant, u64)>>,
+}
+
+impl Paused {
+    fn new(fence: Fence, session_timeout_ms: u32) -> Self {
+        let session = Duration::from_millis(u64::from(session_timeout_ms));
+        Self {
+            fence,
+            limit: (session / 2).max(Duration::from_millis(500)),
+            confirm_after: Duration::from_millis(
+                2 * u64::from(heartbeat_interval_ms(session_timeout_ms)) + 500,
+            ),
+            assignments: AtomicU64::new(0),
+            pending: Mutex::new(None),
+        }
+    }
+
+    fn pending(&self) -> MutexGuard<'_, Option<(u64, Instant, u64)>> {
+        // Only plain assignments happen under this lock.
+        self.pending
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Starts the watch thread (it stops when the result is dropped); a failure to start it is logged and the
+    /// consumer runs unfenced.
+    fn watch(&self, shared: &Arc<Shared>) -> Option<PauseWatch> {
+        let weak = Arc::downgrade(shared);
+        let started = PauseWatch::spawn(
+            self.fence.clone(),
+            Duration::from_millis(100),
+            self.limit,
+            move |closing, _| {
+                if let Some(shared) = weak.upgrade() {
+                    let assignments = shared.paused.assignments.load(Ordering::Acquire);
+                    *shared.paused.pending() = Some((closing, Instant::now(), assignments));
+                }
+            },
+        );
+        started
+            .inspect_err(|error| {
+                tracing::warn!(%error, "cannot start the pause watch; a paused consumer is not fenced")
+            })
+            .ok()
+    }
+
+    fn assigned(&self) {
+        self.assignments.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Opens the fence once the group has spoken since the pause (see the type's docs).
+    fn clear_if_confirmed(&self) {
+        let mut pending = self.pending();
+        let Some((closing, seen, assignments)) = *pending else {
+            return;
+        };
+        let reassigned = self.assignments.load(Ordering::Acquire) > assignments;
+        if (reassigned || seen.elapsed() >= self.confirm_after) && self.fence.open_if(closing) {
+            tracing::info!(
+                reassigned,
+                "membership confirmed after the pause: writing again"
+            );
+            *pending = None;
+        } else if self.fence.closing() != closing {
+            // A later pause replaced this one; the watch recorded it.
+            *pending = None;
+        }
     }
 }

@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use aura_events::Event;
 
+use crate::fence::Fence;
 use crate::{
     HandlerContext, HandlerError, Publisher, Registry, RetryPolicy, Route, publish_event_encoded,
 };
@@ -55,6 +56,8 @@ pub struct Dispatcher {
     registry: Arc<Registry>,
     context: HandlerContext,
     publisher: Arc<dyn Publisher>,
+    /// Open unless the process was paused and has not yet cleared what it owns (`crate::fence`).
+    fence: Fence,
 }
 
 impl Dispatcher {
@@ -67,7 +70,14 @@ impl Dispatcher {
             registry,
             context,
             publisher,
+            fence: Fence::new(),
         }
+    }
+
+    /// Starts no handler and publishes nothing while `fence` is closed (a transient failure each time).
+    pub fn fenced(mut self, fence: Fence) -> Self {
+        self.fence = fence;
+        self
     }
 
     /// One attempt: handle the event and publish its outputs.
@@ -142,6 +152,7 @@ impl Dispatcher {
         handler: &dyn crate::Handler,
         event: &Event,
     ) -> Result<usize, HandlerError> {
+        self.fence.check().map_err(HandlerError::Transient)?;
         let mut outputs = handler.handle(event, &self.context).await?;
         derive_identities(event, &mut outputs);
         // Every output must fit before any is sent: a broker would refuse the oversized one only after the others
@@ -160,6 +171,7 @@ impl Dispatcher {
             }
             encoded.push(json);
         }
+        self.fence.check().map_err(HandlerError::Transient)?;
         // All outputs are in flight together and their acknowledgements awaited together: one round trip to the
         // broker per event, not one per output.
         let sent =

@@ -10,6 +10,7 @@
 mod bus;
 mod dispatch;
 pub mod fallback;
+pub mod fence;
 mod handler;
 pub mod observe;
 mod publish;
@@ -24,6 +25,7 @@ pub use dispatch::{
     outcome,
 };
 pub use fallback::FallbackPublisher;
+pub use fence::{Fence, FencedStore, PauseWatch};
 pub use handler::{Handler, HandlerContext, HandlerError};
 pub use observe::{DependencyObserver, ObservedEmbedder, ObservedStore};
 pub use publish::{

@@ -5,6 +5,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Peak resident memory of process `pid` so far (the kernel's `VmHWM`), in bytes; 0 once it has exited.
+#[allow(dead_code)] // not every test binary measures memory
 pub fn peak_rss(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()

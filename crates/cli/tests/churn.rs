@@ -1,0 +1,527 @@
+//! Scale-out through membership churn, with real processes: several `vectordb-consumer`s in one consumer group on
+//! the tests' Apache Kafka broker, several `vectordb-worker`s beside a Python Celery worker on one Redis. Members are
+//! killed (`kill -9`), stopped (SIGTERM), added late, and paused past their session or visibility timeout
+//! (SIGSTOP, then SIGCONT) while events keep arriving; the outcome is counted exactly: every event's point once,
+//! nothing left uncommitted or unacknowledged, nothing dead-lettered, every SIGTERM out with 0 within 10 s, and a
+//! paused member that wakes up writes nothing and commits nothing for work that another member took over.
+//!
+//! Each process has a store directory of its own (embedded Qdrant is one process's); the points are the union of
+//! them, by id. Run through `scripts/test.sh` (`AURA_TEST_KAFKA`, `AURA_TEST_PYTHON`; the Celery tests start their
+//! own redis-server).
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use aura_kafka::rdkafka::consumer::{BaseConsumer, Consumer as _};
+use aura_kafka::rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use aura_runtime::store::{CollectionSpec, Distance, EdgeStore, VectorStore};
+use serde_json::Value;
+
+const USER_TOPIC: &str = "aura360.user.events";
+const CHAIN_TOPICS: [&str; 3] = [
+    USER_TOPIC,
+    "aura360.context.aggregated",
+    "aura360.context.vectorized",
+];
+/// The consumers' session: short, so a dead or paused member is noticed within the test.
+const SESSION_MS: u64 = 6_000;
+const SIGTERM_LIMIT: Duration = Duration::from_secs(10);
+
+fn required_env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!("{name} is not set: run the tests with scripts/test.sh (it starts the broker and the Python venv)")
+    })
+}
+
+fn unique(name: &str) -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{name}-{:x}{:x}", std::process::id(), nanos & 0xff_ffff)
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// One of our processes, with its own log and store directory.
+struct Member {
+    name: String,
+    child: Child,
+    log: PathBuf,
+    store: PathBuf,
+}
+
+impl Member {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn wait_log(&mut self, text: &str, times: usize, limit: Duration) {
+        common::wait_log(&mut self.child, &self.log, text, times, limit);
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(signal)
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {signal} {}", self.name);
+    }
+
+    /// SIGTERM: must exit 0 within [`SIGTERM_LIMIT`].
+    fn terminate(mut self) -> Member {
+        let started = Instant::now();
+        self.signal("-TERM");
+        let status: ExitStatus = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "{} ignored SIGTERM:\n{}",
+                self.name,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let took = started.elapsed();
+        assert!(status.success(), "{} exited {status}:\n{}", self.name, self.log());
+        assert!(
+            took < SIGTERM_LIMIT,
+            "{} took {took:?} to exit on SIGTERM:\n{}",
+            self.name,
+            self.log()
+        );
+        self
+    }
+
+    fn kill_9(mut self) -> Member {
+        self.signal("-KILL");
+        self.child.wait().unwrap();
+        self
+    }
+
+    /// The address of `/health` and `/metrics`, from the start-up log line.
+    fn http_addr(&mut self) -> String {
+        self.wait_log("serving /health and /metrics", 1, Duration::from_secs(60));
+        let log = self.log();
+        let line = log
+            .lines()
+            .find(|l| l.contains("serving /health and /metrics"))
+            .unwrap();
+        let addr = line.split("addr=").nth(1).unwrap();
+        addr.split_whitespace()
+            .next()
+            .unwrap()
+            .trim_matches(|c: char| !c.is_ascii_digit() && c != '.' && c != ':')
+            .to_owned()
+    }
+
+    /// The sum of a counter's samples on `/metrics` (every label set).
+    fn counter(&mut self, name: &str) -> f64 {
+        let addr = self.http_addr();
+        let (_, text) = common::http_get(&addr, "/metrics");
+        text.lines()
+            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+            .filter(|l| l[name.len()..].starts_with([' ', '{']))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The point ids in every store of `members`: (their union, the sum of each store's count).
+fn points(members: &[Member]) -> (HashSet<String>, usize) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _inside = runtime.enter();
+    let mut union = HashSet::new();
+    let mut total = 0;
+    for member in members {
+        if !member.store.join("user_context").exists() {
+            continue;
+        }
+        let spec = CollectionSpec {
+            name: "user_context".into(),
+            dimension: 64,
+            distance: Distance::Cosine,
+        };
+        let store = EdgeStore::open(&member.store, spec).unwrap();
+        let count = runtime.block_on(store.count(None)).unwrap() as usize;
+        let hits = runtime
+            .block_on(store.search(vec![0.125; 64], None, count + 10))
+            .unwrap();
+        assert_eq!(hits.len(), count, "{}: a search for every point", member.name);
+        total += count;
+        union.extend(hits.into_iter().map(|h| h.id));
+    }
+    (union, total)
+}
+
+fn python(args: &[&str], env: &[(&str, String)]) -> String {
+    let scripts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/python");
+    let output = Command::new(required_env("AURA_TEST_PYTHON"))
+        .arg(scripts.join(args[0]))
+        .args(&args[1..])
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "python {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+// ------------------------------------------------------------------------------------------------ Kafka
+
+/// One consumer group's slice of the broker: its topics (by prefix), its group, its processes' directories.
+struct Group {
+    bootstrap: String,
+    prefix: String,
+    group: String,
+    dir: tempfile::TempDir,
+}
+
+impl Group {
+    fn new(name: &str) -> Self {
+        let id = unique(name);
+        let group = Self {
+            bootstrap: required_env("AURA_TEST_KAFKA"),
+            prefix: format!("{id}."),
+            group: id,
+            dir: tempfile::tempdir().unwrap(),
+        };
+        let mut command = Command::new(env!("CARGO_BIN_EXE_vectordb"));
+        group.configure(&mut command, "admin");
+        let output = command.args(["topics", "create", "--json"]).output().unwrap();
+        assert!(
+            output.status.success(),
+            "topics create: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        group
+    }
+
+    fn topic(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+
+    fn configure(&self, command: &mut Command, member: &str) {
+        command
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("KAFKA_BOOTSTRAP_SERVERS", &self.bootstrap)
+            .env("KAFKA_TOPIC_PREFIX", &self.prefix)
+            .env("KAFKA_GROUP_ID", &self.group)
+            .env("KAFKA_SESSION_TIMEOUT_MS", SESSION_MS.to_string())
+            .env("QDRANT_PATH", self.dir.path().join(member).join("qdrant"))
+            .env("DEAD_LETTER_SPOOL_DIR", self.dir.path().join(member).join("spool"))
+            // The broker and the runtime are what is tested, not the model.
+            .env("EMBEDDING_PROVIDER", "hash")
+            .env("EMBEDDING_DIM", "64")
+            .env("RUST_LOG", "info,librdkafka=warn")
+            .env("HTTP_ADDR", "127.0.0.1:0")
+            .env("NO_COLOR", "1")
+            .current_dir(self.dir.path());
+    }
+
+    fn start(&self, name: &str, env: &[(&str, String)]) -> Member {
+        let home = self.dir.path().join(name);
+        std::fs::create_dir_all(&home).unwrap();
+        let log = home.join("process.log");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_vectordb-consumer"));
+        self.configure(&mut command, name);
+        let child = command
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Member {
+            name: name.to_owned(),
+            child,
+            log,
+            store: home.join("qdrant"),
+        }
+    }
+
+    /// `count` mood events of `users` users from the Python producer (snappy batches, as the services send).
+    fn produce(&self, count: usize, users: usize) {
+        let sent = python(
+            &[
+                "produce.py",
+                &self.bootstrap,
+                "moods",
+                &self.topic(USER_TOPIC),
+                &count.to_string(),
+                &users.to_string(),
+            ],
+            &[],
+        );
+        assert_eq!(sent.trim(), count.to_string());
+    }
+
+    /// Per topic of the chain: (committed, end), summed over partitions (never committed counts as 0).
+    fn offsets(&self) -> Vec<(i64, i64)> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("group.id", &self.group)
+            .create()
+            .unwrap();
+        CHAIN_TOPICS
+            .iter()
+            .map(|name| self.topic_offsets(&consumer, &self.topic(name)))
+            .collect()
+    }
+
+    fn topic_offsets(&self, consumer: &BaseConsumer, topic: &str) -> (i64, i64) {
+        let list = partitions(consumer, topic);
+        let committed = consumer
+            .committed_offsets(list, Duration::from_secs(10))
+            .unwrap();
+        let committed = committed
+            .elements()
+            .iter()
+            .filter_map(|e| match e.offset() {
+                Offset::Offset(offset) => Some(offset),
+                _ => None,
+            })
+            .sum();
+        (committed, end_offset(consumer, topic))
+    }
+
+    /// Records in the dead-letter topics of the chain.
+    fn dead_letters(&self) -> i64 {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .create()
+            .unwrap();
+        CHAIN_TOPICS
+            .iter()
+            .map(|name| end_offset(&consumer, &format!("{}.dlq", self.topic(name))))
+            .sum()
+    }
+
+    /// Waits until the whole chain is committed to its end with `inputs` events in: lag 0 on every topic.
+    fn wait_drained(&self, inputs: i64, members: &mut [&mut Member], limit: Duration) {
+        let started = Instant::now();
+        loop {
+            let offsets = self.offsets();
+            if offsets[0].1 == inputs
+                && offsets[1..].iter().all(|(_, end)| *end >= inputs)
+                && offsets.iter().all(|(committed, end)| committed == end)
+            {
+                return;
+            }
+            for member in members.iter_mut() {
+                if let Some(status) = member.child.try_wait().unwrap() {
+                    panic!("{} exited ({status}):\n{}", member.name, member.log());
+                }
+            }
+            if started.elapsed() > limit {
+                let logs: String = members
+                    .iter()
+                    .map(|m| format!("--- {}\n{}", m.name, m.log()))
+                    .collect();
+                panic!("not drained after {limit:?}: (committed, end) {offsets:?}\n{logs}");
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// Every record of `topic` as the Python reader prints it (with its timestamp).
+    fn records(&self, topic: &str) -> Vec<Value> {
+        python(&["read_topic.py", &self.bootstrap, &self.topic(topic)], &[])
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+fn partitions(consumer: &BaseConsumer, topic: &str) -> TopicPartitionList {
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    let mut list = TopicPartitionList::new();
+    for partition in metadata.topics()[0].partitions() {
+        list.add_partition(topic, partition.id());
+    }
+    list
+}
+
+/// A topic's end offsets, summed over its partitions.
+fn end_offset(consumer: &BaseConsumer, topic: &str) -> i64 {
+    partitions(consumer, topic)
+        .elements()
+        .iter()
+        .map(|e| {
+            consumer
+                .fetch_watermarks(topic, e.partition(), Duration::from_secs(10))
+                .unwrap()
+                .1
+        })
+        .sum()
+}
+
+/// A producer thread: `batches` batches of `size` events, one after another, while the test churns the group.
+fn produce_in_background(group: &Group, batches: usize, size: usize) -> std::thread::JoinHandle<()> {
+    let (bootstrap, topic) = (group.bootstrap.clone(), group.topic(USER_TOPIC));
+    std::thread::spawn(move || {
+        for _ in 0..batches {
+            let sent = python(
+                &["produce.py", &bootstrap, "moods", &topic, &size.to_string(), "40"],
+                &[],
+            );
+            assert_eq!(sent.trim(), size.to_string());
+            std::thread::sleep(Duration::from_millis(700));
+        }
+    })
+}
+
+#[test]
+fn consumers_killed_stopped_paused_and_joining_late_leave_every_event_exactly_once() {
+    let group = Group::new("churn");
+    group.produce(2_400, 40);
+    let mut first = group.start("c1", &[]);
+    let mut second = group.start("c2", &[]);
+    let mut third = group.start("c3", &[]);
+    for member in [&mut first, &mut second, &mut third] {
+        member.wait_log("partitions assigned", 1, Duration::from_secs(60));
+    }
+    // Some work committed by the group before the first fault.
+    let started = Instant::now();
+    while group.offsets()[0].0 < 300 {
+        assert!(started.elapsed() < Duration::from_secs(120), "no progress");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // kill -9 while events keep arriving (1,200 more, in batches).
+    let first = first.kill_9();
+    let producer = produce_in_background(&group, 6, 200);
+    // SIGTERM: out with 0 within 10 s, its partitions handed over.
+    let second = second.terminate();
+    // A late joiner.
+    let mut fourth = group.start("c4", &[]);
+    fourth.wait_log("partitions assigned", 1, Duration::from_secs(60));
+    // A pause past the session: the group moves on without it; it wakes up as a zombie.
+    third.signal("-STOP");
+    std::thread::sleep(Duration::from_millis(SESSION_MS + 3_000));
+    third.signal("-CONT");
+    producer.join().unwrap();
+
+    group.wait_drained(3_600, &mut [&mut third, &mut fourth], Duration::from_secs(300));
+    let third = third.terminate();
+    let fourth = fourth.terminate();
+    let members = [first, second, third, fourth];
+    let (union, written) = points(&members);
+    assert_eq!(
+        union.len(),
+        3_600,
+        "every event's point exactly once across the stores ({written} writes in all)"
+    );
+    assert_eq!(group.dead_letters(), 0, "nothing dead-lettered");
+    // The last word on lag: committed == end on every topic of the chain, after every member left.
+    let offsets = group.offsets();
+    assert!(
+        offsets.iter().all(|(committed, end)| committed == end),
+        "{offsets:?}"
+    );
+}
+
+#[test]
+fn a_consumer_paused_past_its_session_writes_and_commits_nothing_of_what_the_group_took_over() {
+    let group = Group::new("zombie");
+    let python_bin = PathBuf::from(required_env("AURA_TEST_PYTHON"));
+    // Embeddings answered after 0–250 ms: the paused member is caught with events in flight.
+    let embedder = common::EmbeddingServer::start_delayed(&python_bin, group.dir.path(), 0, 250);
+    let env = [
+        ("EMBEDDING_PROVIDER", "openai".to_owned()),
+        ("EMBEDDING_URL", embedder.url()),
+        ("EMBEDDING_TIMEOUT_S", "30".to_owned()),
+    ];
+    group.produce(1_500, 30);
+    let mut zombie = group.start("zombie", &env);
+    let mut other = group.start("other", &env);
+    zombie.wait_log("partitions assigned", 1, Duration::from_secs(60));
+    other.wait_log("partitions assigned", 1, Duration::from_secs(60));
+    let zombie_addr = zombie.http_addr();
+    // Paused while it has events in flight.
+    let started = Instant::now();
+    loop {
+        let (_, metrics) = common::http_get(&zombie_addr, "/metrics");
+        let in_flight = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("aura360_kafka_in_flight_events "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if in_flight >= 10.0 && group.offsets()[0].0 >= 100 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the member to pause never had events in flight"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    zombie.signal("-STOP");
+    // The group takes its partitions over once its session expires, and finishes everything.
+    group.wait_drained(1_500, &mut [&mut other], Duration::from_secs(300));
+    let woken_at = now_ms();
+    zombie.signal("-CONT");
+    // It learns that it lost its partitions, rejoins, and only then writes again.
+    zombie.wait_log("partitions lost", 1, Duration::from_secs(60));
+    zombie.wait_log(
+        "membership confirmed after the pause",
+        1,
+        Duration::from_secs(60),
+    );
+    let fenced = zombie.counter("aura360_fenced_writes_total");
+    // A record it had handed to its producer before the pause is delivered when it wakes (its timestamp is from
+    // before): the group handles that duplicate as any redelivery. Then the whole chain is committed to its end
+    // again: a stale commit of the paused member would have moved an offset back.
+    group.wait_drained(1_500, &mut [&mut other, &mut zombie], Duration::from_secs(120));
+    // Nothing it produced after waking: every output of the chain predates the wake-up.
+    for topic in &CHAIN_TOPICS[1..] {
+        let late: Vec<Value> = group
+            .records(topic)
+            .into_iter()
+            .filter(|r| r["timestamp"].as_i64().unwrap() >= woken_at)
+            .collect();
+        assert!(
+            late.is_empty(),
+            "{} records of {topic} written after the paused member woke up (fenced writes: {fenced}), e.g. {:?}",
+            late.len(),
+            late.first()
+        );
+    }
+    assert!(
+        fenced >= 1.0,
+        "the paused member's in-flight events met the fence"
+    );
+    let zombie = zombie.terminate();
+    let other = other.terminate();
+    let (union, _) = points(&[zombie, other]);
+    assert_eq!(union.len(), 1_500);
+    assert_eq!(group.dead_letters(), 0);
+}
