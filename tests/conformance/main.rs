@@ -1,5 +1,5 @@
 //! The conformance suite: one list of scenarios, each written once against the `Mount` harness, run on every mount
-//! — the in-memory bus, the Kafka consumer loop (tansu) and the Celery worker (a `redis-server` of its own).
+//! — the in-memory bus, the Kafka consumer loop (Apache Kafka) and the Celery worker (a `redis-server` of its own).
 //!
 //! A mount that cannot meet a scenario (or a part of one) says so in `Mount::expected_failure`, with the reason;
 //! the scenario still runs everything else it checks. The report — every scenario × mount — is printed and written

@@ -1,5 +1,5 @@
 //! The harness: one trait, three mounts of the standard handlers — the in-memory bus, the Kafka consumer loop
-//! (`run_consumer` against tansu) and the Celery worker (`CeleryWorker` against a `redis-server` of its own).
+//! (`run_consumer` against the tests' Apache Kafka) and the Celery worker (`CeleryWorker` against a `redis-server` of its own).
 //!
 //! Every mount runs the real handlers, dispatcher and store (embedded Qdrant); the scenarios steer the probes in
 //! front of the store, the embedder and the publisher (`probes.rs`). "SIGTERM" is the shutdown future the binaries

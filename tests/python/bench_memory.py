@@ -164,7 +164,7 @@ def main():
     mixed = backlog(args.mixed_events, args.journal_every, 2)
     journal_mb = sum(len(e["data"]["notes"]) for e in mixed if len(e["data"]["notes"]) > 1000) / 1e6
     rows = []
-    for mount, case in (("vectordb-consumer (Kafka, tansu)", kafka_case), ("vectordb-worker (Celery, Redis)", celery_case)):
+    for mount, case in (("vectordb-consumer (Kafka)", kafka_case), ("vectordb-worker (Celery, Redis)", celery_case)):
         for label, events in (("ordinary", ordinary), ("mixed", mixed)):
             peak, seconds = case(args, label, events)
             rows.append((mount, label, len(events), peak, seconds))

@@ -12,7 +12,7 @@ consumer = Consumer({
     "enable.auto.commit": True,
     "enable.auto.offset.store": False,
     "auto.offset.reset": "earliest",
-    "fetch.wait.max.ms": 20,  # as the Rust loops in the benchmark: tansu holds fetches for the full wait
+    "fetch.wait.max.ms": 20,  # as the Rust loops in the benchmark
 })
 consumer.subscribe([topic])
 seen = 0

@@ -642,6 +642,27 @@ impl Broker {
         Ok(restored == 1)
     }
 
+    /// The `tags` no longer in `unacked`: another worker restored them (this one was paused past the visibility
+    /// timeout) and runs them now.
+    pub async fn taken_over(&self, tags: &[String]) -> Result<Vec<String>, TransportError> {
+        let mut gone = Vec::new();
+        for chunk in tags.chunks(1000) {
+            let mut pipe = redis::pipe();
+            for tag in chunk {
+                pipe.hexists(UNACKED, tag);
+            }
+            let present: Vec<bool> = self.link.pipe("check unacked", BOOKKEEPING, &pipe).await?;
+            gone.extend(
+                chunk
+                    .iter()
+                    .zip(present)
+                    .filter(|(_, present)| !present)
+                    .map(|(tag, _)| tag.clone()),
+            );
+        }
+        Ok(gone)
+    }
+
     /// Keeps the messages this worker holds (`tags`) from looking abandoned: their `unacked_index` score becomes
     /// now, so no restorer — ours or a Python worker's — pushes them back while they wait for an eta, a slot or a
     /// result backend. `ZADD XX` never brings back an acknowledged one.

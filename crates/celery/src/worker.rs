@@ -24,7 +24,8 @@ use std::time::{Duration, Instant};
 use aura_runtime::events::{Event, routing};
 use aura_runtime::observe::names;
 use aura_runtime::{
-    DependencyObserver, Dispatcher, Failure, HandlerError, Outcome, Registry, RetryPolicy, Route,
+    DependencyObserver, Dispatcher, Failure, Fence, HandlerError, Outcome, PauseWatch, Registry,
+    RetryPolicy, Route,
 };
 use chrono::Utc;
 use futures::FutureExt as _;
@@ -74,6 +75,10 @@ pub struct WorkerOptions {
     pub eta_max_held: usize,
     /// kombu's `visibility_timeout`: held messages have their `unacked_index` score refreshed well within it.
     pub visibility_timeout: Duration,
+    /// Closed while the worker was paused past half the visibility timeout and has not yet checked which of its
+    /// messages another worker restored: the dispatcher and the store it guards write nothing meanwhile, and the
+    /// committer drops what was taken over (see [`Paused`]).
+    pub fence: Fence,
 }
 
 impl WorkerOptions {
@@ -109,6 +114,7 @@ impl WorkerOptions {
             max_event_bytes: aura_runtime::events::limits::Limits::default().max_event_bytes,
             eta_max_held: 1000,
             visibility_timeout: Duration::from_secs(3600),
+            fence: Fence::new(),
         }
     }
 }
@@ -191,9 +197,85 @@ struct Shared {
     prefetch: Arc<Semaphore>,
     eta_room: Arc<Semaphore>,
     /// Delivery tags this worker holds (fetched, not yet acknowledged or given back): their leases are refreshed.
-    held: Arc<StdMutex<HashSet<String>>>,
+    held: Arc<StdMutex<HeldTags>>,
     /// Foreign tasks met in a row: a queue that only brings those is polled slowly.
     foreign_streak: AtomicU64,
+    paused: Paused,
+}
+
+/// Delivery tags this worker holds, each with the token that stops its task when another worker took it over.
+type HeldTags = std::collections::HashMap<String, CancellationToken>;
+
+/// What the worker does about having been paused (see `aura_runtime::fence`): a stop of more than half the
+/// visibility timeout may have let another worker restore and run the messages this one holds. The fence closes;
+/// the held tags are checked against `unacked`; those gone are *taken over* — the committer drops their results,
+/// outputs and acknowledgements — and the fence opens again.
+#[derive(Clone, Default)]
+struct Paused {
+    fence: Fence,
+    taken_over: Arc<StdMutex<HashSet<String>>>,
+}
+
+impl Paused {
+    /// Whether `tag` was taken over (kept: see [`Paused::take`]).
+    fn is_taken(&self, tag: Option<&str>) -> bool {
+        tag.is_some_and(|tag| {
+            self.taken_over
+                .lock()
+                .map(|set| set.contains(tag))
+                .unwrap_or(false)
+        })
+    }
+
+    /// Whether `tag` was taken over (and forgets it: it is met once).
+    fn take(&self, tag: &str) -> bool {
+        self.taken_over
+            .lock()
+            .map(|mut set| set.remove(tag))
+            .unwrap_or(false)
+    }
+
+    /// Checks the held tags after the pause `closing` until Redis answers, then opens the fence.
+    async fn clear(&self, closing: u64, broker: &Broker, held: &StdMutex<HeldTags>) {
+        loop {
+            let tags: Vec<String> = held
+                .lock()
+                .map(|held| held.keys().cloned().collect())
+                .unwrap_or_default();
+            match broker.taken_over(&tags).await {
+                Ok(gone) => {
+                    if !gone.is_empty() {
+                        tracing::warn!(
+                            taken_over = gone.len(),
+                            held = tags.len(),
+                            "messages this worker held were restored by another worker while it was paused: their results and outputs are dropped here"
+                        );
+                        metrics::counter!("aura360_celery_taken_over_total")
+                            .increment(gone.len() as u64);
+                    }
+                    // A task still running stops where it is; one already finished is dropped by the committer.
+                    if let Ok(held) = held.lock() {
+                        for tag in &gone {
+                            if let Some(stop) = held.get(tag) {
+                                stop.cancel();
+                            }
+                        }
+                    }
+                    if let Ok(mut set) = self.taken_over.lock() {
+                        set.extend(gone);
+                    }
+                    if self.fence.open_if(closing) {
+                        tracing::info!("held messages checked after the pause: writing again");
+                    }
+                    return;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "cannot check the held messages after the pause; writing nothing until Redis answers");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
 }
 
 impl CeleryWorker {
@@ -293,7 +375,7 @@ impl CeleryWorker {
             prefetch,
         ));
         let (commit_tx, commit_rx) = mpsc::channel(4 * prefetch.max(64));
-        let held = Arc::new(StdMutex::new(HashSet::new()));
+        let held = Arc::new(StdMutex::new(HeldTags::new()));
         let shared = Arc::new(Shared {
             broker: broker.clone(),
             results: self.results,
@@ -311,6 +393,10 @@ impl CeleryWorker {
             eta_room: Arc::new(Semaphore::new(options.eta_max_held)),
             held: held.clone(),
             foreign_streak: AtomicU64::new(0),
+            paused: Paused {
+                fence: options.fence.clone(),
+                taken_over: Arc::default(),
+            },
         });
         shared
             .counters
@@ -320,6 +406,20 @@ impl CeleryWorker {
         let background = CancellationToken::new();
         // Cancelled at the shutdown deadline: writes that still wait for Redis give up (their messages stay in
         // `unacked`, restored after the visibility timeout).
+        let paused = shared.paused.clone();
+        let (pause_tx, mut pauses) = mpsc::unbounded_channel();
+        let _pause_watch = PauseWatch::spawn(
+            paused.fence.clone(),
+            Duration::from_millis(100),
+            (options.visibility_timeout / 2).max(Duration::from_millis(500)),
+            move |closing, _| {
+                let _ = pause_tx.send(closing);
+            },
+        )
+        .inspect_err(|error| {
+            tracing::warn!(%error, "cannot start the pause watch; a paused worker is not fenced")
+        })
+        .ok();
         let hard_stop = CancellationToken::new();
         let committer = tokio::spawn(run_committer(
             broker.clone(),
@@ -328,6 +428,7 @@ impl CeleryWorker {
             commit_rx,
             self.observer.clone(),
             hard_stop.clone(),
+            paused.clone(),
         ));
         let mut helpers = JoinSet::new();
         helpers.spawn(serve_control(
@@ -363,6 +464,13 @@ impl CeleryWorker {
             background.clone(),
             move || promote(promote_broker.clone(), queues.clone()),
         ));
+        let (clear_broker, clear_held, clearing) =
+            (broker.clone(), shared.held.clone(), paused.clone());
+        helpers.spawn(async move {
+            while let Some(closing) = pauses.recv().await {
+                clearing.clear(closing, &clear_broker, &clear_held).await;
+            }
+        });
         if let Err(error) = events.send_worker_event("worker-online").await {
             tracing::warn!(%error, "worker-online event");
         }
@@ -423,7 +531,12 @@ impl CeleryWorker {
             match fetched {
                 Ok(messages) => {
                     if let Ok(mut held) = shared.held.lock() {
-                        held.extend(messages.iter().filter_map(|m| m.tag.clone()));
+                        held.extend(
+                            messages
+                                .iter()
+                                .filter_map(|m| m.tag.clone())
+                                .map(|tag| (tag, CancellationToken::new())),
+                        );
                     }
                     for message in messages {
                         let permit = permits.pop();
@@ -595,10 +708,10 @@ async fn restore(broker: Arc<Broker>, counters: Arc<Counters>) {
 }
 
 /// Keeps the leases of held messages fresh (see [`Broker::refresh_leases`]).
-async fn refresh_leases(broker: Arc<Broker>, held: Arc<StdMutex<HashSet<String>>>) {
+async fn refresh_leases(broker: Arc<Broker>, held: Arc<StdMutex<HeldTags>>) {
     let tags: Vec<String> = held
         .lock()
-        .map(|held| held.iter().cloned().collect())
+        .map(|held| held.keys().cloned().collect())
         .unwrap_or_default();
     if tags.is_empty() {
         return;
@@ -781,16 +894,31 @@ async fn process(
     let mut events: Vec<Value> = Vec::new();
     // The event is moved out of the body, not copied: nothing after the handler needs the arguments.
     let args = std::mem::take(&mut message.body.args);
-    let decided = AssertUnwindSafe(decide(
-        shared,
-        &fetched,
-        &message,
-        args,
-        &mut prefetch_slot,
-        &mut events,
-    ))
-    .catch_unwind()
-    .await;
+    let taken_over = shared
+        .held
+        .lock()
+        .ok()
+        .and_then(|held| held.get(&tag).cloned())
+        .unwrap_or_default();
+    let decided = tokio::select! {
+        biased;
+        () = taken_over.cancelled() => {
+            // Another worker restored this message while this one was paused, and runs it: nothing of it here.
+            shared.paused.take(&tag);
+            tracing::warn!(task_id = %message.id, tag = %tag,
+                "dropped: another worker restored this message while this one was paused");
+            return;
+        }
+        decided = AssertUnwindSafe(decide(
+            shared,
+            &fetched,
+            &message,
+            args,
+            &mut prefetch_slot,
+            &mut events,
+        ))
+        .catch_unwind() => decided,
+    };
     let verdict = decided.unwrap_or_else(|panic| {
         let reason = panic
             .downcast_ref::<&str>()
@@ -1439,6 +1567,7 @@ async fn run_committer(
     mut commits: mpsc::Receiver<Commit>,
     observer: Option<Arc<dyn DependencyObserver>>,
     hard_stop: CancellationToken,
+    paused: Paused,
 ) {
     const BATCH: usize = 512;
     const PATIENCE: Patience = Patience::Until(Duration::from_secs(5));
@@ -1457,49 +1586,44 @@ async fn run_committer(
                 Err(_) => break,
             }
         }
-        let results: Vec<TaskResult> = batch.iter_mut().filter_map(|c| c.result.take()).collect();
+        drop_taken_over(&mut batch, &paused, &hard_stop).await;
+        let results: Vec<(Option<String>, TaskResult)> = batch
+            .iter_mut()
+            .filter_map(|c| Some((c.tag.clone(), c.result.take()?)))
+            .collect();
+        // Each attempt leaves out what was taken over since the last one (a retry after a pause included).
         let stored = persist(
             "storing results",
             true,
             &hard_stop,
-            || results_backend.store(&results, PATIENCE),
+            || {
+                let ours: Vec<TaskResult> = results
+                    .iter()
+                    .filter(|(tag, _)| !paused.is_taken(tag.as_deref()))
+                    .map(|(_, result)| result.clone())
+                    .collect();
+                let backend = results_backend.clone();
+                async move { backend.store(&ours, PATIENCE).await }
+            },
             |outcome| report(names::RESULT_BACKEND, outcome),
         )
         .await;
         if stored {
-            let mut pipe = redis::pipe();
-            pipe.atomic();
-            let mut tags = Vec::new();
-            for commit in &batch {
-                for (list, payload) in &commit.pushes {
-                    pipe.lpush(list, payload).ignore();
-                }
-                if let Some(quarantined) = &commit.quarantined {
-                    pipe.cmd("EVAL")
-                        .arg(MOVE_IF_PRESENT)
-                        .arg(2)
-                        .arg(&quarantined.list)
-                        .arg(&quarantined.dead_letter.0)
-                        .arg(&quarantined.raw)
-                        .arg(&quarantined.dead_letter.1)
-                        .ignore();
-                }
-                if let Some(tag) = &commit.tag {
-                    tags.push(tag.as_str());
-                }
-            }
-            if !tags.is_empty() {
-                pipe.zrem(UNACKED_INDEX, &tags).ignore();
-                pipe.hdel(UNACKED, &tags).ignore();
-            }
+            let link = broker.link().clone();
             persist(
                 "acknowledging",
                 false,
                 &hard_stop,
-                || broker.link().pipe::<()>("acknowledge", PATIENCE, &pipe),
+                || {
+                    let pipe = acknowledgement(&batch, &paused);
+                    let link = link.clone();
+                    async move { link.pipe::<()>("acknowledge", PATIENCE, &pipe).await }
+                },
                 |outcome| report(names::BROKER_ACKS, outcome),
             )
             .await;
+            // Paused between the results and the acknowledgement: what was taken over meanwhile wrote nothing.
+            drop_taken_over(&mut batch, &paused, &hard_stop).await;
         }
         let events: Vec<Value> = batch
             .iter_mut()
@@ -1514,6 +1638,59 @@ async fn run_committer(
             let _ = commit.done.send(());
         }
     }
+}
+
+/// The `MULTI` that pushes what `batch` produced and acknowledges its inputs, leaving out the commits of messages
+/// another worker took over.
+fn acknowledgement(batch: &[Commit], paused: &Paused) -> redis::Pipeline {
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    let mut tags = Vec::new();
+    for commit in batch.iter().filter(|c| !paused.is_taken(c.tag.as_deref())) {
+        for (list, payload) in &commit.pushes {
+            pipe.lpush(list, payload).ignore();
+        }
+        if let Some(quarantined) = &commit.quarantined {
+            pipe.cmd("EVAL")
+                .arg(MOVE_IF_PRESENT)
+                .arg(2)
+                .arg(&quarantined.list)
+                .arg(&quarantined.dead_letter.0)
+                .arg(&quarantined.raw)
+                .arg(&quarantined.dead_letter.1)
+                .ignore();
+        }
+        if let Some(tag) = &commit.tag {
+            tags.push(tag.as_str());
+        }
+    }
+    if !tags.is_empty() {
+        pipe.zrem(UNACKED_INDEX, &tags).ignore();
+        pipe.hdel(UNACKED, &tags).ignore();
+    }
+    pipe
+}
+
+/// After a pause, waits until the held messages were checked (the fence opens), then drops from `batch` what another
+/// worker took over meanwhile: nothing of it is written here (no result, no output, no acknowledgement, no event).
+async fn drop_taken_over(batch: &mut Vec<Commit>, paused: &Paused, hard_stop: &CancellationToken) {
+    while paused.fence.is_closed() && !hard_stop.is_cancelled() {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            _ = hard_stop.cancelled() => {}
+        }
+    }
+    let mut kept = Vec::with_capacity(batch.len());
+    for commit in batch.drain(..) {
+        match &commit.tag {
+            Some(tag) if paused.take(tag) => {
+                tracing::warn!(tag = %tag, "dropped: another worker restored this message while this one was paused");
+                let _ = commit.done.send(());
+            }
+            _ => kept.push(commit),
+        }
+    }
+    *batch = kept;
 }
 
 /// Runs `write` until it succeeds while Redis is unreachable (`GaveUp`), or also while it refuses when

@@ -14,7 +14,7 @@
 //! records, each acknowledged by the broker before its task is acknowledged).
 //!
 //! Sizes: `BENCH_PY_TASKS` (mood tasks for Python, default 3000), `BENCH_RUST_TASKS` (default 20000). Needs
-//! `AURA_TEST_PYTHON` (the venv's python) and `redis-server` on PATH; `scripts/bench-celery.sh` starts tansu.
+//! `AURA_TEST_PYTHON` (the venv's python) and `redis-server` on PATH; `scripts/bench-celery.sh` starts the tests' Apache Kafka.
 
 use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
@@ -462,7 +462,7 @@ fn main() {
         );
     } else {
         println!(
-            "kafka mode: skipped (AURA_TEST_KAFKA not set; scripts/bench-celery.sh starts tansu)"
+            "kafka mode: skipped (AURA_TEST_KAFKA not set; scripts/bench-celery.sh starts the broker)"
         );
     }
 }

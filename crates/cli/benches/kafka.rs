@@ -5,7 +5,7 @@
 //!   raw rdkafka `StreamConsumer` loop that stores each offset, and by `run_consumer` with a no-op handler; (b) end to
 //!   end: mood events through all three handlers into the embedded store (every write durable), as a backlog
 //!   (events/s, CPU per event, peak RSS) and paced (produce → point latency, p50/p99).
-//! - **tansu** (`AURA_TEST_KAFKA`, sqlite engine): the honest end-to-end figure on a real Kafka-protocol broker, the
+//! - **Apache Kafka** (`AURA_TEST_KAFKA`, the tests' KRaft broker): the honest end-to-end figure on a real broker, the
 //!   same (b), plus the plain Python confluent-kafka poll loop (`tests/python/consume_bench.py`, `fetch.wait.max.ms`
 //!   20, offsets stored per message) reading the same input topic.
 //!
@@ -112,7 +112,6 @@ fn kafka_settings(bootstrap: &str, prefix: &str, group: &str) -> KafkaSettings {
     settings.bootstrap_servers = bootstrap.to_owned();
     settings.topic_prefix = prefix.to_owned();
     settings.group_id = group.to_owned();
-    // tansu holds every fetch for the full `fetch.wait.max.ms`; Kafka answers as soon as data arrives.
     settings.fetch_wait_max_ms = env_usize("BENCH_FETCH_WAIT_MS", 20) as u32;
     settings
 }
@@ -491,11 +490,11 @@ fn main() {
         drop(cluster);
         match std::env::var("AURA_TEST_KAFKA") {
             Ok(bootstrap) => {
-                println!("tansu (sqlite engine) at {bootstrap}:");
-                chain(&bootstrap, &format!("tansu-{id}"), None, true).await;
+                println!("Apache Kafka at {bootstrap}:");
+                chain(&bootstrap, &format!("kafka-{id}"), None, true).await;
             }
             Err(_) => println!(
-                "tansu: skipped (AURA_TEST_KAFKA not set; scripts/bench-kafka.sh starts it)"
+                "Apache Kafka: skipped (AURA_TEST_KAFKA not set; scripts/bench-kafka.sh starts it)"
             ),
         }
     });

@@ -9,7 +9,7 @@ use aura_celery::{
     Broker, CeleryPublisher, CeleryWorker, ResultBackend, WorkerOptions, WorkerReport,
 };
 use aura_runtime::store::Durability;
-use aura_runtime::{Backend, Dispatcher, Publisher, RetryPolicy, Settings};
+use aura_runtime::{Backend, Dispatcher, FencedStore, Publisher, RetryPolicy, Settings};
 
 use crate::ops::{Ops, celery_probe};
 use crate::publish::with_fallback;
@@ -98,8 +98,12 @@ pub async fn run(
             settings.celery.publish_queue(),
         )),
     };
-    let context = ops.observed(handler_context(&settings, Durability::EveryWrite).await?);
-    let dispatcher = Dispatcher::new(registry.clone(), context, publisher);
+    let mut context = ops.observed(handler_context(&settings, Durability::EveryWrite).await?);
+    // A paused worker writes nothing until it has checked which of its messages another worker took over
+    // (aura_runtime::fence).
+    context.store = Arc::new(FencedStore::new(context.store, options.fence.clone()));
+    let dispatcher =
+        Dispatcher::new(registry.clone(), context, publisher).fenced(options.fence.clone());
     ops.watch(
         &settings,
         vec![celery_probe(

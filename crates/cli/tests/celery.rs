@@ -1385,3 +1385,240 @@ fn the_worker_logs_celery_shaped_lines_and_keeps_them_structured_in_json() {
     );
     json_worker.stop();
 }
+
+/// Each of our workers in the churn tests: a store directory of its own (embedded Qdrant is one process's).
+impl Celery {
+    fn start_member(&self, name: &str, env: &[(&str, &str)]) -> Process {
+        let store = self.dir.path().join(name).join("qdrant");
+        let store = store.to_str().unwrap().to_owned();
+        let mut env = env.to_vec();
+        env.push(("QDRANT_PATH", &store));
+        self.start_worker(name, &env)
+    }
+
+    /// Messages waiting on `queue` at any priority (kombu keeps one list per priority step).
+    fn waiting(&self, queue: &str) -> i64 {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{queue}*"))
+            .query(&mut self.conn())
+            .unwrap();
+        keys.iter()
+            .filter(|k| *k == queue || k.starts_with(&format!("{queue}\x06\x16")))
+            .map(|k| self.int(&["LLEN", k]))
+            .sum()
+    }
+
+    /// Done: `results` tasks stored as SUCCESS, nothing waiting on `queues` at any priority, nothing unacknowledged.
+    fn done(&self, results: usize, queues: &[&str]) -> bool {
+        self.result_states().get("SUCCESS").copied().unwrap_or(0) == results
+            && queues.iter().all(|q| self.waiting(q) == 0)
+            && self.int(&["HLEN", "unacked"]) == 0
+    }
+
+    /// The union of the point ids in the stores of `members` (every one stopped).
+    fn member_points(&self, members: &[&str]) -> HashSet<String> {
+        let roots: Vec<PathBuf> = members
+            .iter()
+            .map(|m| self.dir.path().join(m).join("qdrant"))
+            .collect();
+        let roots: Vec<&Path> = roots.iter().map(PathBuf::as_path).collect();
+        common::points_in_stores(&roots, 64).0
+    }
+}
+
+impl Process {
+    /// SIGTERM: must exit 0 within 10 s.
+    fn stop_within_ten_seconds(self, name: &str) {
+        let (status, took, log) = self.stop();
+        assert!(status.success(), "{name} exited {status}:\n{log}");
+        assert!(
+            took < Duration::from_secs(10),
+            "{name} took {took:?}:\n{log}"
+        );
+    }
+}
+
+#[test]
+fn workers_killed_stopped_paused_and_joining_late_beside_a_python_worker_run_every_task() {
+    const VISIBILITY: &str = "6";
+    let celery = Celery::private();
+    // The Python services' own worker on the same Redis (its queue `celery`, the same visibility timeout): kombu's
+    // `unacked` hash and its restore are shared by every worker on the server.
+    let mut python =
+        celery.start_python_worker("python", "celery", &[("VISIBILITY_TIMEOUT", VISIBILITY)]);
+    python.wait_log("ready", 1, Duration::from_secs(60));
+    // Embeddings answered after 0–100 ms: a worker always holds messages mid-task when it is killed or paused.
+    let embedder = common::EmbeddingServer::start_delayed(&python_bin(), celery.dir.path(), 0, 100);
+    let url = embedder.url();
+    let env = [
+        ("CELERY_VISIBILITY_TIMEOUT", VISIBILITY),
+        ("CELERY_CONCURRENCY", "8"),
+        ("EMBEDDING_PROVIDER", "openai"),
+        ("EMBEDDING_URL", url.as_str()),
+        ("EMBEDDING_TIMEOUT_S", "30"),
+    ];
+    let first_batch = celery.client(&["send", "--count", "600"]);
+    let foreign = celery.client(&["foreign", "--count", "40"]);
+    let mut first = celery.start_member("w1", &env);
+    let mut second = celery.start_member("w2", &env);
+    let mut third = celery.start_member("w3", &env);
+    for worker in [&mut first, &mut second, &mut third] {
+        worker.wait_log("succeeded in", 5, Duration::from_secs(60));
+    }
+
+    // kill -9 while it holds messages; they stay in `unacked` until a worker restores them.
+    first.kill();
+    assert!(
+        celery.int(&["HLEN", "unacked"]) > 0,
+        "nothing held when killed"
+    );
+    // More tasks arrive while the membership churns.
+    let late_batch = celery.client(&["send", "--count", "300"]);
+    second.stop_within_ten_seconds("w2");
+    let mut fourth = celery.start_member("w4", &env);
+    fourth.wait_log("ready.", 1, Duration::from_secs(60));
+    // Paused past the visibility timeout: what it holds is restored and run by the others.
+    third.signal("-STOP");
+    std::thread::sleep(Duration::from_secs(10));
+    third.signal("-CONT");
+
+    // Every task's result readable by AsyncResult, nothing left on a queue or unacknowledged, no dead letter.
+    celery.await_success(&first_batch, "300");
+    celery.await_success(&late_batch, "300");
+    celery.await_success(&foreign, "300");
+    // Every hop of every event (3 × 900 tasks) and the Python app's own tasks: stored as SUCCESS, nothing left.
+    wait_for(
+        "every result stored, every queue and unacked empty",
+        Duration::from_secs(300),
+        || {
+            celery
+                .done(3 * 900 + 40, &["vectordb", "celery"])
+                .then_some(())
+        },
+    );
+    assert_eq!(celery.int(&["ZCARD", "unacked_index"]), 0);
+    assert_eq!(
+        celery.int(&["LLEN", "vectordb.dlq"]),
+        0,
+        "nothing dead-lettered"
+    );
+    let restored: usize = [&third, &fourth]
+        .iter()
+        .map(|w| {
+            w.log()
+                .matches("restored messages left unacknowledged")
+                .count()
+        })
+        .sum::<usize>()
+        + python.log().matches("Restoring").count();
+    assert!(
+        restored > 0,
+        "the killed worker's messages were restored by a live worker"
+    );
+    third.stop_within_ten_seconds("w3");
+    fourth.stop_within_ten_seconds("w4");
+    assert!(python.stop().0.success());
+    let points = celery.member_points(&["w1", "w2", "w3", "w4"]);
+    assert_eq!(
+        points.len(),
+        900,
+        "every event's point exactly once across the stores"
+    );
+}
+
+#[test]
+fn a_worker_paused_past_the_visibility_timeout_writes_no_result_of_what_another_worker_took_over() {
+    const VISIBILITY: &str = "4";
+    let celery = Celery::private();
+    let embedder = common::EmbeddingServer::start_delayed(&python_bin(), celery.dir.path(), 0, 250);
+    let url = embedder.url();
+    let env = [
+        ("CELERY_VISIBILITY_TIMEOUT", VISIBILITY),
+        ("CELERY_CONCURRENCY", "8"),
+        ("EMBEDDING_PROVIDER", "openai"),
+        ("EMBEDDING_URL", url.as_str()),
+        ("EMBEDDING_TIMEOUT_S", "30"),
+    ];
+    let sent = celery.client(&["send", "--count", "300"]);
+    let mut zombie = celery.start_member("zombie", &env);
+    zombie.wait_log("succeeded in", 5, Duration::from_secs(60));
+    zombie.signal("-STOP");
+    let held = celery.int(&["HLEN", "unacked"]);
+    assert!(held > 0, "the paused worker held nothing");
+    let other = celery.start_member("other", &env);
+    celery.await_success(&sent, "300");
+    wait_for("every hop done", Duration::from_secs(300), || {
+        celery.done(3 * 300, &["vectordb"]).then_some(())
+    });
+
+    // Every result written from now on is published on its `celery-task-meta-<id>` channel.
+    let (published_tx, published) = std::sync::mpsc::channel::<String>();
+    let (subscribed_tx, subscribed) = std::sync::mpsc::channel::<()>();
+    let broker = celery.broker();
+    std::thread::spawn(move || {
+        let client = redis::Client::open(broker).unwrap();
+        let mut connection = client.get_connection().unwrap();
+        let mut pubsub = connection.as_pubsub();
+        pubsub.psubscribe("celery-task-meta-*").unwrap();
+        let _ = subscribed_tx.send(());
+        while let Ok(message) = pubsub.get_message() {
+            if published_tx
+                .send(message.get_channel_name().to_owned())
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    subscribed.recv_timeout(Duration::from_secs(10)).unwrap();
+    zombie.signal("-CONT");
+    zombie.wait_log(
+        "held messages checked after the pause",
+        1,
+        Duration::from_secs(60),
+    );
+    let log = zombie.log();
+    let taken_over: usize = log
+        .lines()
+        .find(|l| l.contains("restored by another worker while it was paused"))
+        .and_then(|l| l.split("taken_over=").nth(1))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("the paused worker found nothing taken over:\n{log}"));
+    assert!(taken_over > 0);
+    zombie.wait_log(
+        "dropped: another worker restored this message",
+        1,
+        Duration::from_secs(60),
+    );
+    // Whatever it still ran ends with its exit; then a sentinel closes the publications to look at.
+    zombie.stop_within_ten_seconds("zombie");
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg("celery-task-meta-sentinel")
+        .arg("end")
+        .query(&mut celery.conn())
+        .unwrap();
+    let mut late = Vec::new();
+    loop {
+        let channel = published.recv_timeout(Duration::from_secs(30)).unwrap();
+        if channel == "celery-task-meta-sentinel" {
+            break;
+        }
+        late.push(channel);
+    }
+    assert!(
+        late.is_empty(),
+        "{} results written after the paused worker woke up, e.g. {:?}\n--- zombie\n{}\n--- other\n{}",
+        late.len(),
+        late.first(),
+        std::fs::read_to_string(celery.dir.path().join("zombie.log")).unwrap_or_default(),
+        other.log()
+    );
+    assert!(
+        celery.done(3 * 300, &["vectordb"]),
+        "nothing pushed or left unacknowledged"
+    );
+    assert_eq!(celery.int(&["LLEN", "vectordb.dlq"]), 0);
+    other.stop_within_ten_seconds("other");
+    assert_eq!(celery.member_points(&["zombie", "other"]).len(), 300);
+}

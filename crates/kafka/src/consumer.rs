@@ -39,9 +39,7 @@ use aura_runtime::events::Event;
 use aura_runtime::events::limits::Limits;
 use aura_runtime::observe::names;
 use aura_runtime::settings::{KafkaOrdering, KafkaSettings};
-use aura_runtime::{
-    DependencyObserver, Dispatcher, Fence, Outcome, PauseWatch, Registry, RetryPolicy, Route,
-};
+use aura_runtime::{DependencyObserver, Dispatcher, Fence, Outcome, Registry, RetryPolicy, Route};
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
@@ -51,6 +49,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use crate::pause::Paused;
 use crate::publisher::OutgoingRecord;
 use crate::{ClientError, KafkaPublisher, TopicNames, client_config};
 
@@ -202,9 +201,12 @@ pub async fn run_consumer(
         room: tokio::sync::Notify::new(),
         poller_waits: AtomicBool::new(false),
         in_flight_bytes: AtomicUsize::new(0),
-        paused: Paused::new(options.fence.clone(), settings.session_timeout_ms),
+        paused: Arc::new(Paused::new(
+            options.fence.clone(),
+            settings.session_timeout_ms,
+        )),
     });
-    let _pause_watch = shared.paused.watch(&shared);
+    let _pause_watch = Paused::watch(&shared.paused);
     let consumer: Arc<StreamConsumer<MountContext>> = Arc::new(
         client_config(settings)?
             .set("group.id", &settings.group_id)
@@ -222,7 +224,7 @@ pub async fn run_consumer(
             )
             .set(
                 "heartbeat.interval.ms",
-                heartbeat_interval_ms(settings.session_timeout_ms).to_string(),
+                crate::pause::heartbeat_interval_ms(settings.session_timeout_ms).to_string(),
             )
             .create_with_context(MountContext {
                 shared: shared.clone(),
@@ -325,7 +327,7 @@ struct Shared {
     /// Told when a window falls below half of its bounds while the poller waits for room (`poller_waits`).
     room: tokio::sync::Notify,
     poller_waits: AtomicBool,
-    paused: Paused,
+    paused: Arc<Paused>,
 }
 
 impl Shared {
@@ -380,9 +382,12 @@ impl Shared {
                 lane.part.abort.cancel();
                 self.release(lane);
             }
-            metrics::counter!("aura360_kafka_partitions_lost_total").increment(revoked.len() as u64);
-            tracing::warn!(partitions = revoked.len(),
-                "partitions lost (this member's session expired): their in-flight events are given up uncommitted");
+            metrics::counter!("aura360_kafka_partitions_lost_total")
+                .increment(revoked.len() as u64);
+            tracing::warn!(
+                partitions = revoked.len(),
+                "partitions lost (this member's session expired): their in-flight events are given up uncommitted"
+            );
             return;
         }
         for lane in &revoked {
@@ -1448,93 +1453,5 @@ mod tests {
             (Some(10), 0, 0)
         );
         assert!(book.window.is_empty());
-    }
-}
-
-/// librdkafka's heartbeat interval for a session: its default (3 s), or a third of a shorter session.
-fn heartbeat_interval_ms(session_timeout_ms: u32) -> u32 {
-    (session_timeout_ms / 3).clamp(100, 3_000)
-}
-
-/// What the consumer does about having been paused (see `aura_runtime::fence`).
-///
-/// A stop of more than half the session (`session.timeout.ms`) may have cost the membership: the broker gave the
-/// partitions to the other members, which process what this one had in flight. When such a pause is seen the fence
-/// closes. It opens again once the group has spoken: an assignment after the pause (the partitions that were lost
-/// came first, as a revocation that gave their events up), or two heartbeat intervals with no revocation (librdkafka
-/// sends its overdue heartbeat at once on waking, and a member that is still one hears nothing).
-struct Paused {
-    fence: Fence,
-    limit: Duration,
-    confirm_after: Duration,
-    assignments: AtomicU64,
-    /// The closing to clear: its number, when it was seen and the assignments counted then.
-    pending: Mutex<Option<(u64, Instant, u64)>>,
-}
-
-impl Paused {
-    fn new(fence: Fence, session_timeout_ms: u32) -> Self {
-        let session = Duration::from_millis(u64::from(session_timeout_ms));
-        Self {
-            fence,
-            limit: (session / 2).max(Duration::from_millis(500)),
-            confirm_after: Duration::from_millis(
-                2 * u64::from(heartbeat_interval_ms(session_timeout_ms)) + 500,
-            ),
-            assignments: AtomicU64::new(0),
-            pending: Mutex::new(None),
-        }
-    }
-
-    fn pending(&self) -> MutexGuard<'_, Option<(u64, Instant, u64)>> {
-        // Only plain assignments happen under this lock.
-        self.pending
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Starts the watch thread (it stops when the result is dropped); a failure to start it is logged and the
-    /// consumer runs unfenced.
-    fn watch(&self, shared: &Arc<Shared>) -> Option<PauseWatch> {
-        let weak = Arc::downgrade(shared);
-        let started = PauseWatch::spawn(
-            self.fence.clone(),
-            Duration::from_millis(100),
-            self.limit,
-            move |closing, _| {
-                if let Some(shared) = weak.upgrade() {
-                    let assignments = shared.paused.assignments.load(Ordering::Acquire);
-                    *shared.paused.pending() = Some((closing, Instant::now(), assignments));
-                }
-            },
-        );
-        started
-            .inspect_err(|error| {
-                tracing::warn!(%error, "cannot start the pause watch; a paused consumer is not fenced")
-            })
-            .ok()
-    }
-
-    fn assigned(&self) {
-        self.assignments.fetch_add(1, Ordering::AcqRel);
-    }
-
-    /// Opens the fence once the group has spoken since the pause (see the type's docs).
-    fn clear_if_confirmed(&self) {
-        let mut pending = self.pending();
-        let Some((closing, seen, assignments)) = *pending else {
-            return;
-        };
-        let reassigned = self.assignments.load(Ordering::Acquire) > assignments;
-        if (reassigned || seen.elapsed() >= self.confirm_after) && self.fence.open_if(closing) {
-            tracing::info!(
-                reassigned,
-                "membership confirmed after the pause: writing again"
-            );
-            *pending = None;
-        } else if self.fence.closing() != closing {
-            // A later pause replaced this one; the watch recorded it.
-            *pending = None;
-        }
     }
 }

@@ -13,6 +13,7 @@ mod client;
 pub mod consumer;
 pub mod logs;
 pub mod offsets;
+mod pause;
 mod publisher;
 pub mod topics;
 

@@ -1,4 +1,4 @@
-//! The consumer loop in-process against tansu (`scripts/test.sh` sets `AURA_TEST_KAFKA`): per-key ordering under
+//! The consumer loop in-process against the tests' Apache Kafka (`scripts/test.sh` sets `AURA_TEST_KAFKA`): per-key ordering under
 //! concurrency and transient failures, a crash inside an out-of-order completion window, and a rebalance between
 //! two members of one group.
 

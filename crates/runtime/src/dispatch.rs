@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use aura_events::Event;
 
-use crate::fence::Fence;
+use crate::fence::{FENCE_WAIT, Fence};
 use crate::{
     HandlerContext, HandlerError, Publisher, Registry, RetryPolicy, Route, publish_event_encoded,
 };
@@ -152,7 +152,10 @@ impl Dispatcher {
         handler: &dyn crate::Handler,
         event: &Event,
     ) -> Result<usize, HandlerError> {
-        self.fence.check().map_err(HandlerError::Transient)?;
+        self.fence
+            .wait_open(FENCE_WAIT)
+            .await
+            .map_err(HandlerError::Transient)?;
         let mut outputs = handler.handle(event, &self.context).await?;
         derive_identities(event, &mut outputs);
         // Every output must fit before any is sent: a broker would refuse the oversized one only after the others
@@ -171,7 +174,10 @@ impl Dispatcher {
             }
             encoded.push(json);
         }
-        self.fence.check().map_err(HandlerError::Transient)?;
+        self.fence
+            .wait_open(FENCE_WAIT)
+            .await
+            .map_err(HandlerError::Transient)?;
         // All outputs are in flight together and their acknowledgements awaited together: one round trip to the
         // broker per event, not one per output.
         let sent =

@@ -6,7 +6,8 @@
 //! mount opens it again once it has re-established what it still owns (Kafka: the group told it its assignment, or
 //! a heartbeat round passed without a revocation; Celery: every in-flight message was checked against `unacked`).
 //! While the fence is closed, the dispatcher starts no handler and publishes nothing, and a [`FencedStore`] writes
-//! nothing: each refusal is a transient failure, so the work is retried if it is still ours, and given up if not.
+//! nothing: each waits for the fence to open (at most [`FENCE_WAIT`], then fails transiently), while the mount stops
+//! the work that is no longer its own (Kafka: the lost partition's events; Celery: the restored messages).
 //!
 //! A write already under way when the process was stopped completes when it wakes up: no client-side check can
 //! stop it (docs/design.md §4). Its result is the same point a redelivery writes (point ids are deterministic).
@@ -19,6 +20,10 @@ use async_trait::async_trait;
 use aura_store::{
     CollectionInfo, CollectionSpec, ForeignPoints, Hit, Point, StoreError, VectorStore,
 };
+
+/// How long a write waits for a closed fence before it fails (transiently): clearing takes a heartbeat round or
+/// one Redis round trip; a fence closed longer than this is a member that cannot reach its broker.
+pub const FENCE_WAIT: Duration = Duration::from_secs(30);
 
 /// Open (work may be written) or closed (a pause was detected and not yet cleared). Cheap to clone; every clone is
 /// the same fence.
@@ -37,6 +42,15 @@ struct FenceState {
     closings: AtomicU64,
     refused: AtomicU64,
     reason: Mutex<String>,
+}
+
+impl std::fmt::Debug for Fence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fence")
+            .field("closed", &self.is_closed())
+            .field("closings", &self.closing())
+            .finish()
+    }
 }
 
 impl Default for Fence {
@@ -103,20 +117,46 @@ impl Fence {
         self.0.closed.load(Ordering::Acquire) || self.watch_is_late()
     }
 
-    /// `Err(reason)` while closed (and counted in `aura360_fenced_writes_total`).
+    /// `Err(reason)` while closed (counted in `aura360_fenced_writes_total`).
     pub fn check(&self) -> Result<(), String> {
         if !self.is_closed() {
             return Ok(());
         }
-        self.0.refused.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("aura360_fenced_writes_total").increment(1);
-        Err(format!(
-            "this process was paused and does not yet know what it still owns ({}); the write waits",
-            self.reason_lock()
-        ))
+        self.count_fenced();
+        Err(self.refusal())
     }
 
-    /// Writes refused so far.
+    /// Waits while the fence is closed, at most `limit`; then `Err(reason)` if it is still closed. A write that met
+    /// the fence closed is counted once (`aura360_fenced_writes_total`), however it ends (it may also be dropped
+    /// while it waits, when the mount finds its work taken over).
+    pub async fn wait_open(&self, limit: Duration) -> Result<(), String> {
+        if !self.is_closed() {
+            return Ok(());
+        }
+        self.count_fenced();
+        let started = Instant::now();
+        while self.is_closed() {
+            if started.elapsed() >= limit {
+                return Err(self.refusal());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(())
+    }
+
+    fn count_fenced(&self) {
+        self.0.refused.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("aura360_fenced_writes_total").increment(1);
+    }
+
+    fn refusal(&self) -> String {
+        format!(
+            "this process was paused and does not yet know what it still owns ({})",
+            self.reason_lock()
+        )
+    }
+
+    /// Writes that met the fence closed so far.
     pub fn refused(&self) -> u64 {
         self.0.refused.load(Ordering::Relaxed)
     }
@@ -204,7 +244,10 @@ impl VectorStore for FencedStore {
     }
 
     async fn upsert(&self, points: Vec<Point>) -> Result<(), StoreError> {
-        self.fence.check().map_err(StoreError::Unavailable)?;
+        self.fence
+            .wait_open(FENCE_WAIT)
+            .await
+            .map_err(StoreError::Unavailable)?;
         self.inner.upsert(points).await
     }
 

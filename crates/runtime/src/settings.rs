@@ -195,8 +195,7 @@ pub struct KafkaSettings {
     /// share one cluster. Empty keeps the names of docs/design.md §2 that the Python services use.
     pub topic_prefix: String,
     /// `KAFKA_FETCH_WAIT_MAX_MS` (librdkafka `fetch.wait.max.ms`, default 500): how long a fetch may wait for data.
-    /// Kafka answers as soon as data arrives; brokers that always hold the fetch this long (tansu) add it to every
-    /// hop of the chain, so tests lower it.
+    /// Kafka answers as soon as data arrives; a broker that always holds the fetch this long adds it to every hop.
     pub fetch_wait_max_ms: u32,
     /// `KAFKA_SESSION_TIMEOUT_MS` (librdkafka `session.timeout.ms`, default 45000): how soon the group notices a
     /// member that died without leaving (kill -9) and hands its partitions on.

@@ -179,8 +179,8 @@ impl Drop for RedisServer {
 }
 
 /// Kafka settings of one test against the test broker `AURA_TEST_KAFKA` (`scripts/test.sh` starts it): its own group
-/// and topic prefix (`<name>-<random>`), so tests share the broker in parallel; tansu-friendly timings (a 50 ms fetch
-/// wait, a 6 s session); the defaults otherwise.
+/// and topic prefix (`<name>-<random>`), so tests share the broker in parallel; a 6 s session (a dead member is
+/// noticed within a test) and a 50 ms fetch wait; the defaults otherwise.
 pub fn kafka_settings(name: &str) -> crate::settings::KafkaSettings {
     let bootstrap = std::env::var("AURA_TEST_KAFKA").unwrap_or_else(|_| {
         panic!("AURA_TEST_KAFKA is not set: run the tests with scripts/test.sh")
