@@ -79,7 +79,8 @@ echo "test broker: Apache Kafka at $AURA_TEST_KAFKA" >&2
 # The conformance report (tests/conformance) is printed whatever the outcome: it is what CI shows per mount.
 rm -f target/conformance-report.md
 status=0
-cargo test --workspace --locked "$@" || status=$?
+# --no-fail-fast: every test binary runs (and the report is complete) even when one of them fails.
+cargo test --workspace --locked --no-fail-fast "$@" || status=$?
 if [[ -f target/conformance-report.md ]]; then
     cat target/conformance-report.md
 fi

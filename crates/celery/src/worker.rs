@@ -217,6 +217,13 @@ struct Paused {
 }
 
 impl Paused {
+    /// Returns once no pause is left unchecked (at once, unless the worker was just woken).
+    async fn checked(&self) {
+        while self.fence.is_closed() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Whether `tag` was taken over (kept: see [`Paused::take`]).
     fn is_taken(&self, tag: Option<&str>) -> bool {
         tag.is_some_and(|tag| {
@@ -1597,13 +1604,17 @@ async fn run_committer(
             true,
             &hard_stop,
             || {
-                let ours: Vec<TaskResult> = results
-                    .iter()
-                    .filter(|(tag, _)| !paused.is_taken(tag.as_deref()))
-                    .map(|(_, result)| result.clone())
-                    .collect();
-                let backend = results_backend.clone();
-                async move { backend.store(&ours, PATIENCE).await }
+                let (paused, backend, results) =
+                    (paused.clone(), results_backend.clone(), &results);
+                async move {
+                    paused.checked().await;
+                    let ours: Vec<TaskResult> = results
+                        .iter()
+                        .filter(|(tag, _)| !paused.is_taken(tag.as_deref()))
+                        .map(|(_, result)| result.clone())
+                        .collect();
+                    backend.store(&ours, PATIENCE).await
+                }
             },
             |outcome| report(names::RESULT_BACKEND, outcome),
         )
@@ -1615,9 +1626,12 @@ async fn run_committer(
                 false,
                 &hard_stop,
                 || {
-                    let pipe = acknowledgement(&batch, &paused);
-                    let link = link.clone();
-                    async move { link.pipe::<()>("acknowledge", PATIENCE, &pipe).await }
+                    let (paused, link, batch) = (paused.clone(), link.clone(), &batch);
+                    async move {
+                        paused.checked().await;
+                        let pipe = acknowledgement(batch, &paused);
+                        link.pipe::<()>("acknowledge", PATIENCE, &pipe).await
+                    }
                 },
                 |outcome| report(names::BROKER_ACKS, outcome),
             )
@@ -1674,11 +1688,9 @@ fn acknowledgement(batch: &[Commit], paused: &Paused) -> redis::Pipeline {
 /// After a pause, waits until the held messages were checked (the fence opens), then drops from `batch` what another
 /// worker took over meanwhile: nothing of it is written here (no result, no output, no acknowledgement, no event).
 async fn drop_taken_over(batch: &mut Vec<Commit>, paused: &Paused, hard_stop: &CancellationToken) {
-    while paused.fence.is_closed() && !hard_stop.is_cancelled() {
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
-            _ = hard_stop.cancelled() => {}
-        }
+    tokio::select! {
+        () = paused.checked() => {}
+        () = hard_stop.cancelled() => {}
     }
     let mut kept = Vec::with_capacity(batch.len());
     for commit in batch.drain(..) {

@@ -1408,11 +1408,30 @@ impl Celery {
             .sum()
     }
 
-    /// Done: `results` tasks stored as SUCCESS, nothing waiting on `queues` at any priority, nothing unacknowledged.
+    /// Done: at least `results` tasks stored as SUCCESS (a task a worker ran but could not acknowledge before it
+    /// died runs again, and its follow-up is a new task), nothing waiting on `queues` at any priority, nothing
+    /// unacknowledged — a task's follow-ups are pushed in the `MULTI` that acknowledges it, so this is "no work left".
     fn done(&self, results: usize, queues: &[&str]) -> bool {
-        self.result_states().get("SUCCESS").copied().unwrap_or(0) == results
-            && queues.iter().all(|q| self.waiting(q) == 0)
+        queues.iter().all(|q| self.waiting(q) == 0)
             && self.int(&["HLEN", "unacked"]) == 0
+            && self.result_states().get("SUCCESS").copied().unwrap_or(0) >= results
+    }
+
+    /// Waits until [`Celery::done`] has held for a second.
+    fn wait_done(&self, results: usize, queues: &[&str], limit: Duration) {
+        let mut since: Option<Instant> = None;
+        wait_for(
+            "every result stored, every queue and unacked empty",
+            limit,
+            || {
+                if !self.done(results, queues) {
+                    since = None;
+                    return None;
+                }
+                let first = *since.get_or_insert_with(Instant::now);
+                (first.elapsed() >= Duration::from_secs(1)).then_some(())
+            },
+        );
     }
 
     /// The union of the point ids in the stores of `members` (every one stopped).
@@ -1487,14 +1506,10 @@ fn workers_killed_stopped_paused_and_joining_late_beside_a_python_worker_run_eve
     celery.await_success(&late_batch, "300");
     celery.await_success(&foreign, "300");
     // Every hop of every event (3 × 900 tasks) and the Python app's own tasks: stored as SUCCESS, nothing left.
-    wait_for(
-        "every result stored, every queue and unacked empty",
+    celery.wait_done(
+        3 * 900 + 40,
+        &["vectordb", "celery"],
         Duration::from_secs(300),
-        || {
-            celery
-                .done(3 * 900 + 40, &["vectordb", "celery"])
-                .then_some(())
-        },
     );
     assert_eq!(celery.int(&["ZCARD", "unacked_index"]), 0);
     assert_eq!(
@@ -1547,9 +1562,7 @@ fn a_worker_paused_past_the_visibility_timeout_writes_no_result_of_what_another_
     assert!(held > 0, "the paused worker held nothing");
     let other = celery.start_member("other", &env);
     celery.await_success(&sent, "300");
-    wait_for("every hop done", Duration::from_secs(300), || {
-        celery.done(3 * 300, &["vectordb"]).then_some(())
-    });
+    celery.wait_done(3 * 300, &["vectordb"], Duration::from_secs(300));
 
     // Every result written from now on is published on its `celery-task-meta-<id>` channel.
     let (published_tx, published) = std::sync::mpsc::channel::<String>();

@@ -1,0 +1,158 @@
+"""Throughput as processes are added (BENCHMARKS.md, "Scale-out"): one backlog worked off by 1, 2 and 3
+vectordb-consumers in one consumer group, and by 1 and 2 vectordb-workers on one Redis.
+
+    bench_scale.py BIN_DIR BOOTSTRAP REDIS_URL [--events N] [--consumers 1,2,3] [--workers 1,2]
+
+The hash embedder (EMBEDDING_PROVIDER=hash): the broker and the runtime are measured, not the model. Each process
+has its own embedded store (embedded Qdrant is one process's). For each count, a fresh backlog of N mood events is
+written first (Kafka: a confluent-kafka producer into new topics of 3 partitions; Celery: `vectordb publish` into a
+fresh database), then the processes start together; the time runs from their start until the whole chain is done
+(Kafka: every topic committed to its end; Celery: 3N results stored, the queue and `unacked` empty). Also counted:
+assignments logged by the consumers (a rebalance storm would show here). Prints a Markdown table.
+"""
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+import redis
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_memory import TOPICS, backlog  # noqa: E402
+
+
+def start(command, env, count, name):
+    processes = []
+    for i in range(count):
+        log = tempfile.NamedTemporaryFile(prefix=f"bench-scale-{name}-{i}-", suffix=".log", delete=False)
+        member_env = dict(env, QDRANT_PATH=tempfile.mkdtemp(prefix="bench-scale-qdrant-"),
+                          CELERY_WORKER_NAME=f"{name}-{i}@bench")
+        processes.append((subprocess.Popen(command, env=member_env, stdout=subprocess.DEVNULL, stderr=log), log))
+    return processes
+
+
+def stop(processes):
+    for process, _ in processes:
+        process.send_signal(signal.SIGTERM)
+    for process, _ in processes:
+        process.wait(timeout=60)
+
+
+def wait(processes, done, limit=1800):
+    started = time.time()
+    while not done():
+        for process, log in processes:
+            if process.poll() is not None:
+                sys.exit(f"a process exited {process.returncode}: {open(log.name).read()[-3000:]}")
+        if time.time() - started > limit:
+            sys.exit(f"not done after {limit} s")
+        time.sleep(0.25)
+
+
+def kafka_run(args, count, events):
+    prefix = f"bench-scale-{count}-{uuid.uuid4().hex[:8]}."
+    group = prefix + "group"
+    env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=args.bootstrap, KAFKA_TOPIC_PREFIX=prefix, KAFKA_GROUP_ID=group,
+               MESSAGING_BACKEND="kafka", HTTP_ADDR="127.0.0.1:0", EMBEDDING_PROVIDER="hash", RUST_LOG="info")
+    subprocess.run([os.path.join(args.bin_dir, "vectordb"), "topics", "create", "--json"], env=env, check=True,
+                   stdout=subprocess.DEVNULL)
+    producer = Producer({"bootstrap.servers": args.bootstrap, "enable.idempotence": True, "acks": "all",
+                         "compression.type": "snappy", "linger.ms": 5})
+    for event in events:
+        while True:
+            try:
+                producer.produce(prefix + TOPICS[0], key=event["user_id"], value=json.dumps(event),
+                                 headers={"event_type": event["event_type"], "event_id": event["event_id"]})
+                break
+            except BufferError:
+                producer.poll(0.1)
+    producer.flush(120)
+    watcher = Consumer({"bootstrap.servers": args.bootstrap, "group.id": group, "enable.auto.commit": False})
+
+    def done():
+        ends = committed = 0
+        try:
+            for topic in TOPICS:
+                parts = [TopicPartition(prefix + topic, p) for p in range(3)]
+                for tp in watcher.committed(parts, timeout=30):
+                    committed += max(tp.offset, 0)
+                for p in range(3):
+                    ends += watcher.get_watermark_offsets(TopicPartition(prefix + topic, p), timeout=30)[1]
+        except KafkaException:
+            return False
+        return committed == ends and ends >= 3 * len(events)
+
+    started = time.time()
+    processes = start([os.path.join(args.bin_dir, "vectordb-consumer")], env, count, "consumer")
+    wait(processes, done)
+    elapsed = time.time() - started
+    stop(processes)
+    watcher.close()
+    assignments = sum(open(log.name).read().count("partitions assigned") for _, log in processes)
+    return elapsed, assignments
+
+
+def celery_run(args, count, events):
+    db = args.redis_db
+    args.redis_db += 1
+    url = f"{args.redis}/{db}"
+    client = redis.Redis.from_url(url)
+    client.flushdb()  # the benchmark's own redis-server, never a shared one
+    env = dict(os.environ, BROKER_URL=url, RESULT_BACKEND=url, MESSAGING_BACKEND="celery", HTTP_ADDR="127.0.0.1:0",
+               EMBEDDING_PROVIDER="hash", RUST_LOG="warn", CELERY_TASK_EVENTS="false")
+    with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as handle:
+        for event in events:
+            handle.write(json.dumps(event) + "\n")
+    subprocess.run([os.path.join(args.bin_dir, "vectordb"), "publish", "--events", handle.name, "--json"], env=env,
+                   check=True, stdout=subprocess.DEVNULL)
+    os.unlink(handle.name)
+
+    def done():
+        if client.hlen("unacked") or any(client.llen(k) for k in client.scan_iter(b"vectordb*")
+                                         if client.type(k) == b"list" and not k.endswith(b".dlq")):
+            return False
+        return sum(1 for _ in client.scan_iter(b"celery-task-meta-*", count=10_000)) >= 3 * len(events)
+
+    started = time.time()
+    processes = start([os.path.join(args.bin_dir, "vectordb-worker")], env, count, "worker")
+    wait(processes, done)
+    elapsed = time.time() - started
+    stop(processes)
+    return elapsed, 0
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("bin_dir")
+    parser.add_argument("bootstrap")
+    parser.add_argument("redis")
+    parser.add_argument("--events", type=int, default=6_000)
+    parser.add_argument("--consumers", default="1,2,3")
+    parser.add_argument("--workers", default="1,2")
+    args = parser.parse_args()
+    args.redis_db = 0
+    rows = []
+    for mount, run, counts in (("vectordb-consumer (Kafka)", kafka_run, args.consumers),
+                               ("vectordb-worker (Celery)", celery_run, args.workers)):
+        for count in (int(c) for c in counts.split(",") if c):
+            events = backlog(args.events, 0, count)
+            elapsed, assignments = run(args, count, events)
+            rows.append((mount, count, len(events), elapsed, assignments))
+            print(f"{mount} x{count}: {len(events) / elapsed:.0f} events/s ({elapsed:.1f} s)", file=sys.stderr,
+                  flush=True)
+    print(f"Backlog: {args.events} mood events through all three hops (hash embedder, 3 partitions per topic).\n")
+    print("| processes | count | events/s | time to drain | assignments logged |")
+    print("|---|---:|---:|---:|---:|")
+    for mount, count, total, elapsed, assignments in rows:
+        shown = str(assignments) if mount.startswith("vectordb-consumer") else "-"
+        print(f"| {mount} | {count} | {total / elapsed:.0f} | {elapsed:.1f} s | {shown} |")
+
+
+if __name__ == "__main__":
+    main()
