@@ -408,7 +408,8 @@ fn a_consumer_killed_mid_stream_resumes_and_every_event_becomes_exactly_its_poin
     loop {
         let ahead = gauge(&addr, "aura360_kafka_finished_ahead_events");
         ahead_seen = f64::max(ahead_seen, ahead);
-        if ahead > 0.0 && kafka.offsets(USER_TOPIC).0 >= 300 {
+        // The second hop (the one that embeds) is where events are slow and finish out of order.
+        if ahead > 0.0 && kafka.offsets(AGGREGATED_TOPIC).0 >= 300 {
             break;
         }
         assert!(
@@ -419,10 +420,10 @@ fn a_consumer_killed_mid_stream_resumes_and_every_event_becomes_exactly_its_poin
         std::thread::sleep(Duration::from_millis(20));
     }
     consumer.kill_9();
-    let (committed, end) = kafka.offsets(USER_TOPIC);
+    let offsets: Vec<(i64, i64)> = ALL_TOPICS.iter().map(|t| kafka.offsets(t)).collect();
     assert!(
-        committed < end,
-        "killed too late to prove anything: {committed}/{end}"
+        offsets.iter().any(|(committed, end)| committed < end) || offsets[2].1 < 2_000,
+        "killed too late to prove anything: {offsets:?}"
     );
     let mut consumer = kafka.start_consumer_assigned(&env);
     kafka.wait_drained(&mut consumer, 2_000);
