@@ -80,8 +80,8 @@ def main():
     args = parser.parse_args()
     run = uuid.uuid4().hex[:8]
     topic, group, partitions = f"churn-{run}", f"churn-{run}", 3
-    AdminClient({"bootstrap.servers": args.bootstrap}).create_topics(
-        [NewTopic(topic, partitions, 1)])[topic].result(30)
+    admin = AdminClient({"bootstrap.servers": args.bootstrap})
+    admin.create_topics([NewTopic(topic, partitions, 1)])[topic].result(30)
     produce(args.bootstrap, topic, args.messages)
     print(f"topic {topic}: {partitions} partitions, {args.messages} messages; group {group}", flush=True)
 

@@ -83,26 +83,24 @@ def run(command, env, done, limit=1800):
     return peak / 1024, elapsed
 
 
-def kafka_case(args, name, events):
-    prefix = f"bench-mem-{name}-{uuid.uuid4().hex[:8]}."
-    group = prefix + "group"
-    env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=args.bootstrap, KAFKA_TOPIC_PREFIX=prefix, KAFKA_GROUP_ID=group,
-               KAFKA_FETCH_WAIT_MAX_MS="20", MESSAGING_BACKEND="kafka", HTTP_ADDR="127.0.0.1:0",
-               QDRANT_PATH=tempfile.mkdtemp(prefix="bench-mem-qdrant-"), RUST_LOG="warn")
-    subprocess.run([os.path.join(args.bin_dir, "vectordb"), "topics", "create", "--json"], env=env, check=True,
-                   stdout=subprocess.DEVNULL)
-    producer = Producer({"bootstrap.servers": args.bootstrap, "enable.idempotence": True, "acks": "all",
-                         "compression.type": "lz4", "linger.ms": 5})
+def produce_backlog(bootstrap, topic, events, compression="lz4"):
+    """The backlog on `topic`, as the services' confluent-kafka producer sends it."""
+    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all",
+                         "compression.type": compression, "linger.ms": 5})
     for event in events:
         while True:
             try:
-                producer.produce(prefix + TOPICS[0], key=event["user_id"], value=json.dumps(event),
+                producer.produce(topic, key=event["user_id"], value=json.dumps(event),
                                  headers={"event_type": event["event_type"], "event_id": event["event_id"]})
                 break
             except BufferError:
                 producer.poll(0.1)
     producer.flush(120)
-    watcher = Consumer({"bootstrap.servers": args.bootstrap, "group.id": group, "enable.auto.commit": False})
+
+
+def chain_drained(bootstrap, group, prefix, count):
+    """A check (and the consumer it asks with): the whole chain of `count` events committed to its end."""
+    watcher = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
 
     def done():
         ends = committed = 0
@@ -115,8 +113,31 @@ def kafka_case(args, name, events):
                     ends += watcher.get_watermark_offsets(TopicPartition(prefix + topic, p), timeout=30)[1]
         except KafkaException:  # a busy broker: ask again next time
             return False
-        return committed == ends and ends >= 3 * len(events)
+        return committed == ends and ends >= 3 * count
 
+    return done, watcher
+
+
+def publish_tasks(bin_dir, env, events):
+    """The backlog as Celery tasks (`vectordb publish` writes what `send_task` writes)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as handle:
+        for event in events:
+            handle.write(json.dumps(event) + "\n")
+    subprocess.run([os.path.join(bin_dir, "vectordb"), "publish", "--events", handle.name, "--json"], env=env,
+                   check=True, stdout=subprocess.DEVNULL)
+    os.unlink(handle.name)
+
+
+def kafka_case(args, name, events):
+    prefix = f"bench-mem-{name}-{uuid.uuid4().hex[:8]}."
+    group = prefix + "group"
+    env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=args.bootstrap, KAFKA_TOPIC_PREFIX=prefix, KAFKA_GROUP_ID=group,
+               KAFKA_FETCH_WAIT_MAX_MS="20", MESSAGING_BACKEND="kafka", HTTP_ADDR="127.0.0.1:0",
+               QDRANT_PATH=tempfile.mkdtemp(prefix="bench-mem-qdrant-"), RUST_LOG="warn")
+    subprocess.run([os.path.join(args.bin_dir, "vectordb"), "topics", "create", "--json"], env=env, check=True,
+                   stdout=subprocess.DEVNULL)
+    produce_backlog(args.bootstrap, prefix + TOPICS[0], events)
+    done, watcher = chain_drained(args.bootstrap, group, prefix, len(events))
     peak, seconds = run([os.path.join(args.bin_dir, "vectordb-consumer")], env, done)
     watcher.close()
     return peak, seconds
@@ -131,12 +152,7 @@ def celery_case(args, name, events):
     env = dict(os.environ, BROKER_URL=url, RESULT_BACKEND=url, MESSAGING_BACKEND="celery", HTTP_ADDR="127.0.0.1:0",
                QDRANT_PATH=tempfile.mkdtemp(prefix="bench-mem-qdrant-"), RUST_LOG="warn",
                CELERY_TASK_EVENTS="false")
-    with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as handle:
-        for event in events:
-            handle.write(json.dumps(event) + "\n")
-    subprocess.run([os.path.join(args.bin_dir, "vectordb"), "publish", "--events", handle.name, "--json"], env=env,
-                   check=True, stdout=subprocess.DEVNULL)
-    os.unlink(handle.name)
+    publish_tasks(args.bin_dir, env, events)
     idle_since = [None]
 
     def done():

@@ -11,7 +11,6 @@ fresh database), then the processes start together; the time runs from their sta
 assignments logged by the consumers (a rebalance storm would show here). Prints a Markdown table.
 """
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -21,10 +20,9 @@ import time
 import uuid
 
 import redis
-from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_memory import TOPICS, backlog  # noqa: E402
+from bench_memory import TOPICS, backlog, chain_drained, produce_backlog, publish_tasks  # noqa: E402
 
 
 def start(command, env, count, name):
@@ -62,31 +60,8 @@ def kafka_run(args, count, events):
                MESSAGING_BACKEND="kafka", HTTP_ADDR="127.0.0.1:0", EMBEDDING_PROVIDER="hash", RUST_LOG="info")
     subprocess.run([os.path.join(args.bin_dir, "vectordb"), "topics", "create", "--json"], env=env, check=True,
                    stdout=subprocess.DEVNULL)
-    producer = Producer({"bootstrap.servers": args.bootstrap, "enable.idempotence": True, "acks": "all",
-                         "compression.type": "snappy", "linger.ms": 5})
-    for event in events:
-        while True:
-            try:
-                producer.produce(prefix + TOPICS[0], key=event["user_id"], value=json.dumps(event),
-                                 headers={"event_type": event["event_type"], "event_id": event["event_id"]})
-                break
-            except BufferError:
-                producer.poll(0.1)
-    producer.flush(120)
-    watcher = Consumer({"bootstrap.servers": args.bootstrap, "group.id": group, "enable.auto.commit": False})
-
-    def done():
-        ends = committed = 0
-        try:
-            for topic in TOPICS:
-                parts = [TopicPartition(prefix + topic, p) for p in range(3)]
-                for tp in watcher.committed(parts, timeout=30):
-                    committed += max(tp.offset, 0)
-                for p in range(3):
-                    ends += watcher.get_watermark_offsets(TopicPartition(prefix + topic, p), timeout=30)[1]
-        except KafkaException:
-            return False
-        return committed == ends and ends >= 3 * len(events)
+    produce_backlog(args.bootstrap, prefix + TOPICS[0], events, compression="snappy")
+    done, watcher = chain_drained(args.bootstrap, group, prefix, len(events))
 
     started = time.time()
     processes = start([os.path.join(args.bin_dir, "vectordb-consumer")], env, count, "consumer")
@@ -106,12 +81,7 @@ def celery_run(args, count, events):
     client.flushdb()  # the benchmark's own redis-server, never a shared one
     env = dict(os.environ, BROKER_URL=url, RESULT_BACKEND=url, MESSAGING_BACKEND="celery", HTTP_ADDR="127.0.0.1:0",
                EMBEDDING_PROVIDER="hash", RUST_LOG="warn", CELERY_TASK_EVENTS="false")
-    with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as handle:
-        for event in events:
-            handle.write(json.dumps(event) + "\n")
-    subprocess.run([os.path.join(args.bin_dir, "vectordb"), "publish", "--events", handle.name, "--json"], env=env,
-                   check=True, stdout=subprocess.DEVNULL)
-    os.unlink(handle.name)
+    publish_tasks(args.bin_dir, env, events)
 
     def done():
         if client.hlen("unacked") or any(client.llen(k) for k in client.scan_iter(b"vectordb*")

@@ -1457,6 +1457,17 @@ impl Process {
     }
 }
 
+/// A churn member's settings: the visibility timeout, 8 slots, embeddings from the delayed server at `url`.
+fn member_env<'a>(visibility: &'a str, url: &'a str) -> [(&'static str, &'a str); 5] {
+    [
+        ("CELERY_VISIBILITY_TIMEOUT", visibility),
+        ("CELERY_CONCURRENCY", "8"),
+        ("EMBEDDING_PROVIDER", "openai"),
+        ("EMBEDDING_URL", url),
+        ("EMBEDDING_TIMEOUT_S", "30"),
+    ]
+}
+
 #[test]
 fn workers_killed_stopped_paused_and_joining_late_beside_a_python_worker_run_every_task() {
     const VISIBILITY: &str = "6";
@@ -1469,13 +1480,7 @@ fn workers_killed_stopped_paused_and_joining_late_beside_a_python_worker_run_eve
     // Embeddings answered after 0–100 ms: a worker always holds messages mid-task when it is killed or paused.
     let embedder = common::EmbeddingServer::start_delayed(&python_bin(), celery.dir.path(), 0, 100);
     let url = embedder.url();
-    let env = [
-        ("CELERY_VISIBILITY_TIMEOUT", VISIBILITY),
-        ("CELERY_CONCURRENCY", "8"),
-        ("EMBEDDING_PROVIDER", "openai"),
-        ("EMBEDDING_URL", url.as_str()),
-        ("EMBEDDING_TIMEOUT_S", "30"),
-    ];
+    let env = member_env(VISIBILITY, &url);
     let first_batch = celery.client(&["send", "--count", "600"]);
     let foreign = celery.client(&["foreign", "--count", "40"]);
     let mut first = celery.start_member("w1", &env);
@@ -1547,13 +1552,7 @@ fn a_worker_paused_past_the_visibility_timeout_writes_no_result_of_what_another_
     let celery = Celery::private();
     let embedder = common::EmbeddingServer::start_delayed(&python_bin(), celery.dir.path(), 0, 250);
     let url = embedder.url();
-    let env = [
-        ("CELERY_VISIBILITY_TIMEOUT", VISIBILITY),
-        ("CELERY_CONCURRENCY", "8"),
-        ("EMBEDDING_PROVIDER", "openai"),
-        ("EMBEDDING_URL", url.as_str()),
-        ("EMBEDDING_TIMEOUT_S", "30"),
-    ];
+    let env = member_env(VISIBILITY, &url);
     let sent = celery.client(&["send", "--count", "300"]);
     let mut zombie = celery.start_member("zombie", &env);
     zombie.wait_log("succeeded in", 5, Duration::from_secs(60));
