@@ -398,13 +398,31 @@ fn produce_in_background(
 
 #[test]
 fn consumers_killed_stopped_paused_and_joining_late_leave_every_event_exactly_once() {
-    let group = Group::new("churn");
+    churn("churn", "range,roundrobin");
+}
+
+#[test]
+fn the_same_churn_with_cooperative_rebalancing_leaves_every_event_exactly_once() {
+    churn("coop", "cooperative-sticky");
+}
+
+/// Three consumers on a backlog; kill -9, SIGTERM, a late joiner, a pause past the session, while events arrive.
+fn churn(name: &str, strategy: &str) {
+    let group = Group::new(name);
+    let env = [("KAFKA_PARTITION_ASSIGNMENT_STRATEGY", strategy.to_owned())];
     group.produce(2_400, 40);
-    let mut first = group.start("c1", &[]);
-    let mut second = group.start("c2", &[]);
-    let mut third = group.start("c3", &[]);
+    let mut first = group.start("c1", &env);
+    let mut second = group.start("c2", &env);
+    let mut third = group.start("c3", &env);
+    // librdkafka names the protocol it runs: eager for range/roundrobin, cooperative for cooperative-sticky.
+    let protocol = if strategy == "cooperative-sticky" {
+        "protocol=\"cooperative\""
+    } else {
+        "protocol=\"eager\""
+    };
     for member in [&mut first, &mut second, &mut third] {
         member.wait_log("partitions assigned", 1, Duration::from_secs(60));
+        member.wait_log(protocol, 1, Duration::from_secs(10));
     }
     // Some work committed by the group before the first fault.
     let started = Instant::now();
@@ -419,7 +437,7 @@ fn consumers_killed_stopped_paused_and_joining_late_leave_every_event_exactly_on
     // SIGTERM: out with 0 within 10 s, its partitions handed over.
     let second = second.terminate();
     // A late joiner.
-    let mut fourth = group.start("c4", &[]);
+    let mut fourth = group.start("c4", &env);
     fourth.wait_log("partitions assigned", 1, Duration::from_secs(60));
     // A pause past the session: the group moves on without it; it wakes up as a zombie.
     third.signal("-STOP");

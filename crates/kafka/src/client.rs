@@ -65,6 +65,7 @@ mod tests {
             topic_prefix: String::new(),
             fetch_wait_max_ms: 500,
             session_timeout_ms: 45_000,
+            assignment_strategy: "range,roundrobin".into(),
             drain_to_celery: true,
             dead_letter_spool_dir: "data/dead-letters".into(),
             message_max_bytes: 1_000_000,

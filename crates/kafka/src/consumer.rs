@@ -223,6 +223,10 @@ pub async fn run_consumer(
                 settings.session_timeout_ms.to_string(),
             )
             .set(
+                "partition.assignment.strategy",
+                &settings.assignment_strategy,
+            )
+            .set(
                 "heartbeat.interval.ms",
                 crate::pause::heartbeat_interval_ms(settings.session_timeout_ms).to_string(),
             )
@@ -477,7 +481,12 @@ impl ConsumerContext for MountContext {
         match rebalance {
             Rebalance::Assign(partitions) => {
                 self.shared.paused.assigned();
-                tracing::info!(partitions = %describe(partitions), "partitions assigned");
+                let protocol = match consumer.rebalance_protocol() {
+                    rdkafka::consumer::RebalanceProtocol::Cooperative => "cooperative",
+                    rdkafka::consumer::RebalanceProtocol::Eager => "eager",
+                    rdkafka::consumer::RebalanceProtocol::None => "none",
+                };
+                tracing::info!(partitions = %describe(partitions), protocol, "partitions assigned");
                 // A partition paused under a previous assignment starts afresh.
                 if let Err(error) = consumer.resume(partitions) {
                     tracing::debug!(%error, "resume after assignment");

@@ -200,6 +200,11 @@ pub struct KafkaSettings {
     /// `KAFKA_SESSION_TIMEOUT_MS` (librdkafka `session.timeout.ms`, default 45000): how soon the group notices a
     /// member that died without leaving (kill -9) and hands its partitions on.
     pub session_timeout_ms: u32,
+    /// `KAFKA_PARTITION_ASSIGNMENT_STRATEGY` (librdkafka `partition.assignment.strategy`, default
+    /// `range,roundrobin`, its own default): eager (`range`, `roundrobin`: every member gives up its partitions at
+    /// each rebalance) or `cooperative-sticky` (only the partitions that move are revoked). Every member of a group
+    /// must share one protocol: change it with all consumers stopped (or through a group of the new kind).
+    pub assignment_strategy: String,
     /// `KAFKA_DRAIN_TO_CELERY` (default true): with `MESSAGING_BACKEND=celery`, `vectordb-consumer` forwards every
     /// event on its topics beyond the group's committed offsets as a Celery task and commits — a rollback to Celery
     /// loses nothing that was still in Kafka.
@@ -646,6 +651,17 @@ impl Layers {
                 topic_prefix: self.text("kafka_topic_prefix").unwrap_or_default(),
                 fetch_wait_max_ms: self.number("kafka_fetch_wait_max_ms", 1)?,
                 session_timeout_ms: self.number("kafka_session_timeout_ms", 1)?,
+                assignment_strategy: self
+                    .choice(
+                        "kafka_partition_assignment_strategy",
+                        &[
+                            ("range,roundrobin", "range,roundrobin"),
+                            ("range", "range"),
+                            ("roundrobin", "roundrobin"),
+                            ("cooperative-sticky", "cooperative-sticky"),
+                        ],
+                    )?
+                    .to_owned(),
                 drain_to_celery: self.flag("kafka_drain_to_celery")?,
                 dead_letter_spool_dir: PathBuf::from(self.required("dead_letter_spool_dir")?),
                 message_max_bytes: self.number("kafka_message_max_bytes", 1000)?,

@@ -196,6 +196,7 @@ pub fn kafka_settings(name: &str) -> crate::settings::KafkaSettings {
         topic_prefix: format!("{name}-{}.", &id[..8]),
         fetch_wait_max_ms: 50,
         session_timeout_ms: 6_000,
+        assignment_strategy: "range,roundrobin".into(),
         drain_to_celery: true,
         dead_letter_spool_dir: std::env::temp_dir().join(format!("aura-dead-letters-{id}")),
         message_max_bytes: 1_000_000,
