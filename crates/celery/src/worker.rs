@@ -224,6 +224,14 @@ impl Paused {
         }
     }
 
+    /// Whether any message was taken over and not yet met (one lock, for the common answer: no).
+    fn any_taken(&self) -> bool {
+        self.taken_over
+            .lock()
+            .map(|set| !set.is_empty())
+            .unwrap_or(false)
+    }
+
     /// Whether `tag` was taken over (kept: see [`Paused::take`]).
     fn is_taken(&self, tag: Option<&str>) -> bool {
         tag.is_some_and(|tag| {
@@ -1594,24 +1602,36 @@ async fn run_committer(
             }
         }
         drop_taken_over(&mut batch, &paused, &hard_stop).await;
-        let results: Vec<(Option<String>, TaskResult)> = batch
+        // The results, and for each the commit (in `batch`) whose input it answers.
+        let (owners, results): (Vec<usize>, Vec<TaskResult>) = batch
             .iter_mut()
-            .filter_map(|c| Some((c.tag.clone(), c.result.take()?)))
-            .collect();
-        // Each attempt leaves out what was taken over since the last one (a retry after a pause included).
+            .enumerate()
+            .filter_map(|(i, c)| Some((i, c.result.take()?)))
+            .unzip();
+        // Each attempt leaves out what was taken over since the last one (a retry after a pause included); while
+        // nothing was, the batch's results go as they are.
         let stored = persist(
             "storing results",
             true,
             &hard_stop,
             || {
-                let (paused, backend, results) =
-                    (paused.clone(), results_backend.clone(), &results);
+                let (paused, backend, results, owners, batch) = (
+                    paused.clone(),
+                    results_backend.clone(),
+                    &results,
+                    &owners,
+                    &batch,
+                );
                 async move {
                     paused.checked().await;
+                    if !paused.any_taken() {
+                        return backend.store(results, PATIENCE).await;
+                    }
                     let ours: Vec<TaskResult> = results
                         .iter()
-                        .filter(|(tag, _)| !paused.is_taken(tag.as_deref()))
-                        .map(|(_, result)| result.clone())
+                        .zip(owners)
+                        .filter(|(_, i)| !paused.is_taken(batch[**i].tag.as_deref()))
+                        .map(|(result, _)| result.clone())
                         .collect();
                     backend.store(&ours, PATIENCE).await
                 }
@@ -1660,7 +1680,11 @@ fn acknowledgement(batch: &[Commit], paused: &Paused) -> redis::Pipeline {
     let mut pipe = redis::pipe();
     pipe.atomic();
     let mut tags = Vec::new();
-    for commit in batch.iter().filter(|c| !paused.is_taken(c.tag.as_deref())) {
+    let any_taken = paused.any_taken();
+    for commit in batch
+        .iter()
+        .filter(|c| !any_taken || !paused.is_taken(c.tag.as_deref()))
+    {
         for (list, payload) in &commit.pushes {
             pipe.lpush(list, payload).ignore();
         }

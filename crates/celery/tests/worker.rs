@@ -293,8 +293,8 @@ async fn conn(url: &str) -> redis::aio::MultiplexedConnection {
         .unwrap()
 }
 
-/// Defect 2: a panic inside a task was swallowed by the task set — no result, no dead letter, and the message was
-/// restored after every visibility timeout, forever.
+/// A panic inside a task ends it as a failure with a dead letter (not a silent loss that the visibility-timeout
+/// restore would bring back forever).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_handler_fails_its_task_with_a_dead_letter_and_the_worker_goes_on() {
     let harness = Harness::start(0, Duration::ZERO, |_| {}).await;
@@ -328,7 +328,7 @@ async fn a_panicking_handler_fails_its_task_with_a_dead_letter_and_the_worker_go
     assert_eq!((report.failed, report.succeeded), (1, 1), "{report:?}");
 }
 
-/// Defect 7: `expires` was checked only before the eta wait, so a task that expired meanwhile still ran.
+/// `expires` is checked after the eta wait too: a task that expired meanwhile is revoked, not run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_that_expires_while_it_waits_for_its_eta_is_revoked_not_run() {
     let harness = Harness::start(0, Duration::ZERO, |_| {}).await;
@@ -346,8 +346,8 @@ async fn a_task_that_expires_while_it_waits_for_its_eta_is_revoked_not_run() {
     assert_eq!(report.revoked, 1);
 }
 
-/// Defect 7: the restorer read the first 1,000 expired entries only, so 1,000 unreadable ones (left in place for a
-/// person to look at) hid every readable entry behind them for good.
+/// The restorer reads past unreadable `unacked` entries (left in place for a person to look at): a thousand of them
+/// do not hide the readable entries behind them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_restorer_is_not_stalled_by_a_thousand_unreadable_unacked_entries() {
     let server = RedisServer::start();

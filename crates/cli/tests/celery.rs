@@ -979,9 +979,10 @@ impl Celery {
     }
 }
 
-// ---- Issue 11: the Celery worker under hostile conditions. Each test below failed on the code before the fix. ----
+// ---- The Celery worker under hostile conditions: Redis refusing or gone, extreme input, a stalled result backend ----
 
-/// Defect 1: the fetch popped a message and then registered it in `unacked`; a registration Redis refused lost it.
+/// A fetch registers a message in `unacked` in the same step that takes it off its queue: a registration Redis
+/// refuses leaves the message on its queue.
 #[test]
 fn a_message_redis_refuses_to_register_stays_on_its_queue_and_none_is_lost() {
     let celery = Celery::private();
@@ -1015,7 +1016,7 @@ fn a_message_redis_refuses_to_register_stays_on_its_queue_and_none_is_lost() {
     assert!(status.success(), "{log}");
 }
 
-/// Defect 2 and the first "must show": extreme headers and payloads from Python Celery, among good tasks.
+/// Extreme headers and payloads from Python Celery, among good tasks: every task ends in a terminal state.
 #[test]
 fn python_sending_legal_but_extreme_headers_and_payloads_gets_a_terminal_state_for_every_task() {
     let celery = Celery::private();
@@ -1082,7 +1083,7 @@ fn python_sending_legal_but_extreme_headers_and_payloads_gets_a_terminal_state_f
     assert!(!log.contains("panicked"), "{log}");
 }
 
-/// Defect 3: SIGTERM while Redis is down hung (the fetch retried forever, never raced against shutdown).
+/// The fetch's retries race against shutdown: SIGTERM while Redis is down exits in time.
 #[test]
 fn sigterm_while_redis_is_down_exits_within_10_seconds_and_loses_nothing() {
     let mut server = RedisServer::durable();
@@ -1123,8 +1124,8 @@ fn sigterm_while_redis_is_down_exits_within_10_seconds_and_loses_nothing() {
     assert!(status.success(), "{log}");
 }
 
-/// Defect 4: a finished task gave its prefetch permit back before its result and ack were written, so a result
-/// backend that does not answer let the worker take the whole queue.
+/// A task keeps its prefetch permit until its result and acknowledgement are written: a result backend that does
+/// not answer holds the worker at its prefetch instead of letting it take the whole queue.
 #[test]
 fn with_the_result_backend_down_the_worker_holds_no_more_than_its_prefetch() {
     let celery = Celery::private();
@@ -1180,8 +1181,8 @@ fn with_the_result_backend_down_the_worker_holds_no_more_than_its_prefetch() {
     assert!(status.success(), "{log}");
 }
 
-/// Defect 5: a task waiting for an eta beyond the visibility timeout was restored by other workers while ours still
-/// held it, so it ran once per copy; and scheduled tasks piled up in memory without bound.
+/// A task waiting for an eta beyond the visibility timeout keeps its lease (no other worker restores it, so it runs
+/// once), and scheduled tasks beyond `CELERY_ETA_MAX_HELD` wait in Redis, not in memory.
 #[test]
 fn a_countdown_longer_than_the_visibility_timeout_runs_once_and_what_does_not_fit_waits_in_redis() {
     let celery = Celery::private();
@@ -1240,7 +1241,7 @@ fn a_countdown_longer_than_the_visibility_timeout_runs_once_and_what_does_not_fi
     }
 }
 
-/// Defect 6: restore pushed to the routing key instead of the queues bound to the message's exchange.
+/// Restore pushes a message to the queues bound to its exchange, not to its routing key.
 #[test]
 fn a_killed_python_workers_task_on_a_named_exchange_is_restored_to_its_bound_queue() {
     let celery = Celery::private();
@@ -1501,11 +1502,9 @@ fn workers_killed_stopped_paused_and_joining_late_beside_a_python_worker_run_eve
     second.stop_within_ten_seconds("w2");
     let mut fourth = celery.start_member("w4", &env);
     fourth.wait_log("ready.", 1, Duration::from_secs(60));
-    // Paused past the visibility timeout: what it holds is restored and run by the others.
+    // Paused until the others have done everything, what it held included (restored once the visibility timeout
+    // passed); then it wakes up and finds it taken over.
     third.signal("-STOP");
-    std::thread::sleep(Duration::from_secs(10));
-    third.signal("-CONT");
-
     // Every task's result readable by AsyncResult, nothing left on a queue or unacknowledged, no dead letter.
     celery.await_success(&first_batch, "300");
     celery.await_success(&late_batch, "300");
@@ -1515,6 +1514,17 @@ fn workers_killed_stopped_paused_and_joining_late_beside_a_python_worker_run_eve
         3 * 900 + 40,
         &["vectordb", "celery"],
         Duration::from_secs(300),
+    );
+    third.signal("-CONT");
+    third.wait_log(
+        "held messages checked after the pause",
+        1,
+        Duration::from_secs(60),
+    );
+    celery.wait_done(
+        3 * 900 + 40,
+        &["vectordb", "celery"],
+        Duration::from_secs(60),
     );
     assert_eq!(celery.int(&["ZCARD", "unacked_index"]), 0);
     assert_eq!(

@@ -439,11 +439,13 @@ fn churn(name: &str, strategy: &str) {
     // A late joiner.
     let mut fourth = group.start("c4", &env);
     fourth.wait_log("partitions assigned", 1, Duration::from_secs(60));
-    // A pause past the session: the group moves on without it; it wakes up as a zombie.
+    // A pause past the session: it stays stopped until the group has moved on without it and finished everything
+    // (its partitions were taken over once its session expired); then it wakes up as a zombie.
     third.signal("-STOP");
-    std::thread::sleep(Duration::from_millis(SESSION_MS + 3_000));
-    third.signal("-CONT");
     producer.join().unwrap();
+    group.wait_drained(3_600, &mut [&mut fourth], Duration::from_secs(300));
+    third.signal("-CONT");
+    third.wait_log("partitions lost", 1, Duration::from_secs(60));
 
     group.wait_drained(
         3_600,

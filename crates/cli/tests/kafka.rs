@@ -1937,7 +1937,7 @@ fn a_full_disk_under_the_embedded_store_is_retried_reported_and_loses_nothing() 
     assert_eq!(stats["points"], 100);
 }
 
-// ---- The Python services' publisher (clients/python, issue 14) against our consumer and worker ----
+// ---- The Python services' publisher (clients/python) against our consumer and worker ----
 
 impl Scenario {
     /// `python -m aura360_events FILE` (the package's source tree, as installed) with `env`: its JSON summary.
@@ -2073,7 +2073,7 @@ fn the_python_publisher_falls_back_to_celery_while_the_broker_is_stopped() {
     broker.run("stop");
 }
 
-// ---- Metrics before the first event (issue 15) ----
+// ---- Metrics before the first event ----
 
 #[test]
 fn a_fresh_consumer_and_worker_export_their_counters_at_zero_in_every_mode() {
@@ -2134,7 +2134,7 @@ fn a_fresh_consumer_and_worker_export_their_counters_at_zero_in_every_mode() {
     }
 }
 
-// ---- A real Prometheus (Debian's package; scripts/test.sh installs it) scraping both processes (issue 15) ----
+// ---- A real Prometheus (Debian's package; scripts/test.sh installs it) scraping both processes ----
 
 /// `prometheus` on a free port with its data in `dir`, scraping `targets` every second and evaluating
 /// deploy/prometheus/alerts.yml every second.
