@@ -7,10 +7,13 @@ requested model's dimension (the `dimensions` field, else 64), one per input tex
 to PORT_FILE; prints one line per request to stderr ("503" or "200 N") so a test can count the attempts.
 With MAX_DELAY_MS, each answer with vectors is delayed by 0..MAX_DELAY_MS ms, chosen by the first text's digest (so
 concurrent requests finish out of order, the same way every time).
+While a file PORT_FILE.gate exists, requests are held before they are answered ("held" when one starts waiting,
+"released" when it goes on): a test closes the gate to catch a worker with every task waiting on its embedder.
 """
 import hashlib
 import json
 import math
+import os
 import sys
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -45,6 +48,12 @@ class Handler(BaseHTTPRequestHandler):
             self.send_response(503)
             print("503", file=sys.stderr, flush=True)
         else:
+            gate = port_file + ".gate"
+            if os.path.exists(gate):
+                print("held", file=sys.stderr, flush=True)
+                while os.path.exists(gate):
+                    time.sleep(0.01)
+                print("released", file=sys.stderr, flush=True)
             texts = request.get("input", [])
             if max_delay_ms and texts:
                 digest = hashlib.sha256(str(texts[0]).encode("utf-8", "surrogatepass")).digest()
@@ -66,5 +75,5 @@ class Handler(BaseHTTPRequestHandler):
 server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
 with open(port_file + ".tmp", "w") as handle:
     handle.write(str(server.server_address[1]))
-__import__("os").replace(port_file + ".tmp", port_file)
+os.replace(port_file + ".tmp", port_file)
 server.serve_forever()

@@ -1566,7 +1566,31 @@ fn a_worker_paused_past_the_visibility_timeout_writes_no_result_of_what_another_
     let sent = celery.client(&["send", "--count", "300"]);
     let mut zombie = celery.start_member("zombie", &env);
     zombie.wait_log("succeeded in", 5, Duration::from_secs(60));
+    // Stopped while its tasks wait on the embedder and its committer is idle (every slot held at the gate, or no task
+    // finished for a second since requests were held), so no write is under way at the stop: a write already sent
+    // completes when the process wakes, and no client-side check can stop it (docs/design.md §4).
+    embedder.close_gate();
+    let started = Instant::now();
+    let mut quiet = (0, 0, Instant::now());
+    loop {
+        let (held, finished) = (
+            embedder.held(),
+            zombie.log().matches("succeeded in").count(),
+        );
+        if (held, finished) != (quiet.0, quiet.1) {
+            quiet = (held, finished, Instant::now());
+        }
+        if held >= 8 || (held > 0 && quiet.2.elapsed() >= Duration::from_secs(1)) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the worker never settled with its tasks waiting on the embedder ({held} held)"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     zombie.signal("-STOP");
+    embedder.open_gate();
     let held = celery.int(&["HLEN", "unacked"]);
     assert!(held > 0, "the paused worker held nothing");
     let other = celery.start_member("other", &env);

@@ -76,6 +76,7 @@ pub struct EmbeddingServer {
     child: Child,
     port: u16,
     log: PathBuf,
+    gate: PathBuf,
 }
 
 #[allow(dead_code)]
@@ -114,7 +115,29 @@ impl EmbeddingServer {
             );
             std::thread::sleep(Duration::from_millis(50));
         };
-        Self { child, port, log }
+        let gate = PathBuf::from(format!("{}.gate", port_file.display()));
+        Self {
+            child,
+            port,
+            log,
+            gate,
+        }
+    }
+
+    /// Holds every request from now on (answered once [`EmbeddingServer::open_gate`] is called).
+    pub fn close_gate(&self) {
+        std::fs::write(&self.gate, b"").unwrap();
+    }
+
+    pub fn open_gate(&self) {
+        std::fs::remove_file(&self.gate).unwrap();
+    }
+
+    /// Requests waiting at the closed gate now.
+    pub fn held(&self) -> usize {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let count = |word: &str| log.lines().filter(|l| *l == word).count();
+        count("held") - count("released")
     }
 
     pub fn url(&self) -> String {
@@ -124,8 +147,8 @@ impl EmbeddingServer {
     /// Requests answered 503, and requests answered with vectors.
     pub fn requests(&self) -> (usize, usize) {
         let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let refused = log.lines().filter(|l| l.starts_with("503")).count();
-        (refused, log.lines().count() - refused)
+        let count = |status: &str| log.lines().filter(|l| l.starts_with(status)).count();
+        (count("503"), count("200"))
     }
 }
 
