@@ -286,6 +286,50 @@ fn bad_configuration_fails_start_up_naming_the_variable() {
     );
 }
 
+/// `binary` started like `vectordb` in [`command`]; its exit status and stderr (it must refuse before serving).
+fn refusal(binary: &str, dir: &Path, env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let output = Command::new(binary)
+        .env_clear()
+        .current_dir(dir)
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("QDRANT_PATH", dir.join("qdrant"))
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_processes_refuse_to_start_on_a_misspelt_key_or_backend_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config");
+    std::fs::create_dir(&config).unwrap();
+    std::fs::write(config.join("default.toml"), "celery_concurency = 8\n").unwrap();
+    let config_dir = config.to_str().unwrap();
+    for binary in [
+        env!("CARGO_BIN_EXE_vectordb-worker"),
+        env!("CARGO_BIN_EXE_vectordb-consumer"),
+    ] {
+        let (status, stderr) = refusal(binary, dir.path(), &[("CONFIG_DIR", config_dir)]);
+        assert!(status.is_some_and(|c| c != 0), "{binary} exited {status:?}");
+        assert!(
+            stderr.contains("unknown key `celery_concurency` (did you mean `celery_concurrency`?)"),
+            "{binary}: {stderr}"
+        );
+        let (status, stderr) =
+            refusal(binary, dir.path(), &[("WORKER_MESSAGING_BACKEND", "kafak")]);
+        assert!(status.is_some_and(|c| c != 0), "{binary} exited {status:?}");
+        assert!(
+            stderr.contains("WORKER_MESSAGING_BACKEND=\"kafak\"")
+                && stderr.contains("kafka, celery, disabled"),
+            "{binary}: {stderr}"
+        );
+    }
+}
+
 #[test]
 fn an_existing_collection_of_another_size_is_refused() {
     let dir = tempfile::tempdir().unwrap();
