@@ -1,0 +1,348 @@
+//! Turning a verdict into writes: the result, produced tasks, retries, dead letters and give-backs, handed to
+//! the committer.
+
+use super::*;
+
+/// Turns a verdict into the writes of one commit (or a requeue) and waits until they are done.
+pub(super) async fn write(
+    shared: &Shared,
+    fetched: &Fetched,
+    tag: &str,
+    message: &TaskMessage,
+    verdict: Verdict,
+    mut events: Vec<Value>,
+) {
+    let counters = &shared.counters;
+    let mut pushes = Vec::new();
+    let result = match verdict {
+        Verdict::Requeue => {
+            counters.requeued.fetch_add(1, Ordering::Relaxed);
+            match shared
+                .broker
+                .requeue(tag, &message.envelope, &fetched.queue, REQUEUE_PATIENCE)
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(task_id = %message.id, queue = %fetched.queue, "not started; put back on its queue")
+                }
+                Err(error) => tracing::warn!(task_id = %message.id, %error,
+                    "could not put the task back; it stays in unacked and is restored after the visibility timeout"),
+            }
+            return;
+        }
+        Verdict::Foreign => {
+            give_back(shared, fetched, tag, &message.envelope, &message.task).await;
+            return;
+        }
+        Verdict::Delay { eta } => {
+            let seconds = eta.timestamp_micros() as f64 / 1e6;
+            match shared
+                .broker
+                .delay(tag, &fetched.raw, &fetched.queue, seconds)
+                .await
+            {
+                Ok(_) => {
+                    counters.delayed.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(task_id = %message.id, eta = %iso(eta), queue = %fetched.queue,
+                        "scheduled task moved to the delayed set (CELERY_ETA_MAX_HELD held already)");
+                }
+                Err(error) => tracing::warn!(task_id = %message.id, %error,
+                    "could not move the scheduled task to the delayed set; it stays in unacked and is restored after the visibility timeout"),
+            }
+            return;
+        }
+        Verdict::Park { handler } => {
+            counters.parked.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(task_id = %message.id, handler, "handler disabled: task parked until a worker with it enabled starts");
+            pushes.push((parked_key(&fetched.queue, handler), fetched.raw.clone()));
+            None
+        }
+        Verdict::Revoked { expired } => {
+            counters.revoked.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(task_id = %message.id, expired, "task revoked; not run");
+            events.extend(shared.events.task_revoked(&message.id, expired));
+            Some(task_result(
+                message,
+                results::REVOKED,
+                exception(
+                    "TaskRevokedError",
+                    "celery.exceptions",
+                    if expired { "expired" } else { "revoked" },
+                ),
+                None,
+                Vec::new(),
+            ))
+        }
+        Verdict::Success {
+            result,
+            staged,
+            runtime,
+        } => {
+            counters.succeeded.fetch_add(1, Ordering::Relaxed);
+            // One repr for the log line and the task event (Celery's `resultrepr_maxsize`).
+            let repr = crate::protocol::saferepr(&result, 1024);
+            tracing::info!(task = %message.task, task_id = %message.id, runtime,
+                "Task {}[{}] succeeded in {}s: {repr}", message.task, message.id,
+                aura_runtime::events::pyfmt::float_str(runtime));
+            events.extend(shared.events.task_succeeded(&message.id, &repr, runtime));
+            let follow_ups = follow_ups(message, &result, &fetched.queue, &shared.options.hostname);
+            let children = staged
+                .iter()
+                .chain(&follow_ups)
+                .map(|t| t.id.clone())
+                .collect();
+            for task in staged.into_iter().chain(follow_ups) {
+                pushes.push((
+                    priority_key(&task.queue, task.priority),
+                    task.envelope.to_vec(),
+                ));
+            }
+            Some(task_result(
+                message,
+                results::SUCCESS,
+                result,
+                None,
+                children,
+            ))
+        }
+        Verdict::Retry {
+            error,
+            exception,
+            eta,
+        } => {
+            counters.retried.fetch_add(1, Ordering::Relaxed);
+            let traceback = format!(
+                "Retry in {}s: {error}",
+                (eta - Utc::now()).num_seconds().max(0)
+            );
+            tracing::warn!(task = %message.task, task_id = %message.id, retries = message.retries + 1, eta = %iso(eta),
+                %error, "Task {}[{}] retry: {traceback}", message.task, message.id);
+            events.extend(shared.events.task_retried(
+                &message.id,
+                &format!("Retry({error:?})"),
+                &traceback,
+            ));
+            pushes.push((
+                priority_key(&fetched.queue, message.envelope.priority()),
+                message.retry_envelope(eta).to_vec(),
+            ));
+            Some(task_result(
+                message,
+                results::RETRY,
+                exception,
+                Some(traceback),
+                Vec::new(),
+            ))
+        }
+        Verdict::Fail {
+            handler,
+            error,
+            exception,
+        } => {
+            fail(
+                shared,
+                fetched,
+                Some(message.id.clone()),
+                Some(message.task.clone()),
+                handler,
+                &error,
+                &mut pushes,
+                &mut events,
+            );
+            Some(task_result(
+                message,
+                results::FAILURE,
+                exception,
+                Some(error),
+                Vec::new(),
+            ))
+        }
+    };
+    commit(shared, Some(tag.to_owned()), result, pushes, events).await;
+}
+
+/// How long a fetch under way at shutdown may take to finish (an idle wait is 250 ms; a batch one round trip).
+pub(super) const FETCH_FINISH: Duration = Duration::from_secs(1);
+
+/// How long a message being given back (shutdown, a foreign task) may wait for Redis; after that it stays in
+/// `unacked` for the visibility-timeout restore.
+pub(super) const REQUEUE_PATIENCE: Patience = Patience::Until(Duration::from_secs(2));
+
+/// Another app's task reached this worker (a shared queue, a wrong route): give it back to the list it came from,
+/// at the back, as Celery's `reject(requeue=True)` does — never a result, an event or a dead letter on its behalf.
+pub(super) async fn give_back(
+    shared: &Shared,
+    fetched: &Fetched,
+    tag: &str,
+    envelope: &Envelope,
+    task: &str,
+) {
+    shared.counters.foreign.fetch_add(1, Ordering::Relaxed);
+    metrics::counter!("aura360_celery_foreign_tasks_total", "queue" => fetched.queue.clone())
+        .increment(1);
+    match shared
+        .broker
+        .reject_requeue(tag, envelope, &fetched.key, REQUEUE_PATIENCE)
+        .await
+    {
+        Ok(_) => tracing::warn!(task, queue = %fetched.queue,
+            "a task of another app reached this worker: given back to its queue (route our tasks to a queue of their own: README \"Celery queues\")"),
+        Err(error) => tracing::warn!(task, %error,
+            "could not give a foreign task back; it stays in unacked and is restored after the visibility timeout"),
+    }
+}
+
+/// A registered message whose task could not be read: `FAILURE` (when its id is known), dead letter, acknowledge.
+pub(super) async fn dead_letter_unreadable(
+    shared: &Shared,
+    fetched: &Fetched,
+    tag: &str,
+    task_id: Option<String>,
+    task: Option<String>,
+    error: &MessageError,
+) {
+    let exception = exception_for(error);
+    let error = error.to_string();
+    let mut pushes = Vec::new();
+    let mut events = Vec::new();
+    fail(
+        shared,
+        fetched,
+        task_id.clone(),
+        task,
+        None,
+        &error,
+        &mut pushes,
+        &mut events,
+    );
+    let result = task_id.map(|task_id| TaskResult {
+        task_id,
+        status: results::FAILURE,
+        result: exception,
+        traceback: Some(error),
+        children: Vec::new(),
+        parent_id: None,
+        done: true,
+    });
+    commit(shared, Some(tag.to_owned()), result, pushes, events).await;
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn fail(
+    shared: &Shared,
+    fetched: &Fetched,
+    task_id: Option<String>,
+    task: Option<String>,
+    handler: Option<String>,
+    error: &str,
+    pushes: &mut Vec<(String, Vec<u8>)>,
+    events: &mut Vec<Value>,
+) {
+    shared.counters.failed.fetch_add(1, Ordering::Relaxed);
+    shared
+        .counters
+        .dead_lettered
+        .fetch_add(1, Ordering::Relaxed);
+    let label = handler.clone().unwrap_or_else(|| "decode".into());
+    metrics::counter!("aura360_dead_letters_total", "backend" => "celery", "handler" => label)
+        .increment(1);
+    tracing::error!(task_id = task_id.as_deref().unwrap_or("-"), task = task.as_deref().unwrap_or("-"),
+        queue = %fetched.queue, error, "Task {}[{}] raised unexpected: {error} (dead-lettered)",
+        task.as_deref().unwrap_or("-"), task_id.as_deref().unwrap_or("-"));
+    if let Some(id) = &task_id {
+        events.extend(shared.events.task_failed(id, error, error));
+    }
+    let entry = dead_letter_entry(
+        fetched,
+        task_id.as_deref(),
+        task.as_deref(),
+        error,
+        handler.as_deref(),
+    );
+    pushes.push((dead_letter_key(&fetched.queue), entry));
+}
+
+pub(super) fn task_result(
+    message: &TaskMessage,
+    status: &'static str,
+    result: Value,
+    traceback: Option<String>,
+    children: Vec<String>,
+) -> TaskResult {
+    TaskResult {
+        task_id: message.id.clone(),
+        status,
+        result,
+        traceback,
+        children,
+        parent_id: message.parent_id.clone(),
+        done: true,
+    }
+}
+
+/// A `<queue>.dlq` entry: the reason and the original message, unchanged (push `message` back onto the queue to
+/// replay it).
+pub(super) fn dead_letter_entry(
+    fetched: &Fetched,
+    task_id: Option<&str>,
+    task: Option<&str>,
+    error: &str,
+    handler: Option<&str>,
+) -> Vec<u8> {
+    entry_for(
+        &fetched.queue,
+        &fetched.raw,
+        fetched.tag.as_deref(),
+        task_id,
+        task,
+        error,
+        handler,
+    )
+}
+
+/// The dead letter of a message that is not a readable kombu envelope.
+pub(super) fn unreadable_entry(queue: &str, raw: &[u8]) -> Vec<u8> {
+    let reason = match Envelope::from_slice(raw) {
+        Err(error) => error.to_string(),
+        Ok(_) => "envelope has no properties.delivery_tag".to_owned(),
+    };
+    entry_for(queue, raw, None, None, None, &reason, None)
+}
+
+pub(super) fn entry_for(
+    queue: &str,
+    raw: &[u8],
+    tag: Option<&str>,
+    task_id: Option<&str>,
+    task: Option<&str>,
+    error: &str,
+    handler: Option<&str>,
+) -> Vec<u8> {
+    let mut entry = serde_json::Map::new();
+    entry.insert("task_id".into(), json!(task_id));
+    entry.insert("task".into(), json!(task));
+    entry.insert("queue".into(), json!(queue));
+    entry.insert("handler".into(), json!(handler));
+    entry.insert("error".into(), json!(error));
+    entry.insert("delivery_tag".into(), json!(tag));
+    entry.insert("failed_at".into(), json!(iso(Utc::now())));
+    match std::str::from_utf8(raw) {
+        Ok(text) => entry.insert("message".into(), json!(text)),
+        Err(_) => {
+            use base64::Engine as _;
+            entry.insert(
+                "message_base64".into(),
+                json!(base64::engine::general_purpose::STANDARD.encode(raw)),
+            )
+        }
+    };
+    pyjson::to_vec(&Value::Object(entry))
+}
+
+pub(super) fn exception_for(error: &MessageError) -> Value {
+    let kind = match error {
+        MessageError::UnsupportedContentType(_) => "ContentDisallowed",
+        _ => "DecodeError",
+    };
+    exception(kind, "aura360.errors", &error.to_string())
+}
