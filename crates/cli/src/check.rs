@@ -264,7 +264,7 @@ async fn check_kafka(settings: &Settings) -> Check {
 
 async fn check_redis(name: &str, settings: &Settings) -> Check {
     let target = settings.celery.broker_url.redacted();
-    let broker = match crate::worker::celery_broker(settings) {
+    let broker = match crate::clients::celery_broker(settings) {
         Ok(broker) => broker,
         Err(error) => {
             return failed(

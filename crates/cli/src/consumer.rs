@@ -187,7 +187,7 @@ async fn forward_to_celery(
         .disable(&settings.disabled_handlers)
         .context("DISABLED_HANDLERS")?;
     let registry = Arc::new(registry);
-    let broker = Arc::new(crate::worker::celery_broker(settings)?);
+    let broker = Arc::new(crate::clients::celery_broker(settings)?);
     let publisher = Arc::new(CeleryPublisher::new(
         broker.clone(),
         settings.celery.publish_queue(),
@@ -242,30 +242,4 @@ async fn forward_to_celery(
         tracing::warn!(%error, "producer flush at exit");
     }
     Ok(report)
-}
-
-/// Resolves on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) {
-            (Ok(mut term), Ok(mut int)) => {
-                tokio::select! {
-                    _ = term.recv() => tracing::info!("SIGTERM received"),
-                    _ = int.recv() => tracing::info!("SIGINT received"),
-                }
-            }
-            _ => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
 }

@@ -4,13 +4,16 @@
 //! tests and benchmarks call the same code.
 
 pub mod check;
+pub mod clients;
 pub mod consumer;
+pub mod lag;
 pub mod ops;
 pub mod pipeline;
 pub mod progress;
 pub mod publish;
 pub mod replay;
 pub mod search;
+pub mod signal;
 pub mod worker;
 
 /// Every binary (and the benchmarks and tests that link this crate) allocates with mimalloc: the Kafka consumer's

@@ -1,11 +1,11 @@
-//! `/health`, `/metrics` and the broker probes of both processes, and the backlog report of `vectordb lag`.
+//! `/health`, `/metrics` and the broker probes of both processes (the backlog the sampler reports).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use aura_celery::{Broker, Patience, QueueDepth};
+use aura_celery::{Broker, Patience};
 use aura_kafka::TopicNames;
 use aura_kafka::offsets::{PartitionLag, group_lag};
 use aura_ops::{Backlog, Health, Probe, Sampler};
@@ -13,7 +13,6 @@ use aura_runtime::settings::KafkaSettings;
 use aura_runtime::{
     DependencyObserver, HandlerContext, ObservedEmbedder, ObservedStore, Registry, Settings,
 };
-use serde::Serialize;
 
 /// The process's ops side: metrics recorder, `/health` + `/metrics` on `HTTP_ADDR`, and the broker sampler.
 pub struct Ops {
@@ -199,28 +198,6 @@ impl Probe for KafkaProbe {
     }
 }
 
-fn kafka_backlog(lags: &[PartitionLag]) -> Backlog {
-    let mut waiting: Vec<(String, u64)> = Vec::new();
-    for lag in lags {
-        match waiting.iter_mut().find(|(topic, _)| *topic == lag.topic) {
-            Some((_, total)) => *total += lag.lag,
-            None => waiting.push((lag.topic.clone(), lag.lag)),
-        }
-    }
-    Backlog {
-        backend: "kafka",
-        waiting,
-        partitions: lags
-            .iter()
-            .map(|l| aura_ops::PartitionLag {
-                topic: l.topic.clone(),
-                partition: l.partition,
-                lag: l.lag,
-            })
-            .collect(),
-    }
-}
-
 /// Celery: the depth of the queues (and their dead-letter lists).
 pub struct CeleryProbe {
     pub broker: Arc<Broker>,
@@ -282,134 +259,24 @@ pub fn celery_probe(
     })
 }
 
-/// What `vectordb lag` prints.
-#[derive(Debug, Serialize)]
-pub struct LagReport {
-    pub kafka: Option<KafkaLag>,
-    pub celery: Option<CeleryLag>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct KafkaLag {
-    pub bootstrap_servers: String,
-    pub group: String,
-    pub partitions: Vec<PartitionLag>,
-    pub total_lag: u64,
-    pub missing_topics: Vec<String>,
-    pub error: Option<String>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct CeleryLag {
-    pub broker: String,
-    pub queues: Vec<QueueDepth>,
-    pub error: Option<String>,
-}
-
-impl LagReport {
-    /// Any backend could not be read.
-    pub fn failed(&self) -> bool {
-        self.kafka.as_ref().is_some_and(|k| k.error.is_some())
-            || self.celery.as_ref().is_some_and(|c| c.error.is_some())
-    }
-}
-
-/// Kafka lag of `group` on every aura360 topic (sources and dead letters), and the depth of `CELERY_QUEUES`.
-pub async fn lag_report(
-    settings: &Settings,
-    group: &str,
-    kafka: bool,
-    celery: bool,
-) -> anyhow::Result<LagReport> {
-    let kafka = if kafka {
-        let topics = TopicNames::from_settings(&settings.kafka).all();
-        let mut report = KafkaLag {
-            bootstrap_servers: settings.kafka.bootstrap_servers.clone(),
-            group: group.to_owned(),
-            partitions: Vec::new(),
-            total_lag: 0,
-            missing_topics: Vec::new(),
-            error: None,
-        };
-        match group_lag(&settings.kafka, group, &topics, Duration::from_secs(10)).await {
-            Ok((partitions, missing)) => {
-                report.total_lag = partitions.iter().map(|p| p.lag).sum();
-                report.partitions = partitions;
-                report.missing_topics = missing;
-            }
-            Err(error) => report.error = Some(error.to_string()),
-        }
-        Some(report)
-    } else {
-        None
-    };
-    let celery = if celery {
-        let broker = crate::worker::celery_broker(settings)?;
-        let handlers = crate::standard_registry().names();
-        let mut report = CeleryLag {
-            broker: settings.celery.broker_url.redacted(),
-            queues: Vec::new(),
-            error: None,
-        };
-        for queue in &settings.celery.queues {
-            match broker
-                .depth(queue, &handlers, Patience::Until(Duration::from_secs(5)))
-                .await
-            {
-                Ok(depth) => report.queues.push(depth),
-                Err(error) => {
-                    report.error = Some(error.to_string());
-                    break;
-                }
-            }
-        }
-        Some(report)
-    } else {
-        None
-    };
-    Ok(LagReport { kafka, celery })
-}
-
-/// `vectordb lag` as text.
-pub fn render_lag(report: &LagReport) -> String {
-    let mut out = String::new();
-    if let Some(kafka) = &report.kafka {
-        out.push_str(&format!(
-            "kafka {}  group {}\n",
-            kafka.bootstrap_servers, kafka.group
-        ));
-        if let Some(error) = &kafka.error {
-            out.push_str(&format!("  error: {error}\n"));
-        } else {
-            out.push_str(&format!(
-                "  {:<40} {:>9} {:>12} {:>12} {:>10}\n",
-                "TOPIC", "PARTITION", "COMMITTED", "END", "LAG"
-            ));
-            for p in &kafka.partitions {
-                let committed = p.committed.map_or("-".to_owned(), |c| c.to_string());
-                out.push_str(&format!(
-                    "  {:<40} {:>9} {:>12} {:>12} {:>10}\n",
-                    p.topic, p.partition, committed, p.end, p.lag
-                ));
-            }
-            out.push_str(&format!("  total lag: {}\n", kafka.total_lag));
-            for topic in &kafka.missing_topics {
-                out.push_str(&format!("  missing topic: {topic}\n"));
-            }
+fn kafka_backlog(lags: &[PartitionLag]) -> Backlog {
+    let mut waiting: Vec<(String, u64)> = Vec::new();
+    for lag in lags {
+        match waiting.iter_mut().find(|(topic, _)| *topic == lag.topic) {
+            Some((_, total)) => *total += lag.lag,
+            None => waiting.push((lag.topic.clone(), lag.lag)),
         }
     }
-    if let Some(celery) = &report.celery {
-        out.push_str(&format!("celery {}\n", celery.broker));
-        if let Some(error) = &celery.error {
-            out.push_str(&format!("  error: {error}\n"));
-        }
-        for q in &celery.queues {
-            let parked: u64 = q.parked.values().sum();
-            out.push_str(&format!(
-                "  queue {:<30} waiting {:>8}  dead letters {:>6}  parked {:>6}  delayed {:>6}\n",
-                q.queue, q.waiting, q.dead_letters, parked, q.delayed
-            ));
-        }
+    Backlog {
+        backend: "kafka",
+        waiting,
+        partitions: lags
+            .iter()
+            .map(|l| aura_ops::PartitionLag {
+                topic: l.topic.clone(),
+                partition: l.partition,
+                lag: l.lag,
+            })
+            .collect(),
     }
-    out
 }

@@ -34,7 +34,7 @@ pub fn configured_publisher(settings: &Settings) -> anyhow::Result<Arc<dyn Publi
         )?,
         Backend::Disabled | Backend::Memory => Arc::new(aura_runtime::DisabledPublisher::new()),
         Backend::Celery => Arc::new(aura_celery::CeleryPublisher::new(
-            Arc::new(crate::worker::celery_broker(settings)?),
+            Arc::new(crate::clients::celery_broker(settings)?),
             settings.celery.publish_queue(),
         )),
     })
@@ -50,7 +50,7 @@ pub fn with_fallback(
         return Ok(primary);
     };
     let celery = Arc::new(aura_celery::CeleryPublisher::new(
-        Arc::new(crate::worker::celery_broker(settings)?),
+        Arc::new(crate::clients::celery_broker(settings)?),
         settings.celery.publish_queue(),
     ));
     tracing::info!(

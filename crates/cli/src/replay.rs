@@ -239,7 +239,7 @@ pub async fn replay(
             }
         }
         Target::Celery => {
-            let broker = Arc::new(crate::worker::celery_broker(settings)?);
+            let broker = Arc::new(crate::clients::celery_broker(settings)?);
             let celery = CeleryPublisher::new(broker, settings.celery.publish_queue());
             while let Some((place, item)) = rx.recv().await {
                 summary.read += 1;
@@ -305,7 +305,7 @@ pub async fn replay_celery_dead_letters(
     queue: &str,
     progress: impl FnMut(usize),
 ) -> anyhow::Result<ReplaySummary> {
-    let broker = crate::worker::celery_broker(settings)?;
+    let broker = crate::clients::celery_broker(settings)?;
     let depth = broker
         .depth(
             queue,

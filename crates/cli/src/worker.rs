@@ -5,26 +5,14 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use aura_celery::events::host_name;
-use aura_celery::{
-    Broker, CeleryPublisher, CeleryWorker, ResultBackend, WorkerOptions, WorkerReport,
-};
+use aura_celery::{CeleryPublisher, CeleryWorker, ResultBackend, WorkerOptions, WorkerReport};
 use aura_runtime::store::Durability;
 use aura_runtime::{Backend, Dispatcher, FencedStore, Publisher, RetryPolicy, Settings};
 
+use crate::clients::celery_broker;
 use crate::ops::{Ops, celery_probe};
 use crate::publish::with_fallback;
 use crate::{configured_registry, handler_context};
-
-/// `BROKER_URL` as a kombu Redis broker.
-pub fn celery_broker(settings: &Settings) -> anyhow::Result<Broker> {
-    let url = &settings.celery.broker_url;
-    Broker::open(
-        url.expose(),
-        url.redacted(),
-        settings.celery.visibility_timeout,
-    )
-    .with_context(|| format!("BROKER_URL={url}"))
-}
 
 /// The worker's options from the settings.
 pub fn worker_options(settings: &Settings) -> WorkerOptions {

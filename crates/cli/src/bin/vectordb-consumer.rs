@@ -5,8 +5,9 @@
 
 use std::process::ExitCode;
 
-use aura_cli::consumer::{run, shutdown_signal};
+use aura_cli::consumer::run;
 use aura_cli::init_logging;
+use aura_cli::signal::shutdown_signal;
 use aura_kafka::ConsumerOptions;
 use aura_runtime::Settings;
 use aura_runtime::settings::Process;

@@ -6,7 +6,7 @@
 
 use std::process::ExitCode;
 
-use aura_cli::consumer::shutdown_signal;
+use aura_cli::signal::shutdown_signal;
 use aura_cli::{init_logging, worker};
 use aura_runtime::Settings;
 use aura_runtime::settings::Process;

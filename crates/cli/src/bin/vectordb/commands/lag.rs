@@ -31,11 +31,11 @@ pub async fn run(args: Args, settings: Settings) -> anyhow::Result<ExitCode> {
         (false, false) => (true, true),
         other => other,
     };
-    let report = aura_cli::ops::lag_report(&settings, &group, want_kafka, want_celery).await?;
+    let report = aura_cli::lag::lag_report(&settings, &group, want_kafka, want_celery).await?;
     if json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
-        print!("{}", aura_cli::ops::render_lag(&report));
+        print!("{}", aura_cli::lag::render_lag(&report));
     }
     Ok(if report.failed() {
         ExitCode::FAILURE
