@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The test command (README, .ci/run): everything the tests need, then `cargo test`.
+# The test command (README.md, .ci/run): everything the tests need, then `cargo test`.
 #
 # - a Python venv (.venv) with pinned foreign clients: the tests drive real confluent-kafka, Celery 5.7 and Flower;
 # - Debian's redis-server, installed if missing (the Celery tests start redis-servers of their own on free ports);

@@ -38,7 +38,7 @@ app.conf.update(
     broker_transport_options={"visibility_timeout": int(os.environ.get("VISIBILITY_TIMEOUT", "3600"))},
     worker_prefetch_multiplier=int(os.environ.get("PREFETCH_MULTIPLIER", "4")),
     worker_hijack_root_logger=False,
-    # The vectordb tasks have a queue of their own (README "Celery queues"), as in the Python services.
+    # The vectordb tasks have a queue of their own (docs/celery.md, "Celery queues"), as in the Python services.
     task_routes={"vectosvc.worker.tasks.*": {"queue": "vectordb"}},
 )
 MEDIA_QUEUE = os.environ.get("MEDIA_QUEUE")

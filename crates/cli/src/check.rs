@@ -347,7 +347,7 @@ async fn check_store(settings: &Settings, embedder: Option<&dyn Embedder>) -> Ch
                             models[0]
                         ),
                         "the processes refuse to start on this collection: use another QDRANT_COLLECTION for this \
-                         model and re-embed into it (README, \"Changing the embedding model\"), or set \
+                         model and re-embed into it (docs/embeddings.md, \"Changing the embedding model\"), or set \
                          EMBEDDING_PROVIDER to the model that wrote it",
                     ),
                     (Err(error), _) => failed(

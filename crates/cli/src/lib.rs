@@ -139,7 +139,7 @@ fn foreign_model_message(settings: &Settings, model: &str, foreign: &ForeignPoin
         "collection `{collection}` holds {points} point(s) embedded by {written_by}, but EMBEDDING_PROVIDER={provider} \
          embeds with `{model}`: vectors of different models live in different spaces even at the same size, so \
          searches would mix them. Point QDRANT_COLLECTION at a collection for `{model}` (a new one is created) and \
-         re-embed into it (README, \"Changing the embedding model\"), or set EMBEDDING_PROVIDER back to the model \
+         re-embed into it (docs/embeddings.md, \"Changing the embedding model\"), or set EMBEDDING_PROVIDER back to the model \
          that wrote it.",
         collection = settings.qdrant.collection,
         points = foreign.points,

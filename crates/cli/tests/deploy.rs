@@ -298,7 +298,7 @@ fn each_process_can_be_switched_alone_and_the_fallback_is_off_unless_set() {
 
 #[test]
 fn every_variable_compose_sets_is_documented_and_accepted_by_the_processes() {
-    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let reference = std::fs::read_to_string(root().join("docs/configuration.md")).unwrap();
     for (backend, fallback) in [("kafka", Some("celery")), ("celery", None)] {
         let compose = resolved_compose(&[
             ("MESSAGING_BACKEND", backend),
@@ -309,8 +309,8 @@ fn every_variable_compose_sets_is_documented_and_accepted_by_the_processes() {
             assert_eq!(env["MESSAGING_BACKEND"], backend);
             for key in env.keys() {
                 assert!(
-                    readme.contains(&format!("`{key}`")),
-                    "{process}: {key} is not in the README's table"
+                    reference.contains(&format!("`{key}`")),
+                    "{process}: {key} is not in docs/configuration.md"
                 );
             }
             // The processes read the same settings as `vectordb check`; point the hosts of the compose network at
@@ -466,7 +466,7 @@ fn every_alert_has_a_severity_a_summary_a_runbook_section_and_a_readme_mention()
         .filter_map(|l| l.strip_prefix("### ").or_else(|| l.strip_prefix("## ")))
         .map(anchor)
         .collect();
-    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let reference = std::fs::read_to_string(root().join("docs/observability.md")).unwrap();
     let mut names = Vec::new();
     for group in rules["groups"].as_array().unwrap() {
         for rule in group["rules"].as_array().unwrap() {
@@ -495,8 +495,8 @@ fn every_alert_has_a_severity_a_summary_a_runbook_section_and_a_readme_mention()
                 "{name}: no RUNBOOK section #{target}"
             );
             assert!(
-                readme.contains(&format!("`{name}`")),
-                "{name} is not listed in the README"
+                reference.contains(&format!("`{name}`")),
+                "{name} is not listed in docs/observability.md"
             );
             names.push(name);
         }
@@ -527,22 +527,41 @@ fn every_alert_has_a_severity_a_summary_a_runbook_section_and_a_readme_mention()
     }
 }
 
+/// Every Markdown document of the repository (not the build's or the venv's).
+fn documents() -> Vec<PathBuf> {
+    let mut docs = vec![
+        root().join("README.md"),
+        root().join("RUNBOOK.md"),
+        root().join("BENCHMARKS.md"),
+        root().join("clients/python/README.md"),
+    ];
+    let mut pages: Vec<PathBuf> = std::fs::read_dir(root().join("docs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "md"))
+        .collect();
+    pages.sort();
+    docs.extend(pages);
+    docs
+}
+
 #[test]
-fn the_readme_and_docs_link_only_to_files_inside_the_repository() {
-    for doc in [
-        "README.md",
-        "RUNBOOK.md",
-        "docs/design.md",
-        "clients/python/README.md",
-        "BENCHMARKS.md",
-    ] {
-        let text = std::fs::read_to_string(root().join(doc)).unwrap();
+fn the_readme_and_docs_render_cleanly_and_link_only_inside_the_repository() {
+    for doc in documents() {
+        let text = std::fs::read_to_string(&doc).unwrap();
+        let name = doc.strip_prefix(root()).unwrap().display().to_string();
         assert!(
             !text.contains("../shared"),
-            "{doc} links outside the repository"
+            "{name} links outside the repository"
         );
+        // Every code fence is closed: an open one renders the rest of the page as code.
+        let fences = text
+            .lines()
+            .filter(|l| l.trim_start().starts_with("```"))
+            .count();
+        assert!(fences % 2 == 0, "{name} leaves a code fence open");
         // Relative Markdown links resolve to files that exist.
-        let dir = root().join(doc).parent().unwrap().to_owned();
+        let dir = doc.parent().unwrap().to_owned();
         for (i, _) in text.match_indices("](") {
             let rest = &text[i + 2..];
             let Some(end) = rest.find(')') else { continue };
@@ -552,8 +571,93 @@ fn the_readme_and_docs_link_only_to_files_inside_the_repository() {
             }
             assert!(
                 dir.join(target).exists(),
-                "{doc} links to {target}, which does not exist"
+                "{name} links to {target}, which does not exist"
             );
         }
+    }
+    // The README is the front door; the reference lives in docs/.
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    assert!(
+        readme.lines().count() <= 200,
+        "README.md has {} lines: move reference to docs/",
+        readme.lines().count()
+    );
+    assert!(
+        readme.contains("scripts/test.sh") && readme.contains("vectordb -- pipeline"),
+        "the README's two commands"
+    );
+}
+
+#[test]
+fn the_metric_reference_is_the_code_s_catalogue() {
+    let reference = std::fs::read_to_string(root().join("docs/observability.md")).unwrap();
+    let table: Vec<&str> = reference
+        .lines()
+        .filter(|l| l.starts_with("| `aura360_"))
+        .collect();
+    let expected: Vec<String> = aura_ops::METRICS
+        .iter()
+        .map(|m| {
+            let kind = format!("{:?}", m.kind).to_lowercase();
+            format!("| `{}` | {kind} | {} |", m.name, m.help)
+        })
+        .collect();
+    assert_eq!(
+        table,
+        expected,
+        "docs/observability.md's metric table differs from aura_ops::METRICS; the table it should hold:\n{}",
+        expected.join("\n")
+    );
+    // Every metric the code records is in the catalogue.
+    let mut recorded = std::collections::BTreeSet::new();
+    let mut stack = vec![root().join("crates"), root().join("handlers")];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                if !path.ends_with("tests") && !path.ends_with("benches") {
+                    stack.push(path);
+                }
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                for piece in text.split('"').skip(1).step_by(2) {
+                    if piece.starts_with("aura360_")
+                        && piece
+                            .chars()
+                            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+                    {
+                        recorded.insert(piece.to_owned());
+                    }
+                }
+            }
+        }
+    }
+    let catalogue: Vec<&str> = aura_ops::METRICS.iter().map(|m| m.name).collect();
+    for name in &recorded {
+        assert!(
+            catalogue.contains(&name.as_str()),
+            "{name} is recorded but not in aura_ops::METRICS"
+        );
+    }
+}
+
+#[test]
+fn every_setting_is_in_the_configuration_reference() {
+    let reference = std::fs::read_to_string(root().join("docs/configuration.md")).unwrap();
+    let defaults = std::fs::read_to_string(root().join("config/default.toml")).unwrap();
+    for line in defaults.lines() {
+        let key = line
+            .trim_start_matches("# ")
+            .split(" =")
+            .next()
+            .unwrap_or("");
+        if !line.contains(" =") || key.contains(' ') || key.is_empty() {
+            continue;
+        }
+        let var = key.to_ascii_uppercase();
+        assert!(
+            reference.contains(&format!("`{var}`")),
+            "{var} (config/default.toml) is not in docs/configuration.md"
+        );
     }
 }

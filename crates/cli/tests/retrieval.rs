@@ -4,7 +4,7 @@
 //! point). Each query paraphrases one note with no content word in common (stop words like "a", "my", "the" may
 //! repeat). Top-1 must be the paraphrased note for at least 75% of queries with `local`; the same set with `hash`
 //! (lexical n-grams) lands near chance (1/16), which shows the set really has no lexical shortcut.
-//! The accuracies are printed (`cargo test -p aura-cli --test retrieval -- --nocapture`) and quoted in README.md.
+//! The accuracies are printed (`cargo test -p aura-cli --test retrieval -- --nocapture`) and quoted in docs/embeddings.md.
 
 use std::collections::HashMap;
 use std::path::Path;

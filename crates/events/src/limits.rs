@@ -1,7 +1,7 @@
 //! Size limits: what keeps memory, events and point payloads bounded by configuration instead of by input.
 //!
-//! Three limits are settings ([`Limits`], README "Limits"); the rest are fixed bounds of the point payload schema
-//! (README "Point payload"). Each limit has one outcome, chosen so that a user's long journal entry still becomes
+//! Three limits are settings ([`Limits`], docs/limits.md); the rest are fixed bounds of the point payload schema
+//! (docs/limits.md, "Point payload"). Each limit has one outcome, chosen so that a user's long journal entry still becomes
 //! searchable:
 //! - an input event over `MAX_EVENT_BYTES` is dead-lettered with its size (nothing of it can be trusted to fit
 //!   anywhere downstream), and so is a produced event over it (a permanent error that names the setting);

@@ -47,7 +47,7 @@ pub struct Metric {
 
 /// Every metric the processes export: the seed's names (docs/design.md §6), plus the backlog and the publish fallback. The Grafana dashboard
 /// (`deploy/grafana`) is checked against this list.
-pub const METRICS: [Metric; 17] = [
+pub const METRICS: [Metric; 21] = [
     Metric {
         name: "aura360_events_published_total",
         kind: MetricKind::Counter,
@@ -132,6 +132,26 @@ pub const METRICS: [Metric; 17] = [
         name: "aura360_embedding_truncated_total",
         kind: MetricKind::Counter,
         help: "Texts the local embedding model cut at its 256-token window",
+    },
+    Metric {
+        name: "aura360_pauses_detected_total",
+        kind: MetricKind::Counter,
+        help: "Times this process found it had been paused (SIGSTOP, a frozen VM) long enough to have lost its work, and fenced its writes",
+    },
+    Metric {
+        name: "aura360_fenced_writes_total",
+        kind: MetricKind::Counter,
+        help: "Writes (handler starts, publishes, store writes) that met the pause fence closed and waited",
+    },
+    Metric {
+        name: "aura360_kafka_partitions_lost_total",
+        kind: MetricKind::Counter,
+        help: "Partitions vectordb-consumer lost without a revocation (its session expired): their work was dropped uncommitted",
+    },
+    Metric {
+        name: "aura360_celery_taken_over_total",
+        kind: MetricKind::Counter,
+        help: "Messages vectordb-worker held that another worker restored while it was paused: their results and outputs were dropped",
     },
 ];
 

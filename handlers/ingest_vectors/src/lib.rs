@@ -49,7 +49,7 @@ impl Handler for IngestVectors {
     }
 }
 
-/// The points for one `context.vectorized` event: the payload schema of README "Point payload". Every field is
+/// The points for one `context.vectorized` event: the payload schema of docs/limits.md, "Point payload". Every field is
 /// bounded ([`aura_runtime::events::limits`]), so one point's payload stays under `POINT_PAYLOAD_BYTES` whatever
 /// the event carried: a point holds its own chunk and bounded summaries, never the whole source again.
 pub fn points(event: &Event, limits: &Limits) -> Result<Vec<Point>, EventError> {

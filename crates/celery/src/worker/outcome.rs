@@ -186,7 +186,7 @@ pub(super) async fn give_back(
         .await
     {
         Ok(_) => tracing::warn!(task, queue = %fetched.queue,
-            "a task of another app reached this worker: given back to its queue (route our tasks to a queue of their own: README \"Celery queues\")"),
+            "a task of another app reached this worker: given back to its queue (route our tasks to a queue of their own: docs/celery.md, \"Celery queues\")"),
         Err(error) => tracing::warn!(task, %error,
             "could not give a foreign task back; it stays in unacked and is restored after the visibility timeout"),
     }

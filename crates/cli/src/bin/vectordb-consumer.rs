@@ -1,6 +1,6 @@
 //! `vectordb-consumer`: mounts the enabled handlers on the Kafka consumer group (docs/design.md §3).
 //!
-//! Configuration is the environment (and `.env`, `config/`); see the README. SIGTERM/SIGINT stop fetching, finish
+//! Configuration is the environment (and `.env`, `config/`); see docs/configuration.md. SIGTERM/SIGINT stop fetching, finish
 //! in-flight events, commit and exit 0.
 
 use std::process::ExitCode;
@@ -18,7 +18,7 @@ use clap::Parser;
     name = "vectordb-consumer",
     version,
     about = "Runs the vectordb handlers on the Kafka consumer group KAFKA_GROUP_ID (MESSAGING_BACKEND=kafka); \
-             in celery mode forwards Kafka's backlog as Celery tasks (--no-drain: idles); idles when disabled. Configured by environment variables (see README)."
+             in celery mode forwards Kafka's backlog as Celery tasks (--no-drain: idles); idles when disabled. Configured by environment variables (see docs/configuration.md)."
 )]
 struct Cli {
     /// With MESSAGING_BACKEND=celery: do not forward Kafka's backlog as Celery tasks (same as

@@ -1,7 +1,7 @@
 //! `vectordb-worker`: mounts the enabled handlers on Celery queues over Redis, next to (or instead of) Python
 //! Celery workers (docs/design.md §2, §3).
 //!
-//! Configuration is the environment (and `.env`, `config/`); see the README. SIGTERM/SIGINT stop fetching, finish
+//! Configuration is the environment (and `.env`, `config/`); see docs/configuration.md. SIGTERM/SIGINT stop fetching, finish
 //! in-flight tasks, put back the ones not started, and exit 0.
 
 use std::process::ExitCode;
@@ -18,7 +18,7 @@ use clap::Parser;
     version,
     about = "Runs the vectordb handlers as a Celery worker on CELERY_QUEUES (BROKER_URL, RESULT_BACKEND); \
              compatible with Python Celery 5 producers, workers, Flower and `celery inspect`. Configured by \
-             environment variables (see README)."
+             environment variables (see docs/configuration.md)."
 )]
 struct Cli {}
 

@@ -237,7 +237,7 @@ pub struct Settings {
     pub log_format: LogFormat,
     pub fallback: FallbackSettings,
     pub ops: OpsSettings,
-    /// `MAX_EVENT_BYTES`, `MAX_EMBED_CHARS`, `MAX_CHUNKS_PER_EVENT` (README "Limits").
+    /// `MAX_EVENT_BYTES`, `MAX_EMBED_CHARS`, `MAX_CHUNKS_PER_EVENT` (docs/limits.md).
     pub limits: aura_events::limits::Limits,
 }
 

@@ -1,4 +1,4 @@
-//! `vectordb`: the admin CLI (README "CLI"). One module per command in `commands/`: its arguments, its run, its human
+//! `vectordb`: the admin CLI (docs/cli.md). One module per command in `commands/`: its arguments, its run, its human
 //! and `--json` output.
 
 mod commands;
