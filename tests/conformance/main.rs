@@ -229,7 +229,7 @@ async fn after_outage(m: &mut dyn Mount, events: &[Event], failed: u32) -> Outco
             .filter(|e| e.user_id.as_deref() == Some(user))
             .map(|e| e.event_id.to_string())
             .collect();
-        let mut written = m.store().origins_of(user);
+        let mut written = m.store().layer().origins_of(user);
         written.dedup();
         order.push((user, sent == written, sent, written));
     }
@@ -259,7 +259,7 @@ enum Outage {
 /// The probe's "fail the next N calls" and "calls failed" counters for `outage`.
 fn outage_counters(m: &dyn Mount, outage: Outage) -> (&AtomicU32, &AtomicU32) {
     match outage {
-        Outage::Store => (&m.store().fail_next, &m.store().failed),
+        Outage::Store => (&m.store().layer().fail_next, &m.store().layer().failed),
         Outage::Embedder => (&m.embedder().fail_next, &m.embedder().failed),
     }
 }
@@ -351,16 +351,16 @@ async fn redelivery_same_points(m: &mut dyn Mount) -> Outcome {
         "{} points before, expected 4",
         before.len()
     );
-    let writes = m.store().writes();
+    let writes = m.store().layer().writes();
     m.stop().await;
     m.redeliver_everything().await;
     m.start(&[]).await;
     m.settle().await?;
     let after: Vec<_> = [points_of(m, "user-0").await, points_of(m, "user-1").await].concat_maps();
     check!(
-        m.store().writes() >= 2 * writes,
+        m.store().layer().writes() >= 2 * writes,
         "not redelivered: {} writes after, {writes} before",
-        m.store().writes()
+        m.store().layer().writes()
     );
     check!(
         count(m).await == 4,
@@ -564,12 +564,12 @@ async fn sigterm_in_flight(m: &mut dyn Mount) -> Outcome {
     }
     let events = moods(3, 4);
     // Each write takes longer than the shutdown grace (2 s): what is being written at SIGTERM cannot finish.
-    m.store().delay_ms.store(2_500, Ordering::SeqCst);
+    m.store().layer().delay_ms.store(2_500, Ordering::SeqCst);
     m.start(&[]).await;
     m.send(&events).await;
     let store = m.store().clone();
     wait_for("a first point written", Duration::from_secs(60), || {
-        store.writes() >= 1
+        store.layer().writes() >= 1
     })
     .await?;
     let took = m.stop().await;
@@ -579,7 +579,7 @@ async fn sigterm_in_flight(m: &mut dyn Mount) -> Outcome {
         left > 0,
         "nothing was in flight at SIGTERM ({written} points written)"
     );
-    m.store().delay_ms.store(0, Ordering::SeqCst);
+    m.store().layer().delay_ms.store(0, Ordering::SeqCst);
     m.start(&[]).await;
     m.settle().await?;
     check!(

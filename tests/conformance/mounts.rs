@@ -22,7 +22,7 @@ use aura_runtime::testing::{Embedded, RedisServer, embedded};
 use aura_runtime::{Dispatcher, HandlerContext, InMemoryBus, Publisher, Registry, RetryPolicy};
 use serde_json::Value;
 
-use crate::probes::{ProbeEmbedder, ProbePublisher, ProbeStore};
+use crate::probes::{ProbeEmbedder, ProbePublisher, ProbeStore, probe_store};
 
 /// A dead letter as the mount stores it: the input's bytes as they were on the wire, and the reason.
 #[derive(Debug, Clone)]
@@ -155,7 +155,7 @@ pub struct Parts {
 impl Parts {
     fn new() -> Self {
         let embedded = embedded();
-        let store = ProbeStore::new(embedded.store.clone());
+        let store = probe_store(embedded.store.clone());
         let embedder = ProbeEmbedder::new(embedded.ctx.embedder.clone());
         Self {
             store,

@@ -9,9 +9,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use aura_runtime::embed::{EmbedError, Embedder, Embeddings};
 use aura_runtime::events::Event;
-use aura_runtime::store::{
-    CollectionInfo, CollectionSpec, ForeignPoints, Hit, Point, StoreError, VectorStore,
-};
+use aura_runtime::store::{Layered, Point, StoreError, StoreLayer, VectorStore};
 use aura_runtime::{Backend, PublishError, Publisher};
 
 /// Takes one from `counter` if it is above zero.
@@ -21,27 +19,23 @@ fn take_one(counter: &AtomicU32) -> bool {
         .is_ok()
 }
 
-/// A store in front of the real embedded one: fails the next `fail_next` upserts (transient), waits `delay_ms`
-/// before each write, and records `(user_id, origin_event_id)` of every point written, in write order.
-pub struct ProbeStore {
-    inner: Arc<dyn VectorStore>,
+/// A store layer in front of the real embedded one: fails the next `fail_next` upserts (transient), waits
+/// `delay_ms` before each write, and records `(user_id, origin_event_id)` of every point written, in write order.
+#[derive(Default)]
+pub struct Probe {
     pub fail_next: AtomicU32,
     pub failed: AtomicU32,
     pub delay_ms: AtomicU64,
     pub written: Mutex<Vec<(String, String)>>,
 }
 
-impl ProbeStore {
-    pub fn new(inner: Arc<dyn VectorStore>) -> Arc<Self> {
-        Arc::new(Self {
-            inner,
-            fail_next: AtomicU32::new(0),
-            failed: AtomicU32::new(0),
-            delay_ms: AtomicU64::new(0),
-            written: Mutex::new(Vec::new()),
-        })
-    }
+pub type ProbeStore = Layered<Probe>;
 
+pub fn probe_store(inner: Arc<dyn VectorStore>) -> Arc<ProbeStore> {
+    Arc::new(Layered::new(inner, Probe::default()))
+}
+
+impl Probe {
     /// Origins written for `user`, in write order.
     pub fn origins_of(&self, user: &str) -> Vec<String> {
         self.written
@@ -59,12 +53,8 @@ impl ProbeStore {
 }
 
 #[async_trait]
-impl VectorStore for ProbeStore {
-    fn collection(&self) -> &CollectionSpec {
-        self.inner.collection()
-    }
-
-    async fn upsert(&self, points: Vec<Point>) -> Result<(), StoreError> {
+impl StoreLayer for Probe {
+    async fn upsert(&self, inner: &dyn VectorStore, points: Vec<Point>) -> Result<(), StoreError> {
         if take_one(&self.fail_next) {
             self.failed.fetch_add(1, Ordering::SeqCst);
             return Err(StoreError::Unavailable(
@@ -85,34 +75,9 @@ impl VectorStore for ProbeStore {
                 )
             })
             .collect();
-        self.inner.upsert(points).await?;
+        inner.upsert(points).await?;
         self.written.lock().unwrap().extend(seen);
         Ok(())
-    }
-
-    async fn flush(&self) -> Result<(), StoreError> {
-        self.inner.flush().await
-    }
-
-    async fn search(
-        &self,
-        vector: Vec<f32>,
-        user_id: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<Hit>, StoreError> {
-        self.inner.search(vector, user_id, limit).await
-    }
-
-    async fn count(&self, user_id: Option<&str>) -> Result<u64, StoreError> {
-        self.inner.count(user_id).await
-    }
-
-    async fn info(&self) -> Result<CollectionInfo, StoreError> {
-        self.inner.info().await
-    }
-
-    async fn foreign_points(&self, models: &[String]) -> Result<Option<ForeignPoints>, StoreError> {
-        self.inner.foreign_points(models).await
     }
 }
 

@@ -13,7 +13,8 @@ use aura_runtime::store::{
     CollectionInfo, CollectionSpec, Durability, ForeignPoints, Hit, Point, StoreError, VectorStore,
 };
 use aura_runtime::{
-    Backend, Dispatcher, FencedStore, Handler, HandlerContext, HandlerError, Registry, Settings,
+    Backend, Dispatcher, Fenced, FencedStore, Handler, HandlerContext, HandlerError, Registry,
+    Settings,
 };
 
 use crate::ops::{Ops, celery_probe, kafka_probe};
@@ -69,7 +70,10 @@ pub async fn run(
     }
     let mut context = ops.observed(handler_context(&settings, Durability::EveryWrite).await?);
     // A paused consumer writes nothing until the group has told it what it still owns (aura_runtime::fence).
-    context.store = Arc::new(FencedStore::new(context.store, options.fence.clone()));
+    context.store = Arc::new(FencedStore::new(
+        context.store,
+        Fenced(options.fence.clone()),
+    ));
     let publisher = KafkaPublisher::new(&settings.kafka).context("creating the Kafka producer")?;
     let outputs = with_fallback(&settings, Arc::new(publisher.clone()))?;
     let dispatcher =

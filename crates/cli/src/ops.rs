@@ -11,7 +11,8 @@ use aura_kafka::offsets::{PartitionLag, group_lag};
 use aura_ops::{Backlog, Health, Probe, Sampler};
 use aura_runtime::settings::KafkaSettings;
 use aura_runtime::{
-    DependencyObserver, HandlerContext, ObservedEmbedder, ObservedStore, Registry, Settings,
+    DependencyObserver, HandlerContext, Observed, ObservedEmbedder, ObservedStore, Registry,
+    Settings,
 };
 
 /// The process's ops side: metrics recorder, `/health` + `/metrics` on `HTTP_ADDR`, and the broker sampler.
@@ -134,7 +135,7 @@ impl Ops {
     /// process `degraded` instead of silently stalling.
     pub fn observed(&self, context: HandlerContext) -> HandlerContext {
         HandlerContext {
-            store: Arc::new(ObservedStore::new(context.store, self.observer())),
+            store: Arc::new(ObservedStore::new(context.store, Observed(self.observer()))),
             embedder: Arc::new(ObservedEmbedder::new(context.embedder, self.observer())),
             ..context
         }

@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use aura_celery::events::host_name;
 use aura_celery::{CeleryPublisher, CeleryWorker, ResultBackend, WorkerOptions, WorkerReport};
 use aura_runtime::store::Durability;
-use aura_runtime::{Backend, Dispatcher, FencedStore, Publisher, RetryPolicy, Settings};
+use aura_runtime::{Backend, Dispatcher, Fenced, FencedStore, Publisher, RetryPolicy, Settings};
 
 use crate::clients::celery_broker;
 use crate::ops::{Ops, celery_probe};
@@ -89,7 +89,10 @@ pub async fn run(
     let mut context = ops.observed(handler_context(&settings, Durability::EveryWrite).await?);
     // A paused worker writes nothing until it has checked which of its messages another worker took over
     // (aura_runtime::fence).
-    context.store = Arc::new(FencedStore::new(context.store, options.fence.clone()));
+    context.store = Arc::new(FencedStore::new(
+        context.store,
+        Fenced(options.fence.clone()),
+    ));
     let dispatcher =
         Dispatcher::new(registry.clone(), context, publisher).fenced(options.fence.clone());
     ops.watch(

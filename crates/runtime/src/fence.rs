@@ -17,9 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use aura_store::{
-    CollectionInfo, CollectionSpec, ForeignPoints, Hit, Point, StoreError, VectorStore,
-};
+use aura_store::{Layered, Point, StoreError, StoreLayer, VectorStore};
 
 /// How long a write waits for a closed fence before it fails (transiently): clearing takes a heartbeat round or
 /// one Redis round trip; a fence closed longer than this is a member that cannot reach its broker.
@@ -225,55 +223,20 @@ impl Drop for PauseWatch {
     }
 }
 
-/// A [`VectorStore`] that writes only while its [`Fence`] is open; reads always pass.
-pub struct FencedStore {
-    inner: Arc<dyn VectorStore>,
-    fence: Fence,
-}
+/// A store layer that writes only while its [`Fence`] is open; reads always pass.
+pub struct Fenced(pub Fence);
 
-impl FencedStore {
-    pub fn new(inner: Arc<dyn VectorStore>, fence: Fence) -> Self {
-        Self { inner, fence }
-    }
-}
+/// A store whose writes wait for the fence.
+pub type FencedStore = Layered<Fenced>;
 
 #[async_trait]
-impl VectorStore for FencedStore {
-    fn collection(&self) -> &CollectionSpec {
-        self.inner.collection()
-    }
-
-    async fn upsert(&self, points: Vec<Point>) -> Result<(), StoreError> {
-        self.fence
+impl StoreLayer for Fenced {
+    async fn upsert(&self, inner: &dyn VectorStore, points: Vec<Point>) -> Result<(), StoreError> {
+        self.0
             .wait_open(FENCE_WAIT)
             .await
             .map_err(StoreError::Unavailable)?;
-        self.inner.upsert(points).await
-    }
-
-    async fn flush(&self) -> Result<(), StoreError> {
-        self.inner.flush().await
-    }
-
-    async fn search(
-        &self,
-        vector: Vec<f32>,
-        user_id: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<Hit>, StoreError> {
-        self.inner.search(vector, user_id, limit).await
-    }
-
-    async fn count(&self, user_id: Option<&str>) -> Result<u64, StoreError> {
-        self.inner.count(user_id).await
-    }
-
-    async fn info(&self) -> Result<CollectionInfo, StoreError> {
-        self.inner.info().await
-    }
-
-    async fn foreign_points(&self, models: &[String]) -> Result<Option<ForeignPoints>, StoreError> {
-        self.inner.foreign_points(models).await
+        inner.upsert(points).await
     }
 }
 

@@ -25,9 +25,9 @@ pub use dispatch::{
     outcome,
 };
 pub use fallback::FallbackPublisher;
-pub use fence::{Fence, FencedStore, PauseWatch};
+pub use fence::{Fence, Fenced, FencedStore, PauseWatch};
 pub use handler::{Handler, HandlerContext, HandlerError};
-pub use observe::{DependencyObserver, ObservedEmbedder, ObservedStore};
+pub use observe::{DependencyObserver, Observed, ObservedEmbedder, ObservedStore};
 pub use publish::{
     Backend, DisabledPublisher, PublishError, Publisher, publish_event, publish_event_encoded,
     publish_event_via,

@@ -9,9 +9,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use aura_embed::{EmbedError, Embedder, Embeddings};
-use aura_store::{
-    CollectionInfo, CollectionSpec, ForeignPoints, Hit, Point, StoreError, VectorStore,
-};
+use aura_store::{Layered, Point, StoreError, StoreLayer, VectorStore};
 
 /// Where dependency outcomes go (the process's health).
 pub trait DependencyObserver: Send + Sync {
@@ -66,23 +64,19 @@ impl Embedder for ObservedEmbedder {
     }
 }
 
-/// A [`VectorStore`] whose writes are reported as the `vector_store` dependency.
-pub struct ObservedStore {
-    inner: Arc<dyn VectorStore>,
-    observer: Arc<dyn DependencyObserver>,
-}
+/// A store layer that reports the writes as the `vector_store` dependency.
+pub struct Observed(pub Arc<dyn DependencyObserver>);
 
-impl ObservedStore {
-    pub fn new(inner: Arc<dyn VectorStore>, observer: Arc<dyn DependencyObserver>) -> Self {
-        Self { inner, observer }
-    }
+/// A store whose writes are reported as the `vector_store` dependency.
+pub type ObservedStore = Layered<Observed>;
 
-    fn observe<T>(&self, result: Result<T, StoreError>) -> Result<T, StoreError> {
+impl Observed {
+    fn observe(&self, result: Result<(), StoreError>) -> Result<(), StoreError> {
         match &result {
-            Ok(_) => self.observer.report(names::VECTOR_STORE, Ok(())),
-            Err(error) if error.is_transient() => self
-                .observer
-                .report(names::VECTOR_STORE, Err(error.to_string())),
+            Ok(()) => self.0.report(names::VECTOR_STORE, Ok(())),
+            Err(error) if error.is_transient() => {
+                self.0.report(names::VECTOR_STORE, Err(error.to_string()))
+            }
             Err(_) => {}
         }
         result
@@ -90,39 +84,14 @@ impl ObservedStore {
 }
 
 #[async_trait]
-impl VectorStore for ObservedStore {
-    fn collection(&self) -> &CollectionSpec {
-        self.inner.collection()
-    }
-
-    async fn upsert(&self, points: Vec<Point>) -> Result<(), StoreError> {
-        let result = self.inner.upsert(points).await;
+impl StoreLayer for Observed {
+    async fn upsert(&self, inner: &dyn VectorStore, points: Vec<Point>) -> Result<(), StoreError> {
+        let result = inner.upsert(points).await;
         self.observe(result)
     }
 
-    async fn flush(&self) -> Result<(), StoreError> {
-        let result = self.inner.flush().await;
+    async fn flush(&self, inner: &dyn VectorStore) -> Result<(), StoreError> {
+        let result = inner.flush().await;
         self.observe(result)
-    }
-
-    async fn search(
-        &self,
-        vector: Vec<f32>,
-        user_id: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<Hit>, StoreError> {
-        self.inner.search(vector, user_id, limit).await
-    }
-
-    async fn count(&self, user_id: Option<&str>) -> Result<u64, StoreError> {
-        self.inner.count(user_id).await
-    }
-
-    async fn info(&self) -> Result<CollectionInfo, StoreError> {
-        self.inner.info().await
-    }
-
-    async fn foreign_points(&self, models: &[String]) -> Result<Option<ForeignPoints>, StoreError> {
-        self.inner.foreign_points(models).await
     }
 }

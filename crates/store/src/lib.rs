@@ -11,6 +11,7 @@
 
 mod edge;
 mod intercept;
+mod layer;
 mod server;
 
 use async_trait::async_trait;
@@ -18,7 +19,8 @@ use serde_json::{Map, Value};
 use uuid::Uuid;
 
 pub use edge::{Durability, EdgeStore};
-pub use intercept::InterceptedStore;
+pub use intercept::{Intercept, InterceptedStore};
+pub use layer::{Layered, StoreLayer};
 pub use server::QdrantServerStore;
 
 /// Keyword payload fields that get an index (the fields searches filter on).

@@ -1,0 +1,77 @@
+//! A layer around any [`VectorStore`], in the manner of tower's `Layer`: a [`StoreLayer`] says what it adds around
+//! the writes (upsert, flush), and [`Layered`] forwards everything else to the store inside, once for every layer.
+//! Counting, failing on demand, observing a dependency and fencing a paused process are each a layer, not a
+//! hand-written forwarder of the whole trait.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::{CollectionInfo, CollectionSpec, ForeignPoints, Hit, Point, StoreError, VectorStore};
+
+/// What a layer does around the writes of the store inside. Each hook's default passes the call through.
+#[async_trait]
+pub trait StoreLayer: Send + Sync + 'static {
+    /// An upsert of `points`: call `inner.upsert(points)` (or refuse, and nothing is written).
+    async fn upsert(&self, inner: &dyn VectorStore, points: Vec<Point>) -> Result<(), StoreError> {
+        inner.upsert(points).await
+    }
+
+    /// A flush: call `inner.flush()`.
+    async fn flush(&self, inner: &dyn VectorStore) -> Result<(), StoreError> {
+        inner.flush().await
+    }
+}
+
+/// `inner` with `layer` around its writes; reads go straight to `inner`.
+pub struct Layered<L> {
+    inner: Arc<dyn VectorStore>,
+    layer: L,
+}
+
+impl<L: StoreLayer> Layered<L> {
+    pub fn new(inner: Arc<dyn VectorStore>, layer: L) -> Self {
+        Self { inner, layer }
+    }
+
+    /// The layer (its counters and switches).
+    pub fn layer(&self) -> &L {
+        &self.layer
+    }
+}
+
+#[async_trait]
+impl<L: StoreLayer> VectorStore for Layered<L> {
+    fn collection(&self) -> &CollectionSpec {
+        self.inner.collection()
+    }
+
+    async fn upsert(&self, points: Vec<Point>) -> Result<(), StoreError> {
+        self.layer.upsert(self.inner.as_ref(), points).await
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        self.layer.flush(self.inner.as_ref()).await
+    }
+
+    async fn search(
+        &self,
+        vector: Vec<f32>,
+        user_id: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Hit>, StoreError> {
+        self.inner.search(vector, user_id, limit).await
+    }
+
+    async fn count(&self, user_id: Option<&str>) -> Result<u64, StoreError> {
+        self.inner.count(user_id).await
+    }
+
+    async fn info(&self) -> Result<CollectionInfo, StoreError> {
+        self.inner.info().await
+    }
+
+    async fn foreign_points(&self, models: &[String]) -> Result<Option<ForeignPoints>, StoreError> {
+        self.inner.foreign_points(models).await
+    }
+}
