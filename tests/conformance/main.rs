@@ -21,7 +21,25 @@ use handler_ingest_vectors::point_id;
 use mounts::{CeleryMount, KafkaMount, MemoryMount, Mount, task_ids};
 use serde_json::{Value, json};
 
-type Outcome = Result<Option<String>, String>;
+/// A scenario's outcome: how it passed, or the failure nobody declared.
+type Outcome = Result<Passed, String>;
+
+/// How a scenario that did not fail ended.
+#[derive(Debug)]
+enum Passed {
+    /// Every check held; an observation for the report, if any.
+    Clean(Option<String>),
+    /// A part the mount declares it cannot meet (`Mount::expected_failure`): it failed as declared, or it held
+    /// this run (`held`: the declaration may be stale, and the report says so).
+    Declared {
+        part: &'static str,
+        held: bool,
+        detail: String,
+        reason: &'static str,
+    },
+    /// The mount cannot meet the scenario at all: not run.
+    NotMet(&'static str),
+}
 
 /// The scenarios, in the issue's order: (key, what it proves).
 const SCENARIOS: [(&str, &str); 10] = [
@@ -208,7 +226,7 @@ async fn chain_points(m: &mut dyn Mount) -> Outcome {
     }
     check!(m.unacknowledged().await == 0, "inputs left unacknowledged");
     m.stop().await;
-    Ok(None)
+    Ok(Passed::Clean(None))
 }
 
 /// The checks of a transient outage: no dead letter, every event's point, one user's events in order.
@@ -236,15 +254,18 @@ async fn after_outage(m: &mut dyn Mount, events: &[Event], failed: u32) -> Outco
     match m.expected_failure("per_user_order") {
         Some(reason) => {
             let kept = order.iter().filter(|o| o.1).count();
-            Ok(Some(format!(
-                "per-user order: expected failure ({kept}/3 users kept order this run): {reason}"
-            )))
+            Ok(Passed::Declared {
+                part: "per-user order",
+                held: kept == order.len(),
+                detail: format!("{kept}/3 users kept order this run"),
+                reason,
+            })
         }
         None => {
             for (user, in_order, sent, written) in order {
                 check!(in_order, "{user}: written {written:?}, sent {sent:?}");
             }
-            Ok(None)
+            Ok(Passed::Clean(None))
         }
     }
 }
@@ -308,7 +329,7 @@ async fn permanent_dead_letter(m: &mut dyn Mount) -> Outcome {
     );
     check!(m.unacknowledged().await == 0, "inputs left unacknowledged");
     m.stop().await;
-    Ok(Some(format!("reason: {}", dead[0].reason)))
+    Ok(Passed::Clean(Some(format!("reason: {}", dead[0].reason))))
 }
 
 async fn disabled_keeps_input(m: &mut dyn Mount) -> Outcome {
@@ -337,7 +358,7 @@ async fn disabled_keeps_input(m: &mut dyn Mount) -> Outcome {
     check!(m.unacknowledged().await == 0, "inputs left unacknowledged");
     no_dead_letters(m).await?;
     m.stop().await;
-    Ok(None)
+    Ok(Passed::Clean(None))
 }
 
 async fn redelivery_same_points(m: &mut dyn Mount) -> Outcome {
@@ -371,7 +392,7 @@ async fn redelivery_same_points(m: &mut dyn Mount) -> Outcome {
     no_dead_letters(m).await?;
     check!(m.unacknowledged().await == 0, "inputs left unacknowledged");
     m.stop().await;
-    Ok(None)
+    Ok(Passed::Clean(None))
 }
 
 trait ConcatMaps {
@@ -430,7 +451,9 @@ async fn publish_before_ack(m: &mut dyn Mount) -> Outcome {
     no_dead_letters(m).await?;
     check!(m.unacknowledged().await == 0, "inputs left unacknowledged");
     m.stop().await;
-    Ok(kept.map(|k| format!("{k} unacknowledged while refused")))
+    Ok(Passed::Clean(
+        kept.map(|k| format!("{k} unacknowledged while refused")),
+    ))
 }
 
 async fn unknown_type_skipped(m: &mut dyn Mount) -> Outcome {
@@ -456,7 +479,7 @@ async fn unknown_type_skipped(m: &mut dyn Mount) -> Outcome {
     );
     m.stop().await;
     check!(m.skipped() == 1, "{} skipped, expected 1", m.skipped());
-    Ok(None)
+    Ok(Passed::Clean(None))
 }
 
 async fn trace_id_every_hop(m: &mut dyn Mount) -> Outcome {
@@ -555,12 +578,12 @@ async fn trace_id_every_hop(m: &mut dyn Mount) -> Outcome {
     }
     no_dead_letters(m).await?;
     m.stop().await;
-    Ok(None)
+    Ok(Passed::Clean(None))
 }
 
 async fn sigterm_in_flight(m: &mut dyn Mount) -> Outcome {
     if let Some(reason) = m.expected_failure("sigterm_in_flight") {
-        return Ok(Some(format!("expected failure: {reason}")));
+        return Ok(Passed::NotMet(reason));
     }
     let events = moods(3, 4);
     // Each write takes longer than the shutdown grace (2 s): what is being written at SIGTERM cannot finish.
@@ -606,12 +629,12 @@ async fn sigterm_in_flight(m: &mut dyn Mount) -> Outcome {
     no_dead_letters(m).await?;
     check!(m.unacknowledged().await == 0, "inputs left unacknowledged");
     m.stop().await;
-    Ok(Some(format!(
+    Ok(Passed::Clean(Some(format!(
         "stopped in {:.1} s with {left} inputs unacknowledged and {written}/{} points written; all {} after the restart",
         took.as_secs_f64(),
         events.len(),
         events.len()
-    )))
+    ))))
 }
 
 async fn run(scenario: &str, m: &mut dyn Mount) -> Outcome {
@@ -639,67 +662,122 @@ async fn fresh(kind: &str, scenario: &str) -> Box<dyn Mount> {
     }
 }
 
-/// Every scenario on a fresh instance of `kind`, one after another: (scenario, outcome, seconds).
-async fn run_all(kind: &'static str) -> Vec<(&'static str, Outcome, f64)> {
-    let mut results = Vec::new();
-    for (scenario, _) in SCENARIOS {
-        let started = Instant::now();
-        let mut mount = fresh(kind, scenario).await;
-        let outcome =
-            match tokio::time::timeout(Duration::from_secs(300), run(scenario, mount.as_mut()))
-                .await
-            {
-                Ok(outcome) => outcome,
-                Err(_) => Err("did not finish within 300 s".into()),
-            };
-        // Whatever happened, the mount is stopped before the next one starts.
-        mount.stop().await;
-        results.push((scenario, outcome, started.elapsed().as_secs_f64()));
+/// The mounts, in the report's column order.
+const MOUNTS: [&str; 3] = ["memory", "kafka", "celery"];
+
+/// Runs `scenario` on a fresh `kind` mount, records its cell of the report, and fails on a failure nobody declared.
+async fn conform(scenario: &'static str, kind: &'static str) {
+    let started = Instant::now();
+    let mut mount = fresh(kind, scenario).await;
+    let outcome =
+        match tokio::time::timeout(Duration::from_secs(300), run(scenario, mount.as_mut())).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err("did not finish within 300 s".into()),
+        };
+    // Whatever happened, the mount is stopped before the test ends.
+    mount.stop().await;
+    let cell = Cell::of(&outcome, started.elapsed().as_secs_f64());
+    cell.record(scenario, kind);
+    write_report();
+    if let Err(error) = outcome {
+        panic!("{scenario} on {kind}: {error}");
     }
-    results
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn every_scenario_on_every_mount() {
-    let started = Instant::now();
-    let (memory, kafka, celery) =
-        tokio::join!(run_all("memory"), run_all("kafka"), run_all("celery"));
-    let mounts = [("memory", memory), ("kafka", kafka), ("celery", celery)];
+/// One scenario × mount of the report.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Cell {
+    /// `pass`, `pass*` (a declared part failed as declared), `pass!` (a declared part held: the declaration may be
+    /// stale), `xfail` (the mount cannot meet the scenario) or `FAIL`.
+    mark: String,
+    note: Option<String>,
+    seconds: f64,
+}
 
+impl Cell {
+    fn of(outcome: &Outcome, seconds: f64) -> Self {
+        let (mark, note) = match outcome {
+            Ok(Passed::Clean(note)) => ("pass", note.clone()),
+            Ok(Passed::Declared {
+                part,
+                held: false,
+                detail,
+                reason,
+            }) => (
+                "pass*",
+                Some(format!("{part}: expected failure ({detail}): {reason}")),
+            ),
+            Ok(Passed::Declared {
+                part,
+                held: true,
+                detail,
+                reason,
+            }) => (
+                "pass!",
+                Some(format!(
+                    "{part}: declared as an expected failure, but it held this run ({detail}); if it keeps \
+                     holding, the declaration is stale: {reason}"
+                )),
+            ),
+            Ok(Passed::NotMet(reason)) => ("xfail", Some(format!("expected failure: {reason}"))),
+            Err(error) => ("FAIL", Some(format!("FAILED: {error}"))),
+        };
+        Self {
+            mark: mark.to_owned(),
+            note,
+            seconds,
+        }
+    }
+
+    fn path(scenario: &str, kind: &str) -> std::path::PathBuf {
+        report_dir().join(format!("{scenario}.{kind}.json"))
+    }
+
+    fn record(&self, scenario: &str, kind: &str) {
+        std::fs::create_dir_all(report_dir()).unwrap();
+        std::fs::write(
+            Self::path(scenario, kind),
+            serde_json::to_vec(self).unwrap(),
+        )
+        .unwrap();
+    }
+
+    fn read(scenario: &str, kind: &str) -> Option<Self> {
+        let bytes = std::fs::read(Self::path(scenario, kind)).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+}
+
+/// Where the cells are kept (scripts/test.sh empties it before a run): the workspace's target/.
+fn report_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/conformance")
+}
+
+/// The report from every cell recorded so far (`not run` where none is): each test writes it after its own cell,
+/// so the last one to finish leaves the whole table in `target/conformance-report.md`.
+fn write_report() {
     let mut report = String::from(
-        "# Conformance report\n\nEvery scenario on every mount (`tests/conformance/`). `pass`: every check held; \
-         `pass*`: passed, with a part the mount declares it cannot meet (expected failure, reason given); `xfail`: \
-         the mount cannot meet the scenario (reason given); `FAIL`: a failure nobody declared.\n\n",
+        "# Conformance report\n\nEvery scenario on every mount (`tests/conformance/`, one test each: \
+         `cargo test -p aura-integration-tests --test conformance on_<mount>::<scenario>`). `pass`: every check held; \
+         `pass*`: passed, with a part the mount declares it cannot meet (expected failure, reason given); `pass!`: a \
+         declared expected failure held this run (the declaration may be stale); `xfail`: the mount cannot meet the \
+         scenario (reason given); `FAIL`: a failure nobody declared.\n\n",
     );
     report.push_str("| # | scenario | memory | kafka | celery |\n|---|---|---|---|---|\n");
-    let mut failures = Vec::new();
     let mut notes = String::new();
     for (i, (scenario, what)) in SCENARIOS.iter().enumerate() {
-        let mut cells = Vec::new();
-        for (kind, results) in &mounts {
-            let (_, outcome, seconds) = results.iter().find(|(s, _, _)| s == scenario).unwrap();
-            let cell = match outcome {
-                Ok(None) => "pass".to_owned(),
-                Ok(Some(note)) if note.starts_with("expected failure") => {
-                    let _ = writeln!(notes, "- {scenario} on {kind}: {note}");
-                    "xfail".to_owned()
+        let cells: Vec<String> = MOUNTS
+            .iter()
+            .map(|kind| match Cell::read(scenario, kind) {
+                Some(cell) => {
+                    if let Some(note) = &cell.note {
+                        let _ = writeln!(notes, "- {scenario} on {kind}: {note}");
+                    }
+                    format!("{} ({:.0} s)", cell.mark, cell.seconds)
                 }
-                Ok(Some(note)) if note.contains("expected failure") => {
-                    let _ = writeln!(notes, "- {scenario} on {kind}: {note}");
-                    "pass*".to_owned()
-                }
-                Ok(Some(note)) => {
-                    let _ = writeln!(notes, "- {scenario} on {kind}: {note}");
-                    "pass".to_owned()
-                }
-                Err(error) => {
-                    failures.push(format!("{scenario} on {kind}: {error}"));
-                    let _ = writeln!(notes, "- {scenario} on {kind}: FAILED: {error}");
-                    "FAIL".to_owned()
-                }
-            };
-            cells.push(format!("{cell} ({seconds:.0} s)"));
-        }
+                None => "not run".to_owned(),
+            })
+            .collect();
         let _ = writeln!(
             report,
             "| {} | {scenario}: {what} | {} |",
@@ -707,19 +785,63 @@ async fn every_scenario_on_every_mount() {
             cells.join(" | ")
         );
     }
-    let _ = write!(
-        report,
-        "\nNotes:\n{notes}\nTotal: {:.0} s (mounts in parallel).\n",
-        started.elapsed().as_secs_f64()
-    );
-    println!("{report}");
-    // Where scripts/test.sh prints it from (the workspace's target/, created if another CARGO_TARGET_DIR is used).
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("conformance-report.md"), &report).unwrap();
-    assert!(
-        failures.is_empty(),
-        "conformance failures:\n{}\n\n{report}",
-        failures.join("\n")
-    );
+    let _ = write!(report, "\nNotes:\n{notes}");
+    let path = report_dir().join("../conformance-report.md");
+    // Tests finish concurrently: write a temporary file, then rename (a reader never sees half a report).
+    let temporary = report_dir().join(format!(".report-{}", std::process::id()));
+    std::fs::write(&temporary, &report).unwrap();
+    std::fs::rename(&temporary, path).unwrap();
 }
+
+/// One test per scenario × mount: `on_<mount>::<scenario>`. The Kafka and Celery mounts need the services
+/// scripts/test.sh starts (the `services` feature); the in-memory mount runs everywhere.
+macro_rules! conformance {
+    ($($scenario:ident),+ $(,)?) => {
+        mod on_memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $scenario() {
+                    super::conform(stringify!($scenario), "memory").await;
+                }
+            )+
+        }
+        mod on_kafka {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                #[cfg_attr(not(feature = "services"), ignore = "needs Apache Kafka: scripts/test.sh runs it")]
+                async fn $scenario() {
+                    super::conform(stringify!($scenario), "kafka").await;
+                }
+            )+
+        }
+        mod on_celery {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                #[cfg_attr(not(feature = "services"), ignore = "needs redis-server: scripts/test.sh runs it")]
+                async fn $scenario() {
+                    super::conform(stringify!($scenario), "celery").await;
+                }
+            )+
+        }
+        /// Every scenario of the list has its tests, and no test runs a scenario the list does not have.
+        #[test]
+        fn the_tests_are_the_scenario_list() {
+            let tests = [$(stringify!($scenario)),+];
+            let listed: Vec<&str> = SCENARIOS.iter().map(|(s, _)| *s).collect();
+            assert_eq!(tests.as_slice(), listed.as_slice());
+        }
+    };
+}
+
+conformance!(
+    chain_points,
+    transient_store,
+    transient_embedder,
+    permanent_dead_letter,
+    disabled_keeps_input,
+    redelivery_same_points,
+    publish_before_ack,
+    unknown_type_skipped,
+    trace_id_every_hop,
+    sigterm_in_flight,
+);

