@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use aura_runtime::embed::Embedder as _;
 use aura_runtime::events::Event;
 use aura_runtime::store::VectorStore as _;
+use aura_testkit::wait_until as wait_for;
 use handler_ingest_vectors::point_id;
 use mounts::{CeleryMount, KafkaMount, MemoryMount, Mount, task_ids};
 use serde_json::{Value, json};
@@ -156,22 +157,6 @@ async fn no_dead_letters(m: &dyn Mount) -> Result<(), String> {
         "unexpected dead letters: {:?}",
         dead.iter().map(|d| &d.reason).collect::<Vec<_>>()
     );
-    Ok(())
-}
-
-async fn wait_for(
-    what: &str,
-    limit: Duration,
-    mut done: impl FnMut() -> bool,
-) -> Result<(), String> {
-    let started = Instant::now();
-    while !done() {
-        check!(
-            started.elapsed() < limit,
-            "{what}: not observed within {limit:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     Ok(())
 }
 

@@ -18,8 +18,9 @@ use aura_kafka::offsets::{Range, group_lag, read_range};
 use aura_kafka::{ConsumerOptions, KafkaPublisher, TopicNames, create_topics, run_consumer};
 use aura_runtime::events::Event;
 use aura_runtime::settings::KafkaSettings;
-use aura_runtime::testing::{Embedded, RedisServer, embedded};
+use aura_runtime::testing::{Embedded, embedded};
 use aura_runtime::{Dispatcher, HandlerContext, InMemoryBus, Publisher, Registry, RetryPolicy};
+use aura_testkit::RedisServer;
 use serde_json::Value;
 
 use crate::probes::{ProbeEmbedder, ProbePublisher, ProbeStore, probe_store};

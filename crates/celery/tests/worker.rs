@@ -12,8 +12,8 @@ use aura_celery::protocol::{TaskOptions, build_task};
 use aura_celery::transport::{Patience, priority_key};
 use aura_celery::{Broker, CeleryPublisher, CeleryWorker, ResultBackend, WorkerOptions};
 use aura_runtime::events::Event;
-use aura_runtime::testing::RedisServer;
 use aura_runtime::{Dispatcher, Handler, HandlerContext, HandlerError, Registry, RetryPolicy};
+use aura_testkit::RedisServer;
 use chrono::Utc;
 use serde_json::{Map, Value, json};
 

@@ -76,13 +76,13 @@ fn env_usize(name: &str, default: usize) -> usize {
 
 /// The benchmark's own redis-server (no persistence).
 struct Redis {
-    server: aura_runtime::testing::RedisServer,
+    server: aura_testkit::RedisServer,
 }
 
 impl Redis {
     fn start() -> Self {
         Self {
-            server: aura_runtime::testing::RedisServer::start(),
+            server: aura_testkit::RedisServer::start(),
         }
     }
 

@@ -11,34 +11,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use aura_runtime::testing::RedisServer;
+use aura_testkit::{RedisServer, wait_for};
 use serde_json::{Value, json};
 
 const MOOD_TASK: &str = "vectosvc.worker.tasks.process_mood_created";
-
-fn python_bin() -> PathBuf {
-    PathBuf::from(std::env::var("AURA_TEST_PYTHON").unwrap_or_else(|_| {
-        panic!("AURA_TEST_PYTHON is not set: run the tests with scripts/test.sh (it creates the Python venv)")
-    }))
-}
-
-fn python_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/python")
-}
-
-fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
-    let started = Instant::now();
-    loop {
-        if let Some(value) = check() {
-            return value;
-        }
-        assert!(
-            started.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 /// One test's Redis database, store directory and processes.
 struct Celery {
@@ -166,11 +142,11 @@ impl Celery {
     /// A Python Celery worker (tests/python/celery_app.py) named `name@test`.
     fn start_python_worker(&self, name: &str, queue: &str, env: &[(&str, &str)]) -> Process {
         let log = self.dir.path().join(format!("{name}.log"));
-        let celery = python_bin().parent().unwrap().join("celery");
+        let celery = aura_testkit::python().parent().unwrap().join("celery");
         let mut command = Command::new(celery);
         self.env(&mut command);
         command
-            .current_dir(python_dir())
+            .current_dir(aura_testkit::python_dir())
             .args([
                 "-A",
                 "celery_app",
@@ -202,11 +178,11 @@ impl Celery {
     }
 
     fn client_with(&self, args: &[&str], env: &[(&str, &str)]) -> Value {
-        let mut command = Command::new(python_bin());
+        let mut command = Command::new(aura_testkit::python());
         self.env(&mut command);
         command.envs(env.iter().copied());
         let output = command
-            .arg(python_dir().join("celery_client.py"))
+            .arg(aura_testkit::python_dir().join("celery_client.py"))
             .args(args)
             .stderr(Stdio::piped())
             .output()
@@ -294,7 +270,7 @@ impl Process {
 
     /// Waits until the log holds `text` at least `times` times (the process must stay up meanwhile).
     fn wait_log(&mut self, text: &str, times: usize, limit: Duration) {
-        common::wait_log(&mut self.child, &self.log, text, times, limit);
+        aura_testkit::wait_log(&mut self.child, &self.log, text, times, limit);
     }
 
     fn alive(&mut self) -> bool {
@@ -519,7 +495,12 @@ fn killed_worker_scenario(count: usize, finish_with_python: bool) {
     let sent = celery.client(&["send", "--count", &count.to_string()]);
     // Embeddings answered after 0–100 ms: the worker is still busy with its prefetched messages when it is killed,
     // however fast the rest of it is.
-    let embedder = common::EmbeddingServer::start_delayed(&python_bin(), celery.dir.path(), 0, 100);
+    let embedder = aura_testkit::EmbeddingServer::start_delayed(
+        &aura_testkit::python(),
+        celery.dir.path(),
+        0,
+        100,
+    );
     let url = embedder.url();
     let worker = celery.start_worker(
         "doomed",
@@ -822,11 +803,11 @@ fn flower_lists_our_worker_and_its_tasks_and_inspect_answers() {
         .local_addr()
         .unwrap()
         .port();
-    let mut command = Command::new(python_bin().parent().unwrap().join("celery"));
+    let mut command = Command::new(aura_testkit::python().parent().unwrap().join("celery"));
     celery.env(&mut command);
     let flower_log = celery.dir.path().join("flower.log");
     let flower = command
-        .current_dir(python_dir())
+        .current_dir(aura_testkit::python_dir())
         .env("FLOWER_UNAUTHENTICATED_API", "true")
         .args([
             "-A",
@@ -927,7 +908,7 @@ fn a_password_protected_broker_works_and_the_password_never_reaches_the_logs() {
 impl Process {
     /// Peak resident memory so far (`VmHWM`), in bytes.
     fn peak_rss(&self) -> u64 {
-        common::peak_rss(self.child.id())
+        aura_testkit::peak_rss(self.child.id())
     }
 }
 
@@ -1207,7 +1188,7 @@ fn with_the_result_backend_down_the_worker_holds_no_more_than_its_prefetch() {
         "/health to report the result backend",
         Duration::from_secs(60),
         || {
-            let (_, body) = common::try_http_get(&addr, "/health")?;
+            let (_, body) = aura_testkit::try_http_get(&addr, "/health")?;
             let health: Value = serde_json::from_str(&body).ok()?;
             let dependency = health["dependencies"]
                 .as_array()?
@@ -1559,7 +1540,12 @@ fn workers_killed_stopped_paused_and_joining_late_beside_a_python_worker_run_eve
         celery.start_python_worker("python", "celery", &[("VISIBILITY_TIMEOUT", VISIBILITY)]);
     python.wait_log("ready", 1, Duration::from_secs(60));
     // Embeddings answered after 0–100 ms: a worker always holds messages mid-task when it is killed or paused.
-    let embedder = common::EmbeddingServer::start_delayed(&python_bin(), celery.dir.path(), 0, 100);
+    let embedder = aura_testkit::EmbeddingServer::start_delayed(
+        &aura_testkit::python(),
+        celery.dir.path(),
+        0,
+        100,
+    );
     let url = embedder.url();
     let env = member_env(VISIBILITY, &url);
     let first_batch = celery.client(&["send", "--count", "600"]);
@@ -1644,7 +1630,12 @@ fn workers_killed_stopped_paused_and_joining_late_beside_a_python_worker_run_eve
 fn a_worker_paused_past_the_visibility_timeout_writes_no_result_of_what_another_worker_took_over() {
     const VISIBILITY: &str = "4";
     let celery = Celery::private();
-    let embedder = common::EmbeddingServer::start_delayed(&python_bin(), celery.dir.path(), 0, 250);
+    let embedder = aura_testkit::EmbeddingServer::start_delayed(
+        &aura_testkit::python(),
+        celery.dir.path(),
+        0,
+        250,
+    );
     let url = embedder.url();
     let env = member_env(VISIBILITY, &url);
     let sent = celery.client(&["send", "--count", "300"]);

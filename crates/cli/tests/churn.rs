@@ -30,12 +30,6 @@ const CHAIN_TOPICS: [&str; 3] = [
 const SESSION_MS: u64 = 6_000;
 const SIGTERM_LIMIT: Duration = Duration::from_secs(10);
 
-fn required_env(name: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| {
-        panic!("{name} is not set: run the tests with scripts/test.sh (it starts the broker and the Python venv)")
-    })
-}
-
 fn unique(name: &str) -> String {
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -65,7 +59,7 @@ impl Member {
     }
 
     fn wait_log(&mut self, text: &str, times: usize, limit: Duration) {
-        common::wait_log(&mut self.child, &self.log, text, times, limit);
+        aura_testkit::wait_log(&mut self.child, &self.log, text, times, limit);
     }
 
     fn signal(&self, signal: &str) {
@@ -134,7 +128,7 @@ impl Member {
     /// The sum of a counter's samples on `/metrics` (every label set).
     fn counter(&mut self, name: &str) -> f64 {
         let addr = self.http_addr();
-        let (_, text) = common::http_get(&addr, "/metrics");
+        let (_, text) = aura_testkit::http_get(&addr, "/metrics");
         text.lines()
             .filter(|l| l.starts_with(name) && !l.starts_with('#'))
             .filter(|l| l[name.len()..].starts_with([' ', '{']))
@@ -158,7 +152,7 @@ fn points(members: &[Member]) -> (HashSet<String>, usize) {
 
 fn python(args: &[&str], env: &[(&str, String)]) -> String {
     let scripts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/python");
-    let output = Command::new(required_env("AURA_TEST_PYTHON"))
+    let output = Command::new(aura_testkit::python())
         .arg(scripts.join(args[0]))
         .args(&args[1..])
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
@@ -187,7 +181,7 @@ impl Group {
     fn new(name: &str) -> Self {
         let id = unique(name);
         let group = Self {
-            bootstrap: required_env("AURA_TEST_KAFKA"),
+            bootstrap: aura_testkit::kafka_bootstrap(),
             prefix: format!("{id}."),
             group: id,
             dir: tempfile::tempdir().unwrap(),
@@ -485,9 +479,10 @@ fn churn(name: &str, strategy: &str) {
 )]
 fn a_consumer_paused_past_its_session_writes_and_commits_nothing_of_what_the_group_took_over() {
     let group = Group::new("zombie");
-    let python_bin = PathBuf::from(required_env("AURA_TEST_PYTHON"));
+    let python_bin = aura_testkit::python();
     // Embeddings answered after 0–250 ms: the paused member is caught with events in flight.
-    let embedder = common::EmbeddingServer::start_delayed(&python_bin, group.dir.path(), 0, 250);
+    let embedder =
+        aura_testkit::EmbeddingServer::start_delayed(&python_bin, group.dir.path(), 0, 250);
     let env = [
         ("EMBEDDING_PROVIDER", "openai".to_owned()),
         ("EMBEDDING_URL", embedder.url()),
@@ -502,7 +497,7 @@ fn a_consumer_paused_past_its_session_writes_and_commits_nothing_of_what_the_gro
     // Paused while it has events in flight.
     let started = Instant::now();
     loop {
-        let (_, metrics) = common::http_get(&zombie_addr, "/metrics");
+        let (_, metrics) = aura_testkit::http_get(&zombie_addr, "/metrics");
         let in_flight = metrics
             .lines()
             .find_map(|l| l.strip_prefix("aura360_kafka_in_flight_events "))

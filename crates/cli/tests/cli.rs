@@ -438,7 +438,7 @@ fn output_and_peak_rss(mut command: Command) -> (Output, u64) {
     });
     let mut peak = 0;
     let status = loop {
-        peak = peak.max(common::peak_rss(child.id()));
+        peak = peak.max(aura_testkit::peak_rss(child.id()));
         if let Some(status) = child.try_wait().unwrap() {
             break status;
         }
@@ -757,7 +757,7 @@ fn without_the_model_installed_the_local_default_says_how_to_install_it() {
     ignore = "needs redis-server and the local model: scripts/test.sh runs it"
 )]
 fn a_re_run_is_served_by_the_redis_cache_tier_and_a_redis_that_is_down_only_costs_the_cache() {
-    use aura_cli::aura_runtime::testing::RedisServer;
+    use aura_testkit::RedisServer;
     let mut redis = RedisServer::start_with(&["--requirepass", "cache-s3cret"]);
     let url = format!("redis://:cache-s3cret@127.0.0.1:{}/3", redis.port());
     let cache = [("EMBEDDING_CACHE_REDIS_URL", url.as_str())];

@@ -17,14 +17,6 @@ fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-fn python() -> PathBuf {
-    std::env::var_os("AURA_TEST_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            panic!("AURA_TEST_PYTHON is not set: run the tests with scripts/test.sh")
-        })
-}
-
 /// The compose file as `docker-compose config` resolves it (anchors merged, `${VAR:-default}` substituted), as JSON.
 fn resolved_compose(env: &[(&str, &str)]) -> Value {
     let output = Command::new("docker-compose")
@@ -57,7 +49,7 @@ fn resolved_compose(env: &[(&str, &str)]) -> Value {
 }
 
 fn yaml_to_json(yaml: &[u8]) -> Value {
-    let mut child = Command::new(python())
+    let mut child = Command::new(aura_testkit::python())
         .args([
             "-c",
             "import json, sys, yaml; json.dump(yaml.safe_load(sys.stdin), sys.stdout)",

@@ -176,14 +176,6 @@ fn start_with_options(
     (stop, task)
 }
 
-async fn wait_for(what: &str, limit: Duration, done: impl Fn() -> bool) {
-    let started = Instant::now();
-    while !done() {
-        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// Runs `recorder` until it handled `sent` events (or 120 s pass), stops the consumer; what it handled, in order,
 /// and the consumer's report.
 async fn handle_all(
@@ -193,10 +185,11 @@ async fn handle_all(
     sent: usize,
 ) -> (Vec<(String, u64)>, aura_kafka::ConsumerReport) {
     let (stop, task) = start(settings, recorder, ctx);
-    wait_for("every event handled", Duration::from_secs(120), || {
+    aura_testkit::wait_until("every event handled", Duration::from_secs(120), || {
         recorder.handled.lock().unwrap().len() >= sent
     })
-    .await;
+    .await
+    .unwrap();
     stop.send(()).unwrap();
     let report = task.await.unwrap();
     (recorder.handled.lock().unwrap().clone(), report)
@@ -302,20 +295,22 @@ async fn a_crash_inside_an_out_of_order_window_redelivers_from_the_gap_and_skips
         options.clone(),
     );
     // Every other user finishes its 20 events; user-3 stops at 5.
-    wait_for(
+    aura_testkit::wait_until(
         "all but the stuck user's tail",
         Duration::from_secs(120),
         || first.handled.lock().unwrap().len() >= sent - (per_user as usize - 5),
     )
-    .await;
+    .await
+    .unwrap();
     // Let the stored offset reach the commit (auto-commit every second).
     let topic = aura_kafka::TopicNames::from_settings(&settings)
         .for_event_type(EVENT_TYPE)
         .unwrap();
-    wait_for("the prefix committed", Duration::from_secs(30), || {
+    aura_testkit::wait_until("the prefix committed", Duration::from_secs(30), || {
         committed(&settings, &topic, 0) == Some(gap)
     })
-    .await;
+    .await
+    .unwrap();
     // Crash: the process stops dead, with 146 events finished after the gap.
     task.abort();
     let _ = task.await;
@@ -345,10 +340,11 @@ async fn a_crash_inside_an_out_of_order_window_redelivers_from_the_gap_and_skips
         options,
     );
     let expected = sent - gap as usize;
-    wait_for("the redelivered window", Duration::from_secs(120), || {
+    aura_testkit::wait_until("the redelivered window", Duration::from_secs(120), || {
         second.handled.lock().unwrap().len() >= expected
     })
-    .await;
+    .await
+    .unwrap();
     stop.send(()).unwrap();
     task.await.unwrap();
 
@@ -400,21 +396,23 @@ async fn a_rebalance_hands_partitions_over_without_losing_or_repeating_events() 
         ..Recorder::default()
     };
     let (stop_first, first_task) = start(&settings, &first, embedded.ctx.clone());
-    wait_for(
+    aura_testkit::wait_until(
         "the first member under way",
         Duration::from_secs(120),
         || first.handled.lock().unwrap().len() >= 60,
     )
-    .await;
+    .await
+    .unwrap();
     let joined = Instant::now();
     let (stop_second, second_task) = start(&settings, &second, embedded.ctx.clone());
     let total = || first.handled.lock().unwrap().len() + second.handled.lock().unwrap().len();
-    wait_for(
+    aura_testkit::wait_until(
         "every event handled by the group",
         Duration::from_secs(120),
         || total() >= sent,
     )
-    .await;
+    .await
+    .unwrap();
     // Both members took part.
     assert!(
         !second.handled.lock().unwrap().is_empty(),
@@ -480,12 +478,13 @@ async fn an_event_of_a_disabled_handler_holds_its_partition_uncommitted() {
     let mut registry = Registry::new().with(recorder.clone()).with(Other);
     registry.disable(&["other"]).unwrap();
     let (stop, task) = start_with(&settings, registry, embedded.ctx.clone());
-    wait_for(
+    aura_testkit::wait_until(
         "the events before the held one",
         Duration::from_secs(60),
         || recorder.handled.lock().unwrap().len() >= 2,
     )
-    .await;
+    .await
+    .unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.send(()).unwrap();
     let report = task.await.unwrap();
@@ -615,12 +614,13 @@ async fn run_until_handled(
     let recorder = Recorder::default();
     let registry = Registry::new().with(recorder.clone());
     let (stop, task) = start_with_options(settings, registry, embedded.ctx.clone(), options);
-    wait_for(
+    aura_testkit::wait_until(
         "the good event after the poison",
         Duration::from_secs(60),
         || !recorder.handled.lock().unwrap().is_empty(),
     )
-    .await;
+    .await
+    .unwrap();
     stop.send(()).unwrap();
     task.await.unwrap()
 }
