@@ -42,7 +42,7 @@ enum Passed {
     NotMet(&'static str),
 }
 
-/// The scenarios, in the order: (key, what it proves).
+/// The scenarios, in the report's order: (key, what it proves).
 const SCENARIOS: [(&str, &str); 10] = [
     (
         "chain_points",

@@ -11,6 +11,7 @@
 //! - [`events`] and [`control`] — task events and heartbeats for Flower; `celery inspect ping/stats/active`.
 
 pub mod control;
+pub mod dead_letter;
 pub mod events;
 pub mod protocol;
 pub mod publisher;

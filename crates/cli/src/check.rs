@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use aura_celery::{Patience, ResultBackend};
+use aura_celery::Patience;
 use aura_kafka::TopicNames;
 use aura_kafka::offsets::group_lag;
 use std::sync::Arc;
@@ -11,6 +11,8 @@ use aura_runtime::embed::Embedder;
 use aura_runtime::settings::{EmbeddingProvider, Process};
 use aura_runtime::store::Durability;
 use aura_runtime::{Backend, Settings};
+
+use crate::mode::{WorkerMode, consumer_mode, worker_mode};
 use serde::Serialize;
 
 /// One line of the report.
@@ -81,8 +83,11 @@ pub async fn check(settings: &Settings) -> anyhow::Result<CheckReport> {
     let fallback = settings.fallback.backend.map(Backend::as_str);
     // What any of the processes needs, each with its own backend.
     let backends = Process::ALL.map(|p| settings.backend_of(p));
-    let uses_kafka = backends.contains(&Backend::Kafka)
-        || (backends.contains(&Backend::Celery) && settings.kafka.drain_to_celery);
+    let uses_kafka = consumer_mode(settings).uses_kafka()
+        || worker_mode(settings)
+            == (WorkerMode::Consume {
+                publishes: Backend::Kafka,
+            });
     let uses_redis = backends.contains(&Backend::Celery) || fallback.is_some();
     let plan = plan(settings, &registry.enabled());
     let mut checks = vec![passed(
@@ -134,41 +139,13 @@ pub async fn check(settings: &Settings) -> anyhow::Result<CheckReport> {
 }
 
 fn plan(settings: &Settings, enabled: &[&str]) -> Vec<String> {
-    let group = &settings.kafka.group_id;
-    let queues = settings.celery.queues.join(",");
     let handlers = enabled.join(", ");
     let source = |process: Process| match settings.backend_override(process) {
         Some(_) => format!(" ({})", process.backend_variable()),
         None => String::new(),
     };
-    let consumer = match settings.backend_of(Process::Consumer) {
-        Backend::Kafka => format!(
-            "vectordb-consumer: consumes the Kafka topics of [{handlers}] in group {group}, publishes to Kafka"
-        ),
-        Backend::Celery if settings.kafka.drain_to_celery => format!(
-            "vectordb-consumer: forwards Kafka's backlog of group {group} as Celery tasks to {}",
-            settings.celery.publish_queue()
-        ),
-        Backend::Celery => format!(
-            "vectordb-consumer: idles (KAFKA_DRAIN_TO_CELERY=false); Kafka's backlog waits in group {group}"
-        ),
-        Backend::Disabled | Backend::Memory => {
-            "vectordb-consumer: consumes nothing, commits nothing".to_owned()
-        }
-    };
-    let worker = match settings.backend_of(Process::Worker) {
-        Backend::Kafka => {
-            format!(
-                "vectordb-worker: consumes Celery queues [{queues}], publishes next events to Kafka"
-            )
-        }
-        Backend::Celery => format!(
-            "vectordb-worker: consumes Celery queues [{queues}] with [{handlers}], publishes next events as tasks"
-        ),
-        Backend::Disabled | Backend::Memory => {
-            "vectordb-worker: consumes nothing, acknowledges nothing".to_owned()
-        }
-    };
+    let consumer = consumer_mode(settings).describe(settings, &handlers);
+    let worker = worker_mode(settings).describe(settings, &handlers);
     let mut plan = vec![
         consumer + &source(Process::Consumer),
         worker + &source(Process::Worker),
@@ -300,10 +277,13 @@ async fn check_redis(name: &str, settings: &Settings) -> Check {
 
 async fn check_results(settings: &Settings) -> Check {
     let url = &settings.celery.result_backend;
-    let opened = ResultBackend::open(url.expose(), url.redacted(), settings.celery.result_expires);
-    let result = match opened {
-        Ok(results) => results.get("aura360-check-no-such-task").await.map(|_| ()),
-        Err(error) => Err(error),
+    let result = match crate::clients::result_backend(settings) {
+        Ok(results) => results
+            .get("aura360-check-no-such-task")
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+        Err(error) => Err(error.to_string()),
     };
     match result {
         Ok(()) => passed("result_backend", format!("{url}: reachable")),

@@ -13,10 +13,10 @@ use aura_runtime::store::{
     CollectionInfo, CollectionSpec, Durability, ForeignPoints, Hit, Point, StoreError, VectorStore,
 };
 use aura_runtime::{
-    Backend, Dispatcher, Fenced, FencedStore, Handler, HandlerContext, HandlerError, Registry,
-    Settings,
+    Dispatcher, Fenced, FencedStore, Handler, HandlerContext, HandlerError, Registry, Settings,
 };
 
+use crate::mode::{ConsumerMode, consumer_mode};
 use crate::ops::{Ops, celery_probe, kafka_probe};
 use crate::publish::with_fallback;
 use crate::{configured_registry, handler_context};
@@ -43,14 +43,14 @@ pub async fn run(
         group = %settings.kafka.group_id,
         "vectordb-consumer starting"
     );
-    match backend {
-        Backend::Kafka => {}
-        Backend::Celery if settings.kafka.drain_to_celery => {
+    match consumer_mode(&settings) {
+        ConsumerMode::Consume => {}
+        ConsumerMode::ForwardToCelery => {
             return forward_to_celery(&settings, &mut ops, options, shutdown)
                 .await
                 .map(Some);
         }
-        Backend::Celery => {
+        ConsumerMode::IdleForCelery => {
             tracing::warn!(
                 "MESSAGING_BACKEND=celery with KAFKA_DRAIN_TO_CELERY=false: this consumer handles nothing; events are \
                  processed by vectordb-worker. Kafka's backlog stays uncommitted in group {} and is picked up when \
@@ -61,7 +61,7 @@ pub async fn run(
             shutdown.await;
             return Ok(None);
         }
-        Backend::Disabled | Backend::Memory => {
+        ConsumerMode::Disabled => {
             tracing::warn!("MESSAGING_BACKEND=disabled: consuming nothing, committing nothing");
             ops.set_idle("MESSAGING_BACKEND=disabled: consuming nothing, committing nothing");
             shutdown.await;

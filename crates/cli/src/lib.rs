@@ -7,6 +7,7 @@ pub mod check;
 pub mod clients;
 pub mod consumer;
 pub mod lag;
+pub mod mode;
 pub mod ops;
 pub mod pipeline;
 pub mod progress;

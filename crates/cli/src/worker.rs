@@ -5,11 +5,12 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use aura_celery::events::host_name;
-use aura_celery::{CeleryPublisher, CeleryWorker, ResultBackend, WorkerOptions, WorkerReport};
+use aura_celery::{CeleryPublisher, CeleryWorker, WorkerOptions, WorkerReport};
 use aura_runtime::store::Durability;
 use aura_runtime::{Backend, Dispatcher, Fenced, FencedStore, Publisher, RetryPolicy, Settings};
 
-use crate::clients::celery_broker;
+use crate::clients::{celery_broker, result_backend};
+use crate::mode::{WorkerMode, worker_mode};
 use crate::ops::{Ops, celery_probe};
 use crate::publish::with_fallback;
 use crate::{configured_registry, handler_context};
@@ -57,22 +58,14 @@ pub async fn run(
         queues = %options.queues.join(","),
         "vectordb-worker starting"
     );
-    if matches!(backend, Backend::Disabled | Backend::Memory) {
+    if worker_mode(&settings) == WorkerMode::Disabled {
         tracing::warn!("MESSAGING_BACKEND=disabled: consuming nothing; tasks stay on their queues");
         ops.set_idle("MESSAGING_BACKEND=disabled: consuming nothing; tasks stay on their queues");
         shutdown.await;
         return Ok(None);
     }
     let broker = Arc::new(celery_broker(&settings)?);
-    let results = &settings.celery.result_backend;
-    let results = Arc::new(
-        ResultBackend::open(
-            results.expose(),
-            results.redacted(),
-            settings.celery.result_expires,
-        )
-        .with_context(|| format!("RESULT_BACKEND={results}"))?,
-    );
+    let results = Arc::new(result_backend(&settings)?);
     let publisher: Arc<dyn Publisher> = match backend {
         Backend::Kafka => with_fallback(
             &settings,

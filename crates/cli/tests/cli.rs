@@ -881,12 +881,13 @@ fn confluent_credentials_alone_select_sasl_ssl_plain_and_the_secret_is_never_sho
         security["detail"].as_str().unwrap().contains("inferred"),
         "{security}"
     );
-    // librdkafka received it: the connection attempts it reports (when it reports one before the check gives up;
-    // that is timing) are to a sasl_ssl:// broker. `aura_kafka::client`'s unit tests check the client configuration
-    // these settings produce.
-    for line in stderr.lines().filter(|l| l.contains("Connect to")) {
-        assert!(line.contains("sasl_ssl://127.0.0.1:9"), "{line}");
-    }
+    // What librdkafka is given is checked by `aura_kafka::client`'s unit tests; here: no connection attempt it logs
+    // (it may log none before the check gives up) is a plaintext one.
+    let plaintext: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("Connect to") && !l.contains("sasl_ssl://"))
+        .collect();
+    assert!(plaintext.is_empty(), "{plaintext:?}");
     assert!(
         !stdout.contains(secret) && !stderr.contains(secret),
         "the secret was shown"

@@ -71,7 +71,7 @@ async fn vectors_match_the_independent_numpy_reference() {
             "text {i} {:?}: cosine {similarity} with the reference",
             reference.texts[i]
         );
-        // Measured 0.99999+ (f32 here against f64 there); 0.99 is the bar, this is the regression bar.
+        // Measured 0.99999+ (f32 here against f64 there); 0.99 is the required bar, this is the regression bar.
         assert!(similarity > 0.9999, "text {i}: cosine {similarity}");
     }
     // The last reference text is longer than the 256-token window: it was cut, and counted.

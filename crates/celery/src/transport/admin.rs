@@ -114,19 +114,11 @@ impl Broker {
 /// The list a dead-letter entry's message goes back to (its queue, at priority 0 — the message keeps its own
 /// priority property), and the message's bytes.
 pub(super) fn dead_letter_message(entry: &[u8], default_queue: &str) -> Option<(String, Vec<u8>)> {
-    use base64::Engine as _;
-    let entry: serde_json::Value = serde_json::from_slice(entry).ok()?;
-    let queue = entry
-        .get("queue")
-        .and_then(|q| q.as_str())
-        .unwrap_or(default_queue)
-        .to_owned();
-    let message = match (entry.get("message"), entry.get("message_base64")) {
-        (Some(serde_json::Value::String(text)), _) => text.as_bytes().to_vec(),
-        (_, Some(serde_json::Value::String(encoded))) => base64::engine::general_purpose::STANDARD
-            .decode(encoded)
-            .ok()?,
-        _ => return None,
+    let entry = crate::dead_letter::DeadLetterEntry::from_slice(entry)?;
+    let message = entry.message_bytes()?;
+    let queue = match entry.queue.as_str() {
+        "" => default_queue.to_owned(),
+        queue => queue.to_owned(),
     };
     Some((queue, message))
 }

@@ -218,91 +218,172 @@ pub(super) async fn decide(
     prefetch_slot: &mut Option<OwnedSemaphorePermit>,
     events: &mut Vec<Value>,
 ) -> Verdict {
+    let expected_type = match admit(shared, message, events) {
+        Ok(expected_type) => expected_type,
+        Err(verdict) => return verdict,
+    };
+    let _slot = match wait_turn(shared, message, prefetch_slot).await {
+        Ok(slot) => slot,
+        Err(verdict) => return verdict,
+    };
+    tracing::info!(task = %message.task, task_id = %message.id, "Task {}[{}] received", message.task, message.id);
+    let (event, handler) = match route(shared, message, args, expected_type) {
+        Ok(routed) => routed,
+        Err(verdict) => return verdict,
+    };
+    mark_started(shared, message, events).await;
+    let active = Active::start(shared, fetched, message);
+    let scope = Arc::new(TaskScope::new(
+        message.id.clone(),
+        message
+            .root_id
+            .clone()
+            .unwrap_or_else(|| message.id.clone()),
+    ));
+    let started = Instant::now();
+    let limit_seconds = message.time_limit.or(message.soft_time_limit);
+    let run = scope.run(shared.dispatcher.dispatch(&event));
+    let outcome = tokio::select! {
+        outcome = async {
+            match time_limit(limit_seconds) {
+                Some(limit) => tokio::time::timeout(limit, run).await.ok(),
+                None => Some(run.await),
+            }
+        } => outcome,
+        _ = shared.abandon.cancelled() => return Verdict::Requeue,
+    };
+    drop(active);
+    shared
+        .events
+        .counters
+        .processed
+        .fetch_add(1, Ordering::Relaxed);
+    let runtime = started.elapsed().as_secs_f64();
+    match outcome {
+        None => {
+            let seconds = limit_seconds.unwrap_or_default();
+            Verdict::Fail {
+                handler: Some(handler.to_owned()),
+                exception: exception(
+                    "TimeLimitExceeded",
+                    "billiard.exceptions",
+                    &seconds.to_string(),
+                ),
+                error: format!("TimeLimitExceeded({seconds})"),
+            }
+        }
+        Some(Ok(Outcome::Handled { handler, produced })) => Verdict::Success {
+            result: json!({"ok": true, "event_id": event.event_id.to_string(), "handler": handler, "produced": produced}),
+            staged: scope.take(),
+            runtime,
+        },
+        Some(Ok(Outcome::Disabled { handler })) => Verdict::Park { handler },
+        // Routed above; a registry cannot change under a running worker (the dispatcher counted it if it did).
+        Some(Ok(Outcome::Unhandled)) => skipped(shared, &event, runtime),
+        Some(Err(failure)) => after_failure(shared, message, failure),
+    }
+}
+
+/// Whether this worker runs `message` at all: the event type its task carries, or the verdict (not ours, not
+/// registered, revoked, expired).
+fn admit(
+    shared: &Shared,
+    message: &TaskMessage,
+    events: &mut Vec<Value>,
+) -> Result<&'static str, Verdict> {
     let Some(expected_type) = routing::event_type_for_task(&message.task) else {
         if routing::is_pipeline_task(&message.task) {
-            return Verdict::Fail {
+            return Err(Verdict::Fail {
                 handler: None,
                 error: format!(
                     "Task of kind '{}' is not registered with this worker",
                     message.task
                 ),
                 exception: exception("NotRegistered", "celery.exceptions", &message.task),
-            };
+            });
         }
         shared.foreign_streak.fetch_add(1, Ordering::Relaxed);
-        return Verdict::Foreign;
+        return Err(Verdict::Foreign);
     };
     shared.foreign_streak.store(0, Ordering::Relaxed);
     events.extend(shared.events.task_received(message));
-    let revoked_or_expired = || {
-        if shared.control.is_revoked(&message.id) {
-            Some(Verdict::Revoked { expired: false })
-        } else if message.expires.is_some_and(|expires| expires <= Utc::now()) {
-            Some(Verdict::Revoked { expired: true })
-        } else {
-            None
-        }
-    };
-    if let Some(verdict) = revoked_or_expired() {
-        return verdict;
+    revoked_or_expired(shared, message).map_or(Ok(expected_type), Err)
+}
+
+fn revoked_or_expired(shared: &Shared, message: &TaskMessage) -> Option<Verdict> {
+    if shared.control.is_revoked(&message.id) {
+        Some(Verdict::Revoked { expired: false })
+    } else if message.expires.is_some_and(|expires| expires <= Utc::now()) {
+        Some(Verdict::Revoked { expired: true })
+    } else {
+        None
     }
+}
+
+/// Waits for the task's eta (its prefetch permit given back meanwhile), then for one of `concurrency` slots.
+async fn wait_turn(
+    shared: &Shared,
+    message: &TaskMessage,
+    prefetch_slot: &mut Option<OwnedSemaphorePermit>,
+) -> Result<OwnedSemaphorePermit, Verdict> {
     if let Some(eta) = message.eta {
         let wait = (eta - Utc::now()).to_std().unwrap_or_default();
         if !wait.is_zero() {
             let Ok(room) = shared.eta_room.clone().try_acquire_owned() else {
-                return Verdict::Delay { eta };
+                return Err(Verdict::Delay { eta });
             };
             // Celery raises its prefetch count for a scheduled task; we give its permit back while it waits, so
             // due tasks keep flowing, and `eta_room` bounds how many wait.
             drop(prefetch_slot.take());
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
-                _ = shared.stopping.cancelled() => return Verdict::Requeue,
+                _ = shared.stopping.cancelled() => return Err(Verdict::Requeue),
             }
             drop(room);
             *prefetch_slot = tokio::select! {
                 permit = shared.prefetch.clone().acquire_owned() => match permit {
                     Ok(permit) => Some(permit),
-                    Err(_) => return Verdict::Requeue,
+                    Err(_) => return Err(Verdict::Requeue),
                 },
-                _ = shared.stopping.cancelled() => return Verdict::Requeue,
+                _ = shared.stopping.cancelled() => return Err(Verdict::Requeue),
             };
         }
     }
-    let _slot = tokio::select! {
-        slot = shared.slots.clone().acquire_owned() => match slot {
-            Ok(slot) => slot,
-            Err(_) => return Verdict::Requeue,
-        },
-        _ = shared.stopping.cancelled() => return Verdict::Requeue,
+    let slot = tokio::select! {
+        slot = shared.slots.clone().acquire_owned() => slot.map_err(|_| Verdict::Requeue)?,
+        _ = shared.stopping.cancelled() => return Err(Verdict::Requeue),
     };
     // Checked again: a task can expire, or be revoked, while it waits for its eta or a slot.
-    if let Some(verdict) = revoked_or_expired() {
-        return verdict;
-    }
-    tracing::info!(task = %message.task, task_id = %message.id, "Task {}[{}] received", message.task, message.id);
-    let event = match decode_event(message, args, expected_type) {
-        Ok(event) => event,
-        Err(error) => {
-            return Verdict::Fail {
-                handler: None,
-                error: error.clone(),
-                exception: exception("InvalidEvent", "aura360.errors", &error),
-            };
-        }
-    };
-    let handler = match shared.registry.route(&event.event_type) {
-        Route::Disabled(name) => return Verdict::Park { handler: name },
+    revoked_or_expired(shared, message).map_or(Ok(slot), Err)
+}
+
+/// The event and the handler that runs it, or the verdict: unreadable, parked, or skipped (no handler knows it).
+fn route(
+    shared: &Shared,
+    message: &TaskMessage,
+    args: Vec<Value>,
+    expected_type: &str,
+) -> Result<(Event, &'static str), Verdict> {
+    let event = decode_event(message, args, expected_type).map_err(|error| Verdict::Fail {
+        handler: None,
+        exception: exception("InvalidEvent", "aura360.errors", &error),
+        error,
+    })?;
+    match shared.registry.route(&event.event_type) {
+        Route::Disabled(name) => Err(Verdict::Park { handler: name }),
         // As on Kafka (where `aura360.user.events` carries every `user.*` type): an event type no handler knows is
         // skipped, counted and acknowledged, never failed or dead-lettered.
         Route::Unhandled => {
             tracing::info!(event_id = %event.event_id, event_type = %event.event_type, "no handler for event type; skipped");
             aura_runtime::count_skipped();
-            return skipped(shared, &event, 0.0);
+            Err(skipped(shared, &event, 0.0))
         }
-        Route::Handler(handler) => handler.name(),
-    };
+        Route::Handler(handler) => Ok((event, handler.name())),
+    }
+}
 
+/// `STARTED` in the result backend (with `CELERY_TRACK_STARTED`) and the `task-started` event.
+async fn mark_started(shared: &Shared, message: &TaskMessage, events: &mut Vec<Value>) {
     if shared.options.track_started {
         let started = TaskResult {
             task_id: message.id.clone(),
@@ -322,82 +403,32 @@ pub(super) async fn decide(
         }
     }
     events.extend(shared.events.task_started(&message.id));
-    let active = Active::start(shared, fetched, message);
+}
 
-    let scope = Arc::new(TaskScope::new(
-        message.id.clone(),
-        message
-            .root_id
-            .clone()
-            .unwrap_or_else(|| message.id.clone()),
-    ));
-    let started = Instant::now();
-    let limit_seconds = message.time_limit.or(message.soft_time_limit);
-    let limit = time_limit(limit_seconds);
-    let run = scope.run(shared.dispatcher.dispatch(&event));
-    let outcome = tokio::select! {
-        outcome = async {
-            match limit {
-                Some(limit) => tokio::time::timeout(limit, run).await.ok(),
-                None => Some(run.await),
-            }
-        } => outcome,
-        _ = shared.abandon.cancelled() => return Verdict::Requeue,
+/// A failed handler: retried later (transient, attempts left) or failed for good.
+fn after_failure(shared: &Shared, message: &TaskMessage, failure: Failure) -> Verdict {
+    let Failure { handler, error } = failure;
+    let text = error.to_string();
+    let handler = handler.map(str::to_owned);
+    let policy = &shared.options.retry;
+    let attempt = message.retries.saturating_add(1);
+    if error.is_transient() && !policy.gives_up_after(attempt) {
+        let delay = policy.delay(attempt);
+        let eta = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
+        return Verdict::Retry {
+            exception: exception("TransientHandlerError", "aura360.errors", &text),
+            error: text,
+            eta,
+        };
+    }
+    let exc_type = match error {
+        HandlerError::Transient(_) => "TransientHandlerError",
+        HandlerError::Permanent(_) => "PermanentHandlerError",
     };
-    drop(active);
-    shared
-        .events
-        .counters
-        .processed
-        .fetch_add(1, Ordering::Relaxed);
-    let runtime = started.elapsed().as_secs_f64();
-    match outcome {
-        None => {
-            let seconds = limit_seconds.unwrap_or_default();
-            let error = format!("TimeLimitExceeded({seconds})");
-            Verdict::Fail {
-                handler: Some(handler.to_owned()),
-                exception: exception(
-                    "TimeLimitExceeded",
-                    "billiard.exceptions",
-                    &seconds.to_string(),
-                ),
-                error,
-            }
-        }
-        Some(Ok(Outcome::Handled { handler, produced })) => Verdict::Success {
-            result: json!({"ok": true, "event_id": event.event_id.to_string(), "handler": handler, "produced": produced}),
-            staged: scope.take(),
-            runtime,
-        },
-        Some(Ok(Outcome::Disabled { handler })) => Verdict::Park { handler },
-        // Routed above; a registry cannot change under a running worker (the dispatcher counted it if it did).
-        Some(Ok(Outcome::Unhandled)) => skipped(shared, &event, runtime),
-        Some(Err(Failure { handler, error })) => {
-            let text = error.to_string();
-            let handler = handler.map(str::to_owned);
-            let policy = &shared.options.retry;
-            let attempt = message.retries.saturating_add(1);
-            if error.is_transient() && !policy.gives_up_after(attempt) {
-                let delay = policy.delay(attempt);
-                let eta = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
-                Verdict::Retry {
-                    exception: exception("TransientHandlerError", "aura360.errors", &text),
-                    error: text,
-                    eta,
-                }
-            } else {
-                let exc_type = match error {
-                    HandlerError::Transient(_) => "TransientHandlerError",
-                    HandlerError::Permanent(_) => "PermanentHandlerError",
-                };
-                Verdict::Fail {
-                    handler,
-                    exception: exception(exc_type, "aura360.errors", &text),
-                    error: text,
-                }
-            }
-        }
+    Verdict::Fail {
+        handler,
+        exception: exception(exc_type, "aura360.errors", &text),
+        error: text,
     }
 }
 

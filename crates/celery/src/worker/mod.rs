@@ -35,10 +35,10 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::control::{ActiveTask, ControlState, serve_control};
+use crate::dead_letter::{DeadLetterEntry, Subject};
 use crate::events::{EventSender, HEARTBEAT_SECS, WorkerIdentity};
 use crate::protocol::{Envelope, MessageError, TaskMessage, follow_ups, iso};
 use crate::publisher::TaskScope;
-use crate::pyjson;
 use crate::results::{self, ResultBackend, TaskResult, exception};
 use crate::transport::{
     Acknowledgement, Broker, Fetched, Patience, Quarantined, TransportError, dead_letter_key,
@@ -161,350 +161,245 @@ impl CeleryWorker {
         self,
         shutdown: impl Future<Output = ()>,
     ) -> Result<WorkerReport, TransportError> {
-        let options = self.options;
-        let stopping = CancellationToken::new();
-        let broker = self.broker;
         tokio::pin!(shutdown);
-        let registry = self.registry.clone();
         // Start-up waits for Redis as long as it takes, but never past a shutdown.
-        let startup = async {
-            broker.ping(Patience::Forever).await?;
-            for queue in &options.queues {
-                broker.declare_queue(queue).await?;
-            }
-            let mut unparked = 0;
-            for queue in &options.queues {
-                for handler in registry.enabled() {
-                    unparked += broker.unpark(queue, handler).await?;
-                }
-            }
-            if unparked > 0 {
-                tracing::info!(
-                    unparked,
-                    "moved parked tasks of enabled handlers back onto their queues"
-                );
-            }
-            for queue in &options.queues {
-                match broker
-                    .sweep_unreadable(queue, |raw| unreadable_entry(queue, raw))
-                    .await
-                {
-                    Ok(0) => {}
-                    Ok(n) => {
-                        tracing::warn!(queue = %queue, dead_lettered = n, "dead-lettered unreadable messages a stopped worker left in quarantine")
-                    }
-                    Err(error) => tracing::warn!(%error, "dead-lettering quarantined messages"),
-                }
-            }
-            let restored = broker.restore_visible().await.unwrap_or_else(|error| {
-                tracing::warn!(%error, "restoring expired unacked messages at start-up");
-                0
-            });
-            Ok::<(usize, usize), TransportError>((unparked, restored))
-        };
         let (unparked, restored) = tokio::select! {
-            ready = startup => ready?,
+            ready = recover(&self.broker, &self.options, &self.registry) => ready?,
             _ = &mut shutdown => return Ok(WorkerReport::default()),
         };
+        let observer = self.observer.clone();
+        let (shared, commits) = Shared::new(self);
+        shared
+            .counters
+            .restored
+            .fetch_add(restored as u64, Ordering::Relaxed);
+        let background = Background::start(&shared, commits, observer);
+        background.announce(&shared).await;
 
-        let identity = WorkerIdentity::new(options.hostname.clone());
+        let mut tasks = JoinSet::new();
+        let shutdown_at = fetch_until(&shared, shutdown, &mut tasks).await;
+        tracing::info!(
+            in_flight = tasks.len(),
+            grace_s = shared.options.grace.as_secs_f64(),
+            "shutting down: finishing in-flight tasks"
+        );
+        // Handlers get `grace` from the signal; writes and requeues until half a second later; then the last
+        // bounded steps (committer, helpers, `worker-offline`): out within grace + 1 s of the signal.
+        let deadline = shutdown_at + shared.options.grace + Duration::from_millis(500);
+        let stop_at_deadline = background.stop_writes_at(deadline);
+        drain(
+            &shared,
+            &mut tasks,
+            shutdown_at + shared.options.grace,
+            deadline,
+        )
+        .await;
+        let report = shared.counters.report(unparked as u64);
+        drop(shared);
+        background.stop(deadline).await;
+        stop_at_deadline.abort();
+        tracing::info!(?report, "celery worker stopped");
+        Ok(report)
+    }
+}
+
+impl Shared {
+    /// The state every message task shares, and the receiving end of the committer's queue.
+    fn new(worker: CeleryWorker) -> (Arc<Self>, mpsc::Receiver<Commit>) {
+        let options = worker.options;
         let events = Arc::new(EventSender::new(
-            broker.link().clone(),
-            identity,
+            worker.broker.link().clone(),
+            WorkerIdentity::new(options.hostname.clone()),
             options.send_task_events,
         ));
-        let registered: Vec<String> = self
+        let registered: Vec<String> = worker
             .registry
             .enabled_event_types()
             .iter()
             .filter_map(|t| routing::task_for(t))
             .map(str::to_owned)
             .collect();
-        let prefetch = options.concurrency * options.prefetch_multiplier.max(1);
+        let prefetch = options.prefetch();
         let control = Arc::new(ControlState::new(
             options.queues.clone(),
             registered,
             options.concurrency,
             prefetch,
         ));
-        let (commit_tx, commit_rx) = mpsc::channel(4 * prefetch.max(64));
-        let held = Arc::new(StdMutex::new(HeldTags::new()));
-        let shared = Arc::new(Shared {
-            broker: broker.clone(),
-            results: self.results,
-            registry: self.registry,
-            dispatcher: self.dispatcher,
-            options: options.clone(),
-            events: events.clone(),
-            control: control.clone(),
+        let (commits, received) = mpsc::channel(4 * prefetch.max(64));
+        let shared = Self {
+            broker: worker.broker,
+            results: worker.results,
+            registry: worker.registry,
+            dispatcher: worker.dispatcher,
+            events,
+            control,
             slots: Arc::new(Semaphore::new(options.concurrency)),
-            stopping: stopping.clone(),
+            stopping: CancellationToken::new(),
             abandon: CancellationToken::new(),
-            commits: commit_tx,
+            commits,
             counters: Arc::new(Counters::default()),
             prefetch: Arc::new(Semaphore::new(prefetch)),
             eta_room: Arc::new(Semaphore::new(options.eta_max_held)),
-            held: held.clone(),
+            held: Arc::new(StdMutex::new(HeldTags::new())),
             foreign_streak: AtomicU64::new(0),
             paused: Paused {
                 fence: options.fence.clone(),
                 taken_over: Arc::default(),
             },
-        });
-        shared
-            .counters
-            .restored
-            .fetch_add(restored as u64, Ordering::Relaxed);
+            options,
+        };
+        (Arc::new(shared), received)
+    }
+}
 
-        let background = CancellationToken::new();
-        // Cancelled at the shutdown deadline: writes that still wait for Redis give up (their messages stay in
-        // `unacked`, restored after the visibility timeout).
-        let paused = shared.paused.clone();
-        let (pause_tx, mut pauses) = mpsc::unbounded_channel();
-        let _pause_watch = PauseWatch::spawn(
-            paused.fence.clone(),
-            Duration::from_millis(100),
-            (options.visibility_timeout / 2).max(Duration::from_millis(500)),
-            move |closing, _| {
-                let _ = pause_tx.send(closing);
+impl Counters {
+    fn report(&self, unparked: u64) -> WorkerReport {
+        WorkerReport {
+            succeeded: self.succeeded.load(Ordering::Relaxed),
+            retried: self.retried.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+            dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
+            parked: self.parked.load(Ordering::Relaxed),
+            requeued: self.requeued.load(Ordering::Relaxed),
+            revoked: self.revoked.load(Ordering::Relaxed),
+            restored: self.restored.load(Ordering::Relaxed),
+            unparked,
+            foreign: self.foreign.load(Ordering::Relaxed),
+            skipped: self.skipped.load(Ordering::Relaxed),
+            delayed: self.delayed.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Fetches and starts messages until `shutdown` resolves (or the prefetch bound is closed); returns when shutdown
+/// was asked for — the grace and the exit deadline count from there.
+async fn fetch_until(
+    shared: &Arc<Shared>,
+    mut shutdown: std::pin::Pin<&mut impl Future<Output = ()>>,
+    tasks: &mut JoinSet<()>,
+) -> tokio::time::Instant {
+    let options = &shared.options;
+    loop {
+        let first = tokio::select! {
+            permit = shared.prefetch.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return tokio::time::Instant::now(),
             },
-        )
-        .inspect_err(|error| {
-            tracing::warn!(%error, "cannot start the pause watch; a paused worker is not fenced")
-        })
-        .ok();
-        let hard_stop = CancellationToken::new();
-        let committer = tokio::spawn(run_committer(
-            broker.clone(),
-            shared.results.clone(),
-            events.clone(),
-            commit_rx,
-            self.observer.clone(),
-            hard_stop.clone(),
-            paused.clone(),
-        ));
-        let mut helpers = JoinSet::new();
-        helpers.spawn(serve_control(
-            broker.link().clone(),
-            events.clone(),
-            control,
-            background.clone(),
-        ));
-        let heartbeat_events = events.clone();
-        helpers.spawn(every(
-            Duration::from_secs_f64(HEARTBEAT_SECS),
-            background.clone(),
-            move || heartbeat(heartbeat_events.clone()),
-        ));
-        let (restore_broker, counters) = (broker.clone(), shared.counters.clone());
-        helpers.spawn(every(
-            options.restore_interval,
-            background.clone(),
-            move || restore(restore_broker.clone(), counters.clone()),
-        ));
-        let lease_broker = broker.clone();
-        helpers.spawn(every(
-            options.lease_interval(),
-            background.clone(),
-            move || refresh_leases(lease_broker.clone(), held.clone()),
-        ));
-        let (promote_broker, queues) = (
-            broker.clone(),
-            Arc::<[String]>::from(options.queues.clone()),
-        );
-        helpers.spawn(every(
-            Duration::from_secs(1),
-            background.clone(),
-            move || promote(promote_broker.clone(), queues.clone()),
-        ));
-        let (clear_broker, clear_held, clearing) =
-            (broker.clone(), shared.held.clone(), paused.clone());
-        helpers.spawn(async move {
-            while let Some(closing) = pauses.recv().await {
-                clearing.clear(closing, &clear_broker, &clear_held).await;
+            _ = &mut shutdown => return tokio::time::Instant::now(),
+        };
+        let mut permits = vec![first];
+        while permits.len() < 256 {
+            match shared.prefetch.clone().try_acquire_owned() {
+                Ok(permit) => permits.push(permit),
+                Err(_) => break,
             }
-        });
-        if let Err(error) = events.send_worker_event("worker-online").await {
-            tracing::warn!(%error, "worker-online event");
         }
-        tracing::info!(hostname = %options.hostname, queues = %options.queues.join(","),
-            concurrency = options.concurrency, prefetch, "celery worker ready");
-        // Celery's own words, which runbooks and people grep for.
-        tracing::info!(hostname = %options.hostname, "{} ready.", options.hostname);
-
-        let mut tasks = JoinSet::new();
-        // When shutdown was asked for: the grace and the exit deadline count from here.
-        let mut shutdown_at = tokio::time::Instant::now();
-        loop {
-            let first = tokio::select! {
-                permit = shared.prefetch.clone().acquire_owned() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => break,
-                },
-                _ = &mut shutdown => {
-                    shutdown_at = tokio::time::Instant::now();
-                    break;
-                }
-            };
-            let mut permits = vec![first];
-            while permits.len() < 256 {
-                match shared.prefetch.clone().try_acquire_owned() {
-                    Ok(permit) => permits.push(permit),
-                    Err(_) => break,
+        if shared.foreign_streak.load(Ordering::Relaxed) >= options.prefetch() as u64 {
+            // The queue brings only other apps' tasks: give their workers time to take them.
+            tokio::select! {
+                _ = tokio::time::sleep(options.fetch_block) => {}
+                _ = &mut shutdown => return tokio::time::Instant::now(),
+            }
+            shared.foreign_streak.store(0, Ordering::Relaxed);
+        }
+        // Raced against shutdown: a fetch takes nothing off a queue before registering it in `unacked`. A fetch
+        // under way at shutdown gets a moment to finish, so what it took is handled (put back) now; one that does
+        // not finish (Redis gone) is dropped, leaving at worst a message for the visibility-timeout restore.
+        let fetch = shared
+            .broker
+            .fetch(&options.queues, permits.len(), options.fetch_block);
+        tokio::pin!(fetch);
+        let mut stopping_at = None;
+        let fetched = tokio::select! {
+            fetched = &mut fetch => fetched,
+            _ = &mut shutdown => {
+                let now = tokio::time::Instant::now();
+                stopping_at = Some(now);
+                match tokio::time::timeout(FETCH_FINISH, &mut fetch).await {
+                    Ok(fetched) => fetched,
+                    Err(_) => return now,
                 }
             }
-            if shared.foreign_streak.load(Ordering::Relaxed) >= prefetch as u64 {
-                // The queue brings only other apps' tasks: give their workers time to take them.
+        };
+        match fetched {
+            Ok(messages) => start(shared, messages, permits, tasks),
+            Err(error) if stopping_at.is_some() => {
+                tracing::warn!(%error, "fetching from the broker failed at shutdown");
+            }
+            Err(error) => {
+                tracing::warn!(%error, "fetching from the broker failed; retrying");
                 tokio::select! {
-                    _ = tokio::time::sleep(options.fetch_block) => {}
-                    _ = &mut shutdown => {
-                        shutdown_at = tokio::time::Instant::now();
-                        break;
-                    }
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = &mut shutdown => return tokio::time::Instant::now(),
                 }
-                shared.foreign_streak.store(0, Ordering::Relaxed);
-            }
-            // Raced against shutdown: a fetch takes nothing off a queue before registering it in `unacked`. A fetch
-            // under way at shutdown gets a moment to finish, so what it took is handled (put back) now; one that
-            // does not finish (Redis gone) is dropped, leaving at worst a message for the visibility-timeout restore.
-            let fetch = broker.fetch(&options.queues, permits.len(), options.fetch_block);
-            tokio::pin!(fetch);
-            let mut stopping_now = false;
-            let fetched = tokio::select! {
-                fetched = &mut fetch => fetched,
-                _ = &mut shutdown => {
-                    stopping_now = true;
-                    shutdown_at = tokio::time::Instant::now();
-                    match tokio::time::timeout(FETCH_FINISH, &mut fetch).await {
-                        Ok(fetched) => fetched,
-                        Err(_) => break,
-                    }
-                }
-            };
-            match fetched {
-                Ok(messages) => {
-                    if let Ok(mut held) = shared.held.lock() {
-                        held.extend(
-                            messages
-                                .iter()
-                                .filter_map(|m| m.tag.clone())
-                                .map(|tag| (tag, CancellationToken::new())),
-                        );
-                    }
-                    for message in messages {
-                        let permit = permits.pop();
-                        let shared = shared.clone();
-                        tasks.spawn(async move { process(&shared, message, permit).await });
-                    }
-                }
-                Err(error) if stopping_now => {
-                    tracing::warn!(%error, "fetching from the broker failed at shutdown");
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "fetching from the broker failed; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                        _ = &mut shutdown => {
-                            shutdown_at = tokio::time::Instant::now();
-                            break;
-                        }
-                    }
-                }
-            }
-            while let Some(joined) = tasks.try_join_next() {
-                report_lost_task(joined);
-            }
-            if stopping_now {
-                break;
             }
         }
+        while let Some(joined) = tasks.try_join_next() {
+            report_lost_task(joined);
+        }
+        if let Some(at) = stopping_at {
+            return at;
+        }
+    }
+}
 
-        tracing::info!(
-            in_flight = tasks.len(),
-            grace_s = options.grace.as_secs_f64(),
-            "shutting down: finishing in-flight tasks"
+/// Registers the fetched messages as held and starts a task for each, with its prefetch permit.
+fn start(
+    shared: &Arc<Shared>,
+    messages: Vec<Fetched>,
+    mut permits: Vec<OwnedSemaphorePermit>,
+    tasks: &mut JoinSet<()>,
+) {
+    if let Ok(mut held) = shared.held.lock() {
+        held.extend(
+            messages
+                .iter()
+                .filter_map(|m| m.tag.clone())
+                .map(|tag| (tag, CancellationToken::new())),
         );
-        // Handlers get `grace` from the signal; writes and requeues until half a second later; then the last
-        // bounded steps (committer, helpers, `worker-offline`): out within grace + 1 s of the signal.
-        let deadline = shutdown_at + options.grace + Duration::from_millis(500);
-        let stop_at_deadline = {
-            let hard_stop = hard_stop.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep_until(deadline).await;
-                hard_stop.cancel();
-            })
-        };
-        stopping.cancel();
-        let drained = tokio::time::timeout_at(shutdown_at + options.grace, async {
-            while let Some(joined) = tasks.join_next().await {
-                report_lost_task(joined);
-            }
-        })
-        .await;
-        if drained.is_err() {
-            tracing::warn!(
-                still_running = tasks.len(),
-                "grace period over: putting unfinished tasks back on their queues"
-            );
-            shared.abandon.cancel();
-            let finished = tokio::time::timeout_at(deadline, async {
-                while tasks.join_next().await.is_some() {}
-            })
-            .await;
-            if finished.is_err() {
-                tracing::warn!(
-                    unfinished = tasks.len(),
-                    "shutdown deadline: leaving what is not written in unacked (restored after the visibility timeout)"
-                );
-                tasks.abort_all();
-                while tasks.join_next().await.is_some() {}
-            }
+    }
+    for message in messages {
+        let permit = permits.pop();
+        let shared = shared.clone();
+        tasks.spawn(async move { process(&shared, message, permit).await });
+    }
+}
+
+/// Shutdown: nothing new starts; running tasks get until `grace_end`; then what still runs is put back, and what is
+/// not written by `deadline` stays in `unacked` (restored after the visibility timeout).
+async fn drain(
+    shared: &Shared,
+    tasks: &mut JoinSet<()>,
+    grace_end: tokio::time::Instant,
+    deadline: tokio::time::Instant,
+) {
+    shared.stopping.cancel();
+    let drained = tokio::time::timeout_at(grace_end, async {
+        while let Some(joined) = tasks.join_next().await {
+            report_lost_task(joined);
         }
-        let counters = &shared.counters;
-        let report = WorkerReport {
-            succeeded: counters.succeeded.load(Ordering::Relaxed),
-            retried: counters.retried.load(Ordering::Relaxed),
-            failed: counters.failed.load(Ordering::Relaxed),
-            dead_lettered: counters.dead_lettered.load(Ordering::Relaxed),
-            parked: counters.parked.load(Ordering::Relaxed),
-            requeued: counters.requeued.load(Ordering::Relaxed),
-            revoked: counters.revoked.load(Ordering::Relaxed),
-            restored: counters.restored.load(Ordering::Relaxed),
-            unparked: unparked as u64,
-            foreign: counters.foreign.load(Ordering::Relaxed),
-            skipped: counters.skipped.load(Ordering::Relaxed),
-            delayed: counters.delayed.load(Ordering::Relaxed),
-        };
-        drop(shared);
-        // The committer ends once every task's sender is gone and its queue is written — or at the deadline.
-        let mut committer = committer;
-        if tokio::time::timeout_at(deadline + Duration::from_millis(200), &mut committer)
-            .await
-            .is_err()
-        {
-            committer.abort();
-        }
-        stop_at_deadline.abort();
-        background.cancel();
-        let helpers_done = tokio::time::timeout(Duration::from_millis(100), async {
-            while helpers.join_next().await.is_some() {}
-        })
-        .await;
-        if helpers_done.is_err() {
-            helpers.abort_all();
-        }
-        let offline = tokio::time::timeout(
-            Duration::from_millis(200),
-            events.send_worker_event("worker-offline"),
-        )
-        .await;
-        match offline {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => tracing::warn!(%error, "worker-offline event"),
-            Err(_) => tracing::warn!("worker-offline event not sent: the broker does not answer"),
-        }
-        tracing::info!(?report, "celery worker stopped");
-        Ok(report)
+    })
+    .await;
+    if drained.is_ok() {
+        return;
+    }
+    tracing::warn!(
+        still_running = tasks.len(),
+        "grace period over: putting unfinished tasks back on their queues"
+    );
+    shared.abandon.cancel();
+    let finished = tokio::time::timeout_at(deadline, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if finished.is_err() {
+        tracing::warn!(
+            unfinished = tasks.len(),
+            "shutdown deadline: leaving what is not written in unacked (restored after the visibility timeout)"
+        );
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
     }
 }
 

@@ -44,6 +44,11 @@ impl WorkerOptions {
         self.max_event_bytes.saturating_mul(4) / 3 + 64 * 1024
     }
 
+    /// Messages taken and not yet acknowledged, at most: `concurrency × prefetch_multiplier`.
+    pub(super) fn prefetch(&self) -> usize {
+        self.concurrency * self.prefetch_multiplier.max(1)
+    }
+
     /// How often held messages' leases are refreshed: a sixth of the visibility timeout, 1 s to 5 min.
     pub(super) fn lease_interval(&self) -> Duration {
         (self.visibility_timeout / 6).clamp(Duration::from_secs(1), Duration::from_secs(300))

@@ -10,130 +10,53 @@ pub(super) async fn write(
     tag: &str,
     message: &TaskMessage,
     verdict: Verdict,
-    mut events: Vec<Value>,
+    events: Vec<Value>,
 ) {
-    let counters = &shared.counters;
-    let mut pushes = Vec::new();
+    let mut writes = Writes {
+        pushes: Vec::new(),
+        events,
+    };
     let result = match verdict {
-        Verdict::Requeue => {
-            counters.requeued.fetch_add(1, Ordering::Relaxed);
-            match shared
-                .broker
-                .requeue(tag, &message.envelope, &fetched.queue, REQUEUE_PATIENCE)
-                .await
-            {
-                Ok(_) => {
-                    tracing::info!(task_id = %message.id, queue = %fetched.queue, "not started; put back on its queue")
-                }
-                Err(error) => tracing::warn!(task_id = %message.id, %error,
-                    "could not put the task back; it stays in unacked and is restored after the visibility timeout"),
-            }
-            return;
-        }
+        Verdict::Requeue => return requeue(shared, fetched, tag, message).await,
         Verdict::Foreign => {
-            give_back(shared, fetched, tag, &message.envelope, &message.task).await;
-            return;
+            return give_back(shared, fetched, tag, &message.envelope, &message.task).await;
         }
-        Verdict::Delay { eta } => {
-            let seconds = eta.timestamp_micros() as f64 / 1e6;
-            match shared
-                .broker
-                .delay(tag, &fetched.raw, &fetched.queue, seconds)
-                .await
-            {
-                Ok(_) => {
-                    counters.delayed.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(task_id = %message.id, eta = %iso(eta), queue = %fetched.queue,
-                        "scheduled task moved to the delayed set (CELERY_ETA_MAX_HELD held already)");
-                }
-                Err(error) => tracing::warn!(task_id = %message.id, %error,
-                    "could not move the scheduled task to the delayed set; it stays in unacked and is restored after the visibility timeout"),
-            }
-            return;
-        }
+        Verdict::Delay { eta } => return delay(shared, fetched, tag, message, eta).await,
         Verdict::Park { handler } => {
-            counters.parked.fetch_add(1, Ordering::Relaxed);
+            shared.counters.parked.fetch_add(1, Ordering::Relaxed);
             tracing::info!(task_id = %message.id, handler, "handler disabled: task parked until a worker with it enabled starts");
-            pushes.push((parked_key(&fetched.queue, handler), fetched.raw.clone()));
+            writes
+                .pushes
+                .push((parked_key(&fetched.queue, handler), fetched.raw.clone()));
             None
         }
-        Verdict::Revoked { expired } => {
-            counters.revoked.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(task_id = %message.id, expired, "task revoked; not run");
-            events.extend(shared.events.task_revoked(&message.id, expired));
-            Some(task_result(
-                message,
-                results::REVOKED,
-                exception(
-                    "TaskRevokedError",
-                    "celery.exceptions",
-                    if expired { "expired" } else { "revoked" },
-                ),
-                None,
-                Vec::new(),
-            ))
-        }
+        Verdict::Revoked { expired } => Some(revoked(shared, message, expired, &mut writes)),
         Verdict::Success {
             result,
             staged,
             runtime,
-        } => {
-            counters.succeeded.fetch_add(1, Ordering::Relaxed);
-            // One repr for the log line and the task event (Celery's `resultrepr_maxsize`).
-            let repr = crate::protocol::saferepr(&result, 1024);
-            tracing::info!(task = %message.task, task_id = %message.id, runtime,
-                "Task {}[{}] succeeded in {}s: {repr}", message.task, message.id,
-                aura_runtime::events::pyfmt::float_str(runtime));
-            events.extend(shared.events.task_succeeded(&message.id, &repr, runtime));
-            let follow_ups = follow_ups(message, &result, &fetched.queue, &shared.options.hostname);
-            let children = staged
-                .iter()
-                .chain(&follow_ups)
-                .map(|t| t.id.clone())
-                .collect();
-            for task in staged.into_iter().chain(follow_ups) {
-                pushes.push((
-                    priority_key(&task.queue, task.priority),
-                    task.envelope.to_vec(),
-                ));
-            }
-            Some(task_result(
-                message,
-                results::SUCCESS,
+        } => Some(succeeded(
+            shared,
+            fetched,
+            message,
+            Succeeded {
                 result,
-                None,
-                children,
-            ))
-        }
+                staged,
+                runtime,
+            },
+            &mut writes,
+        )),
         Verdict::Retry {
             error,
             exception,
             eta,
-        } => {
-            counters.retried.fetch_add(1, Ordering::Relaxed);
-            let traceback = format!(
-                "Retry in {}s: {error}",
-                (eta - Utc::now()).num_seconds().max(0)
-            );
-            tracing::warn!(task = %message.task, task_id = %message.id, retries = message.retries + 1, eta = %iso(eta),
-                %error, "Task {}[{}] retry: {traceback}", message.task, message.id);
-            events.extend(shared.events.task_retried(
-                &message.id,
-                &format!("Retry({error:?})"),
-                &traceback,
-            ));
-            pushes.push((
-                priority_key(&fetched.queue, message.envelope.priority()),
-                message.retry_envelope(eta).to_vec(),
-            ));
-            Some(task_result(
-                message,
-                results::RETRY,
-                exception,
-                Some(traceback),
-                Vec::new(),
-            ))
-        }
+        } => Some(retried(
+            shared,
+            fetched,
+            message,
+            (error, exception, eta),
+            &mut writes,
+        )),
         Verdict::Fail {
             handler,
             error,
@@ -142,12 +65,14 @@ pub(super) async fn write(
             fail(
                 shared,
                 fetched,
-                Some(message.id.clone()),
-                Some(message.task.clone()),
-                handler,
-                &error,
-                &mut pushes,
-                &mut events,
+                FailedTask {
+                    task_id: Some(message.id.clone()),
+                    task: Some(message.task.clone()),
+                    handler,
+                    error: &error,
+                },
+                &mut writes.pushes,
+                &mut writes.events,
             );
             Some(task_result(
                 message,
@@ -158,7 +83,160 @@ pub(super) async fn write(
             ))
         }
     };
-    commit(shared, Some(tag.to_owned()), result, pushes, events).await;
+    commit(
+        shared,
+        Some(tag.to_owned()),
+        result,
+        writes.pushes,
+        writes.events,
+    )
+    .await;
+}
+
+/// What one commit pushes in the acknowledging `MULTI`, and the task events it sends.
+pub(super) struct Writes {
+    pub(super) pushes: Vec<(String, Vec<u8>)>,
+    pub(super) events: Vec<Value>,
+}
+
+/// A task not started at shutdown: back on the head of its queue.
+async fn requeue(shared: &Shared, fetched: &Fetched, tag: &str, message: &TaskMessage) {
+    shared.counters.requeued.fetch_add(1, Ordering::Relaxed);
+    match shared
+        .broker
+        .requeue(tag, &message.envelope, &fetched.queue, REQUEUE_PATIENCE)
+        .await
+    {
+        Ok(_) => {
+            tracing::info!(task_id = %message.id, queue = %fetched.queue, "not started; put back on its queue")
+        }
+        Err(error) => tracing::warn!(task_id = %message.id, %error,
+            "could not put the task back; it stays in unacked and is restored after the visibility timeout"),
+    }
+}
+
+/// A scheduled task with no room in memory: into `<queue>.delayed` until `eta`.
+async fn delay(
+    shared: &Shared,
+    fetched: &Fetched,
+    tag: &str,
+    message: &TaskMessage,
+    eta: chrono::DateTime<Utc>,
+) {
+    let seconds = eta.timestamp_micros() as f64 / 1e6;
+    match shared
+        .broker
+        .delay(tag, &fetched.raw, &fetched.queue, seconds)
+        .await
+    {
+        Ok(_) => {
+            shared.counters.delayed.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(task_id = %message.id, eta = %iso(eta), queue = %fetched.queue,
+                "scheduled task moved to the delayed set (CELERY_ETA_MAX_HELD held already)");
+        }
+        Err(error) => tracing::warn!(task_id = %message.id, %error,
+            "could not move the scheduled task to the delayed set; it stays in unacked and is restored after the visibility timeout"),
+    }
+}
+
+fn revoked(
+    shared: &Shared,
+    message: &TaskMessage,
+    expired: bool,
+    writes: &mut Writes,
+) -> TaskResult {
+    shared.counters.revoked.fetch_add(1, Ordering::Relaxed);
+    tracing::warn!(task_id = %message.id, expired, "task revoked; not run");
+    writes
+        .events
+        .extend(shared.events.task_revoked(&message.id, expired));
+    task_result(
+        message,
+        results::REVOKED,
+        exception(
+            "TaskRevokedError",
+            "celery.exceptions",
+            if expired { "expired" } else { "revoked" },
+        ),
+        None,
+        Vec::new(),
+    )
+}
+
+/// A handler's success: its result, and the tasks it produced (and Celery's own follow-ups) pushed.
+pub(super) struct Succeeded {
+    pub(super) result: Value,
+    pub(super) staged: Vec<crate::protocol::OutgoingTask>,
+    pub(super) runtime: f64,
+}
+
+fn succeeded(
+    shared: &Shared,
+    fetched: &Fetched,
+    message: &TaskMessage,
+    success: Succeeded,
+    writes: &mut Writes,
+) -> TaskResult {
+    let Succeeded {
+        result,
+        staged,
+        runtime,
+    } = success;
+    shared.counters.succeeded.fetch_add(1, Ordering::Relaxed);
+    // One repr for the log line and the task event (Celery's `resultrepr_maxsize`).
+    let repr = crate::protocol::saferepr(&result, 1024);
+    tracing::info!(task = %message.task, task_id = %message.id, runtime,
+        "Task {}[{}] succeeded in {}s: {repr}", message.task, message.id,
+        aura_runtime::events::pyfmt::float_str(runtime));
+    writes
+        .events
+        .extend(shared.events.task_succeeded(&message.id, &repr, runtime));
+    let follow_ups = follow_ups(message, &result, &fetched.queue, &shared.options.hostname);
+    let children = staged
+        .iter()
+        .chain(&follow_ups)
+        .map(|t| t.id.clone())
+        .collect();
+    for task in staged.into_iter().chain(follow_ups) {
+        writes.pushes.push((
+            priority_key(&task.queue, task.priority),
+            task.envelope.to_vec(),
+        ));
+    }
+    task_result(message, results::SUCCESS, result, None, children)
+}
+
+/// A transient failure with attempts left: the task sent again with a countdown, as Celery's autoretry does.
+fn retried(
+    shared: &Shared,
+    fetched: &Fetched,
+    message: &TaskMessage,
+    (error, exception, eta): (String, Value, chrono::DateTime<Utc>),
+    writes: &mut Writes,
+) -> TaskResult {
+    shared.counters.retried.fetch_add(1, Ordering::Relaxed);
+    let traceback = format!(
+        "Retry in {}s: {error}",
+        (eta - Utc::now()).num_seconds().max(0)
+    );
+    tracing::warn!(task = %message.task, task_id = %message.id, retries = message.retries + 1, eta = %iso(eta),
+        %error, "Task {}[{}] retry: {traceback}", message.task, message.id);
+    writes.events.extend(shared.events.task_retried(
+        &message.id,
+        &format!("Retry({error:?})"),
+        &traceback,
+    ));
+    writes.pushes.push((
+        priority_key(&fetched.queue, message.envelope.priority()),
+        message.retry_envelope(eta).to_vec(),
+    ));
+    task_result(
+        message,
+        results::RETRY,
+        exception,
+        Some(traceback),
+        Vec::new(),
+    )
 }
 
 /// How long a fetch under way at shutdown may take to finish (an idle wait is 250 ms; a batch one round trip).
@@ -208,10 +286,12 @@ pub(super) async fn dead_letter_unreadable(
     fail(
         shared,
         fetched,
-        task_id.clone(),
-        task,
-        None,
-        &error,
+        FailedTask {
+            task_id: task_id.clone(),
+            task,
+            handler: None,
+            error: &error,
+        },
         &mut pushes,
         &mut events,
     );
@@ -227,17 +307,28 @@ pub(super) async fn dead_letter_unreadable(
     commit(shared, Some(tag.to_owned()), result, pushes, events).await;
 }
 
-#[allow(clippy::too_many_arguments)]
+/// A task that failed for good: which one, in which handler (if known), and why.
+pub(super) struct FailedTask<'a> {
+    pub(super) task_id: Option<String>,
+    pub(super) task: Option<String>,
+    pub(super) handler: Option<String>,
+    pub(super) error: &'a str,
+}
+
+/// Counts and logs `failure`, and adds its dead letter to `pushes` and its event to `events`.
 pub(super) fn fail(
     shared: &Shared,
     fetched: &Fetched,
-    task_id: Option<String>,
-    task: Option<String>,
-    handler: Option<String>,
-    error: &str,
+    failure: FailedTask<'_>,
     pushes: &mut Vec<(String, Vec<u8>)>,
     events: &mut Vec<Value>,
 ) {
+    let FailedTask {
+        task_id,
+        task,
+        handler,
+        error,
+    } = failure;
     shared.counters.failed.fetch_add(1, Ordering::Relaxed);
     shared
         .counters
@@ -252,14 +343,18 @@ pub(super) fn fail(
     if let Some(id) = &task_id {
         events.extend(shared.events.task_failed(id, error, error));
     }
-    let entry = dead_letter_entry(
-        fetched,
-        task_id.as_deref(),
-        task.as_deref(),
+    let entry = DeadLetterEntry::new(
+        Subject {
+            queue: &fetched.queue,
+            raw: &fetched.raw,
+            delivery_tag: fetched.tag.as_deref(),
+            task_id: task_id.as_deref(),
+            task: task.as_deref(),
+            handler: handler.as_deref(),
+        },
         error,
-        handler.as_deref(),
     );
-    pushes.push((dead_letter_key(&fetched.queue), entry));
+    pushes.push((dead_letter_key(&fetched.queue), entry.to_bytes()));
 }
 
 pub(super) fn task_result(
@@ -280,63 +375,21 @@ pub(super) fn task_result(
     }
 }
 
-/// A `<queue>.dlq` entry: the reason and the original message, unchanged (push `message` back onto the queue to
-/// replay it).
-pub(super) fn dead_letter_entry(
-    fetched: &Fetched,
-    task_id: Option<&str>,
-    task: Option<&str>,
-    error: &str,
-    handler: Option<&str>,
-) -> Vec<u8> {
-    entry_for(
-        &fetched.queue,
-        &fetched.raw,
-        fetched.tag.as_deref(),
-        task_id,
-        task,
-        error,
-        handler,
-    )
-}
-
 /// The dead letter of a message that is not a readable kombu envelope.
 pub(super) fn unreadable_entry(queue: &str, raw: &[u8]) -> Vec<u8> {
     let reason = match Envelope::from_slice(raw) {
         Err(error) => error.to_string(),
         Ok(_) => "envelope has no properties.delivery_tag".to_owned(),
     };
-    entry_for(queue, raw, None, None, None, &reason, None)
-}
-
-pub(super) fn entry_for(
-    queue: &str,
-    raw: &[u8],
-    tag: Option<&str>,
-    task_id: Option<&str>,
-    task: Option<&str>,
-    error: &str,
-    handler: Option<&str>,
-) -> Vec<u8> {
-    let mut entry = serde_json::Map::new();
-    entry.insert("task_id".into(), json!(task_id));
-    entry.insert("task".into(), json!(task));
-    entry.insert("queue".into(), json!(queue));
-    entry.insert("handler".into(), json!(handler));
-    entry.insert("error".into(), json!(error));
-    entry.insert("delivery_tag".into(), json!(tag));
-    entry.insert("failed_at".into(), json!(iso(Utc::now())));
-    match std::str::from_utf8(raw) {
-        Ok(text) => entry.insert("message".into(), json!(text)),
-        Err(_) => {
-            use base64::Engine as _;
-            entry.insert(
-                "message_base64".into(),
-                json!(base64::engine::general_purpose::STANDARD.encode(raw)),
-            )
-        }
-    };
-    pyjson::to_vec(&Value::Object(entry))
+    DeadLetterEntry::new(
+        Subject {
+            queue,
+            raw,
+            ..Subject::default()
+        },
+        &reason,
+    )
+    .to_bytes()
 }
 
 pub(super) fn exception_for(error: &MessageError) -> Value {
