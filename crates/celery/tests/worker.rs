@@ -184,10 +184,7 @@ impl Harness {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs redis-server: scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs redis-server: scripts/test.sh runs it")]
 async fn a_transient_failure_is_retried_with_an_eta_until_it_succeeds() {
     let harness = Harness::start(2, Duration::ZERO, |_| {}).await;
     let id = harness.send(|_| {}).await;
@@ -200,10 +197,7 @@ async fn a_transient_failure_is_retried_with_an_eta_until_it_succeeds() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs redis-server: scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs redis-server: scripts/test.sh runs it")]
 async fn retries_exhausted_end_in_failure_and_a_dead_letter() {
     let harness = Harness::start(u32::MAX, Duration::ZERO, |options| {
         options.retry.max_attempts = Some(3);
@@ -240,10 +234,7 @@ async fn retries_exhausted_end_in_failure_and_a_dead_letter() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs redis-server: scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs redis-server: scripts/test.sh runs it")]
 async fn a_task_over_its_time_limit_fails_with_time_limit_exceeded() {
     let harness = Harness::start(0, Duration::from_secs(30), |_| {}).await;
     let started = Instant::now();
@@ -259,10 +250,7 @@ async fn a_task_over_its_time_limit_fails_with_time_limit_exceeded() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs redis-server: scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs redis-server: scripts/test.sh runs it")]
 async fn scheduled_tasks_do_not_hold_back_due_ones_and_go_back_on_shutdown() {
     let mut harness = Harness::start(0, Duration::ZERO, |options| {
         options.concurrency = 1;
@@ -312,10 +300,7 @@ async fn conn(url: &str) -> redis::aio::MultiplexedConnection {
 /// A panic inside a task ends it as a failure with a dead letter (not a silent loss that the visibility-timeout
 /// restore would bring back forever).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs redis-server: scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs redis-server: scripts/test.sh runs it")]
 async fn a_panicking_handler_fails_its_task_with_a_dead_letter_and_the_worker_goes_on() {
     let harness = Harness::start(0, Duration::ZERO, |_| {}).await;
     let bad = harness.send_data(json!({"panic": true}), |_| {}).await;
@@ -350,10 +335,7 @@ async fn a_panicking_handler_fails_its_task_with_a_dead_letter_and_the_worker_go
 
 /// `expires` is checked after the eta wait too: a task that expired meanwhile is revoked, not run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs redis-server: scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs redis-server: scripts/test.sh runs it")]
 async fn a_task_that_expires_while_it_waits_for_its_eta_is_revoked_not_run() {
     let harness = Harness::start(0, Duration::ZERO, |_| {}).await;
     let now = Utc::now();
@@ -373,10 +355,7 @@ async fn a_task_that_expires_while_it_waits_for_its_eta_is_revoked_not_run() {
 /// The restorer reads past unreadable `unacked` entries (left in place for a person to look at): a thousand of them
 /// do not hide the readable entries behind them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs redis-server: scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs redis-server: scripts/test.sh runs it")]
 async fn the_restorer_is_not_stalled_by_a_thousand_unreadable_unacked_entries() {
     let server = RedisServer::start();
     let broker = Broker::open(&server.url(), server.url(), Duration::from_secs(60)).unwrap();

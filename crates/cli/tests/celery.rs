@@ -314,10 +314,7 @@ fn assert_states_succeeded(states: &Value, sent: &Value) {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs redis-server and Python Celery (the venv): scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs redis-server and Python Celery: test.sh")]
 fn python_send_task_runs_the_whole_chain_through_celery() {
     let celery = Celery::private();
     let worker = celery.start_worker(
@@ -368,10 +365,7 @@ fn python_send_task_runs_the_whole_chain_through_celery() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs redis-server and Python Celery (the venv): scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs redis-server and Python Celery: test.sh")]
 fn our_publisher_feeds_python_workers_intact_events_chained_to_their_parent() {
     let celery = Celery::private();
     let python = celery.start_python_worker("py", "python", &[("RECORD_KEY", "recorded")]);
@@ -587,28 +581,19 @@ fn killed_worker_scenario(count: usize, finish_with_python: bool) {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs redis-server and Python Celery (the venv): scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs redis-server and Python Celery: test.sh")]
 fn a_killed_workers_tasks_are_restored_and_done_by_our_worker() {
     killed_worker_scenario(400, false);
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs redis-server and Python Celery (the venv): scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs redis-server and Python Celery: test.sh")]
 fn a_killed_workers_tasks_are_restored_and_done_by_a_python_worker() {
     killed_worker_scenario(150, true);
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs redis-server and Python Celery (the venv): scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs redis-server and Python Celery: test.sh")]
 fn malformed_messages_are_dead_lettered_with_their_reason_and_the_worker_goes_on() {
     let celery = Celery::private();
     let good = celery.client(&["send", "--count", "30"]);
@@ -682,10 +667,7 @@ fn malformed_messages_are_dead_lettered_with_their_reason_and_the_worker_goes_on
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs redis-server and Python Celery (the venv): scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs redis-server and Python Celery: test.sh")]
 fn a_disabled_handlers_tasks_are_parked_and_run_when_it_is_enabled_again() {
     let celery = Celery::private();
     let worker = celery.start_worker("partial", &[("DISABLED_HANDLERS", "context_aggregated")]);
@@ -717,10 +699,7 @@ fn a_disabled_handlers_tasks_are_parked_and_run_when_it_is_enabled_again() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs redis-server and Python Celery (the venv): scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs redis-server and Python Celery: test.sh")]
 fn sigterm_under_load_finishes_in_flight_requeues_the_rest_and_loses_nothing() {
     let celery = Celery::private();
     let sent = celery.client(&["send", "--count", "600"]);
@@ -752,10 +731,7 @@ fn sigterm_under_load_finishes_in_flight_requeues_the_rest_and_loses_nothing() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs redis-server and Python Celery (the venv): scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs redis-server and Python Celery: test.sh")]
 fn the_worker_reconnects_after_client_kill_and_a_redis_restart_and_loses_nothing() {
     let mut server = RedisServer::durable();
     let celery = Celery::on(&server);
@@ -791,10 +767,7 @@ fn the_worker_reconnects_after_client_kill_and_a_redis_restart_and_loses_nothing
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs redis-server and Python Celery (the venv): scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs redis-server and Python Celery: test.sh")]
 fn flower_lists_our_worker_and_its_tasks_and_inspect_answers() {
     let celery = Celery::private();
     let worker = celery.start_worker("flowered", &[]);
@@ -879,10 +852,7 @@ fn flower_lists_our_worker_and_its_tasks_and_inspect_answers() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs redis-server and Python Celery (the venv): scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs redis-server and Python Celery: test.sh")]
 fn a_password_protected_broker_works_and_the_password_never_reaches_the_logs() {
     let server = RedisServer::start_with(&["--requirepass", "Sup3rSecretPw"]);
     let celery = Celery {
@@ -913,10 +883,7 @@ impl Process {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs redis-server and Python Celery (the venv): scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs redis-server and Python Celery: test.sh")]
 fn journal_entries_from_python_are_stored_bounded_and_an_event_over_the_limit_is_dead_lettered_with_its_size()
  {
     let server = RedisServer::start();
@@ -1009,10 +976,7 @@ impl Celery {
 /// A fetch registers a message in `unacked` in the same step that takes it off its queue: a registration Redis
 /// refuses leaves the message on its queue.
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs redis-server and Python Celery (the venv): scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs redis-server and Python Celery: test.sh")]
 fn a_message_redis_refuses_to_register_stays_on_its_queue_and_none_is_lost() {
     let celery = Celery::private();
     // `unacked` of the wrong type: every registration is refused, as an ACL or an OOM refusal would be.
@@ -1047,10 +1011,7 @@ fn a_message_redis_refuses_to_register_stays_on_its_queue_and_none_is_lost() {
 
 /// Extreme headers and payloads from Python Celery, among good tasks: every task ends in a terminal state.
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs redis-server and Python Celery (the venv): scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs redis-server and Python Celery: test.sh")]
 fn python_sending_legal_but_extreme_headers_and_payloads_gets_a_terminal_state_for_every_task() {
     let celery = Celery::private();
     let visibility = Duration::from_secs(3);
@@ -1118,10 +1079,7 @@ fn python_sending_legal_but_extreme_headers_and_payloads_gets_a_terminal_state_f
 
 /// The fetch's retries race against shutdown: SIGTERM while Redis is down exits in time.
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs redis-server and Python Celery (the venv): scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs redis-server and Python Celery: test.sh")]
 fn sigterm_while_redis_is_down_exits_within_10_seconds_and_loses_nothing() {
     let mut server = RedisServer::durable();
     let celery = Celery::on(&server);
@@ -1164,10 +1122,7 @@ fn sigterm_while_redis_is_down_exits_within_10_seconds_and_loses_nothing() {
 /// A task keeps its prefetch permit until its result and acknowledgement are written: a result backend that does
 /// not answer holds the worker at its prefetch instead of letting it take the whole queue.
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs redis-server and Python Celery (the venv): scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs redis-server and Python Celery: test.sh")]
 fn with_the_result_backend_down_the_worker_holds_no_more_than_its_prefetch() {
     let celery = Celery::private();
     let mut results = RedisServer::start();
@@ -1225,10 +1180,7 @@ fn with_the_result_backend_down_the_worker_holds_no_more_than_its_prefetch() {
 /// A task waiting for an eta beyond the visibility timeout keeps its lease (no other worker restores it, so it runs
 /// once), and scheduled tasks beyond `CELERY_ETA_MAX_HELD` wait in Redis, not in memory.
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs redis-server and Python Celery (the venv): scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs redis-server and Python Celery: test.sh")]
 fn a_countdown_longer_than_the_visibility_timeout_runs_once_and_what_does_not_fit_waits_in_redis() {
     let celery = Celery::private();
     let mut holder = celery.start_worker(
@@ -1288,10 +1240,7 @@ fn a_countdown_longer_than_the_visibility_timeout_runs_once_and_what_does_not_fi
 
 /// Restore pushes a message to the queues bound to its exchange, not to its routing key.
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs redis-server and Python Celery (the venv): scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs redis-server and Python Celery: test.sh")]
 fn a_killed_python_workers_task_on_a_named_exchange_is_restored_to_its_bound_queue() {
     let celery = Celery::private();
     let media = [
@@ -1343,10 +1292,7 @@ fn a_killed_python_workers_task_on_a_named_exchange_is_restored_to_its_bound_que
 
 /// Coexistence: a Python worker and ours on one Redis; ours also (mis)configured on the Python worker's queue.
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs redis-server and Python Celery (the venv): scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs redis-server and Python Celery: test.sh")]
 fn python_and_our_workers_share_one_redis_and_every_task_runs_once_on_a_worker_that_knows_it() {
     let celery = Celery::private();
     let mut ours = celery.start_worker("ours", &[("CELERY_QUEUES", "vectordb,celery")]);
@@ -1389,10 +1335,7 @@ fn python_and_our_workers_share_one_redis_and_every_task_runs_once_on_a_worker_t
 /// `Task <name>[<id>] succeeded in <s>s: …`. Text logs have them at INFO; JSON logs carry the same message and the
 /// fields (`task`, `task_id`, `runtime`) for machines.
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs redis-server and Python Celery (the venv): scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs redis-server and Python Celery: test.sh")]
 fn the_worker_logs_celery_shaped_lines_and_keeps_them_structured_in_json() {
     let celery = Celery::private();
     let mut worker = celery.start_worker("plan", &[("NO_COLOR", "1")]);
@@ -1527,10 +1470,7 @@ fn member_env<'a>(visibility: &'a str, url: &'a str) -> [(&'static str, &'a str)
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs redis-server and Python Celery (the venv): scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs redis-server and Python Celery: test.sh")]
 fn workers_killed_stopped_paused_and_joining_late_beside_a_python_worker_run_every_task() {
     const VISIBILITY: &str = "6";
     let celery = Celery::private();
@@ -1623,10 +1563,7 @@ fn workers_killed_stopped_paused_and_joining_late_beside_a_python_worker_run_eve
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs redis-server and Python Celery (the venv): scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs redis-server and Python Celery: test.sh")]
 fn a_worker_paused_past_the_visibility_timeout_writes_no_result_of_what_another_worker_took_over() {
     const VISIBILITY: &str = "4";
     let celery = Celery::private();

@@ -391,19 +391,13 @@ fn produce_in_background(
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs Apache Kafka and the Python venv: scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs Kafka and the Python venv: scripts/test.sh")]
 fn consumers_killed_stopped_paused_and_joining_late_leave_every_event_exactly_once() {
     churn("churn", "range,roundrobin");
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs Apache Kafka and the Python venv: scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs Kafka and the Python venv: scripts/test.sh")]
 fn the_same_churn_with_cooperative_rebalancing_leaves_every_event_exactly_once() {
     churn("coop", "cooperative-sticky");
 }
@@ -473,10 +467,7 @@ fn churn(name: &str, strategy: &str) {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs Apache Kafka and the Python venv: scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs Kafka and the Python venv: scripts/test.sh")]
 fn a_consumer_paused_past_its_session_writes_and_commits_nothing_of_what_the_group_took_over() {
     let group = Group::new("zombie");
     let python_bin = aura_testkit::python();

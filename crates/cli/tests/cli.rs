@@ -61,10 +61,7 @@ fn mood_line(n: usize, user: &str) -> String {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs the local model (vectordb model install): scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs the local model: scripts/test.sh")]
 fn pipeline_on_the_example_file_writes_one_point_per_event_and_is_idempotent() {
     let dir = tempfile::tempdir().unwrap();
     let first = json_of(&vectordb(
@@ -104,10 +101,7 @@ fn pipeline_on_the_example_file_writes_one_point_per_event_and_is_idempotent() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs the local model (vectordb model install): scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs the local model: scripts/test.sh")]
 fn search_returns_hits_for_that_user_only() {
     let dir = tempfile::tempdir().unwrap();
     json_of(&vectordb(
@@ -153,10 +147,7 @@ fn search_returns_hits_for_that_user_only() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs the local model (vectordb model install): scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs the local model: scripts/test.sh")]
 fn malformed_lines_are_dead_letters_with_line_numbers_and_the_run_goes_on() {
     let dir = tempfile::tempdir().unwrap();
     let input = write(
@@ -222,10 +213,7 @@ fn malformed_lines_are_dead_letters_with_line_numbers_and_the_run_goes_on() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs the local model (vectordb model install): scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs the local model: scripts/test.sh")]
 fn invalid_utf8_and_crlf_lines_do_not_stop_the_run() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bytes.jsonl");
@@ -244,10 +232,7 @@ fn invalid_utf8_and_crlf_lines_do_not_stop_the_run() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs the local model (vectordb model install): scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs the local model: scripts/test.sh")]
 fn a_file_with_nothing_processable_exits_non_zero() {
     let dir = tempfile::tempdir().unwrap();
     let input = write(dir.path(), "bad.jsonl", &["{oops".into(), "[1,2]".into()]);
@@ -265,10 +250,7 @@ fn a_file_with_nothing_processable_exits_non_zero() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs the local model (vectordb model install): scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs the local model: scripts/test.sh")]
 fn a_disabled_handler_parks_its_events_instead_of_dropping_them() {
     let dir = tempfile::tempdir().unwrap();
     let input = write(
@@ -355,10 +337,7 @@ fn the_processes_refuse_to_start_on_a_misspelt_key_or_backend_naming_it() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs the local model (vectordb model install): scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs the local model: scripts/test.sh")]
 fn an_existing_collection_of_another_size_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     json_of(&vectordb(dir.path(), &[], &["stats", "--json"]));
@@ -395,10 +374,7 @@ fn dotenv_and_config_files_in_the_working_directory_are_read() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs the local model (vectordb model install): scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs the local model: scripts/test.sh")]
 fn pipeline_reads_standard_input() {
     use std::io::Write;
     let dir = tempfile::tempdir().unwrap();
@@ -521,10 +497,7 @@ fn hostile_lines() -> (Vec<Vec<u8>>, usize) {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs the local model (vectordb model install): scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs the local model: scripts/test.sh")]
 fn pipeline_on_a_hostile_file_stores_every_valid_event_dead_letters_the_rest_and_stays_small() {
     let dir = tempfile::tempdir().unwrap();
     let (lines, valid) = hostile_lines();
@@ -636,10 +609,7 @@ fn credentials_in_qdrant_and_embedding_urls_never_reach_output_logs_or_dead_lett
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs the local model (vectordb model install): scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs the local model: scripts/test.sh")]
 fn a_collection_written_by_another_model_is_refused_at_start_and_stats_still_read_it() {
     let dir = tempfile::tempdir().unwrap();
     let hash = [("EMBEDDING_PROVIDER", "hash")];
@@ -713,10 +683,7 @@ fn a_collection_written_by_another_model_is_refused_at_start_and_stats_still_rea
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs the local model (vectordb model install): scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs the local model: scripts/test.sh")]
 fn without_the_model_installed_the_local_default_says_how_to_install_it() {
     let dir = tempfile::tempdir().unwrap();
     let empty = dir.path().join("no-models");
@@ -752,10 +719,7 @@ fn without_the_model_installed_the_local_default_says_how_to_install_it() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs redis-server and the local model: scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs redis-server and the local model: test.sh")]
 fn a_re_run_is_served_by_the_redis_cache_tier_and_a_redis_that_is_down_only_costs_the_cache() {
     use aura_testkit::RedisServer;
     let mut redis = RedisServer::start_with(&["--requirepass", "cache-s3cret"]);

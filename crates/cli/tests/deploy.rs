@@ -124,10 +124,7 @@ fn published_ports(service: &Value) -> Vec<(u64, u64)> {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs docker-compose, promtool and the Python venv: scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs docker-compose, promtool, Python: test.sh")]
 fn the_compose_file_resolves_to_the_stack_the_runbook_describes() {
     let compose = resolved_compose(&[]);
     let services = compose["services"].as_object().unwrap();
@@ -253,10 +250,7 @@ fn the_compose_file_resolves_to_the_stack_the_runbook_describes() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs docker-compose, promtool and the Python venv: scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs docker-compose, promtool, Python: test.sh")]
 fn each_process_can_be_switched_alone_and_the_fallback_is_off_unless_set() {
     // One shared variable switches both; a process's own variable switches it alone.
     let compose = resolved_compose(&[
@@ -297,10 +291,7 @@ fn each_process_can_be_switched_alone_and_the_fallback_is_off_unless_set() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs docker-compose, promtool and the Python venv: scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs docker-compose, promtool, Python: test.sh")]
 fn every_variable_compose_sets_is_documented_and_accepted_by_the_processes() {
     let reference = std::fs::read_to_string(root().join("docs/configuration.md")).unwrap();
     for (backend, fallback) in [("kafka", Some("celery")), ("celery", None)] {
@@ -459,10 +450,7 @@ fn anchor(heading: &str) -> String {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs docker-compose, promtool and the Python venv: scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs docker-compose, promtool, Python: test.sh")]
 fn every_alert_has_a_severity_a_summary_a_runbook_section_and_a_readme_mention() {
     let rules: Value = {
         let text = std::fs::read(root().join("deploy/prometheus/alerts.yml")).unwrap();

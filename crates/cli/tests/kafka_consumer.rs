@@ -15,10 +15,7 @@ use std::time::{Duration, Instant};
 use common::stack::*;
 
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs Apache Kafka, redis-server, Prometheus and the Python venv: scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs Kafka, Redis, Prometheus, Python: test.sh")]
 fn python_produced_events_flow_through_all_three_handlers_into_the_store() {
     let kafka = Scenario::new("flow");
     kafka.produce_moods(300, 12);
@@ -43,10 +40,7 @@ fn python_produced_events_flow_through_all_three_handlers_into_the_store() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs Apache Kafka, redis-server, Prometheus and the Python venv: scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs Kafka, Redis, Prometheus, Python: test.sh")]
 fn a_consumer_killed_mid_stream_resumes_and_every_event_becomes_exactly_its_points() {
     let kafka = Scenario::new("kill9");
     // Embeddings answered after 0–400 ms, varying per text: concurrent keys finish out of offset order, and the
@@ -91,10 +85,7 @@ fn a_consumer_killed_mid_stream_resumes_and_every_event_becomes_exactly_its_poin
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs Apache Kafka, redis-server, Prometheus and the Python venv: scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs Kafka, Redis, Prometheus, Python: test.sh")]
 fn poison_messages_are_dead_lettered_with_their_reason_and_good_ones_processed() {
     let kafka = Scenario::new("poison");
     let topic = kafka.topic(USER_TOPIC);
@@ -185,10 +176,7 @@ fn poison_messages_are_dead_lettered_with_their_reason_and_good_ones_processed()
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs Apache Kafka, redis-server, Prometheus and the Python venv: scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs Kafka, Redis, Prometheus, Python: test.sh")]
 fn a_disabled_consumer_or_handler_commits_nothing_and_the_backlog_is_processed_when_re_enabled() {
     let kafka = Scenario::new("disabled");
     kafka.produce_moods(100, 5);
@@ -233,10 +221,7 @@ fn a_disabled_consumer_or_handler_commits_nothing_and_the_backlog_is_processed_w
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs Apache Kafka, redis-server, Prometheus and the Python venv: scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs Kafka, Redis, Prometheus, Python: test.sh")]
 fn sigterm_under_load_exits_zero_within_ten_seconds_and_loses_nothing() {
     let kafka = Scenario::new("sigterm");
     // Embeddings answered after 0–300 ms: events are in flight when SIGTERM comes.
@@ -272,10 +257,7 @@ fn sigterm_under_load_exits_zero_within_ten_seconds_and_loses_nothing() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs Apache Kafka, redis-server, Prometheus and the Python venv: scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs Kafka, Redis, Prometheus, Python: test.sh")]
 fn topics_create_is_idempotent_and_publish_sends_the_python_record_shape() {
     let kafka = Scenario::new("publish");
     let again: Vec<Value> =
@@ -333,10 +315,7 @@ fn topics_create_is_idempotent_and_publish_sends_the_python_record_shape() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs Apache Kafka, redis-server, Prometheus and the Python venv: scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs Kafka, Redis, Prometheus, Python: test.sh")]
 fn journal_sized_entries_among_ordinary_events_of_the_same_user_neither_stall_nor_bloat_the_consumer()
  {
     let kafka = Scenario::new("journal");
@@ -386,10 +365,7 @@ fn journal_sized_entries_among_ordinary_events_of_the_same_user_neither_stall_no
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs Apache Kafka, redis-server, Prometheus and the Python venv: scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs Kafka, Redis, Prometheus, Python: test.sh")]
 fn an_embedding_outage_under_the_kafka_consumer_is_retried_reported_and_loses_nothing() {
     let kafka = Scenario::new("outage-kafka");
     let embedder = EmbeddingServer::start(&kafka.python, kafka.dir.path(), 30);
@@ -425,10 +401,7 @@ fn an_embedding_outage_under_the_kafka_consumer_is_retried_reported_and_loses_no
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs Apache Kafka, redis-server, Prometheus and the Python venv: scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs Kafka, Redis, Prometheus, Python: test.sh")]
 fn a_full_disk_under_the_embedded_store_is_retried_reported_and_loses_nothing() {
     let kafka = Scenario::new("disk-full");
     let fs = SmallFilesystem::mount(kafka.dir.path().join("store-fs"), 96);
@@ -484,10 +457,7 @@ fn a_full_disk_under_the_embedded_store_is_retried_reported_and_loses_nothing() 
 /// millisecond, and the sampler opens a new client every BACKLOG_SAMPLE_S: a consumer left running against a closed
 /// port for several samples logs each distinct problem once (repeats are counted, not printed).
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs Apache Kafka, redis-server, Prometheus and the Python venv: scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs Kafka, Redis, Prometheus, Python: test.sh")]
 fn an_unreachable_kafka_is_one_line_per_problem_not_a_flood() {
     let kafka = Scenario::new("flood");
     let mut consumer = kafka.start_consumer(&[
@@ -531,10 +501,7 @@ fn an_unreachable_kafka_is_one_line_per_problem_not_a_flood() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs Apache Kafka, redis-server, Prometheus and the Python venv: scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs Kafka, Redis, Prometheus, Python: test.sh")]
 fn sigterm_while_kafka_is_down_exits_within_ten_seconds_and_loses_nothing() {
     let broker = OwnBroker::new();
     let kafka = Scenario::on_broker("outage-stop", broker.run("start"));

@@ -15,10 +15,7 @@ use std::time::{Duration, Instant};
 use common::stack::*;
 
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs Apache Kafka, redis-server, Prometheus and the Python venv: scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs Kafka, Redis, Prometheus, Python: test.sh")]
 fn health_and_metrics_report_backend_readiness_and_backlog() {
     let kafka = Scenario::new("ops");
 
@@ -176,10 +173,7 @@ fn health_and_metrics_report_backend_readiness_and_backlog() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs Apache Kafka, redis-server, Prometheus and the Python venv: scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs Kafka, Redis, Prometheus, Python: test.sh")]
 fn export_then_replay_reproduces_the_same_points_and_is_safe_to_repeat() {
     let kafka = Scenario::new("export");
     kafka.produce_moods(30, 3);
@@ -321,10 +315,7 @@ fn export_then_replay_reproduces_the_same_points_and_is_safe_to_repeat() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs Apache Kafka, redis-server, Prometheus and the Python venv: scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs Kafka, Redis, Prometheus, Python: test.sh")]
 fn dead_letters_are_replayed_to_their_source_after_the_fix() {
     let kafka = Scenario::new("dlqreplay");
     let broken_url = refusing_embedder();
@@ -412,10 +403,7 @@ fn dead_letters_are_replayed_to_their_source_after_the_fix() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs Apache Kafka, redis-server, Prometheus and the Python venv: scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs Kafka, Redis, Prometheus, Python: test.sh")]
 fn a_fresh_consumer_and_worker_export_their_counters_at_zero_in_every_mode() {
     let kafka = Scenario::new("zeros");
     let redis = TestRedis::start();
@@ -475,10 +463,7 @@ fn a_fresh_consumer_and_worker_export_their_counters_at_zero_in_every_mode() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs Apache Kafka, redis-server, Prometheus and the Python venv: scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs Kafka, Redis, Prometheus, Python: test.sh")]
 fn a_real_prometheus_scrapes_both_processes_and_the_lag_alert_goes_pending() {
     let kafka = Scenario::new("prom");
     let redis = TestRedis::start();
@@ -595,10 +580,7 @@ fn a_real_prometheus_scrapes_both_processes_and_the_lag_alert_goes_pending() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs Apache Kafka, redis-server, Prometheus and the Python venv: scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs Kafka, Redis, Prometheus, Python: test.sh")]
 fn export_takes_the_console_consumers_max_messages_and_from_beginning() {
     let kafka = Scenario::new("exportmax");
     kafka.produce_moods(30, 3);
@@ -660,10 +642,7 @@ fn export_takes_the_console_consumers_max_messages_and_from_beginning() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs Apache Kafka, redis-server, Prometheus and the Python venv: scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs Kafka, Redis, Prometheus, Python: test.sh")]
 fn an_embedding_outage_under_the_celery_worker_is_retried_reported_and_loses_nothing() {
     let kafka = Scenario::new("outage-celery");
     let redis = TestRedis::start();

@@ -12,10 +12,7 @@ use serde_json::{Value, json};
 use common::stack::*;
 
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs Apache Kafka, redis-server, Prometheus and the Python venv: scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs Kafka, Redis, Prometheus, Python: test.sh")]
 fn the_python_publisher_feeds_the_consumer_and_the_worker_on_every_backend() {
     let kafka = Scenario::new("pyclient");
     let redis = TestRedis::start();
@@ -70,10 +67,7 @@ fn the_python_publisher_feeds_the_consumer_and_the_worker_on_every_backend() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs Apache Kafka, redis-server, Prometheus and the Python venv: scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs Kafka, Redis, Prometheus, Python: test.sh")]
 fn the_python_publisher_falls_back_to_celery_while_the_broker_is_stopped() {
     let broker = OwnBroker::new();
     let bootstrap = broker.run("start");

@@ -182,10 +182,7 @@ fn every_query_shares_no_content_word_with_its_note() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs the local model (vectordb model install): scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs the local model: scripts/test.sh")]
 async fn the_local_model_finds_paraphrased_notes_and_hashing_does_not() {
     let (local, local_misses) = top1_accuracy("local").await;
     let (hash, _) = top1_accuracy("hash").await;

@@ -13,10 +13,7 @@ use std::time::{Duration, Instant};
 use common::stack::*;
 
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs Apache Kafka, redis-server, Prometheus and the Python venv: scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs Kafka, Redis, Prometheus, Python: test.sh")]
 fn rolling_back_to_celery_forwards_the_kafka_backlog_as_tasks_and_loses_nothing() {
     let kafka = Scenario::new("rollback");
     kafka.produce_moods(100, 5);
@@ -88,10 +85,7 @@ fn rolling_back_to_celery_forwards_the_kafka_backlog_as_tasks_and_loses_nothing(
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs Apache Kafka, redis-server, Prometheus and the Python venv: scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs Kafka, Redis, Prometheus, Python: test.sh")]
 fn publishing_falls_back_to_celery_while_kafka_is_down_and_returns_to_kafka_after() {
     let broker = OwnBroker::new();
     let bootstrap = broker.run("start");
@@ -197,10 +191,7 @@ fn publishing_falls_back_to_celery_while_kafka_is_down_and_returns_to_kafka_afte
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs Apache Kafka, redis-server, Prometheus and the Python venv: scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs Kafka, Redis, Prometheus, Python: test.sh")]
 fn switching_kafka_to_celery_and_back_under_load_loses_nothing() {
     let kafka = Scenario::new("switch");
     let redis = TestRedis::start();

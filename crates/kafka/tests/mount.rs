@@ -205,10 +205,7 @@ fn by_user(handled: &[(String, u64)]) -> HashMap<String, Vec<u64>> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs Apache Kafka and the Python venv: scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs Kafka and the Python venv: scripts/test.sh")]
 async fn transient_failures_are_retried_in_place_without_skipping_or_reordering() {
     let settings = settings("retry");
     let sent = produce(&settings, 6, 30).await;
@@ -225,10 +222,7 @@ async fn transient_failures_are_retried_in_place_without_skipping_or_reordering(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs Apache Kafka and the Python venv: scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs Kafka and the Python venv: scripts/test.sh")]
 async fn many_users_on_one_partition_run_concurrently_and_each_users_events_stay_in_order() {
     let settings = settings("keyed");
     let (users, per_user) = (30, 40);
@@ -268,10 +262,7 @@ async fn many_users_on_one_partition_run_concurrently_and_each_users_events_stay
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs Apache Kafka and the Python venv: scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs Kafka and the Python venv: scripts/test.sh")]
 async fn a_crash_inside_an_out_of_order_window_redelivers_from_the_gap_and_skips_nothing() {
     let settings = settings("crash");
     let (users, per_user) = (10, 20);
@@ -377,10 +368,7 @@ fn offset_of(user: &str, seq: u64, users: usize) -> i64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs Apache Kafka and the Python venv: scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs Kafka and the Python venv: scripts/test.sh")]
 async fn a_rebalance_hands_partitions_over_without_losing_or_repeating_events() {
     let settings = settings("rebalance");
     let sent = produce(&settings, 12, 100).await;
@@ -454,10 +442,7 @@ impl Handler for Other {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs Apache Kafka and the Python venv: scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs Kafka and the Python venv: scripts/test.sh")]
 async fn an_event_of_a_disabled_handler_holds_its_partition_uncommitted() {
     let settings = settings("held");
     let topics = aura_kafka::TopicNames::from_settings(&settings);
@@ -626,10 +611,7 @@ async fn run_until_handled(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs Apache Kafka and the Python venv: scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs Kafka and the Python venv: scripts/test.sh")]
 async fn an_oversized_dead_letter_keeps_its_headers_size_and_digest_and_the_partition_moves_on() {
     use aura_kafka::rdkafka::message::Message as _;
     use sha2::Digest as _;
@@ -666,10 +648,7 @@ async fn an_oversized_dead_letter_keeps_its_headers_size_and_digest_and_the_part
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(
-    not(feature = "services"),
-    ignore = "needs Apache Kafka and the Python venv: scripts/test.sh runs it"
-)]
+#[cfg_attr(not(feature = "services"), ignore = "needs Kafka and the Python venv: scripts/test.sh")]
 async fn a_dead_letter_the_topic_refuses_is_spooled_reported_and_the_partition_moves_on() {
     // A producer's odd header is larger than anything the dead-letter topic takes: no cut of the value can fit.
     let settings = KafkaSettings {

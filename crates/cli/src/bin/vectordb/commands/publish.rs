@@ -18,11 +18,7 @@ pub struct Args {
     #[arg(long, value_name = "FILE|-", conflicts_with_all = ["event_type", "user", "data"])]
     events: Option<PathBuf>,
     /// Type of the one event to build, e.g. `user.mood.created`.
-    #[arg(
-        long = "type",
-        value_name = "EVENT_TYPE",
-        required_unless_present = "events"
-    )]
+    #[arg(long = "type", value_name = "EVENT_TYPE", required_unless_present = "events")]
     event_type: Option<String>,
     #[arg(long)]
     user: Option<String>,
