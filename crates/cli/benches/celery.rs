@@ -8,7 +8,7 @@
 //! tests/python/celery_app.py (`TASK_MODE=forward`); ours: `CeleryWorker` in-process with handlers that do the
 //! same. Redis `INFO commandstats` before/after gives the commands per task and `INFO cpu` Redis's own CPU time.
 //!
-//! Our worker runs with the settings' defaults (`worker_options(&Settings::load())`: concurrency, prefetch, task
+//! Our worker runs with the settings' defaults (`WorkerOptions::from(&Settings::load())`: concurrency, prefetch, task
 //! events on), in celery mode (the next hop is a Celery task) and, when `AURA_TEST_KAFKA` names a broker, in kafka
 //! mode (the next hop is produced to Kafka through the same fallback publisher `vectordb-worker` uses; N tasks, N
 //! records, each acknowledged by the broker before its task is acknowledged).
@@ -356,7 +356,7 @@ fn rust_worker(redis: &Redis, next_hop: &NextHop) -> Measured {
         };
         let dispatcher = Dispatcher::new(registry.clone(), embedded.ctx.clone(), publisher);
         // The defaults `vectordb-worker` runs with.
-        let mut options = aura_cli::worker::worker_options(&settings);
+        let mut options = aura_celery::WorkerOptions::from(&settings);
         options.queues = vec!["vectordb".into()];
         options.hostname = "rustbench@localhost".into();
         println!(

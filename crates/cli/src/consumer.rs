@@ -31,9 +31,6 @@ pub async fn run(
     let registry = Arc::new(configured_registry(&settings)?);
     let backend = settings.messaging_backend;
     let mut ops = Ops::start("vectordb-consumer", &settings, &registry).await?;
-    options = options.with_settings(&settings.kafka);
-    options.max_event_bytes = settings.limits.max_event_bytes;
-    options.dead_letter_spool = settings.kafka.dead_letter_spool_dir.clone();
     options.observer = Some(ops.observer());
     metrics::gauge!("aura360_messaging_backend").set(backend.gauge());
     tracing::info!(

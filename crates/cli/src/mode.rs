@@ -125,4 +125,24 @@ mod tests {
         assert_eq!(consumer_mode(&s), ConsumerMode::Disabled);
         assert_eq!(worker_mode(&s), WorkerMode::Disabled);
     }
+
+    #[test]
+    fn the_mounts_options_are_built_from_the_settings() {
+        let s = settings(&[
+            ("KAFKA_CONCURRENCY", "7"),
+            ("CELERY_CONCURRENCY", "5"),
+            ("CELERY_MAX_RETRIES", "2"),
+            ("MAX_EVENT_BYTES", "5000"),
+            ("DEAD_LETTER_SPOOL_DIR", "/var/spool/aura"),
+        ]);
+        let consumer = aura_kafka::ConsumerOptions::from(&s);
+        assert_eq!(consumer.concurrency, 7);
+        assert_eq!(consumer.max_event_bytes, 5000);
+        assert_eq!(consumer.dead_letter_spool, Path::new("/var/spool/aura"));
+        let worker = aura_celery::WorkerOptions::from(&s);
+        assert_eq!(worker.concurrency, 5);
+        assert_eq!(worker.max_event_bytes, 5000);
+        assert_eq!(worker.retry.max_attempts, Some(3));
+        assert!(worker.hostname.starts_with("vectordb-worker@"));
+    }
 }

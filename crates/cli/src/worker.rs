@@ -4,39 +4,15 @@ use std::future::Future;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use aura_celery::events::host_name;
 use aura_celery::{CeleryPublisher, CeleryWorker, WorkerOptions, WorkerReport};
 use aura_runtime::store::Durability;
-use aura_runtime::{Backend, Dispatcher, Fenced, FencedStore, Publisher, RetryPolicy, Settings};
+use aura_runtime::{Backend, Dispatcher, Fenced, FencedStore, Publisher, Settings};
 
 use crate::clients::{celery_broker, result_backend};
 use crate::mode::{WorkerMode, worker_mode};
 use crate::ops::{Ops, celery_probe};
 use crate::publish::with_fallback;
 use crate::{configured_registry, handler_context};
-
-/// The worker's options from the settings.
-pub fn worker_options(settings: &Settings) -> WorkerOptions {
-    let celery = &settings.celery;
-    let hostname = celery
-        .worker_name
-        .clone()
-        .unwrap_or_else(|| format!("vectordb-worker@{}", host_name()));
-    let mut options = WorkerOptions::new(celery.queues.clone(), celery.concurrency, hostname);
-    options.prefetch_multiplier = celery.prefetch_multiplier;
-    options.send_task_events = celery.task_events;
-    options.track_started = celery.track_started;
-    options.max_event_bytes = settings.limits.max_event_bytes;
-    options.eta_max_held = celery.eta_max_held;
-    options.visibility_timeout = celery.visibility_timeout;
-    options.retry = RetryPolicy {
-        max_attempts: Some(celery.max_retries + 1),
-        base: celery.retry_backoff,
-        cap: celery.retry_backoff * 10,
-        jitter: 0.2,
-    };
-    options
-}
 
 /// Runs until `shutdown` resolves. `celery`: consume, publish next events as tasks; `kafka`: consume, publish next
 /// events to Kafka; `disabled`: consume nothing.
@@ -48,7 +24,7 @@ pub async fn run(
     let backend = settings.messaging_backend;
     let mut ops = Ops::start("vectordb-worker", &settings, &registry).await?;
     metrics::gauge!("aura360_messaging_backend").set(backend.gauge());
-    let options = worker_options(&settings);
+    let options = WorkerOptions::from(&settings);
     tracing::info!(
         messaging_backend = backend.as_str(),
         enabled = %registry.enabled().join(","),

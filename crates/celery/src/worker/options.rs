@@ -2,6 +2,8 @@
 
 use super::*;
 
+use aura_runtime::Settings;
+
 /// How a worker runs (`CELERY_*` settings).
 #[derive(Debug, Clone)]
 pub struct WorkerOptions {
@@ -78,5 +80,30 @@ impl WorkerOptions {
             visibility_timeout: Duration::from_secs(3600),
             fence: Fence::new(),
         }
+    }
+}
+
+/// The `CELERY_*` settings (and the event size limit); the worker's name defaults to `vectordb-worker@<host>`.
+impl From<&Settings> for WorkerOptions {
+    fn from(settings: &Settings) -> Self {
+        let celery = &settings.celery;
+        let hostname = celery
+            .worker_name
+            .clone()
+            .unwrap_or_else(|| format!("vectordb-worker@{}", crate::events::host_name()));
+        let mut options = WorkerOptions::new(celery.queues.clone(), celery.concurrency, hostname);
+        options.prefetch_multiplier = celery.prefetch_multiplier;
+        options.send_task_events = celery.task_events;
+        options.track_started = celery.track_started;
+        options.max_event_bytes = settings.limits.max_event_bytes;
+        options.eta_max_held = celery.eta_max_held;
+        options.visibility_timeout = celery.visibility_timeout;
+        options.retry = RetryPolicy {
+            max_attempts: Some(celery.max_retries + 1),
+            base: celery.retry_backoff,
+            cap: celery.retry_backoff * 10,
+            jitter: 0.2,
+        };
+        options
     }
 }

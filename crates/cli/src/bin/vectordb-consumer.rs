@@ -42,7 +42,8 @@ async fn main() -> ExitCode {
     }
     init_logging(settings.log_format, "info");
     aura_cli::announce_configuration(&settings);
-    match run(settings, ConsumerOptions::default(), shutdown_signal()).await {
+    let options = ConsumerOptions::from(&settings);
+    match run(settings, options, shutdown_signal()).await {
         Ok(_) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!("{error:#}");

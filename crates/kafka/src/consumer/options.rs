@@ -66,3 +66,13 @@ impl ConsumerOptions {
         self
     }
 }
+
+/// The consumer's settings: `KAFKA_*` bounds and ordering, the event size limit, the dead-letter spool.
+impl From<&aura_runtime::Settings> for ConsumerOptions {
+    fn from(settings: &aura_runtime::Settings) -> Self {
+        let mut options = ConsumerOptions::default().with_settings(&settings.kafka);
+        options.max_event_bytes = settings.limits.max_event_bytes;
+        options.dead_letter_spool = settings.kafka.dead_letter_spool_dir.clone();
+        options
+    }
+}
