@@ -216,17 +216,10 @@ impl Celery {
     fn vectordb(&self, args: &[&str], env: &[(&str, &str)]) -> String {
         let mut command = Command::new(env!("CARGO_BIN_EXE_vectordb"));
         self.env(&mut command);
-        let output = command
-            .args(args)
-            .envs(env.iter().copied())
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "vectordb {args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8(output.stdout).unwrap()
+        aura_testkit::stdout_of(
+            command.args(args).envs(env.iter().copied()),
+            &format!("vectordb {args:?}"),
+        )
     }
 
     /// Points in the embedded store (the worker must be stopped: embedded Qdrant is single-process).

@@ -152,19 +152,14 @@ fn points(members: &[Member]) -> (HashSet<String>, usize) {
 
 fn python(args: &[&str], env: &[(&str, String)]) -> String {
     let scripts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/python");
-    let output = Command::new(aura_testkit::python())
-        .arg(scripts.join(args[0]))
-        .args(&args[1..])
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "python {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
+    aura_testkit::stdout_of(
+        Command::new(aura_testkit::python())
+            .arg(scripts.join(args[0]))
+            .args(&args[1..])
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdin(Stdio::null()),
+        &format!("python {args:?}"),
+    )
 }
 
 // ------------------------------------------------------------------------------------------------ Kafka

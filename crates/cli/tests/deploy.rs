@@ -655,5 +655,141 @@ fn every_setting_is_in_the_configuration_reference() {
             reference.contains(&format!("`{var}`")),
             "{var} (config/default.toml) is not in docs/configuration.md"
         );
+        // A row of this variable alone with a single value as its default shows the file's default.
+        let Some(value) = line
+            .split_once(" =")
+            .filter(|_| !line.starts_with('#'))
+            .map(|(_, v)| v.split(" #").next().unwrap_or("").trim().trim_matches('"'))
+        else {
+            continue;
+        };
+        // An empty default means "unset"; the reference says what that does instead.
+        if value.is_empty() {
+            continue;
+        }
+        let row = reference
+            .lines()
+            .find(|l| l.starts_with(&format!("| `{var}` |")));
+        if let Some(row) = row {
+            let shown = row.split('|').nth(2).unwrap_or("").trim();
+            if shown.starts_with('`') && shown.ends_with('`') && shown.matches('`').count() == 2 {
+                assert_eq!(
+                    shown.trim_matches('`'),
+                    value,
+                    "docs/configuration.md shows another default for {var} than config/default.toml"
+                );
+            }
+        }
+    }
+}
+
+/// The top-level modules each crate's `src/` files belong to, and the other top-level modules they name
+/// (`crate::x`), test code left out.
+fn module_imports(
+    src: &Path,
+) -> std::collections::BTreeMap<String, std::collections::BTreeSet<String>> {
+    let mut imports = std::collections::BTreeMap::new();
+    let mut stack = vec![src.to_owned()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            let relative = path.strip_prefix(src).unwrap();
+            let first = relative
+                .components()
+                .next()
+                .unwrap()
+                .as_os_str()
+                .to_string_lossy();
+            let module = first.trim_end_matches(".rs").to_owned();
+            if path.extension().is_none_or(|e| e != "rs")
+                || ["lib", "main", "bin"].contains(&module.as_str())
+            {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            let code = text.split("#[cfg(test)]").next().unwrap_or("");
+            let named = imports
+                .entry(module.clone())
+                .or_insert_with(std::collections::BTreeSet::new);
+            for (i, _) in code.match_indices("crate::") {
+                let rest = &code[i + "crate::".len()..];
+                let mut names: Vec<&str> = Vec::new();
+                if let Some(group) = rest.strip_prefix('{') {
+                    let group = &group[..group.find('}').unwrap_or(0)];
+                    names.extend(
+                        group
+                            .split(',')
+                            .map(|p| p.trim().split("::").next().unwrap_or("")),
+                    );
+                } else {
+                    names.push(
+                        rest.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                            .next()
+                            .unwrap_or(""),
+                    );
+                }
+                for name in names {
+                    if name.starts_with(|c: char| c.is_ascii_lowercase()) && name != module {
+                        named.insert(name.to_owned());
+                    }
+                }
+            }
+        }
+    }
+    imports
+}
+
+#[test]
+fn no_crate_has_an_import_circle_among_its_modules() {
+    let mut crates: Vec<PathBuf> = ["crates", "handlers"]
+        .iter()
+        .flat_map(|dir| std::fs::read_dir(root().join(dir)).unwrap())
+        .map(|e| e.unwrap().path().join("src"))
+        .filter(|p| p.is_dir())
+        .collect();
+    crates.sort();
+    assert!(crates.len() >= 10, "{crates:?}");
+    for src in crates {
+        let imports = module_imports(&src);
+        // Depth-first: a module met again while it is on the path closes a circle.
+        fn visit(
+            module: &str,
+            imports: &std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
+            path: &mut Vec<String>,
+            done: &mut std::collections::BTreeSet<String>,
+        ) -> Option<Vec<String>> {
+            if let Some(at) = path.iter().position(|m| m == module) {
+                let mut circle = path[at..].to_vec();
+                circle.push(module.to_owned());
+                return Some(circle);
+            }
+            if !done.insert(module.to_owned()) {
+                return None;
+            }
+            path.push(module.to_owned());
+            for next in imports.get(module).into_iter().flatten() {
+                if imports.contains_key(next)
+                    && let Some(circle) = visit(next, imports, path, done)
+                {
+                    return Some(circle);
+                }
+            }
+            path.pop();
+            None
+        }
+        let mut done = std::collections::BTreeSet::new();
+        for module in imports.keys() {
+            let circle = visit(module, &imports, &mut Vec::new(), &mut done);
+            assert!(
+                circle.is_none(),
+                "{}: {}",
+                src.display(),
+                circle.unwrap_or_default().join(" → ")
+            );
+        }
     }
 }

@@ -60,3 +60,17 @@ pub fn wait_log(
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
+
+/// Runs `command` to its end and returns its standard output; panics with its standard error, naming `what`, when
+/// it fails.
+pub fn stdout_of(command: &mut std::process::Command, what: &str) -> String {
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: cannot start: {e}"));
+    assert!(
+        output.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap_or_else(|e| panic!("{what}: output not UTF-8: {e}"))
+}

@@ -78,17 +78,10 @@ impl Scenario {
     pub fn vectordb_with(&self, env: &[(&str, &str)], args: &[&str]) -> String {
         let mut command = Command::new(env!("CARGO_BIN_EXE_vectordb"));
         self.configure(&mut command);
-        let output = command
-            .envs(env.iter().copied())
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "vectordb {args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8(output.stdout).unwrap()
+        aura_testkit::stdout_of(
+            command.envs(env.iter().copied()).args(args),
+            &format!("vectordb {args:?}"),
+        )
     }
 
     pub fn points(&self) -> u64 {
@@ -649,18 +642,15 @@ impl OwnBroker {
     pub fn run(&self, action: &str) -> String {
         let script =
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/kafka-test-broker.sh");
-        let output = Command::new("bash")
-            .arg(&script)
-            .arg(action)
-            .arg(self.dir.path())
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "{action}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8(output.stdout).unwrap().trim().to_owned()
+        aura_testkit::stdout_of(
+            Command::new("bash")
+                .arg(&script)
+                .arg(action)
+                .arg(self.dir.path()),
+            action,
+        )
+        .trim()
+        .to_owned()
     }
 }
 
