@@ -51,6 +51,11 @@ pub(super) async fn commit_with(
     }
 }
 
+/// Commits written at once, at most.
+const BATCH: usize = 512;
+/// How long one write of a batch waits for an unreachable Redis before it is tried again.
+const PATIENCE: Patience = Patience::Until(Duration::from_secs(5));
+
 /// Writes finished messages in batches (see the module docs). Results first: a task is acknowledged only once its
 /// result is stored. A result backend or broker that does not answer is waited for — the batch's tasks keep their
 /// prefetch permits meanwhile, so the worker takes nothing new — until it answers or the shutdown deadline
@@ -64,8 +69,6 @@ pub(super) async fn run_committer(
     hard_stop: CancellationToken,
     paused: Paused,
 ) {
-    pub(super) const BATCH: usize = 512;
-    pub(super) const PATIENCE: Patience = Patience::Until(Duration::from_secs(5));
     let report = |dependency: &'static str, outcome: Result<(), String>| {
         if let Some(observer) = &observer {
             observer.report(dependency, outcome);
@@ -82,40 +85,11 @@ pub(super) async fn run_committer(
             }
         }
         drop_taken_over(&mut batch, &paused, &hard_stop).await;
-        // The results, and for each the commit (in `batch`) whose input it answers.
-        let (owners, results): (Vec<usize>, Vec<TaskResult>) = batch
-            .iter_mut()
-            .enumerate()
-            .filter_map(|(i, c)| Some((i, c.result.take()?)))
-            .unzip();
-        // Each attempt leaves out what was taken over since the last one (a retry after a pause included); while
-        // nothing was, the batch's results go as they are.
-        let stored = persist(
-            "storing results",
-            true,
+        let stored = store_results(
+            &mut batch,
+            &results_backend,
+            &paused,
             &hard_stop,
-            || {
-                let (paused, backend, results, owners, batch) = (
-                    paused.clone(),
-                    results_backend.clone(),
-                    &results,
-                    &owners,
-                    &batch,
-                );
-                async move {
-                    paused.checked().await;
-                    if !paused.any_taken() {
-                        return backend.store(results, PATIENCE).await;
-                    }
-                    let ours: Vec<TaskResult> = results
-                        .iter()
-                        .zip(owners)
-                        .filter(|(_, i)| !paused.is_taken(batch[**i].tag.as_deref()))
-                        .map(|(result, _)| result.clone())
-                        .collect();
-                    backend.store(&ours, PATIENCE).await
-                }
-            },
             |outcome| report(names::RESULT_BACKEND, outcome),
         )
         .await;
@@ -152,6 +126,49 @@ pub(super) async fn run_committer(
             let _ = commit.done.send(());
         }
     }
+}
+
+/// Stores the batch's results (taking them out of its commits) until the result backend takes them or the
+/// shutdown deadline; whether they were stored. Each attempt leaves out what was taken over since the last one (a
+/// retry after a pause included); while nothing was, the batch's results go as they are.
+async fn store_results(
+    batch: &mut [Commit],
+    backend: &Arc<ResultBackend>,
+    paused: &Paused,
+    hard_stop: &CancellationToken,
+    report: impl Fn(Result<(), String>),
+) -> bool {
+    // The results, and for each the commit (in `batch`) whose input it answers.
+    let (owners, results): (Vec<usize>, Vec<TaskResult>) = batch
+        .iter_mut()
+        .enumerate()
+        .filter_map(|(i, c)| Some((i, c.result.take()?)))
+        .unzip();
+    let batch = &*batch;
+    persist(
+        "storing results",
+        true,
+        hard_stop,
+        || {
+            let (paused, backend, results, owners) =
+                (paused.clone(), backend.clone(), &results, &owners);
+            async move {
+                paused.checked().await;
+                if !paused.any_taken() {
+                    return backend.store(results, PATIENCE).await;
+                }
+                let ours: Vec<TaskResult> = results
+                    .iter()
+                    .zip(owners)
+                    .filter(|(_, i)| !paused.is_taken(batch[**i].tag.as_deref()))
+                    .map(|(result, _)| result.clone())
+                    .collect();
+                backend.store(&ours, PATIENCE).await
+            }
+        },
+        report,
+    )
+    .await
 }
 
 /// What acknowledging `batch` writes, leaving out the commits of messages another worker took over.

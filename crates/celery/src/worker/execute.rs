@@ -92,69 +92,14 @@ pub(super) async fn process(
     mut prefetch_slot: Option<OwnedSemaphorePermit>,
 ) {
     let Some(tag) = fetched.tag.clone() else {
-        // Not an envelope we could read: the fetch moved it to `<queue>.unreadable`; dead-letter it from there.
-        let entry = unreadable_entry(&fetched.queue, &fetched.raw);
-        tracing::error!(queue = %fetched.queue, "unreadable message dead-lettered");
-        shared
-            .counters
-            .dead_lettered
-            .fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("aura360_dead_letters_total", "backend" => "celery", "handler" => "decode").increment(1);
-        let quarantined = Quarantined {
-            list: unreadable_key(&fetched.queue),
-            raw: fetched.raw,
-            dead_letter: (dead_letter_key(&fetched.queue), entry),
-        };
-        commit_with(
-            shared,
-            None,
-            None,
-            Vec::new(),
-            Vec::new(),
-            Some(quarantined),
-        )
-        .await;
-        return;
+        return quarantined(shared, fetched).await;
     };
     let _held = Held {
         shared,
         tag: tag.clone(),
     };
-    let limit = shared.options.max_message_bytes();
-    let parsed = if fetched.raw.len() > limit {
-        let envelope = Envelope::from_slice(&fetched.raw).ok().map(Box::new);
-        Err((
-            envelope,
-            MessageError::TooLarge {
-                bytes: fetched.raw.len(),
-                limit,
-            },
-        ))
-    } else {
-        TaskMessage::parse(&fetched.raw)
-    };
-    let mut message = match parsed {
-        Ok(message) => message,
-        Err((envelope, error)) => {
-            let task_id = envelope.as_ref().and_then(|e| {
-                e.header_str("id")
-                    .or(e.property_str("correlation_id"))
-                    .map(str::to_owned)
-            });
-            let task = envelope
-                .as_ref()
-                .and_then(|e| e.header_str("task").map(str::to_owned));
-            if let Some(name) = &task
-                && !routing::is_pipeline_task(name)
-                && let Some(envelope) = &envelope
-            {
-                // Another app's task we cannot read either: still not ours to fail.
-                give_back(shared, &fetched, &tag, envelope, name).await;
-                return;
-            }
-            dead_letter_unreadable(shared, &fetched, &tag, task_id, task, &error).await;
-            return;
-        }
+    let Some(mut message) = read(shared, &fetched, &tag).await else {
+        return;
     };
     let mut events: Vec<Value> = Vec::new();
     // The event is moved out of the body, not copied: nothing after the handler needs the arguments.
@@ -207,6 +152,72 @@ pub(super) fn time_limit(seconds: Option<f64>) -> Option<Duration> {
     seconds
         .and_then(|s| Duration::try_from_secs_f64(s).ok())
         .filter(|d| !d.is_zero())
+}
+
+/// Not an envelope we could read: the fetch moved it to `<queue>.unreadable`; dead-letter it from there.
+async fn quarantined(shared: &Shared, fetched: Fetched) {
+    let entry = unreadable_entry(&fetched.queue, &fetched.raw);
+    tracing::error!(queue = %fetched.queue, "unreadable message dead-lettered");
+    shared
+        .counters
+        .dead_lettered
+        .fetch_add(1, Ordering::Relaxed);
+    metrics::counter!("aura360_dead_letters_total", "backend" => "celery", "handler" => "decode")
+        .increment(1);
+    let quarantined = Quarantined {
+        list: unreadable_key(&fetched.queue),
+        raw: fetched.raw,
+        dead_letter: (dead_letter_key(&fetched.queue), entry),
+    };
+    commit_with(
+        shared,
+        None,
+        None,
+        Vec::new(),
+        Vec::new(),
+        Some(quarantined),
+    )
+    .await;
+}
+
+/// The task message, within the size limit; `None` when it could not be read (given back if it is another app's,
+/// else dead-lettered — done here).
+async fn read(shared: &Shared, fetched: &Fetched, tag: &str) -> Option<TaskMessage> {
+    let limit = shared.options.max_message_bytes();
+    let parsed = if fetched.raw.len() > limit {
+        let envelope = Envelope::from_slice(&fetched.raw).ok().map(Box::new);
+        Err((
+            envelope,
+            MessageError::TooLarge {
+                bytes: fetched.raw.len(),
+                limit,
+            },
+        ))
+    } else {
+        TaskMessage::parse(&fetched.raw)
+    };
+    let (envelope, error) = match parsed {
+        Ok(message) => return Some(message),
+        Err(unreadable) => unreadable,
+    };
+    let task_id = envelope.as_ref().and_then(|e| {
+        e.header_str("id")
+            .or(e.property_str("correlation_id"))
+            .map(str::to_owned)
+    });
+    let task = envelope
+        .as_ref()
+        .and_then(|e| e.header_str("task").map(str::to_owned));
+    if let Some(name) = &task
+        && !routing::is_pipeline_task(name)
+        && let Some(envelope) = &envelope
+    {
+        // Another app's task we cannot read either: still not ours to fail.
+        give_back(shared, fetched, tag, envelope, name).await;
+        return None;
+    }
+    dead_letter_unreadable(shared, fetched, tag, task_id, task, &error).await;
+    None
 }
 
 /// Runs the message (or decides not to) and says how it ended.

@@ -137,6 +137,44 @@ async fn close_within(consumer: Arc<StreamConsumer<MountContext>>, limit: Durati
     }
 }
 
+/// The group member: offsets stored by us after each event's work and committed by librdkafka every second, the
+/// session and assignment strategy of the settings, a heartbeat a third of the session.
+fn group_consumer(
+    settings: &KafkaSettings,
+    shared: &Arc<Shared>,
+) -> Result<StreamConsumer<MountContext>, ClientError> {
+    client_config(settings)?
+        .set("group.id", &settings.group_id)
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "1000")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.partition.eof", "false")
+        .set("allow.auto.create.topics", "false")
+        .set("queued.max.messages.kbytes", "16384")
+        .set("fetch.wait.max.ms", settings.fetch_wait_max_ms.to_string())
+        .set(
+            "session.timeout.ms",
+            settings.session_timeout_ms.to_string(),
+        )
+        .set(
+            "partition.assignment.strategy",
+            &settings.assignment_strategy,
+        )
+        .set(
+            "heartbeat.interval.ms",
+            crate::pause::heartbeat_interval_ms(settings.session_timeout_ms).to_string(),
+        )
+        .create_with_context(MountContext {
+            shared: shared.clone(),
+        })
+        .map_err(|source| ClientError::Create {
+            role: "consumer",
+            bootstrap: settings.bootstrap_servers.clone(),
+            source,
+        })
+}
+
 /// Runs the handlers on the consumer group until `shutdown` resolves, then drains in-flight events, commits and
 /// leaves the group. `dead_letters` sends `<topic>.dlq` records (usually the same producer the dispatcher uses).
 pub async fn run_consumer(
@@ -163,38 +201,7 @@ pub async fn run_consumer(
         )),
     });
     let _pause_watch = Paused::watch(&shared.paused);
-    let consumer: Arc<StreamConsumer<MountContext>> = Arc::new(
-        client_config(settings)?
-            .set("group.id", &settings.group_id)
-            .set("enable.auto.commit", "true")
-            .set("auto.commit.interval.ms", "1000")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("enable.partition.eof", "false")
-            .set("allow.auto.create.topics", "false")
-            .set("queued.max.messages.kbytes", "16384")
-            .set("fetch.wait.max.ms", settings.fetch_wait_max_ms.to_string())
-            .set(
-                "session.timeout.ms",
-                settings.session_timeout_ms.to_string(),
-            )
-            .set(
-                "partition.assignment.strategy",
-                &settings.assignment_strategy,
-            )
-            .set(
-                "heartbeat.interval.ms",
-                crate::pause::heartbeat_interval_ms(settings.session_timeout_ms).to_string(),
-            )
-            .create_with_context(MountContext {
-                shared: shared.clone(),
-            })
-            .map_err(|source| ClientError::Create {
-                role: "consumer",
-                bootstrap: settings.bootstrap_servers.clone(),
-                source,
-            })?,
-    );
+    let consumer = Arc::new(group_consumer(settings, &shared)?);
     let names: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer
         .subscribe(&names)
