@@ -162,22 +162,6 @@ fn command_calls(info: &str) -> BTreeMap<String, u64> {
         .collect()
 }
 
-/// This process's CPU time (user + system), from /proc/self/stat (clock ticks of 10 ms).
-fn own_cpu() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) + ticks(12)) / 100.0
-}
-
 fn redis_cpu(info: &str) -> f64 {
     info.lines()
         .filter_map(|line| {
@@ -372,10 +356,10 @@ fn rust_worker(redis: &Redis, next_hop: &NextHop) -> Measured {
         tokio::time::sleep(Duration::from_millis(500)).await;
         redis.flushall();
         let moods = env_usize("BENCH_RUST_TASKS", 20000);
-        let cpu_before = own_cpu();
+        let cpu_before = aura_testkit::cpu_seconds();
         let measured = tokio::task::block_in_place(|| measure(redis, moods, results_per_mood));
         let measured = Measured {
-            worker_cpu: Some(own_cpu() - cpu_before),
+            worker_cpu: Some(aura_testkit::cpu_seconds() - cpu_before),
             ..measured
         };
         let _ = stop.send(());

@@ -47,7 +47,8 @@ impl Handler for NoOp {
         &[NOOP_TYPE]
     }
     async fn handle(&self, _: &Event, _: &HandlerContext) -> Result<Vec<Event>, HandlerError> {
-        self.1.get_or_init(|| (Instant::now(), cpu_seconds()));
+        self.1
+            .get_or_init(|| (Instant::now(), aura_testkit::cpu_seconds()));
         self.0.fetch_add(1, Ordering::Relaxed);
         Ok(Vec::new())
     }
@@ -81,23 +82,6 @@ impl Handler for Timed {
         }
         Ok(out)
     }
-}
-
-/// CPU seconds this process has used (user + system), from /proc/self/stat (Linux; 10 ms resolution).
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // Fields 14 and 15 of the file (utime, stime) are 12 and 13 after the command name.
-    (ticks(11) + ticks(12)) / 100.0
 }
 
 fn now_us() -> u64 {
@@ -179,14 +163,14 @@ async fn raw_loop(settings: &KafkaSettings, topic: &str, n: usize) -> (Duration,
     consumer.subscribe(&[topic]).expect("subscribe");
     let first = consumer.recv().await.expect("first message");
     let started = Instant::now();
-    let cpu = cpu_seconds();
+    let cpu = aura_testkit::cpu_seconds();
     consumer.store_offset_from_message(&first).expect("store");
     for _ in 1..n {
         let message = consumer.recv().await.expect("message");
         std::hint::black_box(message.payload());
         consumer.store_offset_from_message(&message).expect("store");
     }
-    (started.elapsed(), cpu_seconds() - cpu)
+    (started.elapsed(), aura_testkit::cpu_seconds() - cpu)
 }
 
 /// `run_consumer` with the no-op handler; timed from the first handled event to the n-th.
@@ -202,7 +186,7 @@ async fn mounted_loop(settings: &KafkaSettings, n: usize, ctx: HandlerContext) -
     while count.load(Ordering::Relaxed) < n as u64 {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    let finished = (Instant::now(), cpu_seconds());
+    let finished = (Instant::now(), aura_testkit::cpu_seconds());
     let (started, cpu) = *first.get().expect("first handled");
     let _ = stop.send(());
     task.await.expect("join").expect("consumer");
@@ -328,12 +312,12 @@ async fn end_to_end(settings: &KafkaSettings, n: usize, paced: usize, rate: u64)
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let started = Instant::now();
-    let cpu = cpu_seconds();
+    let cpu = aura_testkit::cpu_seconds();
     while points() < n {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let backlog = started.elapsed();
-    let cpu = cpu_seconds() - cpu;
+    let cpu = aura_testkit::cpu_seconds() - cpu;
     latencies.lock().unwrap_or_else(|p| p.into_inner()).clear();
     let producer = KafkaPublisher::new(settings).expect("producer");
     let mut ticker = tokio::time::interval(Duration::from_micros(1_000_000 / rate));

@@ -249,7 +249,7 @@ fn object_field<'a>(event: &'a Event, name: &str) -> Result<&'a Map<String, Valu
         Some(Value::Object(map)) => Ok(map),
         Some(other) => Err(EventError::schema(
             name,
-            format!("expected an object, got {}", kind(other)),
+            format!("expected an object, got {}", json_kind(other)),
         )),
         None => Err(EventError::schema(name, "missing")),
     }
@@ -282,7 +282,7 @@ fn string_list(value: Option<&Value>, field: &str) -> Result<Vec<String>, EventE
             .collect(),
         Some(other) => Err(EventError::schema(
             field,
-            format!("expected a list of strings, got {}", kind(other)),
+            format!("expected a list of strings, got {}", json_kind(other)),
         )),
     }
 }
@@ -300,12 +300,13 @@ fn first_text(
         Some(Value::String(s)) => Ok(Some(s.clone())),
         Some(other) => Err(EventError::schema(
             field,
-            format!("expected a string, got {}", kind(other)),
+            format!("expected a string, got {}", json_kind(other)),
         )),
     }
 }
 
-fn kind(value: &Value) -> &'static str {
+/// What a JSON value is, as an error message says it ("a string", "a list", …).
+pub fn json_kind(value: &Value) -> &'static str {
     match value {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 pub use embedding::EmbeddingServer;
-pub use process::{http_get, peak_rss, stdout_of, try_http_get, wait_log};
+pub use process::{cpu_seconds, http_get, peak_rss, stdout_of, try_http_get, wait_log};
 pub use redis::RedisServer;
 
 /// The venv's Python (`AURA_TEST_PYTHON`, set by `scripts/test.sh`), with the pinned foreign clients.

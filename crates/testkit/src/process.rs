@@ -74,3 +74,20 @@ pub fn stdout_of(command: &mut std::process::Command, what: &str) -> String {
     );
     String::from_utf8(output.stdout).unwrap_or_else(|e| panic!("{what}: output not UTF-8: {e}"))
 }
+
+/// CPU seconds this process has used (user + system), from /proc/self/stat (Linux; 10 ms resolution).
+pub fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // Fields 14 and 15 of the file (utime, stime) are 12 and 13 after the command name.
+    (ticks(11) + ticks(12)) / 100.0
+}

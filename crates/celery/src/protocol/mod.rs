@@ -10,6 +10,7 @@
 //! [`TaskBuilder`] writes messages the way `app.send_task(...)` does (same keys, same order, same separators), so
 //! a Python worker cannot tell our messages from its own.
 
+use aura_runtime::events::payload::json_kind;
 use base64::Engine as _;
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use chrono::{DateTime, NaiveDateTime, SecondsFormat, Utc};
@@ -180,7 +181,7 @@ impl TaskBody {
         let Value::Array(mut parts) = value else {
             return Err(MessageError::BadBody(format!(
                 "expected a JSON array, got {}",
-                kind(&value)
+                json_kind(&value)
             )));
         };
         if parts.is_empty() || parts.len() > 3 {
@@ -195,7 +196,7 @@ impl TaskBody {
             Some(other) => {
                 return Err(MessageError::BadBody(format!(
                     "embed must be an object, got {}",
-                    kind(&other)
+                    json_kind(&other)
                 )));
             }
         };
@@ -205,7 +206,7 @@ impl TaskBody {
             Some(other) => {
                 return Err(MessageError::BadBody(format!(
                     "kwargs must be an object, got {}",
-                    kind(&other)
+                    json_kind(&other)
                 )));
             }
         };
@@ -215,7 +216,7 @@ impl TaskBody {
             other => {
                 return Err(MessageError::BadBody(format!(
                     "args must be an array, got {}",
-                    kind(&other)
+                    json_kind(&other)
                 )));
             }
         };
@@ -344,17 +345,6 @@ pub fn lenient_time(value: &Value) -> Option<DateTime<Utc>> {
 /// A time as Celery writes it: `2026-11-28T09:31:06.988132+00:00`.
 pub fn iso(time: DateTime<Utc>) -> String {
     time.to_rfc3339_opts(SecondsFormat::Micros, false)
-}
-
-fn kind(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
 
 /// What `send_task` needs besides the task name and arguments.
