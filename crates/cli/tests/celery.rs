@@ -235,6 +235,13 @@ struct Process {
 }
 
 impl Process {
+    /// SIGTERM, and a clean exit (status 0), whatever it took; its log.
+    fn stop_cleanly(self) -> String {
+        let (status, _, log) = self.stop();
+        assert!(status.success(), "{log}");
+        log
+    }
+
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -753,8 +760,7 @@ fn the_worker_reconnects_after_client_kill_and_a_redis_restart_and_loses_nothing
     wait_for("the chain to finish", Duration::from_secs(120), || {
         celery.idle("vectordb").then_some(())
     });
-    let (status, _, log) = worker.stop();
-    assert!(status.success(), "{log}");
+    let log = worker.stop_cleanly();
     assert!(log.contains("reconnecting"), "{log}");
     assert_eq!(celery.points(), 500);
 }
@@ -856,8 +862,7 @@ fn a_password_protected_broker_works_and_the_password_never_reaches_the_logs() {
     };
     let worker = celery.start_worker("guarded", &[("RUST_LOG", "debug,qdrant_edge=error")]);
     assert_all_succeeded(&celery.client(&["send", "--count", "5", "--wait", "60"]));
-    let (status, _, log) = worker.stop();
-    assert!(status.success(), "{log}");
+    let log = worker.stop_cleanly();
     assert!(
         log.contains("redis://:***@127.0.0.1"),
         "the broker is logged, masked: {log}"
@@ -910,8 +915,7 @@ fn journal_entries_from_python_are_stored_bounded_and_an_event_over_the_limit_is
             .then_some(())
     });
     let peak = worker.peak_rss();
-    let (status, _, log) = worker.stop();
-    assert!(status.success(), "{log}");
+    worker.stop_cleanly();
 
     let dead = celery.list("vectordb.dlq");
     assert_eq!(dead.len(), 1, "{dead:?}");
@@ -998,8 +1002,7 @@ fn a_message_redis_refuses_to_register_stays_on_its_queue_and_none_is_lost() {
         celery.idle("vectordb").then_some(())
     });
     assert_eq!(celery.success_count(), 20 * 3);
-    let (status, _, log) = worker.stop();
-    assert!(status.success(), "{log}");
+    worker.stop_cleanly();
 }
 
 /// Extreme headers and payloads from Python Celery, among good tasks: every task ends in a terminal state.
@@ -1065,8 +1068,7 @@ fn python_sending_legal_but_extreme_headers_and_payloads_gets_a_terminal_state_f
     assert_eq!(celery.int(&["HLEN", "unacked"]), 0);
     assert_eq!(celery.int(&["LLEN", "vectordb"]), 0);
     assert_eq!(celery.result_states(), results_before);
-    let (status, _, log) = worker.stop();
-    assert!(status.success(), "{log}");
+    let log = worker.stop_cleanly();
     assert!(!log.contains("panicked"), "{log}");
 }
 
@@ -1108,8 +1110,7 @@ fn sigterm_while_redis_is_down_exits_within_10_seconds_and_loses_nothing() {
     wait_for("the chain to finish", Duration::from_secs(120), || {
         celery.idle("vectordb").then_some(())
     });
-    let (status, _, log) = rescuer.stop();
-    assert!(status.success(), "{log}");
+    rescuer.stop_cleanly();
 }
 
 /// A task keeps its prefetch permit until its result and acknowledgement are written: a result backend that does
@@ -1166,8 +1167,7 @@ fn with_the_result_backend_down_the_worker_holds_no_more_than_its_prefetch() {
         (stored.success_count() >= 300 * 3 && celery.idle("vectordb")).then_some(())
     });
     assert_eq!(stored.final_states(&ids(&sent)).len(), 300);
-    let (status, _, log) = worker.stop();
-    assert!(status.success(), "{log}");
+    worker.stop_cleanly();
 }
 
 /// A task waiting for an eta beyond the visibility timeout keeps its lease (no other worker restores it, so it runs
@@ -1226,8 +1226,7 @@ fn a_countdown_longer_than_the_visibility_timeout_runs_once_and_what_does_not_fi
         celery.result_states()
     );
     for worker in [holder, second] {
-        let (status, _, log) = worker.stop();
-        assert!(status.success(), "{log}");
+        worker.stop_cleanly();
     }
 }
 
@@ -1275,8 +1274,7 @@ fn a_killed_python_workers_task_on_a_named_exchange_is_restored_to_its_bound_que
         "restored to a list nothing reads"
     );
     assert_eq!(celery.int(&["HLEN", "unacked"]), 0);
-    let (status, _, log) = ours.stop();
-    assert!(status.success(), "{log}");
+    ours.stop_cleanly();
     let python = celery.start_python_worker("media2", "pdf_jobs", &media);
     celery.await_success(&sent, "60");
     assert_eq!(celery.list("recorded").len(), 1);
@@ -1319,8 +1317,7 @@ fn python_and_our_workers_share_one_redis_and_every_task_runs_once_on_a_worker_t
     assert!(!celery.result_states().contains_key("FAILURE"));
     assert_eq!(celery.int(&["LLEN", "celery.dlq"]), 0);
     assert_eq!(celery.int(&["LLEN", "vectordb.dlq"]), 0);
-    let (status, _, log) = ours.stop();
-    assert!(status.success(), "{log}");
+    ours.stop_cleanly();
     drop(python);
 }
 
