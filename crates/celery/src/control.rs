@@ -18,9 +18,7 @@ use uuid::Uuid;
 use crate::events::EventSender;
 use crate::protocol::Envelope;
 use crate::pyjson;
-use crate::transport::{Patience, RedisLink};
-
-const SEP: &str = "\x06\x16";
+use crate::transport::RedisLink;
 
 /// A running task as `inspect active` lists it; kept light (the JSON is built only when asked).
 #[derive(Debug, Clone)]
@@ -295,6 +293,29 @@ pub async fn serve_control(
     }
 }
 
+/// A pidbox reply as kombu writes one: the reply under its worker's name, base64 in a JSON envelope.
+fn reply_envelope(
+    body: Value,
+    ticket: Value,
+    clock: u64,
+    (exchange, routing_key): (&str, &str),
+) -> Vec<u8> {
+    let envelope = json!({
+        "body": base64::engine::general_purpose::STANDARD.encode(pyjson::to_vec(&body)),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": {"ticket": ticket, "clock": clock},
+        "properties": {
+            "delivery_mode": 1,
+            "delivery_info": {"exchange": exchange, "routing_key": routing_key},
+            "priority": 0,
+            "body_encoding": "base64",
+            "delivery_tag": Uuid::new_v4().to_string(),
+        },
+    });
+    pyjson::to_vec(&envelope)
+}
+
 async fn handle(link: &RedisLink, events: &EventSender, state: &ControlState, payload: &[u8]) {
     let request = match Envelope::from_slice(payload)
         .ok()
@@ -337,54 +358,13 @@ async fn handle(link: &RedisLink, events: &EventSender, state: &ControlState, pa
         .and_then(Value::as_str)
         .unwrap_or_default();
     let ticket = request.get("ticket").cloned().unwrap_or(Value::Null);
-    let envelope = json!({
-        "body": base64::engine::general_purpose::STANDARD.encode(pyjson::to_vec(&json!({hostname.as_str(): reply}))),
-        "content-encoding": "utf-8",
-        "content-type": "application/json",
-        "headers": {"ticket": ticket, "clock": events.tick()},
-        "properties": {
-            "delivery_mode": 1,
-            "delivery_info": {"exchange": exchange, "routing_key": routing_key},
-            "priority": 0,
-            "body_encoding": "base64",
-            "delivery_tag": Uuid::new_v4().to_string(),
-        },
-    });
-    let payload = pyjson::to_vec(&envelope);
-    let bindings_key = format!("_kombu.binding.{exchange}");
-    let result = link
-        .run(
-            "remote control reply",
-            Patience::Until(Duration::from_secs(2)),
-            |mut conn| {
-                let bindings_key = bindings_key.clone();
-                let payload = payload.clone();
-                async move {
-                    let members: Vec<String> = redis::cmd("SMEMBERS")
-                        .arg(&bindings_key)
-                        .query_async(&mut conn)
-                        .await?;
-                    let mut queues: Vec<String> = members
-                        .iter()
-                        .filter_map(|m| {
-                            let mut parts = m.split(SEP);
-                            let rk = parts.next()?;
-                            let queue = parts.nth(1)?;
-                            (rk == routing_key).then(|| queue.to_owned())
-                        })
-                        .collect();
-                    if queues.is_empty() {
-                        queues.push(format!("{routing_key}.{exchange}"));
-                    }
-                    let mut pipe = redis::pipe();
-                    for queue in &queues {
-                        pipe.lpush(queue, &payload).ignore();
-                    }
-                    pipe.query_async::<()>(&mut conn).await
-                }
-            },
-        )
-        .await;
+    let payload = reply_envelope(
+        json!({hostname.as_str(): reply}),
+        ticket,
+        events.tick(),
+        (exchange, routing_key),
+    );
+    let result = crate::transport::deliver_direct(link, exchange, routing_key, &payload).await;
     match result {
         Ok(()) => tracing::debug!(method, "remote control: replied"),
         Err(error) => tracing::warn!(method, %error, "remote control: reply failed"),

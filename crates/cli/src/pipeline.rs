@@ -109,6 +109,18 @@ impl EmbeddingReport {
 pub const LISTED_DEAD_LETTERS: usize = 1_000;
 
 impl PipelineSummary {
+    /// Adds what one run of the bus did.
+    fn absorb(&mut self, report: aura_runtime::BusReport) {
+        for (event_type, n) in report.handled_by_type {
+            *self.events_by_type.entry(event_type).or_default() += n;
+        }
+        self.skipped += report.unhandled;
+        self.parked += report.parked.len() as u64;
+        for letter in report.dead_letters {
+            self.report_dead_letter(letter.into());
+        }
+    }
+
     fn report_dead_letter(&mut self, letter: DeadLetterReport) {
         self.dead_letter_count += 1;
         if self.dead_letters.len() < LISTED_DEAD_LETTERS {
@@ -159,14 +171,7 @@ pub async fn run(
                 continue;
             }
             summary.events_in += 1;
-            let decoded = if length > max_event_bytes {
-                Err(format!(
-                    "event is {length} bytes, over MAX_EVENT_BYTES={max_event_bytes}"
-                ))
-            } else {
-                Event::from_slice(line.trim_ascii_end()).map_err(|e| e.to_string())
-            };
-            match decoded {
+            match decode_line(&line, length, max_event_bytes) {
                 Ok(event) => bus.push(event),
                 Err(reason) => summary.report_dead_letter(DeadLetterReport {
                     source: format!("line {line_number}"),
@@ -186,14 +191,7 @@ pub async fn run(
             .await;
         // Whatever the store's durability mode, a batch is on disk before the next one is read.
         ctx.store.flush().await?;
-        for (event_type, n) in report.handled_by_type {
-            *summary.events_by_type.entry(event_type).or_default() += n;
-        }
-        summary.skipped += report.unhandled;
-        summary.parked += report.parked.len() as u64;
-        for letter in report.dead_letters {
-            summary.report_dead_letter(letter.into());
-        }
+        summary.absorb(report);
         summary.points_written = counting.points_written();
         progress(&summary);
     }
@@ -204,6 +202,16 @@ pub async fn run(
     summary.elapsed_s = elapsed.as_secs_f64();
     summary.events_per_s = summary.events_in as f64 / summary.elapsed_s;
     Ok(summary)
+}
+
+/// One input line as an event, or why it is a dead letter (over `max` bytes, or not an event).
+fn decode_line(line: &[u8], length: usize, max: usize) -> Result<Event, String> {
+    if length > max {
+        return Err(format!(
+            "event is {length} bytes, over MAX_EVENT_BYTES={max}"
+        ));
+    }
+    Event::from_slice(line.trim_ascii_end()).map_err(|e| e.to_string())
 }
 
 /// Reads the next line (without its `\n`) into `line`, keeping at most `max + 1` of its bytes and skipping the

@@ -6,7 +6,7 @@
 
 use async_trait::async_trait;
 use aura_runtime::events::limits::{LABEL_CHARS, Limits, POINT_TEXT_CHARS, truncate_chars};
-use aura_runtime::events::payload::VectorizedContext;
+use aura_runtime::events::payload::{ContextSnapshot, VectorizedContext};
 use aura_runtime::events::{Event, EventError, Timestamp, types};
 use aura_runtime::store::Point;
 use aura_runtime::{Handler, HandlerContext, HandlerError};
@@ -49,6 +49,45 @@ impl Handler for IngestVectors {
     }
 }
 
+/// The user the points belong to: the event's, else the snapshot's; an id too long to keep whole is refused
+/// (cutting it would merge users).
+fn user_of(event: &Event, snapshot_user: &str) -> Result<String, EventError> {
+    let user_id = match event.user_id.as_deref().filter(|u| !u.trim().is_empty()) {
+        Some(user) => user.to_owned(),
+        None if !snapshot_user.trim().is_empty() => snapshot_user.to_owned(),
+        None => return Err(EventError::schema("user_id", "missing or empty")),
+    };
+    if user_id.chars().count() > LABEL_CHARS {
+        return Err(EventError::schema(
+            "user_id",
+            format!("longer than {LABEL_CHARS} characters"),
+        ));
+    }
+    Ok(user_id)
+}
+
+/// The snapshot's source event, summaries and other bounded fields, into the payload every point shares.
+fn insert_summaries(shared: &mut Map<String, Value>, snapshot: &ContextSnapshot) {
+    if let Some(source) = &snapshot.source_event {
+        shared.insert("source_event".into(), source.clone());
+    }
+    for (key, summary) in [
+        ("mood_summary", &snapshot.mood_summary),
+        ("activity_summary", &snapshot.activity_summary),
+    ] {
+        if let Some(summary) = summary {
+            shared.insert(key.into(), summary.clone());
+        }
+    }
+    // Other summaries of the snapshot (ikigai_summary, psychosocial_factors, …) travel along, bounded.
+    for (key, value) in &snapshot.extra {
+        shared.entry(key.clone()).or_insert_with(|| value.clone());
+    }
+    if let Some(chars) = snapshot.source_text_chars {
+        shared.insert("source_text_chars".into(), json!(chars));
+    }
+}
+
 /// The points for one `context.vectorized` event: the payload schema of docs/limits.md, "Point payload". Every field is
 /// bounded ([`aura_runtime::events::limits`]), so one point's payload stays under `POINT_PAYLOAD_BYTES` whatever
 /// the event carried: a point holds its own chunk and bounded summaries, never the whole source again.
@@ -60,18 +99,7 @@ pub fn points(event: &Event, limits: &Limits) -> Result<Vec<Point>, EventError> 
         embedding_model,
         embedding_version,
     } = VectorizedContext::from_event(event)?;
-    let user_id = match event.user_id.as_deref().filter(|u| !u.trim().is_empty()) {
-        Some(user) => user.to_owned(),
-        None if !context_data.user_id.trim().is_empty() => context_data.user_id.clone(),
-        None => return Err(EventError::schema("user_id", "missing or empty")),
-    };
-    if user_id.chars().count() > LABEL_CHARS {
-        // Cutting an id would merge users: refuse it instead.
-        return Err(EventError::schema(
-            "user_id",
-            format!("longer than {LABEL_CHARS} characters"),
-        ));
-    }
+    let user_id = user_of(event, &context_data.user_id)?;
     let snapshot = context_data.bounded(limits);
     let mut truncated = snapshot.truncated;
     if chunks.len() > limits.max_chunks {
@@ -113,24 +141,7 @@ pub fn points(event: &Event, limits: &Limits) -> Result<Vec<Point>, EventError> 
         "vectorized_event_id".into(),
         json!(event.event_id.to_string()),
     );
-    if let Some(source) = &snapshot.source_event {
-        shared.insert("source_event".into(), source.clone());
-    }
-    for (key, summary) in [
-        ("mood_summary", &snapshot.mood_summary),
-        ("activity_summary", &snapshot.activity_summary),
-    ] {
-        if let Some(summary) = summary {
-            shared.insert(key.into(), summary.clone());
-        }
-    }
-    // Other summaries of the snapshot (ikigai_summary, psychosocial_factors, …) travel along, bounded.
-    for (key, value) in &snapshot.extra {
-        shared.entry(key.clone()).or_insert_with(|| value.clone());
-    }
-    if let Some(chars) = snapshot.source_text_chars {
-        shared.insert("source_text_chars".into(), json!(chars));
-    }
+    insert_summaries(&mut shared, &snapshot);
     shared.insert(
         "summaries_truncated".into(),
         json!(snapshot.summaries_truncated),

@@ -136,3 +136,46 @@ pub struct QueueDepth {
     /// Parked tasks per disabled handler (`<queue>.parked.<handler>`).
     pub parked: std::collections::BTreeMap<String, u64>,
 }
+
+/// Pushes `payload` onto every queue bound to the direct exchange `exchange` with `routing_key` (kombu's
+/// `_kombu.binding.<exchange>` set), or onto `<routing_key>.<exchange>` when none is: how a pidbox reply reaches the
+/// client that asked.
+pub async fn deliver_direct(
+    link: &RedisLink,
+    exchange: &str,
+    routing_key: &str,
+    payload: &[u8],
+) -> Result<(), TransportError> {
+    let bindings_key = format!("_kombu.binding.{exchange}");
+    link.run(
+        "remote control reply",
+        Patience::Until(Duration::from_secs(2)),
+        |mut conn| {
+            let bindings_key = bindings_key.clone();
+            async move {
+                let members: Vec<String> = redis::cmd("SMEMBERS")
+                    .arg(&bindings_key)
+                    .query_async(&mut conn)
+                    .await?;
+                let mut queues: Vec<String> = members
+                    .iter()
+                    .filter_map(|m| {
+                        let mut parts = m.split(SEP);
+                        let rk = parts.next()?;
+                        let queue = parts.nth(1)?;
+                        (rk == routing_key).then(|| queue.to_owned())
+                    })
+                    .collect();
+                if queues.is_empty() {
+                    queues.push(format!("{routing_key}.{exchange}"));
+                }
+                let mut pipe = redis::pipe();
+                for queue in &queues {
+                    pipe.lpush(queue, payload).ignore();
+                }
+                pipe.query_async::<()>(&mut conn).await
+            }
+        },
+    )
+    .await
+}

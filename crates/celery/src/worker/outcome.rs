@@ -61,27 +61,13 @@ pub(super) async fn write(
             handler,
             error,
             exception,
-        } => {
-            fail(
-                shared,
-                fetched,
-                FailedTask {
-                    task_id: Some(message.id.clone()),
-                    task: Some(message.task.clone()),
-                    handler,
-                    error: &error,
-                },
-                &mut writes.pushes,
-                &mut writes.events,
-            );
-            Some(task_result(
-                message,
-                results::FAILURE,
-                exception,
-                Some(error),
-                Vec::new(),
-            ))
-        }
+        } => Some(failed(
+            shared,
+            fetched,
+            message,
+            (handler, error, exception),
+            &mut writes,
+        )),
     };
     commit(
         shared,
@@ -204,6 +190,35 @@ fn succeeded(
         ));
     }
     task_result(message, results::SUCCESS, result, None, children)
+}
+
+/// A failure for good: `FAILURE` stored, the task dead-lettered.
+fn failed(
+    shared: &Shared,
+    fetched: &Fetched,
+    message: &TaskMessage,
+    (handler, error, exception): (Option<String>, String, Value),
+    writes: &mut Writes,
+) -> TaskResult {
+    fail(
+        shared,
+        fetched,
+        FailedTask {
+            task_id: Some(message.id.clone()),
+            task: Some(message.task.clone()),
+            handler,
+            error: &error,
+        },
+        &mut writes.pushes,
+        &mut writes.events,
+    );
+    task_result(
+        message,
+        results::FAILURE,
+        exception,
+        Some(error),
+        Vec::new(),
+    )
 }
 
 /// A transient failure with attempts left: the task sent again with a countdown, as Celery's autoretry does.

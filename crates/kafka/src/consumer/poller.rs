@@ -17,6 +17,21 @@ pub(super) const NO_KEY: u64 = u64::MAX;
 /// How long the poller waits for a full window to drain before it pauses the partition.
 pub(super) const ROOM_WAIT: Duration = Duration::from_millis(200);
 
+/// A record of a type no handler here knows: booked as finished at once (counted, never decoded).
+fn skip(shared: &Shared, part: &Partition, offset: i64) {
+    aura_runtime::count_skipped();
+    shared.counters.skipped.fetch_add(1, Ordering::Relaxed);
+    let mut book = part.book();
+    book.window.push_back(Slot {
+        offset,
+        bytes: 0,
+        done: false,
+    });
+    shared.in_flight.fetch_add(1, Ordering::AcqRel);
+    let (count, _) = book.finish(offset);
+    shared.in_flight.fetch_sub(count, Ordering::AcqRel);
+}
+
 impl Poller {
     pub(super) async fn run(&self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
@@ -128,17 +143,7 @@ impl Poller {
                 event_type,
                 "no handler for event type; skipped"
             );
-            aura_runtime::count_skipped();
-            shared.counters.skipped.fetch_add(1, Ordering::Relaxed);
-            let mut book = lane.part.book();
-            book.window.push_back(Slot {
-                offset,
-                bytes: 0,
-                done: false,
-            });
-            shared.in_flight.fetch_add(1, Ordering::AcqRel);
-            let (count, _) = book.finish(offset);
-            shared.in_flight.fetch_sub(count, Ordering::AcqRel);
+            skip(shared, &lane.part, offset);
             return None;
         }
         let key = match self.ordering {

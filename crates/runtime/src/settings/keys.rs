@@ -175,20 +175,8 @@ impl Keys {
                 &[("text", LogFormat::Text), ("json", LogFormat::Json)],
             )?,
             fallback: self.process.fallback(messaging_backend)?,
-            ops: OpsSettings {
-                broker_grace: Duration::from_secs(self.process.health_broker_grace_s),
-                sample_every: Duration::from_secs(at_least(
-                    "backlog_sample_s",
-                    self.process.backlog_sample_s,
-                    1,
-                )?),
-            },
-            limits: aura_events::limits::Limits {
-                // Below ~1 KiB not even an ordinary event fits.
-                max_event_bytes: at_least("max_event_bytes", self.limits.max_event_bytes, 1024)?,
-                max_embed_chars: at_least("max_embed_chars", self.limits.max_embed_chars, 1)?,
-                max_chunks: at_least("max_chunks_per_event", self.limits.max_chunks_per_event, 1)?,
-            },
+            ops: self.process.ops()?,
+            limits: self.limits.validate()?,
         })
     }
 }
@@ -209,6 +197,17 @@ fn backend(text: &str) -> Result<Backend, ConfigError> {
 }
 
 impl ProcessKeys {
+    fn ops(&self) -> Result<OpsSettings, ConfigError> {
+        Ok(OpsSettings {
+            broker_grace: Duration::from_secs(self.health_broker_grace_s),
+            sample_every: Duration::from_secs(at_least(
+                "backlog_sample_s",
+                self.backlog_sample_s,
+                1,
+            )?),
+        })
+    }
+
     fn fallback(&self, messaging_backend: Backend) -> Result<FallbackSettings, ConfigError> {
         let text = nonempty(&self.messaging_fallback).unwrap_or_default();
         let backend = match text.to_ascii_lowercase().as_str() {
@@ -246,6 +245,17 @@ impl ProcessKeys {
     }
 }
 
+impl LimitKeys {
+    fn validate(self) -> Result<aura_events::limits::Limits, ConfigError> {
+        Ok(aura_events::limits::Limits {
+            // Below ~1 KiB not even an ordinary event fits.
+            max_event_bytes: at_least("max_event_bytes", self.max_event_bytes, 1024)?,
+            max_embed_chars: at_least("max_embed_chars", self.max_embed_chars, 1)?,
+            max_chunks: at_least("max_chunks_per_event", self.max_chunks_per_event, 1)?,
+        })
+    }
+}
+
 impl KafkaKeys {
     /// Confluent Cloud's `.env` holds a key and a secret and nothing else: that means SASL_SSL with PLAIN.
     fn security_inferred(&self) -> bool {
@@ -254,8 +264,9 @@ impl KafkaKeys {
             && nonempty(&self.kafka_api_secret).is_some()
     }
 
-    fn validate(self) -> Result<KafkaSettings, ConfigError> {
-        let security_protocol = match nonempty(&self.kafka_security_protocol) {
+    /// `KAFKA_SECURITY_PROTOCOL`, or what the credentials imply when it is unset.
+    fn security_protocol(&self) -> Result<&'static str, ConfigError> {
+        Ok(match nonempty(&self.kafka_security_protocol) {
             Some(text) => choice(
                 "kafka_security_protocol",
                 &text,
@@ -268,7 +279,11 @@ impl KafkaKeys {
             )?,
             None if self.security_inferred() => "SASL_SSL",
             None => "PLAINTEXT",
-        };
+        })
+    }
+
+    fn validate(self) -> Result<KafkaSettings, ConfigError> {
+        let security_protocol = self.security_protocol()?;
         Ok(KafkaSettings {
             bootstrap_servers: required("kafka_bootstrap_servers", &self.kafka_bootstrap_servers)?,
             security_protocol: security_protocol.to_owned(),
