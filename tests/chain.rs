@@ -4,7 +4,7 @@
 use std::sync::atomic::Ordering;
 
 use aura_cli::standard_registry;
-use aura_integration_tests::{mood_event, quick_retry, run_chain, with_data};
+use aura_integration_tests::{mood_event, quick_retry, run_chain, run_standard_chain, with_data};
 use aura_runtime::events::limits::{Limits, POINT_PAYLOAD_BYTES, SUMMARY_STRING_CHARS};
 use aura_runtime::store::VectorStore;
 use aura_runtime::testing::{FlakyStore, context_with, embedded};
@@ -18,13 +18,7 @@ async fn one_mood_event_becomes_exactly_the_expected_points() {
     let notes = "slept badly, worried about the quarterly review at work. ".repeat(21);
     let event = mood_event("alice", 4, notes.trim());
     let origin = event.event_id.to_string();
-    let report = run_chain(
-        standard_registry(),
-        fixture.ctx.clone(),
-        vec![event],
-        quick_retry(3),
-    )
-    .await;
+    let report = run_standard_chain(fixture.ctx.clone(), vec![event]).await;
 
     assert!(report.dead_letters.is_empty(), "{:?}", report.dead_letters);
     assert_eq!(report.handled_by_type.get("user.mood.created"), Some(&1));
@@ -91,20 +85,8 @@ async fn redelivering_the_same_events_overwrites_instead_of_duplicating() {
     let events: Vec<_> = (0..20)
         .map(|i| mood_event(&format!("user-{}", i % 4), i % 10, "a short note"))
         .collect();
-    run_chain(
-        standard_registry(),
-        fixture.ctx.clone(),
-        events.clone(),
-        quick_retry(3),
-    )
-    .await;
-    run_chain(
-        standard_registry(),
-        fixture.ctx.clone(),
-        events,
-        quick_retry(3),
-    )
-    .await;
+    run_standard_chain(fixture.ctx.clone(), events.clone()).await;
+    run_standard_chain(fixture.ctx.clone(), events).await;
     assert_eq!(fixture.store.count(None).await.unwrap(), 20);
     assert_eq!(fixture.store.count(Some("user-1")).await.unwrap(), 5);
 }
@@ -129,11 +111,9 @@ async fn a_store_outage_is_retried_and_the_chain_completes() {
 async fn a_store_that_stays_down_dead_letters_the_event_with_the_error() {
     let fixture = embedded();
     let flaky = FlakyStore::new(fixture.store.clone(), u32::MAX);
-    let report = run_chain(
-        standard_registry(),
+    let report = run_standard_chain(
         context_with(flaky.store.clone()),
         vec![mood_event("bob", 7, "ok")],
-        quick_retry(3),
     )
     .await;
     assert_eq!(report.dead_letters.len(), 1);
@@ -219,13 +199,7 @@ async fn a_megabyte_journal_entry_becomes_bounded_points_and_its_beginning_is_se
         json!({"mood_score": 6, "tags": tags, "notes": notes, "created_at": "2025-03-01T08:00:00"}),
     );
     let origin = event.event_id.to_string();
-    let report = run_chain(
-        standard_registry(),
-        fixture.ctx.clone(),
-        vec![event],
-        quick_retry(3),
-    )
-    .await;
+    let report = run_standard_chain(fixture.ctx.clone(), vec![event]).await;
     assert!(report.dead_letters.is_empty(), "{:?}", report.dead_letters);
     let points = fixture.store.count(Some("journal")).await.unwrap();
     assert_eq!(points, limits.max_chunks as u64);
@@ -287,13 +261,7 @@ async fn two_events_claiming_the_same_origin_keep_their_own_points() {
             .insert("causation_id".into(), json!("forged-cause"));
     }
     let ids: Vec<String> = events.iter().map(|e| e.event_id.to_string()).collect();
-    let report = run_chain(
-        standard_registry(),
-        fixture.ctx.clone(),
-        events,
-        quick_retry(3),
-    )
-    .await;
+    let report = run_standard_chain(fixture.ctx.clone(), events).await;
     assert!(report.dead_letters.is_empty(), "{:?}", report.dead_letters);
     assert_eq!(fixture.store.count(Some("alice")).await.unwrap(), 1);
     assert_eq!(fixture.store.count(Some("bob")).await.unwrap(), 1);
@@ -316,13 +284,7 @@ async fn a_produced_event_over_max_event_bytes_is_dead_lettered_with_the_setting
         ..Limits::default()
     };
     let notes = "a long entry about a long week ".repeat(1_000);
-    let report = run_chain(
-        standard_registry(),
-        ctx,
-        vec![mood_event("carol", 5, &notes)],
-        quick_retry(3),
-    )
-    .await;
+    let report = run_standard_chain(ctx, vec![mood_event("carol", 5, &notes)]).await;
     assert_eq!(report.dead_letters.len(), 1, "{:?}", report.dead_letters);
     let letter = &report.dead_letters[0];
     assert_eq!(letter.handler.as_deref(), Some("context_aggregated"));

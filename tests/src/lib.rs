@@ -38,6 +38,11 @@ pub async fn run_chain(
     bus.run(&dispatcher, &retry, 16).await
 }
 
+/// [`run_chain`] with the three handlers and three quick attempts.
+pub async fn run_standard_chain(ctx: HandlerContext, inputs: Vec<Event>) -> BusReport {
+    run_chain(aura_cli::standard_registry(), ctx, inputs, quick_retry(3)).await
+}
+
 /// Retries fast enough for tests.
 pub fn quick_retry(max_attempts: u32) -> RetryPolicy {
     RetryPolicy {
