@@ -663,7 +663,7 @@ async fn conform(scenario: &'static str, kind: &'static str) {
     mount.stop().await;
     let cell = Cell::of(&outcome, started.elapsed().as_secs_f64());
     cell.record(scenario, kind);
-    write_report();
+    write_report(scenario, kind);
     if let Err(error) = outcome {
         panic!("{scenario} on {kind}: {error}");
     }
@@ -740,7 +740,7 @@ fn report_dir() -> std::path::PathBuf {
 
 /// The report from every cell recorded so far (`not run` where none is): each test writes it after its own cell,
 /// so the last one to finish leaves the whole table in `target/conformance-report.md`.
-fn write_report() {
+fn write_report(scenario: &str, kind: &str) {
     let mut report = String::from(
         "# Conformance report\n\nEvery scenario on every mount (`tests/conformance/`, one test each: \
          `cargo test -p aura-integration-tests --test conformance on_<mount>::<scenario>`). `pass`: every check held; \
@@ -772,8 +772,9 @@ fn write_report() {
     }
     let _ = write!(report, "\nNotes:\n{notes}");
     let path = report_dir().join("../conformance-report.md");
-    // Tests finish concurrently: write a temporary file, then rename (a reader never sees half a report).
-    let temporary = report_dir().join(format!(".report-{}", std::process::id()));
+    // Tests finish concurrently, in one process: each writes a temporary file of its own, then renames it (a reader
+    // never sees half a report, and no test renames another's file away).
+    let temporary = report_dir().join(format!(".report-{scenario}-{kind}-{}", std::process::id()));
     std::fs::write(&temporary, &report).unwrap();
     std::fs::rename(&temporary, path).unwrap();
 }
