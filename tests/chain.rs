@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use aura_cli::standard_registry;
 use aura_integration_tests::{mood_event, quick_retry, run_chain, run_standard_chain, with_data};
 use aura_runtime::events::limits::{Limits, POINT_PAYLOAD_BYTES, SUMMARY_STRING_CHARS};
-use aura_runtime::store::VectorStore;
+use aura_runtime::store::{Query, VectorStore};
 use aura_runtime::testing::{FlakyStore, context_with, embedded};
 use handler_ingest_vectors::point_id;
 use serde_json::json;
@@ -38,7 +38,7 @@ async fn one_mood_event_becomes_exactly_the_expected_points() {
         .unwrap();
     let hits = fixture
         .store
-        .search(query.vectors[0].clone(), Some("alice"), 10)
+        .search(Query::nearest(query.vectors[0].clone(), 10).of_user("alice"))
         .await
         .unwrap();
     assert_eq!(hits.len(), 2);
@@ -204,20 +204,15 @@ async fn a_megabyte_journal_entry_becomes_bounded_points_and_its_beginning_is_se
     let points = fixture.store.count(Some("journal")).await.unwrap();
     assert_eq!(points, limits.max_chunks as u64);
 
+    let query = fixture
+        .ctx
+        .embedder
+        .embed(&["User: journal | Mood Score: 6/10 | Mood Tags: tag-0, tag-1".to_owned()])
+        .await
+        .unwrap();
     let hits = fixture
         .store
-        .search(
-            fixture
-                .ctx
-                .embedder
-                .embed(&["User: journal | Mood Score: 6/10 | Mood Tags: tag-0, tag-1".to_owned()])
-                .await
-                .unwrap()
-                .vectors[0]
-                .clone(),
-            Some("journal"),
-            100,
-        )
+        .search(Query::nearest(query.vectors[0].clone(), 100).of_user("journal"))
         .await
         .unwrap();
     assert_eq!(hits.len() as u64, points);
@@ -267,7 +262,7 @@ async fn two_events_claiming_the_same_origin_keep_their_own_points() {
     assert_eq!(fixture.store.count(Some("bob")).await.unwrap(), 1);
     let hits = fixture
         .store
-        .search(vec![1.0; aura_runtime::testing::TEST_DIM], Some("bob"), 1)
+        .search(Query::nearest(vec![1.0; aura_runtime::testing::TEST_DIM], 1).of_user("bob"))
         .await
         .unwrap();
     assert_eq!(hits[0].id, point_id(&ids[1], 0).to_string());

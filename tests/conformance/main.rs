@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use aura_runtime::embed::Embedder as _;
 use aura_runtime::events::Event;
-use aura_runtime::store::VectorStore as _;
+use aura_runtime::store::{Query, VectorStore as _};
 use aura_testkit::wait_until as wait_for;
 use handler_ingest_vectors::point_id;
 use mounts::{CeleryMount, KafkaMount, MemoryMount, Mount, task_ids};
@@ -138,7 +138,7 @@ macro_rules! check {
 async fn points_of(m: &dyn Mount, user: &str) -> BTreeMap<String, serde_json::Map<String, Value>> {
     let query = m.embedder().embed(&["query".into()]).await.unwrap();
     m.store()
-        .search(query.vectors[0].clone(), Some(user), 100)
+        .search(Query::nearest(query.vectors[0].clone(), 100).of_user(user))
         .await
         .unwrap()
         .into_iter()

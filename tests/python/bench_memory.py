@@ -143,16 +143,21 @@ def kafka_case(args, name, events):
     return peak, seconds
 
 
-def celery_case(args, name, events):
-    db = args.redis_db
+def celery_backlog(args, events, **settings):
+    """A fresh database of the benchmark's own redis-server (never a shared one) holding `events` as tasks, and
+    the worker's environment on it: (redis client, env)."""
+    url = f"{args.redis}/{args.redis_db}"
     args.redis_db += 1
-    url = f"{args.redis}/{db}"
     client = redis.Redis.from_url(url)
-    client.flushdb()  # the benchmark's own Redis server, never a shared one
+    client.flushdb()
     env = dict(os.environ, BROKER_URL=url, RESULT_BACKEND=url, MESSAGING_BACKEND="celery", HTTP_ADDR="127.0.0.1:0",
-               QDRANT_PATH=tempfile.mkdtemp(prefix="bench-mem-qdrant-"), RUST_LOG="warn",
-               CELERY_TASK_EVENTS="false")
+               RUST_LOG="warn", CELERY_TASK_EVENTS="false", **settings)
     publish_tasks(args.bin_dir, env, events)
+    return client, env
+
+
+def celery_case(args, name, events):
+    client, env = celery_backlog(args, events, QDRANT_PATH=tempfile.mkdtemp(prefix="bench-mem-qdrant-"))
     idle_since = [None]
 
     def done():

@@ -19,10 +19,9 @@ import tempfile
 import time
 import uuid
 
-import redis
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_memory import TOPICS, backlog, chain_drained, produce_backlog, publish_tasks  # noqa: E402
+from bench_memory import TOPICS, backlog, celery_backlog, chain_drained, produce_backlog  # noqa: E402
 
 
 def start(command, env, count, name):
@@ -74,14 +73,7 @@ def kafka_run(args, count, events):
 
 
 def celery_run(args, count, events):
-    db = args.redis_db
-    args.redis_db += 1
-    url = f"{args.redis}/{db}"
-    client = redis.Redis.from_url(url)
-    client.flushdb()  # the benchmark's own redis-server, never a shared one
-    env = dict(os.environ, BROKER_URL=url, RESULT_BACKEND=url, MESSAGING_BACKEND="celery", HTTP_ADDR="127.0.0.1:0",
-               EMBEDDING_PROVIDER="hash", RUST_LOG="warn", CELERY_TASK_EVENTS="false")
-    publish_tasks(args.bin_dir, env, events)
+    client, env = celery_backlog(args, events, EMBEDDING_PROVIDER="hash")
 
     def done():
         if client.hlen("unacked") or any(client.llen(k) for k in client.scan_iter(b"vectordb*")

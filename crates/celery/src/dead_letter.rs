@@ -1,7 +1,7 @@
 //! A `<queue>.dlq` entry: why a task failed for good, and the original message, unchanged — written by the worker,
 //! read back by `vectordb replay --celery-dlq` (which pushes `message` onto `queue` again).
 
-use base64::Engine as _;
+use aura_runtime::exact;
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
 
@@ -44,13 +44,7 @@ pub struct Subject<'a> {
 impl DeadLetterEntry {
     /// The entry for `subject`, failed now with `error`.
     pub fn new(subject: Subject<'_>, error: &str) -> Self {
-        let (message, message_base64) = match std::str::from_utf8(subject.raw) {
-            Ok(text) => (Some(text.to_owned()), None),
-            Err(_) => (
-                None,
-                Some(base64::engine::general_purpose::STANDARD.encode(subject.raw)),
-            ),
-        };
+        let (message, message_base64) = exact::split(subject.raw);
         Self {
             task_id: subject.task_id.map(str::to_owned),
             task: subject.task.map(str::to_owned),
@@ -76,13 +70,7 @@ impl DeadLetterEntry {
 
     /// The original message's bytes.
     pub fn message_bytes(&self) -> Option<Vec<u8>> {
-        match (&self.message, &self.message_base64) {
-            (Some(text), _) => Some(text.as_bytes().to_vec()),
-            (None, Some(encoded)) => base64::engine::general_purpose::STANDARD
-                .decode(encoded)
-                .ok(),
-            (None, None) => None,
-        }
+        exact::join(self.message.as_deref(), self.message_base64.as_deref())
     }
 }
 

@@ -15,7 +15,7 @@ use aura_runtime::HandlerContext;
 use aura_runtime::embed::{Embedder, HashEmbedder};
 use aura_runtime::store::{
     CollectionInfo, CollectionSpec, Distance, Durability, EdgeStore, ForeignPoints, Hit, Point,
-    StoreError, VectorStore,
+    Query, StoreError, VectorStore,
 };
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
@@ -60,10 +60,10 @@ impl VectorStore for DiscardStore {
     fn collection(&self) -> &CollectionSpec {
         &self.0
     }
-    async fn upsert(&self, _points: Vec<Point>) -> Result<(), StoreError> {
+    async fn write(&self, _points: Vec<Point>) -> Result<(), StoreError> {
         Ok(())
     }
-    async fn search(&self, _: Vec<f32>, _: Option<&str>, _: usize) -> Result<Vec<Hit>, StoreError> {
+    async fn search(&self, _: Query<'_>) -> Result<Vec<Hit>, StoreError> {
         Ok(Vec::new())
     }
     async fn count(&self, _: Option<&str>) -> Result<u64, StoreError> {

@@ -10,7 +10,8 @@ use aura_kafka::{ConsumerOptions, ConsumerReport, KafkaPublisher, run_consumer};
 use aura_runtime::embed::{EmbedError, Embedder, Embeddings};
 use aura_runtime::events::Event;
 use aura_runtime::store::{
-    CollectionInfo, CollectionSpec, Durability, ForeignPoints, Hit, Point, StoreError, VectorStore,
+    CollectionInfo, CollectionSpec, Durability, ForeignPoints, Hit, Point, Query, StoreError,
+    VectorStore,
 };
 use aura_runtime::{
     Dispatcher, Fenced, FencedStore, Handler, HandlerContext, HandlerError, Registry, Settings,
@@ -87,9 +88,7 @@ pub async fn run(
     )
     .await
     .context("running the Kafka consumer")?;
-    if let Err(error) = publisher.flush(Duration::from_secs(1)) {
-        tracing::warn!(%error, "producer flush at exit");
-    }
+    flush_at_exit(&publisher);
     Ok(Some(report))
 }
 
@@ -144,13 +143,13 @@ impl VectorStore for NoStore {
         &self.0
     }
 
-    async fn upsert(&self, _: Vec<Point>) -> Result<(), StoreError> {
+    async fn write(&self, _: Vec<Point>) -> Result<(), StoreError> {
         Err(StoreError::Unavailable(
             "this process writes no points".into(),
         ))
     }
 
-    async fn search(&self, _: Vec<f32>, _: Option<&str>, _: usize) -> Result<Vec<Hit>, StoreError> {
+    async fn search(&self, _: Query<'_>) -> Result<Vec<Hit>, StoreError> {
         Err(StoreError::Unavailable("this process has no store".into()))
     }
 
@@ -239,8 +238,13 @@ async fn forward_to_celery(
     )
     .await
     .context("forwarding the Kafka backlog to Celery")?;
-    if let Err(error) = dead_letters.flush(Duration::from_secs(1)) {
+    flush_at_exit(&dead_letters);
+    Ok(report)
+}
+
+/// Waits up to a second for what the producer still holds (its dead letters, its outputs) to be delivered.
+fn flush_at_exit(producer: &KafkaPublisher) {
+    if let Err(error) = producer.flush(Duration::from_secs(1)) {
         tracing::warn!(%error, "producer flush at exit");
     }
-    Ok(report)
 }

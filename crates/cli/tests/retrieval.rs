@@ -12,7 +12,7 @@ use std::path::Path;
 use aura_cli::pipeline::{self, PipelineOptions};
 use aura_cli::{ModelCheck, configured_registry, wired};
 use aura_runtime::Settings;
-use aura_runtime::store::Durability;
+use aura_runtime::store::{Durability, Query};
 
 const USER: &str = "user-quality";
 
@@ -155,7 +155,11 @@ async fn top1_accuracy(provider: &str) -> (f64, Vec<String>) {
             .unwrap()
             .vectors
             .remove(0);
-        let hits = ctx.store.search(vector, Some(USER), 1).await.unwrap();
+        let hits = ctx
+            .store
+            .search(Query::nearest(vector, 1).of_user(USER))
+            .await
+            .unwrap();
         let top = hits[0].payload["text"].as_str().unwrap().to_owned();
         if top.ends_with(&format!("Notes: {note}")) {
             right += 1;

@@ -19,6 +19,19 @@ pub enum ClientError {
 }
 
 impl ClientError {
+    /// For `map_err` on `create_with_context`: the Kafka `role` (producer, consumer, …) for `settings`'s cluster.
+    pub(crate) fn create(
+        role: &'static str,
+        settings: &KafkaSettings,
+    ) -> impl FnOnce(KafkaError) -> Self {
+        let bootstrap = settings.bootstrap_servers.clone();
+        move |source| Self::Create {
+            role,
+            bootstrap,
+            source,
+        }
+    }
+
     pub(crate) fn kafka(action: impl Into<String>, source: KafkaError) -> Self {
         Self::Kafka {
             action: action.into(),

@@ -271,7 +271,6 @@ pub fn read_range(
 /// `message` as `vectordb export` writes it (dead letters spooled to disk use the same form, so `vectordb replay
 /// --file` takes them back).
 pub fn exported(message: &impl Message) -> ExportedRecord {
-    use base64::Engine as _;
     let headers = message
         .headers()
         .map(|headers| {
@@ -286,13 +285,7 @@ pub fn exported(message: &impl Message) -> ExportedRecord {
         .unwrap_or_default();
     let (value, value_base64) = match message.payload() {
         None => (None, None),
-        Some(bytes) => match std::str::from_utf8(bytes) {
-            Ok(text) => (Some(text.to_owned()), None),
-            Err(_) => (
-                None,
-                Some(base64::engine::general_purpose::STANDARD.encode(bytes)),
-            ),
-        },
+        Some(bytes) => aura_runtime::exact::split(bytes),
     };
     ExportedRecord {
         topic: message.topic().to_owned(),
@@ -311,14 +304,7 @@ pub fn exported(message: &impl Message) -> ExportedRecord {
 impl ExportedRecord {
     /// The value's bytes, as they were on the topic.
     pub fn value_bytes(&self) -> Option<Vec<u8>> {
-        use base64::Engine as _;
-        match (&self.value, &self.value_base64) {
-            (Some(text), _) => Some(text.as_bytes().to_vec()),
-            (None, Some(encoded)) => base64::engine::general_purpose::STANDARD
-                .decode(encoded)
-                .ok(),
-            (None, None) => None,
-        }
+        aura_runtime::exact::join(self.value.as_deref(), self.value_base64.as_deref())
     }
 }
 
@@ -332,11 +318,7 @@ fn offsets_client(
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "false")
         .create_with_context(crate::logs::LogContext)
-        .map_err(|source| ClientError::Create {
-            role: "offsets reader",
-            bootstrap: settings.bootstrap_servers.clone(),
-            source,
-        })
+        .map_err(ClientError::create("offsets reader", settings))
 }
 
 /// The partitions of `topic`, or `None` when it does not exist.

@@ -55,11 +55,7 @@ impl KafkaPublisher {
                 DELIVERY_TIMEOUT.as_millis().to_string(),
             )
             .create_with_context(crate::logs::LogContext)
-            .map_err(|source| ClientError::Create {
-                role: "producer",
-                bootstrap: settings.bootstrap_servers.clone(),
-                source,
-            })?;
+            .map_err(ClientError::create("producer", settings))?;
         Ok(Self {
             producer,
             topics: TopicNames::from_settings(settings),

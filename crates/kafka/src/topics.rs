@@ -64,11 +64,7 @@ pub async fn create_topics(
 ) -> Result<Vec<TopicStatus>, ClientError> {
     let admin: AdminClient<crate::logs::LogContext> = client_config(settings)?
         .create_with_context(crate::logs::LogContext)
-        .map_err(|source| ClientError::Create {
-            role: "admin client",
-            bootstrap: settings.bootstrap_servers.clone(),
-            source,
-        })?;
+        .map_err(ClientError::create("admin client", settings))?;
     let new_topics: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(replication)))

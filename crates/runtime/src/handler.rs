@@ -48,9 +48,10 @@ impl From<EventError> for HandlerError {
     }
 }
 
-impl From<StoreError> for HandlerError {
-    fn from(error: StoreError) -> Self {
-        if error.is_transient() {
+impl HandlerError {
+    /// `error`, transient when retrying may help.
+    fn classified(error: impl std::fmt::Display, transient: bool) -> Self {
+        if transient {
             Self::Transient(error.to_string())
         } else {
             Self::Permanent(error.to_string())
@@ -58,13 +59,17 @@ impl From<StoreError> for HandlerError {
     }
 }
 
+impl From<StoreError> for HandlerError {
+    fn from(error: StoreError) -> Self {
+        let transient = error.is_transient();
+        Self::classified(error, transient)
+    }
+}
+
 impl From<EmbedError> for HandlerError {
     fn from(error: EmbedError) -> Self {
-        if error.is_transient() {
-            Self::Transient(error.to_string())
-        } else {
-            Self::Permanent(error.to_string())
-        }
+        let transient = error.is_transient();
+        Self::classified(error, transient)
     }
 }
 

@@ -9,6 +9,7 @@
 
 mod bus;
 mod dispatch;
+pub mod exact;
 pub mod fallback;
 pub mod fence;
 mod handler;

@@ -32,8 +32,8 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
-    CollectionInfo, CollectionSpec, Distance, ForeignPoints, Hit, KEYWORD_INDEXES, Point,
-    StoreError, VectorStore, any_direction, check_vectors,
+    CollectionInfo, CollectionSpec, Distance, ForeignPoints, Hit, KEYWORD_INDEXES, Point, Query,
+    StoreError, VectorStore, any_direction,
 };
 
 const DEFAULT_VECTOR: &str = "";
@@ -116,7 +116,7 @@ impl EdgeStore {
     }
 
     /// Hands points to the writer task and waits for the round that applies (and, if asked, flushes) them.
-    async fn write(
+    async fn submit(
         &self,
         points: Vec<PointStructPersisted>,
         flush: bool,
@@ -286,29 +286,25 @@ impl VectorStore for EdgeStore {
         &self.spec
     }
 
-    async fn upsert(&self, points: Vec<Point>) -> Result<(), StoreError> {
-        if points.is_empty() {
-            return Ok(());
-        }
-        check_vectors(&self.spec, &points)?;
+    async fn write(&self, points: Vec<Point>) -> Result<(), StoreError> {
         let points = points
             .into_iter()
             .map(|p| PointStruct::new(PointId::Uuid(p.id), p.vector, Value::Object(p.payload)).0)
             .collect();
-        self.write(points, self.durability == Durability::EveryWrite)
+        self.submit(points, self.durability == Durability::EveryWrite)
             .await
     }
 
     async fn flush(&self) -> Result<(), StoreError> {
-        self.write(Vec::new(), true).await
+        self.submit(Vec::new(), true).await
     }
 
-    async fn search(
-        &self,
-        vector: Vec<f32>,
-        user_id: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<Hit>, StoreError> {
+    async fn search(&self, query: Query<'_>) -> Result<Vec<Hit>, StoreError> {
+        let Query {
+            vector,
+            user_id,
+            limit,
+        } = query;
         if vector.len() != self.spec.dimension {
             return Err(StoreError::Invalid(format!(
                 "query vector has {} dimensions; collection takes {}",

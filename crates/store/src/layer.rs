@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::{CollectionInfo, CollectionSpec, ForeignPoints, Hit, Point, StoreError, VectorStore};
+use crate::{
+    CollectionInfo, CollectionSpec, ForeignPoints, Hit, Point, Query, StoreError, VectorStore,
+};
 
 /// What a layer does around the writes of the store inside. Each hook's default passes the call through.
 #[async_trait]
@@ -54,13 +56,12 @@ impl<L: StoreLayer> VectorStore for Layered<L> {
         self.layer.flush(self.inner.as_ref()).await
     }
 
-    async fn search(
-        &self,
-        vector: Vec<f32>,
-        user_id: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<Hit>, StoreError> {
-        self.inner.search(vector, user_id, limit).await
+    async fn write(&self, points: Vec<Point>) -> Result<(), StoreError> {
+        self.layer.upsert(self.inner.as_ref(), points).await
+    }
+
+    async fn search(&self, query: Query<'_>) -> Result<Vec<Hit>, StoreError> {
+        self.inner.search(query).await
     }
 
     async fn count(&self, user_id: Option<&str>) -> Result<u64, StoreError> {

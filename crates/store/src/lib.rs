@@ -116,23 +116,56 @@ impl StoreError {
     }
 }
 
+/// A nearest-neighbour query: `limit` points nearest to `vector`, restricted to `user_id` when given.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Query<'a> {
+    pub vector: Vec<f32>,
+    pub user_id: Option<&'a str>,
+    pub limit: usize,
+}
+
+impl<'a> Query<'a> {
+    /// The `limit` points nearest to `vector`, of any user.
+    pub fn nearest(vector: Vec<f32>, limit: usize) -> Self {
+        Self {
+            vector,
+            user_id: None,
+            limit,
+        }
+    }
+
+    /// Only the points of `user_id`.
+    pub fn of_user(self, user_id: &'a str) -> Self {
+        Self {
+            user_id: Some(user_id),
+            ..self
+        }
+    }
+}
+
 #[async_trait]
 pub trait VectorStore: Send + Sync {
     fn collection(&self) -> &CollectionSpec;
     /// Inserts or overwrites the points; returns once they are durable (unless the store was opened for bulk
     /// loading with [`Durability::OnFlush`], where [`VectorStore::flush`] makes them durable).
-    async fn upsert(&self, points: Vec<Point>) -> Result<(), StoreError>;
+    ///
+    /// An engine writes in [`VectorStore::write`]; this checks the points against the collection first (nothing
+    /// to do for none; a vector of the wrong size is [`StoreError::Invalid`]).
+    async fn upsert(&self, points: Vec<Point>) -> Result<(), StoreError> {
+        if points.is_empty() {
+            return Ok(());
+        }
+        check_vectors(self.collection(), &points)?;
+        self.write(points).await
+    }
+    /// Writes points already checked by [`VectorStore::upsert`] (not empty, every vector of the collection's size).
+    async fn write(&self, points: Vec<Point>) -> Result<(), StoreError>;
     /// Makes every upsert so far durable. A no-op where upserts are durable on return.
     async fn flush(&self) -> Result<(), StoreError> {
         Ok(())
     }
-    /// Nearest points to `vector`, restricted to `user_id` when given.
-    async fn search(
-        &self,
-        vector: Vec<f32>,
-        user_id: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<Hit>, StoreError>;
+    /// The points nearest to the query's vector.
+    async fn search(&self, query: Query<'_>) -> Result<Vec<Hit>, StoreError>;
     /// Exact number of points, restricted to `user_id` when given.
     async fn count(&self, user_id: Option<&str>) -> Result<u64, StoreError>;
     async fn info(&self) -> Result<CollectionInfo, StoreError>;

@@ -15,8 +15,8 @@ use qdrant_client::{Payload, Qdrant, QdrantError};
 use serde_json::Value;
 
 use crate::{
-    CollectionInfo, CollectionSpec, Distance, ForeignPoints, Hit, KEYWORD_INDEXES, Point,
-    StoreError, VectorStore, check_vectors,
+    CollectionInfo, CollectionSpec, Distance, ForeignPoints, Hit, KEYWORD_INDEXES, Point, Query,
+    StoreError, VectorStore,
 };
 
 pub struct QdrantServerStore {
@@ -65,11 +65,7 @@ impl QdrantServerStore {
 
     async fn ensure_collection(&self) -> Result<(), StoreError> {
         let name = &self.spec.name;
-        let exists = self
-            .client
-            .collection_exists(name)
-            .await
-            .map_err(|e| self.error(e))?;
+        let exists = self.call(self.client.collection_exists(name)).await?;
         if exists {
             let (dimension, distance) = self.vector_params().await?;
             if dimension != self.spec.dimension {
@@ -110,23 +106,21 @@ impl QdrantServerStore {
         }
         for field in KEYWORD_INDEXES {
             // Idempotent on the server: creating an existing index is accepted.
-            self.client
-                .create_field_index(
+            self.call(
+                self.client.create_field_index(
                     CreateFieldIndexCollectionBuilder::new(name.clone(), field, FieldType::Keyword)
                         .wait(true),
-                )
-                .await
-                .map_err(|e| self.error(e))?;
+                ),
+            )
+            .await?;
         }
         Ok(())
     }
 
     async fn vector_params(&self) -> Result<(usize, Distance), StoreError> {
         let info = self
-            .client
-            .collection_info(&self.spec.name)
-            .await
-            .map_err(|e| self.error(e))?;
+            .call(self.client.collection_info(&self.spec.name))
+            .await?;
         let config = info
             .result
             .and_then(|r| r.config)
@@ -146,6 +140,14 @@ impl QdrantServerStore {
 
     fn error(&self, error: QdrantError) -> StoreError {
         classify(&self.url, &self.secrets, error)
+    }
+
+    /// Awaits one client call: its error classified, and scrubbed of secrets.
+    async fn call<T>(
+        &self,
+        request: impl Future<Output = Result<T, QdrantError>>,
+    ) -> Result<T, StoreError> {
+        request.await.map_err(|e| self.error(e))
     }
 }
 
@@ -240,11 +242,7 @@ impl VectorStore for QdrantServerStore {
         &self.spec
     }
 
-    async fn upsert(&self, points: Vec<Point>) -> Result<(), StoreError> {
-        if points.is_empty() {
-            return Ok(());
-        }
-        check_vectors(&self.spec, &points)?;
+    async fn write(&self, points: Vec<Point>) -> Result<(), StoreError> {
         let points: Vec<PointStruct> = points
             .into_iter()
             .map(|p| {
@@ -252,29 +250,22 @@ impl VectorStore for QdrantServerStore {
                 PointStruct::new(p.id.to_string(), p.vector, payload)
             })
             .collect();
-        self.client
-            .upsert_points(UpsertPointsBuilder::new(self.spec.name.clone(), points).wait(true))
-            .await
-            .map_err(|e| self.error(e))?;
+        self.call(
+            self.client
+                .upsert_points(UpsertPointsBuilder::new(self.spec.name.clone(), points).wait(true)),
+        )
+        .await?;
         Ok(())
     }
 
-    async fn search(
-        &self,
-        vector: Vec<f32>,
-        user_id: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<Hit>, StoreError> {
-        let mut request = SearchPointsBuilder::new(self.spec.name.clone(), vector, limit as u64)
-            .with_payload(true);
-        if let Some(filter) = user_filter(user_id) {
+    async fn search(&self, query: Query<'_>) -> Result<Vec<Hit>, StoreError> {
+        let mut request =
+            SearchPointsBuilder::new(self.spec.name.clone(), query.vector, query.limit as u64)
+                .with_payload(true);
+        if let Some(filter) = user_filter(query.user_id) {
             request = request.filter(filter);
         }
-        let response = self
-            .client
-            .search_points(request)
-            .await
-            .map_err(|e| self.error(e))?;
+        let response = self.call(self.client.search_points(request)).await?;
         Ok(response
             .result
             .into_iter()
@@ -302,11 +293,7 @@ impl VectorStore for QdrantServerStore {
         if let Some(filter) = user_filter(user_id) {
             request = request.filter(filter);
         }
-        let response = self
-            .client
-            .count(request)
-            .await
-            .map_err(|e| self.error(e))?;
+        let response = self.call(self.client.count(request)).await?;
         Ok(response.result.map(|r| r.count).unwrap_or(0))
     }
 
@@ -317,31 +304,31 @@ impl VectorStore for QdrantServerStore {
                 .map(|m| Condition::matches("embedding_model", m.clone())),
         );
         let response = self
-            .client
-            .count(
-                CountPointsBuilder::new(self.spec.name.clone())
-                    .exact(true)
-                    .filter(filter.clone()),
+            .call(
+                self.client.count(
+                    CountPointsBuilder::new(self.spec.name.clone())
+                        .exact(true)
+                        .filter(filter.clone()),
+                ),
             )
-            .await
-            .map_err(|e| self.error(e))?;
+            .await?;
         let points = response.result.map(|r| r.count).unwrap_or(0);
         if points == 0 {
             return Ok(None);
         }
         let sample = self
-            .client
-            .search_points(
-                SearchPointsBuilder::new(
-                    self.spec.name.clone(),
-                    crate::any_direction(self.spec.dimension),
-                    1,
-                )
-                .with_payload(true)
-                .filter(filter),
+            .call(
+                self.client.search_points(
+                    SearchPointsBuilder::new(
+                        self.spec.name.clone(),
+                        crate::any_direction(self.spec.dimension),
+                        1,
+                    )
+                    .with_payload(true)
+                    .filter(filter),
+                ),
             )
-            .await
-            .map_err(|e| self.error(e))?;
+            .await?;
         let payload = sample.result.into_iter().next().and_then(|p| {
             match Value::from(Payload::from(p.payload)) {
                 Value::Object(map) => Some(map),

@@ -1,6 +1,8 @@
 //! The embedded store, for real, on a temporary directory.
 
-use aura_store::{CollectionSpec, Distance, Durability, EdgeStore, Point, StoreError, VectorStore};
+use aura_store::{
+    CollectionSpec, Distance, Durability, EdgeStore, Point, Query, StoreError, VectorStore,
+};
 use serde_json::{Map, Value, json};
 use uuid::Uuid;
 
@@ -44,7 +46,7 @@ async fn upserted_points_are_counted_searched_per_user_and_overwritten_by_id() {
     assert_eq!(store.count(Some("alice")).await.unwrap(), 3);
 
     let hits = store
-        .search(point(2, "x").vector, Some("alice"), 10)
+        .search(Query::nearest(point(2, "x").vector, 10).of_user("alice"))
         .await
         .unwrap();
     assert_eq!(hits.len(), 3);

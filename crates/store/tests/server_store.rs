@@ -1,7 +1,9 @@
 //! The Qdrant server store against a real server. No Qdrant server can be installed on our CI machines, so this
 //! runs only on demand: `QDRANT_URL=http://127.0.0.1:6334 cargo test -p aura-store -- --ignored`.
 
-use aura_store::{CollectionSpec, Distance, Point, QdrantServerStore, StoreError, VectorStore};
+use aura_store::{
+    CollectionSpec, Distance, Point, QdrantServerStore, Query, StoreError, VectorStore,
+};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -35,7 +37,7 @@ async fn server_store_creates_upserts_searches_counts_and_refuses_a_size_mismatc
     assert_eq!(store.count(None).await.unwrap(), 4);
     assert_eq!(store.count(Some("alice")).await.unwrap(), 3);
     let hits = store
-        .search(vec![1.0, 1.0, 0.5, 0.1], Some("bob"), 10)
+        .search(Query::nearest(vec![1.0, 1.0, 0.5, 0.1], 10).of_user("bob"))
         .await
         .unwrap();
     assert_eq!(hits.len(), 1);

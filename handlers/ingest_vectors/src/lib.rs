@@ -169,7 +169,7 @@ pub fn points(event: &Event, limits: &Limits) -> Result<Vec<Point>, EventError> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use aura_runtime::store::VectorStore;
+    use aura_runtime::store::{Query, VectorStore};
     use aura_runtime::testing::{FlakyStore, TEST_DIM, context_with, embedded};
     use std::sync::atomic::Ordering;
 
@@ -219,14 +219,11 @@ mod tests {
         assert!(IngestVectors.handle(&event, ctx).await.unwrap().is_empty());
         assert_eq!(store.count(Some("u9")).await.unwrap(), 2);
 
+        let vector = points(&event, &Limits::default()).unwrap()[1]
+            .vector
+            .clone();
         let hits = store
-            .search(
-                points(&event, &Limits::default()).unwrap()[1]
-                    .vector
-                    .clone(),
-                Some("u9"),
-                1,
-            )
+            .search(Query::nearest(vector, 1).of_user("u9"))
             .await
             .unwrap();
         assert_eq!(hits[0].id, point_id("origin-1", 1).to_string());

@@ -190,26 +190,8 @@ impl TaskBody {
                 parts.len()
             )));
         }
-        let embed = match parts.get_mut(2).map(Value::take) {
-            None | Some(Value::Null) => Map::new(),
-            Some(Value::Object(map)) => map,
-            Some(other) => {
-                return Err(MessageError::BadBody(format!(
-                    "embed must be an object, got {}",
-                    json_kind(&other)
-                )));
-            }
-        };
-        let kwargs = match parts.get_mut(1).map(Value::take) {
-            None | Some(Value::Null) => Map::new(),
-            Some(Value::Object(map)) => map,
-            Some(other) => {
-                return Err(MessageError::BadBody(format!(
-                    "kwargs must be an object, got {}",
-                    json_kind(&other)
-                )));
-            }
-        };
+        let embed = object_or_empty("embed", parts.get_mut(2).map(Value::take))?;
+        let kwargs = object_or_empty("kwargs", parts.get_mut(1).map(Value::take))?;
         let args = match parts[0].take() {
             Value::Array(args) => args,
             Value::Null => Vec::new(),
@@ -649,6 +631,18 @@ fn truncate(text: &str, max_len: i64) -> String {
 /// `'` written `\'`, nothing else escaped (a backslash, a newline or a `"` stay as they are); cut by [`truncate`].
 fn format_chars(text: &str, max_len: i64) -> String {
     format!("'{}'", truncate(text, max_len).replace('\'', "\\'"))
+}
+
+/// A body part that must be an object when present (`null` or missing: empty).
+fn object_or_empty(part: &str, value: Option<Value>) -> Result<Map<String, Value>, MessageError> {
+    match value {
+        None | Some(Value::Null) => Ok(Map::new()),
+        Some(Value::Object(map)) => Ok(map),
+        Some(other) => Err(MessageError::BadBody(format!(
+            "{part} must be an object, got {}",
+            json_kind(&other)
+        ))),
+    }
 }
 
 #[cfg(test)]

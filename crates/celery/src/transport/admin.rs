@@ -67,13 +67,11 @@ impl Broker {
                 skip += 1;
                 continue;
             };
-            let mut invocation = REPLAY_DEAD_LETTER.script().prepare_invoke();
-            invocation.key(&dlq).key(&target).arg(&entry).arg(&message);
-            let removed: i64 = self
-                .link
-                .invoke("replay dead letter", Patience::Forever, &invocation)
-                .await?;
-            if removed > 0 {
+            let (from, to) = ((dlq.as_str(), &entry[..]), (target.as_str(), &message[..]));
+            if self
+                .move_if_present("replay dead letter", Patience::Forever, from, to)
+                .await?
+            {
                 moved += 1;
                 progress(moved);
             }

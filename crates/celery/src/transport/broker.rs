@@ -13,6 +13,16 @@ pub struct Fetched {
     pub tag: Option<String>,
 }
 
+/// Where [`Broker::give_back`] puts a message.
+#[derive(Clone, Copy, Debug)]
+pub enum GiveBack<'a> {
+    /// The consuming end of `queue`'s list for the message's priority: taken next (a task not started at shutdown).
+    Next { queue: &'a str },
+    /// The far end of the list it came from (`key`): what Celery's `reject(requeue=True)` does, for a task this
+    /// worker does not run.
+    Last { key: &'a str },
+}
+
 /// What acknowledging one finished message writes, in the `MULTI` of [`Broker::acknowledge`].
 #[derive(Clone, Copy, Debug)]
 pub struct Acknowledgement<'a> {
@@ -219,42 +229,23 @@ impl Broker {
         Ok(out)
     }
 
-    /// Puts our own message `tag` back at the consuming end of its queue (not started at shutdown), within
-    /// `patience`; if Redis does not answer, the message stays in `unacked` and is restored after the timeout.
-    pub async fn requeue(
+    /// Gives our own message `tag` back, marked redelivered as kombu's restore marks it, within `patience`; if
+    /// Redis does not answer, the message stays in `unacked` and is restored after the visibility timeout.
+    pub async fn give_back(
         &self,
         tag: &str,
         envelope: &Envelope,
-        queue: &str,
+        to: GiveBack<'_>,
         patience: Patience,
     ) -> Result<bool, TransportError> {
         let mut envelope = envelope.clone();
         envelope.mark_redelivered();
-        let target = priority_key(queue, envelope.priority());
-        self.restore_entry(tag, &envelope.to_vec(), &[target], None, false, patience)
+        let (target, at_back) = match to {
+            GiveBack::Next { queue } => (priority_key(queue, envelope.priority()), false),
+            GiveBack::Last { key } => (key.to_owned(), true),
+        };
+        self.restore_entry(tag, &envelope.to_vec(), &[target], None, at_back, patience)
             .await
-    }
-
-    /// Gives a message back unchanged but for `redelivered`, at the back of the list it came from (`key`): what
-    /// Celery's `reject(requeue=True)` does, for a task this worker does not run.
-    pub async fn reject_requeue(
-        &self,
-        tag: &str,
-        envelope: &Envelope,
-        key: &str,
-        patience: Patience,
-    ) -> Result<bool, TransportError> {
-        let mut envelope = envelope.clone();
-        envelope.mark_redelivered();
-        self.restore_entry(
-            tag,
-            &envelope.to_vec(),
-            &[key.to_owned()],
-            None,
-            true,
-            patience,
-        )
-        .await
     }
 
     pub(super) async fn restore_entry(

@@ -18,19 +18,16 @@ impl Broker {
             .link
             .query("unreadable scan", BOOKKEEPING, &scan)
             .await?;
+        let dead_letters = dead_letter_key(queue);
         let mut moved = 0;
         for raw in items {
-            let mut invocation = MOVE_IF_PRESENT.script().prepare_invoke();
-            invocation
-                .key(&quarantine)
-                .key(dead_letter_key(queue))
-                .arg(&raw)
-                .arg(entry(&raw));
-            let done: i64 = self
-                .link
-                .invoke("dead-letter unreadable", BOOKKEEPING, &invocation)
-                .await?;
-            moved += done as usize;
+            let from = (quarantine.as_str(), raw.as_slice());
+            let to = (dead_letters.as_str(), entry(&raw));
+            let what = "dead-letter unreadable";
+            moved += usize::from(
+                self.move_if_present(what, BOOKKEEPING, from, (to.0, &to.1))
+                    .await?,
+            );
         }
         Ok(moved)
     }

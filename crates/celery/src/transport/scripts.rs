@@ -1,4 +1,4 @@
-//! The Lua scripts the transport runs, each held once as a [`Lua`]: run by `EVALSHA` (loaded on `NOSCRIPT`), or
+//! The Lua scripts the transport runs (their sources in `lua/`), each held once as a [`Lua`]: run by `EVALSHA` (loaded on `NOSCRIPT`), or
 //! by its source inside a `MULTI`.
 
 use super::*;
@@ -33,127 +33,42 @@ impl Lua {
 /// popped; an unreadable one is first copied to `<queue>.unreadable` (ARGV[i] is KEYS[i]'s queue) and then popped.
 /// A write Redis refuses (wrong type, ACL, OOM under `maxmemory`) stops the batch with the message still on its
 /// queue: the reply is `[error or '', key, message, tag, key, message, tag, …]`.
-pub(super) static FETCH_BATCH: Lua = Lua::new(
-    r#"
-local out = {''}
-local wanted = tonumber(ARGV[1])
-local taken = 0
-local function refused(reply)
-  return type(reply) == 'table' and reply['err'] ~= nil
-end
-for i = 3, #KEYS do
-  while taken < wanted do
-    local msg = redis.call('LINDEX', KEYS[i], -1)
-    if not msg then break end
-    local tag = ''
-    local ok, obj = pcall(cjson.decode, msg)
-    if ok and type(obj) == 'table' and type(obj['properties']) == 'table'
-        and type(obj['properties']['delivery_tag']) == 'string' then
-      tag = obj['properties']['delivery_tag']
-      local info = obj['properties']['delivery_info']
-      local exchange, rk = '', ARGV[i]
-      if type(info) == 'table' then
-        if type(info['exchange']) == 'string' then exchange = info['exchange'] end
-        if type(info['routing_key']) == 'string' then rk = info['routing_key'] end
-      end
-      local reply = redis.pcall('ZADD', KEYS[1], ARGV[2], tag)
-      if refused(reply) then out[1] = reply['err']; return out end
-      reply = redis.pcall('HSET', KEYS[2], tag,
-        '[' .. msg .. ', ' .. cjson.encode(exchange) .. ', ' .. cjson.encode(rk) .. ']')
-      if refused(reply) then
-        redis.pcall('ZREM', KEYS[1], tag)
-        out[1] = reply['err']
-        return out
-      end
-    else
-      local reply = redis.pcall('LPUSH', ARGV[i] .. '.unreadable', msg)
-      if refused(reply) then out[1] = reply['err']; return out end
-    end
-    redis.call('RPOP', KEYS[i])
-    taken = taken + 1
-    table.insert(out, KEYS[i])
-    table.insert(out, msg)
-    table.insert(out, tag)
-  end
-end
-return out
-"#,
-);
+pub(super) static FETCH_BATCH: Lua = Lua::new(include_str!("lua/fetch_batch.lua"));
 
 /// Pushes ARGV[2] onto each of KEYS[3..] (LPUSH when ARGV[4] is '1', the back of the queue; else RPUSH, the
 /// consuming end) and forgets tag ARGV[1] — only if `unacked[tag]` still equals ARGV[3] (or ARGV[3] is empty: the
 /// caller owns the tag). Returns 1 when it restored.
-pub(super) static RESTORE_IF_UNCHANGED: Lua = Lua::new(
-    r#"
-local current = redis.call('HGET', KEYS[2], ARGV[1])
-if not current then
-  redis.call('ZREM', KEYS[1], ARGV[1])
-  return 0
-end
-if ARGV[3] ~= '' and current ~= ARGV[3] then return 0 end
-for i = 3, #KEYS do
-  if ARGV[4] == '1' then
-    redis.call('LPUSH', KEYS[i], ARGV[2])
-  else
-    redis.call('RPUSH', KEYS[i], ARGV[2])
-  end
-end
-redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('HDEL', KEYS[2], ARGV[1])
-return 1
-"#,
-);
+pub(super) static RESTORE_IF_UNCHANGED: Lua =
+    Lua::new(include_str!("lua/restore_if_unchanged.lua"));
 
 /// Moves our held message `tag` ARGV[1] from `unacked` into the delayed set KEYS[3] (member: the envelope ARGV[2],
 /// score: its eta ARGV[3]). Returns 1 when it moved, 0 when the tag is no longer ours.
-pub(super) static DELAY: Lua = Lua::new(
-    r#"
-if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 then return 0 end
-redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
-redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('HDEL', KEYS[2], ARGV[1])
-return 1
-"#,
-);
+pub(super) static DELAY: Lua = Lua::new(include_str!("lua/delay.lua"));
 
 /// Moves member ARGV[1] of the delayed set KEYS[1] onto list KEYS[2] (RPUSH: it is due, it goes first) if it is
 /// still there. Returns 1 when it moved.
-pub(super) static PROMOTE: Lua = Lua::new(
-    r#"
-if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
-  redis.call('RPUSH', KEYS[2], ARGV[1])
-  return 1
-end
-return 0
-"#,
-);
+pub(super) static PROMOTE: Lua = Lua::new(include_str!("lua/promote.lua"));
 
-/// Removes ARGV[1] from list KEYS[1] and, if it was there, pushes ARGV[2] onto KEYS[2]: a quarantined unreadable
-/// message becomes its dead letter exactly once.
-pub(super) static MOVE_IF_PRESENT: Lua = Lua::new(
-    r#"
-if redis.call('LREM', KEYS[1], -1, ARGV[1]) >= 1 then
-  redis.call('LPUSH', KEYS[2], ARGV[2])
-  return 1
-end
-return 0
-"#,
-);
+/// Removes ARGV[1] from list KEYS[1] and, if it was there, pushes ARGV[2] onto KEYS[2], once: a quarantined
+/// unreadable message becomes its dead letter, a replayed dead letter its queue's message again.
+pub(super) static MOVE_IF_PRESENT: Lua = Lua::new(include_str!("lua/move_if_present.lua"));
 
 /// kombu's mutex release: delete only our own token.
-pub(super) static RELEASE_MUTEX: Lua = Lua::new(
-    r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"#,
-);
+pub(super) static RELEASE_MUTEX: Lua = Lua::new(include_str!("lua/release_mutex.lua"));
 
-/// Moves one dead letter back: removes the entry (if still there) and pushes its message, atomically.
-pub(super) static REPLAY_DEAD_LETTER: Lua = Lua::new(
-    r"
-if redis.call('LREM', KEYS[1], -1, ARGV[1]) == 1 then
-    redis.call('LPUSH', KEYS[2], ARGV[2])
-    return 1
-end
-return 0",
-);
+impl Broker {
+    /// Runs [`MOVE_IF_PRESENT`]: `item` off list `from` and, if it was there, `pushed` onto `to`, atomically.
+    /// True when it moved.
+    pub(super) async fn move_if_present(
+        &self,
+        what: &'static str,
+        patience: Patience,
+        (from, item): (&str, &[u8]),
+        (to, pushed): (&str, &[u8]),
+    ) -> Result<bool, TransportError> {
+        let mut invocation = MOVE_IF_PRESENT.script().prepare_invoke();
+        invocation.key(from).key(to).arg(item).arg(pushed);
+        let moved: i64 = self.link.invoke(what, patience, &invocation).await?;
+        Ok(moved == 1)
+    }
+}

@@ -41,8 +41,8 @@ use crate::protocol::{Envelope, MessageError, TaskMessage, follow_ups, iso};
 use crate::publisher::TaskScope;
 use crate::results::{self, ResultBackend, TaskResult, exception};
 use crate::transport::{
-    Acknowledgement, Broker, Fetched, Patience, Quarantined, TransportError, dead_letter_key,
-    parked_key, priority_key, unreadable_key,
+    Acknowledgement, Broker, Fetched, GiveBack, Patience, Quarantined, TransportError,
+    dead_letter_key, parked_key, priority_key, unreadable_key,
 };
 
 mod chores;

@@ -90,7 +90,14 @@ async fn requeue(shared: &Shared, fetched: &Fetched, tag: &str, message: &TaskMe
     shared.counters.requeued.fetch_add(1, Ordering::Relaxed);
     match shared
         .broker
-        .requeue(tag, &message.envelope, &fetched.queue, REQUEUE_PATIENCE)
+        .give_back(
+            tag,
+            &message.envelope,
+            GiveBack::Next {
+                queue: &fetched.queue,
+            },
+            REQUEUE_PATIENCE,
+        )
         .await
     {
         Ok(_) => {
@@ -275,7 +282,12 @@ pub(super) async fn give_back(
         .increment(1);
     match shared
         .broker
-        .reject_requeue(tag, envelope, &fetched.key, REQUEUE_PATIENCE)
+        .give_back(
+            tag,
+            envelope,
+            GiveBack::Last { key: &fetched.key },
+            REQUEUE_PATIENCE,
+        )
         .await
     {
         Ok(_) => tracing::warn!(task, queue = %fetched.queue,

@@ -32,7 +32,7 @@ pub fn points_in_stores(
         let count = runtime.block_on(store.count(None)).unwrap() as usize;
         let probe = vec![1.0 / (dimension as f32).sqrt(); dimension];
         let hits = runtime
-            .block_on(store.search(probe, None, count + 10))
+            .block_on(store.search(aura_runtime::store::Query::nearest(probe, count + 10)))
             .unwrap();
         assert_eq!(
             hits.len(),

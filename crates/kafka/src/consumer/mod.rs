@@ -168,11 +168,7 @@ fn group_consumer(
         .create_with_context(MountContext {
             shared: shared.clone(),
         })
-        .map_err(|source| ClientError::Create {
-            role: "consumer",
-            bootstrap: settings.bootstrap_servers.clone(),
-            source,
-        })
+        .map_err(ClientError::create("consumer", settings))
 }
 
 /// Runs the handlers on the consumer group until `shutdown` resolves, then drains in-flight events, commits and

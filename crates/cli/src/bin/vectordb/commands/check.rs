@@ -12,14 +12,5 @@ pub struct Args {
 
 pub async fn run(args: Args, settings: Settings) -> anyhow::Result<ExitCode> {
     let report = aura_cli::check::check(&settings).await?;
-    if args.json {
-        println!("{}", serde_json::to_string(&report)?);
-    } else {
-        print!("{}", aura_cli::check::render(&report));
-    }
-    Ok(if report.ok() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    super::print_report(&report, args.json, aura_cli::check::render, report.ok())
 }

@@ -32,14 +32,5 @@ pub async fn run(args: Args, settings: Settings) -> anyhow::Result<ExitCode> {
         other => other,
     };
     let report = aura_cli::lag::lag_report(&settings, &group, want_kafka, want_celery).await?;
-    if json {
-        println!("{}", serde_json::to_string(&report)?);
-    } else {
-        print!("{}", aura_cli::lag::render_lag(&report));
-    }
-    Ok(if report.failed() {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    })
+    super::print_report(&report, json, aura_cli::lag::render_lag, !report.failed())
 }

@@ -74,3 +74,22 @@ fn report_failures(failed: &[String], print: bool) -> ExitCode {
         ExitCode::FAILURE
     }
 }
+
+/// Prints `report` as one line of JSON or as `render` writes it, and exits 0 when it is `ok`, else 1.
+fn print_report<R: serde::Serialize>(
+    report: &R,
+    json: bool,
+    render: impl Fn(&R) -> String,
+    ok: bool,
+) -> anyhow::Result<ExitCode> {
+    if json {
+        println!("{}", serde_json::to_string(report)?);
+    } else {
+        print!("{}", render(report));
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

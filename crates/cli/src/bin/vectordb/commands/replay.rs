@@ -62,23 +62,13 @@ pub async fn run(args: Args, settings: Settings) -> anyhow::Result<ExitCode> {
                         .with_context(|| format!("opening {}", path.display()))?,
                 ))
             };
-            aura_cli::replay::replay(
-                &settings,
-                aura_cli::replay::Source::File(input),
-                to,
-                progress,
-            )
-            .await?
+            let source = aura_cli::replay::Source::File(input);
+            aura_cli::replay::replay(&settings, source, to, progress).await?
         }
         (None, None, Some(to)) => {
             let range = topic_range.context("give --topic, --file or --celery-dlq (see --help)")?;
-            aura_cli::replay::replay(
-                &settings,
-                aura_cli::replay::Source::Topic(range),
-                to,
-                progress,
-            )
-            .await?
+            let source = aura_cli::replay::Source::Topic(range);
+            aura_cli::replay::replay(&settings, source, to, progress).await?
         }
         (None, _, None) => anyhow::bail!("give --to handlers|kafka|celery"),
     };

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use aura_cli::handler_context;
 use aura_runtime::Settings;
-use aura_runtime::store::Durability;
+use aura_runtime::store::{Durability, Query};
 use serde_json::json;
 
 #[derive(clap::Args)]
@@ -38,7 +38,10 @@ pub async fn run(args: Args, settings: Settings) -> anyhow::Result<ExitCode> {
         .into_iter()
         .next()
         .context("the embedder returned no vector")?;
-    let hits = ctx.store.search(vector, Some(&user), limit).await?;
+    let hits = ctx
+        .store
+        .search(Query::nearest(vector, limit).of_user(&user))
+        .await?;
     if json {
         let hits: Vec<_> = hits
             .iter()
