@@ -181,18 +181,11 @@ impl Celery {
         let mut command = Command::new(aura_testkit::python());
         self.env(&mut command);
         command.envs(env.iter().copied());
-        let output = command
+        command
             .arg(aura_testkit::python_dir().join("celery_client.py"))
-            .args(args)
-            .stderr(Stdio::piped())
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "celery_client {args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        serde_json::from_slice(&output.stdout).unwrap()
+            .args(args);
+        let stdout = aura_testkit::stdout_of(&mut command, &format!("celery_client {args:?}"));
+        serde_json::from_str(&stdout).unwrap()
     }
 
     /// Waits (`AsyncResult(id).get()` in Python) for every task `send` reported and asserts each succeeded.
@@ -1572,9 +1565,8 @@ fn a_worker_paused_past_the_visibility_timeout_writes_no_result_of_what_another_
     // finished for a second since requests were held), so no write is under way at the stop: a write already sent
     // completes when the process wakes, and no client-side check can stop it (docs/design.md §4).
     embedder.close_gate();
-    let started = Instant::now();
     let mut quiet = (0, 0, Instant::now());
-    loop {
+    let settled = || {
         let (held, finished) = (
             embedder.held(),
             zombie.log().matches("succeeded in").count(),
@@ -1582,15 +1574,19 @@ fn a_worker_paused_past_the_visibility_timeout_writes_no_result_of_what_another_
         if (held, finished) != (quiet.0, quiet.1) {
             quiet = (held, finished, Instant::now());
         }
-        if held >= 8 || (held > 0 && quiet.2.elapsed() >= Duration::from_secs(1)) {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "the worker never settled with its tasks waiting on the embedder ({held} held)"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        (held >= 8 || (held > 0 && quiet.2.elapsed() >= Duration::from_secs(1))).then_some(())
+    };
+    aura_testkit::poll(
+        Duration::from_millis(20),
+        Duration::from_secs(60),
+        settled,
+        || {
+            format!(
+                "the worker never settled with its tasks waiting on the embedder ({} held)",
+                embedder.held()
+            )
+        },
+    );
     zombie.signal("-STOP");
     embedder.open_gate();
     let held = celery.int(&["HLEN", "unacked"]);

@@ -183,14 +183,9 @@ impl Group {
         };
         let mut command = Command::new(env!("CARGO_BIN_EXE_vectordb"));
         group.configure(&mut command, "admin");
-        let output = command
-            .args(["topics", "create", "--json"])
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "topics create: {}",
-            String::from_utf8_lossy(&output.stderr)
+        aura_testkit::stdout_of(
+            command.args(["topics", "create", "--json"]),
+            "topics create",
         );
         group
     }
@@ -481,23 +476,21 @@ fn a_consumer_paused_past_its_session_writes_and_commits_nothing_of_what_the_gro
     other.wait_log("partitions assigned", 1, Duration::from_secs(60));
     let zombie_addr = zombie.http_addr();
     // Paused while it has events in flight.
-    let started = Instant::now();
-    loop {
+    let in_flight = || {
         let (_, metrics) = aura_testkit::http_get(&zombie_addr, "/metrics");
         let in_flight = metrics
             .lines()
             .find_map(|l| l.strip_prefix("aura360_kafka_in_flight_events "))
             .and_then(|v| v.trim().parse::<f64>().ok())
             .unwrap_or(0.0);
-        if in_flight >= 10.0 && group.offsets()[0].0 >= 100 {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "the member to pause never had events in flight"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        (in_flight >= 10.0 && group.offsets()[0].0 >= 100).then_some(())
+    };
+    aura_testkit::poll(
+        Duration::from_millis(20),
+        Duration::from_secs(120),
+        in_flight,
+        || "the member to pause never had events in flight".to_owned(),
+    );
     zombie.signal("-STOP");
     // The group takes its partitions over once its session expires, and finishes everything.
     group.wait_drained(1_500, &mut [&mut other], Duration::from_secs(300));

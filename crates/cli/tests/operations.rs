@@ -143,11 +143,10 @@ fn health_and_metrics_report_backend_readiness_and_backlog() {
 
     // A Celery worker: its queue depth in the same metric, its disabled handler on /health.
     let redis = TestRedis::start();
-    let mut env = redis.env().to_vec();
-    env.extend([
-        ("MESSAGING_BACKEND", "celery".to_owned()),
-        ("DISABLED_HANDLERS", "ingest_vectors".to_owned()),
-        ("BACKLOG_SAMPLE_S", "1".to_owned()),
+    let env = redis.env_with(&[
+        ("MESSAGING_BACKEND", "celery"),
+        ("DISABLED_HANDLERS", "ingest_vectors"),
+        ("BACKLOG_SAMPLE_S", "1"),
     ]);
     let mut worker = kafka.start(env!("CARGO_BIN_EXE_vectordb-worker"), &pairs(&env));
     let addr = worker.http_addr();
@@ -326,17 +325,18 @@ fn dead_letters_are_replayed_to_their_source_after_the_fix() {
 
     // Kafka: the embedder refuses, so every context.aggregated event is dead-lettered.
     kafka.produce_moods(10, 2);
-    let consumer = kafka.start_consumer(&broken);
+    let mut consumer = kafka.start_consumer(&broken);
     let dlq = format!("{AGGREGATED_TOPIC}.dlq");
-    let started = Instant::now();
-    while kafka.offsets(&dlq).1 < 10 || kafka.offsets(AGGREGATED_TOPIC) != (10, 10) {
-        assert!(
-            started.elapsed() < Duration::from_secs(300),
-            "not dead-lettered:\n{}",
-            consumer.log()
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    let dead_lettered = || {
+        (kafka.offsets(&dlq).1 >= 10 && kafka.offsets(AGGREGATED_TOPIC) == (10, 10)).then_some(())
+    };
+    let every = Duration::from_millis(300);
+    consumer.wait_every(
+        every,
+        "10 dead letters",
+        Duration::from_secs(300),
+        dead_lettered,
+    );
     consumer.stop();
     assert_eq!(kafka.points(), 0);
     let letters = kafka.read_topic(&dlq);
@@ -469,10 +469,9 @@ fn a_real_prometheus_scrapes_both_processes_and_the_lag_alert_goes_pending() {
     let redis = TestRedis::start();
     // 1,200 mood events wait behind a disabled handler: the group's lag stays above the alert's 1,000.
     kafka.produce_moods(1_200, 5);
-    let mut env = redis.env().to_vec();
-    env.extend([
-        ("BACKLOG_SAMPLE_S", "1".to_owned()),
-        ("DISABLED_HANDLERS", "mood_created".to_owned()),
+    let env = redis.env_with(&[
+        ("BACKLOG_SAMPLE_S", "1"),
+        ("DISABLED_HANDLERS", "mood_created"),
     ]);
     let mut consumer = kafka.start_consumer(&pairs(&env));
     let mut worker_env = env.clone();
@@ -647,15 +646,14 @@ fn an_embedding_outage_under_the_celery_worker_is_retried_reported_and_loses_not
     let kafka = Scenario::new("outage-celery");
     let redis = TestRedis::start();
     let embedder = EmbeddingServer::start(&kafka.python, kafka.dir.path(), 30);
-    let mut env = redis.env().to_vec();
-    env.extend([
-        ("MESSAGING_BACKEND", "celery".to_owned()),
-        ("EMBEDDING_PROVIDER", "openai".to_owned()),
-        ("EMBEDDING_URL", embedder.url()),
-        ("EMBEDDING_TIMEOUT_S", "5".to_owned()),
+    let env = redis.env_with(&[
+        ("MESSAGING_BACKEND", "celery"),
+        ("EMBEDDING_PROVIDER", "openai"),
+        ("EMBEDDING_URL", &embedder.url()),
+        ("EMBEDDING_TIMEOUT_S", "5"),
         // Celery-style retries (a retried task goes back with an eta): 5 s, 10 s, 20 s, 40 s… outlast the outage.
-        ("CELERY_RETRY_BACKOFF_MS", "5000".to_owned()),
-        ("CELERY_MAX_RETRIES", "6".to_owned()),
+        ("CELERY_RETRY_BACKOFF_MS", "5000"),
+        ("CELERY_MAX_RETRIES", "6"),
     ]);
     let env = pairs(&env);
     let mut publisher = kafka.start_publisher(&env);

@@ -73,13 +73,12 @@ fn the_python_publisher_falls_back_to_celery_while_the_broker_is_stopped() {
     let bootstrap = broker.run("start");
     let kafka = Scenario::on_broker("pyfallback", bootstrap.clone());
     let redis = TestRedis::start();
-    let mut env = redis.env().to_vec();
-    env.extend([
-        ("MESSAGING_BACKEND", "kafka".to_owned()),
-        ("MESSAGING_FALLBACK", "celery".to_owned()),
-        ("MESSAGING_FALLBACK_TIMEOUT_MS", "1500".to_owned()),
-        ("MESSAGING_FALLBACK_FAILURES", "2".to_owned()),
-        ("MESSAGING_FALLBACK_OPEN_S", "60".to_owned()),
+    let env = redis.env_with(&[
+        ("MESSAGING_BACKEND", "kafka"),
+        ("MESSAGING_FALLBACK", "celery"),
+        ("MESSAGING_FALLBACK_TIMEOUT_MS", "1500"),
+        ("MESSAGING_FALLBACK_FAILURES", "2"),
+        ("MESSAGING_FALLBACK_OPEN_S", "60"),
     ]);
     let env = pairs(&env);
 

@@ -91,14 +91,13 @@ fn publishing_falls_back_to_celery_while_kafka_is_down_and_returns_to_kafka_afte
     let bootstrap = broker.run("start");
     let kafka = Scenario::on_broker("fallback", bootstrap.clone());
     let redis = TestRedis::start();
-    let mut env = redis.env().to_vec();
-    env.extend([
-        ("MESSAGING_FALLBACK", "celery".to_owned()),
-        ("MESSAGING_FALLBACK_TIMEOUT_MS", "2000".to_owned()),
-        ("MESSAGING_FALLBACK_FAILURES", "2".to_owned()),
-        ("MESSAGING_FALLBACK_OPEN_S", "2".to_owned()),
-        ("HEALTH_BROKER_GRACE_S", "2".to_owned()),
-        ("BACKLOG_SAMPLE_S", "1".to_owned()),
+    let env = redis.env_with(&[
+        ("MESSAGING_FALLBACK", "celery"),
+        ("MESSAGING_FALLBACK_TIMEOUT_MS", "2000"),
+        ("MESSAGING_FALLBACK_FAILURES", "2"),
+        ("MESSAGING_FALLBACK_OPEN_S", "2"),
+        ("HEALTH_BROKER_GRACE_S", "2"),
+        ("BACKLOG_SAMPLE_S", "1"),
     ]);
     let env = pairs(&env);
 

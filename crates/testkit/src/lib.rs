@@ -5,7 +5,7 @@
 //!   `AURA_TEST_KAFKA`); the tests that need them are behind each crate's `services` feature;
 //! - [`RedisServer`]: a `redis-server` of the test's own on a free port (never the machine's Redis);
 //! - [`EmbeddingServer`]: a stand-in embeddings endpoint;
-//! - [`wait_for`], [`wait_until`]: poll for a state, fail with what was awaited after a limit;
+//! - [`wait_for`], [`poll`], [`wait_until`]: poll for a state, fail with what was awaited after a limit;
 //! - [`process`]: a process's peak memory and log lines, a plain HTTP GET.
 
 mod embedding;
@@ -41,17 +41,29 @@ pub fn python_dir() -> PathBuf {
 }
 
 /// Polls `check` every 100 ms until it returns a value; panics naming `what` after `limit`.
-pub fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+pub fn wait_for<T>(what: &str, limit: Duration, check: impl FnMut() -> Option<T>) -> T {
+    poll(Duration::from_millis(100), limit, check, || {
+        format!("timed out after {limit:?} waiting for {what}")
+    })
+}
+
+/// Polls `check` every `every` until it returns a value; after `limit`, panics with `failure()` (a message built
+/// only then, so it can show what a process logged by that time).
+pub fn poll<T>(
+    every: Duration,
+    limit: Duration,
+    mut check: impl FnMut() -> Option<T>,
+    failure: impl FnOnce() -> String,
+) -> T {
     let started = Instant::now();
     loop {
         if let Some(value) = check() {
             return value;
         }
-        assert!(
-            started.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
+        if started.elapsed() >= limit {
+            panic!("{}", failure());
+        }
+        std::thread::sleep(every);
     }
 }
 

@@ -98,24 +98,13 @@ impl Scenario {
     pub fn start_consumer_assigned(&self, env: &[(&str, &str)]) -> Consumer {
         let mut consumer = self.start_consumer(env);
         let topic = self.topic(USER_TOPIC);
-        let started = Instant::now();
-        loop {
-            let log = consumer.log();
-            if log
-                .lines()
+        let assigned = |log: &str| {
+            log.lines()
                 .any(|l| l.contains("partitions assigned") && l.contains(&topic))
-            {
-                return consumer;
-            }
-            if let Some(status) = consumer.child.try_wait().unwrap() {
-                panic!("consumer exited ({status}) before an assignment:\n{log}");
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(120),
-                "no assignment of {topic} in 120 s:\n{log}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+                .then_some(())
+        };
+        consumer.wait_running("an assignment", Duration::from_secs(120), assigned);
+        consumer
     }
 
     pub fn start(&self, binary: &str, env: &[(&str, &str)]) -> Consumer {
@@ -394,6 +383,12 @@ impl TestRedis {
         [("BROKER_URL", self.url()), ("RESULT_BACKEND", self.url())]
     }
 
+    /// [`TestRedis::env`] and `extra`.
+    pub fn env_with(&self, extra: &[(&'static str, &str)]) -> Vec<(&'static str, String)> {
+        let extra = extra.iter().map(|(k, v)| (*k, (*v).to_owned()));
+        self.env().into_iter().chain(extra).collect()
+    }
+
     /// Nothing waiting on or taken from `vectordb` (a worker finished everything it was given).
     pub fn idle(&self) -> bool {
         self.int(&["LLEN", "vectordb"]) == 0 && self.int(&["HLEN", "unacked"]) == 0
@@ -408,26 +403,53 @@ pub fn pairs<'a>(owned: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a 
 impl Consumer {
     /// The address the process serves `/health` and `/metrics` on, from its start-up log line.
     pub fn http_addr(&mut self) -> String {
-        let started = Instant::now();
-        loop {
-            let log = strip_ansi(&self.log());
-            let found = log
+        self.wait_running("serving HTTP", Duration::from_secs(60), |log| {
+            strip_ansi(log)
                 .lines()
                 .find(|l| l.contains("serving /health and /metrics"))
                 .and_then(|l| l.split("addr=").nth(1))
-                .and_then(|rest| rest.split_whitespace().next());
-            if let Some(addr) = found {
-                return addr.to_owned();
-            }
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("exited ({status}) before serving HTTP:\n{log}");
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "no HTTP address logged:\n{log}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+                .and_then(|rest| rest.split_whitespace().next())
+                .map(str::to_owned)
+        })
+    }
+
+    /// Polls `check` with the log so far every 100 ms until it returns a value; panics with the log when the
+    /// process exits first, or after `limit` waiting for `what`.
+    pub fn wait_running<T>(
+        &mut self,
+        what: &str,
+        limit: Duration,
+        mut check: impl FnMut(&str) -> Option<T>,
+    ) -> T {
+        let log = self.log.clone();
+        let read = move || std::fs::read_to_string(&log).unwrap_or_default();
+        self.wait_every(Duration::from_millis(100), what, limit, || check(&read()))
+    }
+
+    /// As [`Consumer::wait_running`], polling `check` every `every`.
+    pub fn wait_every<T>(
+        &mut self,
+        every: Duration,
+        what: &str,
+        limit: Duration,
+        mut check: impl FnMut() -> Option<T>,
+    ) -> T {
+        let (child, log) = (&mut self.child, &self.log);
+        let read = || std::fs::read_to_string(log).unwrap_or_default();
+        aura_testkit::poll(
+            every,
+            limit,
+            || {
+                if let Some(value) = check() {
+                    return Some(value);
+                }
+                if let Some(status) = child.try_wait().unwrap() {
+                    panic!("exited ({status}) before {what}:\n{}", read());
+                }
+                None
+            },
+            || format!("no {what} in {limit:?}:\n{}", read()),
+        )
     }
 
     /// Waits until the process has logged `text`.
@@ -591,28 +613,23 @@ pub fn run_worker_until_idle(kafka: &Scenario, redis: &TestRedis, env: &[(&str, 
     let mut worker = kafka.start(env!("CARGO_BIN_EXE_vectordb-worker"), env);
     // The worker must have started consuming before "idle" means "done".
     worker.wait_log("vectordb-worker starting", Duration::from_secs(60));
-    let started = Instant::now();
+    // Idle for a second in a row: nothing left, nothing produced by the last tasks.
     let mut idle_since: Option<Instant> = None;
-    loop {
-        // Idle for a second in a row: nothing left, nothing produced by the last tasks.
-        if redis.idle() {
-            let since = *idle_since.get_or_insert_with(Instant::now);
-            if since.elapsed() > Duration::from_secs(1) {
-                break;
-            }
-        } else {
+    let drained = || {
+        if !redis.idle() {
             idle_since = None;
+            return None;
         }
-        if let Some(status) = worker.child.try_wait().unwrap() {
-            panic!("worker exited ({status}):\n{}", worker.log());
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(300),
-            "Celery queue not drained:\n{}",
-            worker.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+        let since = *idle_since.get_or_insert_with(Instant::now);
+        (since.elapsed() > Duration::from_secs(1)).then_some(())
+    };
+    let every = Duration::from_millis(200);
+    worker.wait_every(
+        every,
+        "the Celery queue drained",
+        Duration::from_secs(300),
+        drained,
+    );
     worker.stop();
 }
 
@@ -673,18 +690,11 @@ impl Scenario {
         let mut command = Command::new(env!("CARGO_BIN_EXE_vectordb"));
         self.configure(&mut command);
         command.envs(env.iter().copied());
-        let output = command
-            .args([
-                "search", "--user", user, "--text", "mood", "--limit", "1000", "--json",
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let hits: Vec<Value> = serde_json::from_slice(&output.stdout).unwrap();
+        command.args([
+            "search", "--user", user, "--text", "mood", "--limit", "1000", "--json",
+        ]);
+        let hits: Vec<Value> =
+            serde_json::from_str(&aura_testkit::stdout_of(&mut command, "search")).unwrap();
         let mut ids: Vec<String> = hits.iter().map(|h| h["id"].to_string()).collect();
         ids.sort();
         ids
