@@ -106,15 +106,29 @@ struct Running<R> {
     task: tokio::task::JoinHandle<R>,
 }
 
+/// Resolves when the test stops the mount (as SIGTERM resolves the binaries' shutdown future).
+type Shutdown = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
 impl<R: Send + 'static> Running<R> {
-    fn spawn<F>(run: impl FnOnce(tokio::sync::oneshot::Receiver<()>) -> F) -> Self
+    fn spawn<F>(run: impl FnOnce(Shutdown) -> F) -> Self
     where
         F: std::future::Future<Output = R> + Send + 'static,
     {
-        let (shutdown, stopped) = tokio::sync::oneshot::channel();
+        let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
+        let stopped: Shutdown = Box::pin(async move {
+            let _ = stopped.await;
+        });
         Self {
             shutdown,
             task: tokio::spawn(run(stopped)),
+        }
+    }
+
+    /// `Err` naming `what` when the mount's task has ended by itself.
+    fn still_running(running: &Option<Self>, what: &str) -> Result<(), String> {
+        match running {
+            Some(running) if running.task.is_finished() => Err(format!("{what} exited")),
+            _ => Ok(()),
         }
     }
 
@@ -126,10 +140,19 @@ impl<R: Send + 'static> Running<R> {
             .unwrap_or_else(|_| panic!("{what} did not stop within 60 s"))
             .unwrap()
     }
+}
 
-    fn exited(&self) -> bool {
-        self.task.is_finished()
-    }
+/// Stops the mount's task if it runs; its report, and how long the stop took.
+async fn stop_timed<R: Send + 'static, E: std::fmt::Debug + Send + 'static>(
+    running: &mut Option<Running<Result<R, E>>>,
+    what: &str,
+) -> (Option<R>, Duration) {
+    let started = Instant::now();
+    let report = match running.take() {
+        Some(running) => Some(running.stop(what).await.unwrap()),
+        None => None,
+    };
+    (report, started.elapsed())
 }
 
 /// Retries fast enough for a test (transient failures are retried in place).
@@ -415,19 +438,14 @@ impl Mount for KafkaMount {
         let settings = self.settings.clone();
         let producer = self.producer.clone();
         self.running = Some(Running::spawn(|stopped| async move {
-            run_consumer(&settings, registry, dispatcher, producer, options, async {
-                let _ = stopped.await;
-            })
-            .await
+            run_consumer(&settings, registry, dispatcher, producer, options, stopped).await
         }));
     }
 
     async fn settle(&mut self) -> Result<(), String> {
         let this = &*self;
         settle_with(|| async move {
-            if this.running.as_ref().is_some_and(Running::exited) {
-                return Err("the consumer exited".to_owned());
-            }
+            Running::still_running(&this.running, "the consumer")?;
             // Settled: every record of the subscribed topics committed (a topic never written has nothing to do).
             Ok(this
                 .lag_of(&this.subscribed)
@@ -440,11 +458,9 @@ impl Mount for KafkaMount {
     }
 
     async fn stop(&mut self) -> Duration {
-        let started = Instant::now();
-        if let Some(running) = self.running.take() {
-            self.skipped += running.stop("the consumer").await.unwrap().skipped;
-        }
-        started.elapsed()
+        let (report, took) = stop_timed(&mut self.running, "the consumer").await;
+        self.skipped += report.map_or(0, |r| r.skipped);
+        took
     }
 
     async fn unacknowledged(&self) -> u64 {
@@ -641,20 +657,14 @@ impl Mount for CeleryMount {
             options,
         );
         self.running = Some(Running::spawn(|stopped| async move {
-            worker
-                .run(async {
-                    let _ = stopped.await;
-                })
-                .await
+            worker.run(stopped).await
         }));
     }
 
     async fn settle(&mut self) -> Result<(), String> {
         let this = &*self;
         settle_with(|| async move {
-            if this.running.as_ref().is_some_and(Running::exited) {
-                return Err("the worker exited".to_owned());
-            }
+            Running::still_running(&this.running, "the worker")?;
             let (waiting, delayed, unacked, _parked) = this.backlog().await;
             Ok(waiting + delayed + unacked == 0)
         })
@@ -662,17 +672,15 @@ impl Mount for CeleryMount {
         .map_err(|e| format!("celery: {e}"))
     }
 
-    async fn stop(&mut self) -> Duration {
-        let started = Instant::now();
-        if let Some(running) = self.running.take() {
-            self.skipped += running.stop("the worker").await.unwrap().skipped;
-        }
-        started.elapsed()
-    }
-
     async fn unacknowledged(&self) -> u64 {
         let (waiting, delayed, unacked, parked) = self.backlog().await;
         waiting + delayed + unacked + parked
+    }
+
+    async fn stop(&mut self) -> Duration {
+        let (report, took) = stop_timed(&mut self.running, "the worker").await;
+        self.skipped += report.map_or(0, |r| r.skipped);
+        took
     }
 
     async fn dead_letters(&self) -> Vec<SeenDeadLetter> {

@@ -171,16 +171,22 @@ def celery_case(args, name, events):
     return run([os.path.join(args.bin_dir, "vectordb-worker")], env, done)
 
 
-def main():
+def bench_arguments(events, **options):
+    """The arguments every bench script takes (the binaries' folder, Kafka's bootstrap, a redis-server of the
+    bench's own, --events) and `options` (name: default), parsed."""
     parser = argparse.ArgumentParser()
-    parser.add_argument("bin_dir")
-    parser.add_argument("bootstrap")
-    parser.add_argument("redis")
-    parser.add_argument("--events", type=int, default=20_000)
-    parser.add_argument("--mixed-events", type=int, default=5_000)
-    parser.add_argument("--journal-every", type=int, default=50)
+    for positional in ("bin_dir", "bootstrap", "redis"):
+        parser.add_argument(positional)
+    parser.add_argument("--events", type=int, default=events)
+    for name, default in options.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
     args = parser.parse_args()
     args.redis_db = 0
+    return args
+
+
+def main():
+    args = bench_arguments(20_000, mixed_events=5_000, journal_every=50)
     ordinary = backlog(args.events, 0, 1)
     mixed = backlog(args.mixed_events, args.journal_every, 2)
     journal_mb = sum(len(e["data"]["notes"]) for e in mixed if len(e["data"]["notes"]) > 1000) / 1e6

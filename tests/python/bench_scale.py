@@ -10,7 +10,6 @@ fresh database), then the processes start together; the time runs from their sta
 (Kafka: every topic committed to its end; Celery: 3N results stored, the queue and `unacked` empty). Also counted:
 assignments logged by the consumers (a rebalance storm would show here). Prints a Markdown table.
 """
-import argparse
 import os
 import signal
 import subprocess
@@ -21,7 +20,8 @@ import uuid
 
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_memory import TOPICS, backlog, celery_backlog, chain_drained, produce_backlog  # noqa: E402
+from bench_memory import (  # noqa: E402
+    TOPICS, backlog, bench_arguments, celery_backlog, chain_drained, produce_backlog)
 
 
 def start(command, env, count, name):
@@ -90,15 +90,7 @@ def celery_run(args, count, events):
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("bin_dir")
-    parser.add_argument("bootstrap")
-    parser.add_argument("redis")
-    parser.add_argument("--events", type=int, default=6_000)
-    parser.add_argument("--consumers", default="1,2,3")
-    parser.add_argument("--workers", default="1,2")
-    args = parser.parse_args()
-    args.redis_db = 0
+    args = bench_arguments(6_000, consumers="1,2,3", workers="1,2")
     rows = []
     for mount, run, counts in (("vectordb-consumer (Kafka)", kafka_run, args.consumers),
                                ("vectordb-worker (Celery)", celery_run, args.workers)):

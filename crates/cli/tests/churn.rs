@@ -195,12 +195,7 @@ impl Group {
     }
 
     fn configure(&self, command: &mut Command, member: &str) {
-        command
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("KAFKA_BOOTSTRAP_SERVERS", &self.bootstrap)
-            .env("KAFKA_TOPIC_PREFIX", &self.prefix)
-            .env("KAFKA_GROUP_ID", &self.group)
+        common::stack::in_group(command, &self.bootstrap, &self.prefix, &self.group)
             .env("KAFKA_SESSION_TIMEOUT_MS", SESSION_MS.to_string())
             .env("QDRANT_PATH", self.dir.path().join(member).join("qdrant"))
             .env(

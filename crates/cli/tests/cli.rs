@@ -537,12 +537,7 @@ fn pipeline_on_a_hostile_file_stores_every_valid_event_dead_letters_the_rest_and
         points <= (valid as u64) * 40 && points >= valid as u64,
         "{points}"
     );
-    assert!(
-        peak <= 300 * 1024 * 1024,
-        "peak RSS {} MB over 300 MB",
-        peak / (1024 * 1024)
-    );
-    eprintln!("hostile pipeline: peak RSS {} MB", peak / (1024 * 1024));
+    aura_testkit::process::assert_peak_within("the pipeline on hostile input", peak, 300);
 }
 
 #[test]

@@ -409,10 +409,7 @@ fn the_dashboard_draws_only_metrics_the_processes_export() {
 #[test]
 fn the_dockerfile_builds_and_ships_the_three_binaries() {
     let dockerfile = std::fs::read_to_string(root().join("Dockerfile")).unwrap();
-    let stages: Vec<&str> = dockerfile
-        .lines()
-        .filter(|l| l.starts_with("FROM "))
-        .collect();
+    let stages = lines_starting(&dockerfile, "FROM ");
     assert_eq!(stages.len(), 2, "multi-stage: {stages:?}");
     let manifest = std::fs::read_to_string(root().join("crates/cli/Cargo.toml")).unwrap();
     for binary in ["vectordb", "vectordb-consumer", "vectordb-worker"] {
@@ -587,10 +584,7 @@ fn the_readme_and_docs_render_cleanly_and_link_only_inside_the_repository() {
 #[test]
 fn the_metric_reference_is_the_code_s_catalogue() {
     let reference = std::fs::read_to_string(root().join("docs/observability.md")).unwrap();
-    let table: Vec<&str> = reference
-        .lines()
-        .filter(|l| l.starts_with("| `aura360_"))
-        .collect();
+    let table = lines_starting(&reference, "| `aura360_");
     let expected: Vec<String> = aura_ops::METRICS
         .iter()
         .map(|m| {
@@ -792,4 +786,9 @@ fn no_crate_has_an_import_circle_among_its_modules() {
             );
         }
     }
+}
+
+/// The lines of `text` that start with `prefix`.
+fn lines_starting<'t>(text: &'t str, prefix: &str) -> Vec<&'t str> {
+    text.lines().filter(|l| l.starts_with(prefix)).collect()
 }

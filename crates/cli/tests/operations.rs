@@ -176,9 +176,7 @@ fn health_and_metrics_report_backend_readiness_and_backlog() {
 fn export_then_replay_reproduces_the_same_points_and_is_safe_to_repeat() {
     let kafka = Scenario::new("export");
     kafka.produce_moods(30, 3);
-    let mut consumer = kafka.start_consumer(&[]);
-    kafka.wait_drained(&mut consumer, 30);
-    consumer.stop();
+    kafka.drain_with_a_consumer(30);
     assert_eq!(kafka.points(), 30);
     let users = ["user-000", "user-001", "user-002"];
     let original: Vec<Vec<String>> = users.iter().map(|u| kafka.point_ids(u, &[])).collect();
@@ -330,13 +328,8 @@ fn dead_letters_are_replayed_to_their_source_after_the_fix() {
     let dead_lettered = || {
         (kafka.offsets(&dlq).1 >= 10 && kafka.offsets(AGGREGATED_TOPIC) == (10, 10)).then_some(())
     };
-    let every = Duration::from_millis(300);
-    consumer.wait_every(
-        every,
-        "10 dead letters",
-        Duration::from_secs(300),
-        dead_lettered,
-    );
+    let (every, limit) = (Duration::from_millis(300), Duration::from_secs(300));
+    consumer.wait_every(every, "10 dead letters", limit, dead_lettered);
     consumer.stop();
     assert_eq!(kafka.points(), 0);
     let letters = kafka.read_topic(&dlq);

@@ -129,15 +129,17 @@ mod tests {
         a.iter().zip(b).map(|(x, y)| x * y).sum()
     }
 
+    /// `text`'s 384-d vector.
+    fn embed(text: &str) -> Vec<f32> {
+        HashEmbedder::new(384).embed_one(text).unwrap()
+    }
+
     #[test]
     fn same_text_same_vector_of_the_configured_size_and_unit_norm() {
-        let embedder = HashEmbedder::new(384);
-        let a = embedder
-            .embed_one("Mood Score: 7/10 | Mood Tags: calm")
-            .unwrap();
-        let b = embedder
-            .embed_one("Mood Score: 7/10 | Mood Tags: calm")
-            .unwrap();
+        let (a, b) = (
+            embed("Mood Score: 7/10 | Mood Tags: calm"),
+            embed("Mood Score: 7/10 | Mood Tags: calm"),
+        );
         assert_eq!(a, b);
         assert_eq!(a.len(), 384);
         assert!((cosine(&a, &a) - 1.0).abs() < 1e-5);
@@ -145,16 +147,9 @@ mod tests {
 
     #[test]
     fn related_texts_are_closer_than_unrelated_ones() {
-        let embedder = HashEmbedder::new(384);
-        let anchor = embedder
-            .embed_one("feeling anxious about work deadlines")
-            .unwrap();
-        let related = embedder
-            .embed_one("anxious about deadlines at work")
-            .unwrap();
-        let unrelated = embedder
-            .embed_one("went swimming with friends at the lake")
-            .unwrap();
+        let anchor = embed("feeling anxious about work deadlines");
+        let related = embed("anxious about deadlines at work");
+        let unrelated = embed("went swimming with friends at the lake");
         assert!(cosine(&anchor, &related) > cosine(&anchor, &unrelated) + 0.3);
     }
 

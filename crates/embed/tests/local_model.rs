@@ -126,11 +126,10 @@ async fn concurrent_calls_batched_together_get_each_their_own_vectors_in_order()
         let (i, vectors) = call.await.unwrap();
         for (k, vector) in vectors.iter().enumerate() {
             let expected = &alone[(i + k) % alone.len()];
-            let diff = vector
-                .iter()
-                .zip(expected)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0f32, f32::max);
+            let diff = max_difference(
+                vector.iter().map(|&v| f64::from(v)),
+                expected.iter().map(|&v| f64::from(v)),
+            );
             assert!(
                 diff < 1e-5,
                 "text {} differs by {diff} when batched",
@@ -245,14 +244,15 @@ fn the_committed_reference_is_what_the_reference_script_computes() {
     assert_eq!(fresh.texts, committed.texts);
     assert_eq!(fresh.token_ids, committed.token_ids);
     for (a, b) in fresh.vectors.iter().zip(&committed.vectors) {
-        let diff = a
-            .iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f64::max);
+        let diff = max_difference(a.iter().copied(), b.iter().copied());
         assert!(
             diff < 1e-6,
             "the reference script no longer gives the committed vectors ({diff})"
         );
     }
+}
+
+/// The largest difference between two vectors, coordinate by coordinate.
+fn max_difference(a: impl Iterator<Item = f64>, b: impl Iterator<Item = f64>) -> f64 {
+    a.zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
 }

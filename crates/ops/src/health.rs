@@ -119,6 +119,30 @@ pub struct DependencyState {
     pub error: Option<String>,
 }
 
+impl BrokerEntry {
+    fn state(&self, now: Instant) -> BrokerState {
+        BrokerState {
+            name: self.name.clone(),
+            target: self.target.clone(),
+            reachable: self.failing_since.is_none(),
+            last_ok_seconds_ago: self.last_ok.map(|t| round(now - t)),
+            unreachable_for_seconds: self.failing_since.map(|t| round(now - t)),
+            error: self.error.clone(),
+        }
+    }
+}
+
+impl DependencyEntry {
+    fn state(&self, now: Instant) -> DependencyState {
+        DependencyState {
+            name: self.name.clone(),
+            ok: self.failing_since.is_none(),
+            failing_for_seconds: self.failing_since.map(|t| round(now - t)),
+            error: self.error.clone(),
+        }
+    }
+}
+
 /// The `/health` body.
 #[derive(Clone, Debug, Serialize)]
 pub struct HealthReport {
@@ -289,34 +313,15 @@ impl Health {
         let state = self.state();
         let now = Instant::now();
         let disabled = self.inner.messaging_backend == "disabled";
-        let brokers: Vec<BrokerState> = state
-            .brokers
-            .iter()
-            .map(|b| BrokerState {
-                name: b.name.clone(),
-                target: b.target.clone(),
-                reachable: b.failing_since.is_none(),
-                last_ok_seconds_ago: b.last_ok.map(|t| round(now - t)),
-                unreachable_for_seconds: b.failing_since.map(|t| round(now - t)),
-                error: b.error.clone(),
-            })
-            .collect();
+        let brokers: Vec<BrokerState> = state.brokers.iter().map(|b| b.state(now)).collect();
         // A broker never reached keeps the process "starting"; one lost for longer than the grace makes it
         // "unavailable" (a blip shorter than that does not flip a load balancer).
         let never_reached = state.brokers.iter().any(|b| b.last_ok.is_none());
         let lost = state.brokers.iter().any(|b| {
             b.last_ok.is_some() && b.failing_since.is_some_and(|t| now - t > self.inner.grace)
         });
-        let dependencies: Vec<DependencyState> = state
-            .dependencies
-            .iter()
-            .map(|d| DependencyState {
-                name: d.name.clone(),
-                ok: d.failing_since.is_none(),
-                failing_for_seconds: d.failing_since.map(|t| round(now - t)),
-                error: d.error.clone(),
-            })
-            .collect();
+        let dependencies: Vec<DependencyState> =
+            state.dependencies.iter().map(|d| d.state(now)).collect();
         let status = if disabled && state.ready {
             HealthStatus::Disabled
         } else if !state.ready || never_reached {

@@ -245,11 +245,8 @@ mod tests {
             .await
             .unwrap();
         let client = reqwest::Client::new();
-        let response = client
-            .get(format!("http://{addr}/health"))
-            .send()
-            .await
-            .unwrap();
+        let get = |path: &str| client.get(format!("http://{addr}{path}")).send();
+        let response = get("/health").await.unwrap();
         assert_eq!(response.status(), 503);
         let body: serde_json::Value = response.json().await.unwrap();
         assert_eq!(body["status"], "starting");
@@ -259,20 +256,9 @@ mod tests {
         health.broker_checked("kafka", Ok(()));
         metrics::counter!("aura360_events_processed_total", "handler" => "mood_created", "outcome" => "ok")
             .increment(3);
-        let response = client
-            .get(format!("http://{addr}/health"))
-            .send()
-            .await
-            .unwrap();
+        let response = get("/health").await.unwrap();
         assert_eq!(response.status(), 200);
-        let text = client
-            .get(format!("http://{addr}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = get("/metrics").await.unwrap().text().await.unwrap();
         assert!(
             text.contains(
                 r#"aura360_events_processed_total{handler="mood_created",outcome="ok"} 3"#

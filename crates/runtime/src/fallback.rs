@@ -257,17 +257,30 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn opens_after_repeated_failures_and_closes_after_a_good_probe() {
-        let kafka = Switchable::new(Backend::Kafka);
-        let celery = Switchable::new(Backend::Celery);
+    /// A Kafka and a Celery that can be switched off, and the publisher over them: `timeout` per try, open after
+    /// `failures`, a probe after `open_ms`.
+    fn switchable_pair(
+        timeout: Duration,
+        failures: u32,
+        open_ms: u64,
+    ) -> (Arc<Switchable>, Arc<Switchable>, FallbackPublisher) {
+        let (kafka, celery) = (
+            Switchable::new(Backend::Kafka),
+            Switchable::new(Backend::Celery),
+        );
         let publisher = FallbackPublisher::new(
             kafka.clone(),
             celery.clone(),
-            Duration::from_secs(1),
-            3,
-            Duration::from_millis(100),
+            timeout,
+            failures,
+            Duration::from_millis(open_ms),
         );
+        (kafka, celery, publisher)
+    }
+
+    #[tokio::test]
+    async fn opens_after_repeated_failures_and_closes_after_a_good_probe() {
+        let (kafka, celery, publisher) = switchable_pair(Duration::from_secs(1), 3, 100);
         let event = Event::new("context.aggregated", Some("u1".into()), None);
         assert_eq!(publisher.publish_via(&event).await, Ok(Backend::Kafka));
 
@@ -326,15 +339,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_probe_cancelled_mid_flight_does_not_leave_the_circuit_open() {
-        let kafka = Switchable::new(Backend::Kafka);
-        let celery = Switchable::new(Backend::Celery);
-        let publisher = FallbackPublisher::new(
-            kafka.clone(),
-            celery.clone(),
-            Duration::from_secs(5),
-            1,
-            Duration::from_millis(50),
-        );
+        let (kafka, _celery, publisher) = switchable_pair(Duration::from_secs(5), 1, 50);
         let event = Event::new("context.aggregated", Some("u1".into()), None);
         kafka.up.store(false, Ordering::SeqCst);
         assert_eq!(publisher.publish_via(&event).await, Ok(Backend::Celery));

@@ -75,6 +75,16 @@ pub fn stdout_of(command: &mut std::process::Command, what: &str) -> String {
     String::from_utf8(output.stdout).unwrap_or_else(|e| panic!("{what}: output not UTF-8: {e}"))
 }
 
+/// Asserts that `what`'s peak RSS (bytes) stayed within `limit_mb`, and prints it (a figure the run's log keeps).
+pub fn assert_peak_within(what: &str, peak: u64, limit_mb: u64) {
+    let mb = peak / (1024 * 1024);
+    assert!(
+        peak <= limit_mb * 1024 * 1024,
+        "{what}: peak RSS {mb} MB over the {limit_mb} MB goal"
+    );
+    eprintln!("{what}: peak RSS {mb} MB");
+}
+
 /// CPU seconds this process has used (user + system), from /proc/self/stat (Linux; 10 ms resolution).
 pub fn cpu_seconds() -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();

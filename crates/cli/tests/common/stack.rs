@@ -53,12 +53,7 @@ impl Scenario {
     }
 
     pub fn configure(&self, command: &mut Command) {
-        command
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("KAFKA_BOOTSTRAP_SERVERS", &self.bootstrap)
-            .env("KAFKA_TOPIC_PREFIX", &self.prefix)
-            .env("KAFKA_GROUP_ID", &self.group)
+        in_group(command, &self.bootstrap, &self.prefix, &self.group)
             .env("KAFKA_SESSION_TIMEOUT_MS", "6000")
             .env("QDRANT_PATH", self.dir.path().join("qdrant"))
             // These tests measure the runtime, not the model: the hash embedder (64-d) is exact and instant.
@@ -243,6 +238,14 @@ impl Scenario {
         }
     }
 
+    /// A consumer with no extra settings run until the `inputs` events on the user topic are through the chain, then
+    /// stopped.
+    pub fn drain_with_a_consumer(&self, inputs: i64) {
+        let mut consumer = self.start_consumer(&[]);
+        self.wait_drained(&mut consumer, inputs);
+        consumer.stop();
+    }
+
     /// Every topic fully committed, with `inputs` events on the user topic and the chain's outputs produced.
     pub fn wait_drained(&self, consumer: &mut Consumer, inputs: i64) {
         self.wait_for(
@@ -393,6 +396,22 @@ impl TestRedis {
     pub fn idle(&self) -> bool {
         self.int(&["LLEN", "vectordb"]) == 0 && self.int(&["HLEN", "unacked"]) == 0
     }
+}
+
+/// `command` with nothing of the test's environment but PATH, on `bootstrap`'s topics named with `prefix`, in
+/// consumer group `group`.
+pub fn in_group<'c>(
+    command: &'c mut Command,
+    bootstrap: &str,
+    prefix: &str,
+    group: &str,
+) -> &'c mut Command {
+    command
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("KAFKA_BOOTSTRAP_SERVERS", bootstrap)
+        .env("KAFKA_TOPIC_PREFIX", prefix)
+        .env("KAFKA_GROUP_ID", group)
 }
 
 /// Environment pairs with owned values, as `start` takes them.
@@ -623,13 +642,8 @@ pub fn run_worker_until_idle(kafka: &Scenario, redis: &TestRedis, env: &[(&str, 
         let since = *idle_since.get_or_insert_with(Instant::now);
         (since.elapsed() > Duration::from_secs(1)).then_some(())
     };
-    let every = Duration::from_millis(200);
-    worker.wait_every(
-        every,
-        "the Celery queue drained",
-        Duration::from_secs(300),
-        drained,
-    );
+    let (every, limit) = (Duration::from_millis(200), Duration::from_secs(300));
+    worker.wait_every(every, "the Celery queue drained", limit, drained);
     worker.stop();
 }
 
