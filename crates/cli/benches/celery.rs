@@ -21,50 +21,27 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use aura_celery::protocol::{TaskOptions, build_task};
 use aura_celery::transport::priority_key;
 use aura_celery::{Broker, CeleryPublisher, CeleryWorker, ResultBackend};
 use aura_runtime::events::Event;
-use aura_runtime::{
-    Dispatcher, Handler, HandlerContext, HandlerError, Publisher, Registry, Settings,
-};
+use aura_runtime::testing::{FnHandler, sink};
+use aura_runtime::{Dispatcher, Publisher, Registry, Settings};
 use serde_json::{Map, json};
 
 const MOOD_TASK: &str = "vectosvc.worker.tasks.process_mood_created";
 
-/// The benchmark's first hop: a mood event becomes one context.aggregated event (as `TASK_MODE=forward` does).
-struct Forward;
-
-#[async_trait]
-impl Handler for Forward {
-    fn name(&self) -> &'static str {
-        "forward"
-    }
-    fn event_types(&self) -> &'static [&'static str] {
-        &["user.mood.created"]
-    }
-    async fn handle(&self, event: &Event, _: &HandlerContext) -> Result<Vec<Event>, HandlerError> {
+/// The benchmark's first hop: a mood event becomes one context.aggregated event (as `TASK_MODE=forward` does);
+/// the second accepts it and produces nothing.
+fn forward_then_sink() -> Registry {
+    let forward = FnHandler::new("forward", &["user.mood.created"], |event| {
         let mut next = Event::caused_by(event, "context.aggregated");
         next.set_field("context_data", json!({"mood_summary": event.field("data")}));
         Ok(vec![next])
-    }
-}
-
-/// The second hop: accepts and produces nothing.
-struct Sink;
-
-#[async_trait]
-impl Handler for Sink {
-    fn name(&self) -> &'static str {
-        "sink"
-    }
-    fn event_types(&self) -> &'static [&'static str] {
-        &["context.aggregated"]
-    }
-    async fn handle(&self, _: &Event, _: &HandlerContext) -> Result<Vec<Event>, HandlerError> {
-        Ok(Vec::new())
-    }
+    });
+    Registry::new()
+        .with(forward)
+        .with(sink("sink", &["context.aggregated"]))
 }
 
 fn env_usize(name: &str, default: usize) -> usize {
@@ -319,7 +296,7 @@ fn rust_worker(redis: &Redis, next_hop: &NextHop) -> Measured {
         let results = Arc::new(
             ResultBackend::open(&redis.url(1), redis.url(1), Duration::from_secs(86400)).unwrap(),
         );
-        let registry = Arc::new(Registry::new().with(Forward).with(Sink));
+        let registry = Arc::new(forward_then_sink());
         let mut settings = Settings::load().expect("settings");
         // The publish fallback (MESSAGING_FALLBACK) writes to this run's Redis, never the machine's.
         settings.celery.broker_url = aura_runtime::settings::SecretUrl::new(redis.url(0));

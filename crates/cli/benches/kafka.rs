@@ -28,31 +28,13 @@ use aura_kafka::{ConsumerOptions, KafkaPublisher, OutgoingRecord, TopicNames, ru
 use aura_runtime::events::Event;
 use aura_runtime::settings::KafkaSettings;
 use aura_runtime::store::Durability;
+use aura_runtime::testing::FnHandler;
 use aura_runtime::{Dispatcher, Handler, HandlerContext, HandlerError, Registry, Settings};
 use handler_context_aggregated::ContextAggregated;
 use handler_ingest_vectors::IngestVectors;
 use handler_mood_created::MoodCreated;
 
 const NOOP_TYPE: &str = "user.bench.noop";
-
-/// Counts, and notes when it handled its first event.
-struct NoOp(Arc<AtomicU64>, Arc<std::sync::OnceLock<(Instant, f64)>>);
-
-#[async_trait]
-impl Handler for NoOp {
-    fn name(&self) -> &'static str {
-        "noop"
-    }
-    fn event_types(&self) -> &'static [&'static str] {
-        &[NOOP_TYPE]
-    }
-    async fn handle(&self, _: &Event, _: &HandlerContext) -> Result<Vec<Event>, HandlerError> {
-        self.1
-            .get_or_init(|| (Instant::now(), aura_testkit::cpu_seconds()));
-        self.0.fetch_add(1, Ordering::Relaxed);
-        Ok(Vec::new())
-    }
-}
 
 /// `ingest_vectors`, plus the time from the origin event's production (`metadata.bench_sent_us`) to its points.
 struct Timed {
@@ -177,7 +159,16 @@ async fn raw_loop(settings: &KafkaSettings, topic: &str, n: usize) -> (Duration,
 async fn mounted_loop(settings: &KafkaSettings, n: usize, ctx: HandlerContext) -> (Duration, f64) {
     let count = Arc::new(AtomicU64::new(0));
     let first = Arc::new(std::sync::OnceLock::new());
-    let registry = Arc::new(Registry::new().with(NoOp(count.clone(), first.clone())));
+    let registry = {
+        let (count, first) = (count.clone(), first.clone());
+        // Counts, and notes when it handled its first event.
+        let noop = FnHandler::new("noop", &[NOOP_TYPE], move |_| {
+            first.get_or_init(|| (Instant::now(), aura_testkit::cpu_seconds()));
+            count.fetch_add(1, Ordering::Relaxed);
+            Ok(Vec::new())
+        });
+        Arc::new(Registry::new().with(noop))
+    };
     let publisher = KafkaPublisher::new(settings).expect("producer");
     let dispatcher = Dispatcher::new(registry.clone(), ctx, Arc::new(publisher.clone()));
     let mut settings = settings.clone();

@@ -195,19 +195,13 @@ impl Group {
     }
 
     fn configure(&self, command: &mut Command, member: &str) {
-        common::stack::in_group(command, &self.bootstrap, &self.prefix, &self.group)
+        common::stack::test_process(command, &self.bootstrap, &self.prefix, &self.group)
             .env("KAFKA_SESSION_TIMEOUT_MS", SESSION_MS.to_string())
             .env("QDRANT_PATH", self.dir.path().join(member).join("qdrant"))
             .env(
                 "DEAD_LETTER_SPOOL_DIR",
                 self.dir.path().join(member).join("spool"),
             )
-            // The broker and the runtime are what is tested, not the model.
-            .env("EMBEDDING_PROVIDER", "hash")
-            .env("EMBEDDING_DIM", "64")
-            .env("RUST_LOG", "info,librdkafka=warn")
-            .env("HTTP_ADDR", "127.0.0.1:0")
-            .env("NO_COLOR", "1")
             .current_dir(self.dir.path());
     }
 

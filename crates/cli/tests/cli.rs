@@ -358,16 +358,16 @@ fn an_existing_collection_of_another_size_is_refused() {
 fn dotenv_and_config_files_in_the_working_directory_are_read() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("config")).unwrap();
-    std::fs::write(
-        dir.path().join("config/staging.toml"),
+    write_file(
+        dir.path(),
+        "config/staging.toml",
         "qdrant_collection = \"from_staging_file\"\n",
-    )
-    .unwrap();
-    std::fs::write(
-        dir.path().join(".env"),
+    );
+    write_file(
+        dir.path(),
+        ".env",
         "ENV=staging\nEMBEDDING_PROVIDER=hash\nEMBEDDING_DIM=32\n",
-    )
-    .unwrap();
+    );
     let stats = json_of(&vectordb(dir.path(), &[], &["stats", "--json"]));
     assert_eq!(stats["collection"], "from_staging_file");
     assert_eq!(stats["vector_size"], 32);
@@ -895,4 +895,9 @@ fn a_process_backend_variable_switches_one_process_in_the_plan() {
             .starts_with("vectordb-worker: consumes Celery queues"),
         "{plan:?}"
     );
+}
+
+/// Writes `text` to `name` in `dir`.
+fn write_file(dir: &Path, name: &str, text: &str) {
+    std::fs::write(dir.join(name), text).unwrap();
 }

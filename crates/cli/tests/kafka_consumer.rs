@@ -18,8 +18,7 @@ use common::stack::*;
 #[cfg_attr(not(feature = "services"), ignore = "needs Kafka, Redis, Prometheus, Python: test.sh")]
 fn python_produced_events_flow_through_all_three_handlers_into_the_store() {
     let kafka = Scenario::new("flow");
-    kafka.produce_moods(300, 12);
-    kafka.drain_with_a_consumer(300);
+    kafka.moods_through_a_consumer(300, 12);
 
     assert_eq!(kafka.points(), 300);
     // What our publisher produced looks like what the Python services produce: key = user_id, the three headers.

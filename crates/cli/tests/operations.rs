@@ -175,8 +175,7 @@ fn health_and_metrics_report_backend_readiness_and_backlog() {
 #[cfg_attr(not(feature = "services"), ignore = "needs Kafka, Redis, Prometheus, Python: test.sh")]
 fn export_then_replay_reproduces_the_same_points_and_is_safe_to_repeat() {
     let kafka = Scenario::new("export");
-    kafka.produce_moods(30, 3);
-    kafka.drain_with_a_consumer(30);
+    kafka.moods_through_a_consumer(30, 3);
     assert_eq!(kafka.points(), 30);
     let users = ["user-000", "user-001", "user-002"];
     let original: Vec<Vec<String>> = users.iter().map(|u| kafka.point_ids(u, &[])).collect();

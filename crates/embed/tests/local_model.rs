@@ -174,13 +174,7 @@ fn a_hostile_megabyte_note_is_cut_at_the_window_not_a_crash() {
 #[cfg_attr(not(feature = "services"), ignore = "needs the local model and Python: scripts/test.sh")]
 fn a_missing_or_damaged_model_is_a_clear_start_up_error() {
     let empty = tempfile::tempdir().unwrap();
-    let err = LocalEmbedder::load(LocalConfig {
-        model_root: empty.path().to_owned(),
-        threads: 1,
-        batch_size: 8,
-    })
-    .unwrap_err()
-    .to_string();
+    let err = refusal_to_load(&empty);
     assert!(err.contains("vectordb model install"), "{err}");
     assert!(err.contains("EMBEDDING_MODEL_DIR"), "{err}");
 
@@ -199,13 +193,7 @@ fn a_missing_or_damaged_model_is_a_clear_start_up_error() {
         .unwrap()
         .set_len(len - 1)
         .unwrap();
-    let err = LocalEmbedder::load(LocalConfig {
-        model_root: damaged.path().to_owned(),
-        threads: 1,
-        batch_size: 8,
-    })
-    .unwrap_err()
-    .to_string();
+    let err = refusal_to_load(&damaged);
     assert!(err.contains("SHA-256") && err.contains("--force"), "{err}");
 }
 
@@ -255,4 +243,14 @@ fn the_committed_reference_is_what_the_reference_script_computes() {
 /// The largest difference between two vectors, coordinate by coordinate.
 fn max_difference(a: impl Iterator<Item = f64>, b: impl Iterator<Item = f64>) -> f64 {
     a.zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+}
+
+/// Why a local model under `root` does not load.
+fn refusal_to_load(root: &tempfile::TempDir) -> String {
+    let config = LocalConfig {
+        model_root: root.path().to_owned(),
+        threads: 1,
+        batch_size: 8,
+    };
+    LocalEmbedder::load(config).unwrap_err().to_string()
 }

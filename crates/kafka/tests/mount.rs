@@ -11,6 +11,7 @@ use async_trait::async_trait;
 use aura_kafka::{ConsumerOptions, KafkaPublisher, create_topics, run_consumer};
 use aura_runtime::events::Event;
 use aura_runtime::settings::KafkaSettings;
+use aura_runtime::testing::sink;
 use aura_runtime::{
     Dispatcher, Handler, HandlerContext, HandlerError, Registry, RetryPolicy, publish_event,
 };
@@ -422,25 +423,6 @@ async fn a_rebalance_hands_partitions_over_without_losing_or_repeating_events() 
     assert_eq!(all.len(), sent, "events handled twice across the rebalance");
 }
 
-/// A second handler on the same topic, disabled in the test below.
-#[derive(Clone, Default)]
-struct Other;
-
-#[async_trait]
-impl Handler for Other {
-    fn name(&self) -> &'static str {
-        "other"
-    }
-
-    fn event_types(&self) -> &'static [&'static str] {
-        &["user.test.other"]
-    }
-
-    async fn handle(&self, _: &Event, _: &HandlerContext) -> Result<Vec<Event>, HandlerError> {
-        Ok(Vec::new())
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(not(feature = "services"), ignore = "needs Kafka and the Python venv: scripts/test.sh")]
 async fn an_event_of_a_disabled_handler_holds_its_partition_uncommitted() {
@@ -460,7 +442,9 @@ async fn an_event_of_a_disabled_handler_holds_its_partition_uncommitted() {
     }
     let embedded = aura_runtime::testing::embedded();
     let recorder = Recorder::default();
-    let mut registry = Registry::new().with(recorder.clone()).with(Other);
+    let mut registry = Registry::new()
+        .with(recorder.clone())
+        .with(sink("other", &["user.test.other"]));
     registry.disable(&["other"]).unwrap();
     let (stop, task) = start_with(&settings, registry, embedded.ctx.clone());
     aura_testkit::wait_until(

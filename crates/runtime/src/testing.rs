@@ -98,3 +98,60 @@ pub fn kafka_settings(name: &str) -> crate::settings::KafkaSettings {
         max_in_flight_bytes: 64 << 20,
     }
 }
+
+/// A handler made of a closure, for tests and benchmarks: `name` takes `event_types`, and `handle` turns an event
+/// into the events it produces (or a failure), with no context.
+pub struct FnHandler<F> {
+    name: &'static str,
+    event_types: &'static [&'static str],
+    handle: F,
+}
+
+impl<F> FnHandler<F>
+where
+    F: Fn(&aura_events::Event) -> Result<Vec<aura_events::Event>, crate::HandlerError>
+        + Send
+        + Sync,
+{
+    pub fn new(name: &'static str, event_types: &'static [&'static str], handle: F) -> Self {
+        Self {
+            name,
+            event_types,
+            handle,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl<F> crate::Handler for FnHandler<F>
+where
+    F: Fn(&aura_events::Event) -> Result<Vec<aura_events::Event>, crate::HandlerError>
+        + Send
+        + Sync,
+{
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn event_types(&self) -> &'static [&'static str] {
+        self.event_types
+    }
+
+    async fn handle(
+        &self,
+        event: &aura_events::Event,
+        _: &HandlerContext,
+    ) -> Result<Vec<aura_events::Event>, crate::HandlerError> {
+        (self.handle)(event)
+    }
+}
+
+/// A handler that takes `event_types` and produces nothing.
+pub fn sink(
+    name: &'static str,
+    event_types: &'static [&'static str],
+) -> FnHandler<
+    impl Fn(&aura_events::Event) -> Result<Vec<aura_events::Event>, crate::HandlerError> + Send + Sync,
+> {
+    FnHandler::new(name, event_types, |_| Ok(Vec::new()))
+}

@@ -80,29 +80,37 @@ async fn a_reopened_directory_still_has_the_points() {
 
 const CRASH_CHILD: &str = "AURA_STORE_CRASH_CHILD_DIR";
 
-/// Re-runs test `name` in a child process that writes into `dir` and then aborts (no destructor, no final flush).
-fn crash_child(name: &str, dir: &std::path::Path) {
+/// Re-runs test `name` in a child process that writes into a new directory and then aborts (no destructor, no final
+/// flush); the store there, reopened (and the directory, kept while it is used).
+fn reopened_after_a_crash_of(name: &str) -> (tempfile::TempDir, EdgeStore) {
+    let dir = tempfile::tempdir().unwrap();
     let status = std::process::Command::new(std::env::current_exe().unwrap())
         .args(["--exact", name, "--nocapture"])
-        .env(CRASH_CHILD, dir)
+        .env(CRASH_CHILD, dir.path())
         .status()
         .unwrap();
     assert!(!status.success(), "the child must have crashed");
+    let reopened = EdgeStore::open(dir.path(), spec(DIM)).unwrap();
+    (dir, reopened)
+}
+
+/// Upserts points `ids` of `user`.
+async fn upsert(store: &EdgeStore, ids: std::ops::Range<u8>, user: &str) {
+    store
+        .upsert(ids.map(|n| point(n, user)).collect())
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
 async fn acknowledged_upserts_survive_a_process_crash() {
     if let Ok(dir) = std::env::var(CRASH_CHILD) {
         let store = EdgeStore::open(std::path::Path::new(&dir), spec(DIM)).unwrap();
-        store
-            .upsert((0..4).map(|n| point(n, "alice")).collect())
-            .await
-            .unwrap();
+        upsert(&store, 0..4, "alice").await;
         std::process::abort();
     }
-    let dir = tempfile::tempdir().unwrap();
-    crash_child("acknowledged_upserts_survive_a_process_crash", dir.path());
-    let reopened = EdgeStore::open(dir.path(), spec(DIM)).unwrap();
+    let (_dir, reopened) =
+        reopened_after_a_crash_of("acknowledged_upserts_survive_a_process_crash");
     assert_eq!(reopened.count(None).await.unwrap(), 4);
 }
 
@@ -112,20 +120,13 @@ async fn in_bulk_mode_upserts_are_durable_once_flushed() {
         let store =
             EdgeStore::open_with(std::path::Path::new(&dir), spec(DIM), Durability::OnFlush)
                 .unwrap();
-        store
-            .upsert((0..3).map(|n| point(n, "alice")).collect())
-            .await
-            .unwrap();
+        upsert(&store, 0..3, "alice").await;
         store.flush().await.unwrap();
-        store
-            .upsert((3..6).map(|n| point(n, "alice")).collect())
-            .await
-            .unwrap();
+        upsert(&store, 3..6, "alice").await;
         std::process::abort();
     }
-    let dir = tempfile::tempdir().unwrap();
-    crash_child("in_bulk_mode_upserts_are_durable_once_flushed", dir.path());
-    let reopened = EdgeStore::open(dir.path(), spec(DIM)).unwrap();
+    let (_dir, reopened) =
+        reopened_after_a_crash_of("in_bulk_mode_upserts_are_durable_once_flushed");
     let count = reopened.count(None).await.unwrap();
     assert!(
         (3..=6).contains(&count),

@@ -53,16 +53,9 @@ impl Scenario {
     }
 
     pub fn configure(&self, command: &mut Command) {
-        in_group(command, &self.bootstrap, &self.prefix, &self.group)
+        test_process(command, &self.bootstrap, &self.prefix, &self.group)
             .env("KAFKA_SESSION_TIMEOUT_MS", "6000")
             .env("QDRANT_PATH", self.dir.path().join("qdrant"))
-            // These tests measure the runtime, not the model: the hash embedder (64-d) is exact and instant.
-            .env("EMBEDDING_PROVIDER", "hash")
-            .env("EMBEDDING_DIM", "64")
-            .env("RUST_LOG", "info,librdkafka=warn")
-            // Every process serves /health and /metrics; port 0 so parallel tests never collide.
-            .env("HTTP_ADDR", "127.0.0.1:0")
-            .env("NO_COLOR", "1")
             .current_dir(self.dir.path());
     }
 
@@ -238,6 +231,12 @@ impl Scenario {
         }
     }
 
+    /// `count` mood events of `users` users from the Python producer, through the chain by a consumer (then stopped).
+    pub fn moods_through_a_consumer(&self, count: usize, users: usize) {
+        self.produce_moods(count, users);
+        self.drain_with_a_consumer(count as i64);
+    }
+
     /// A consumer with no extra settings run until the `inputs` events on the user topic are through the chain, then
     /// stopped.
     pub fn drain_with_a_consumer(&self, inputs: i64) {
@@ -399,8 +398,9 @@ impl TestRedis {
 }
 
 /// `command` with nothing of the test's environment but PATH, on `bootstrap`'s topics named with `prefix`, in
-/// consumer group `group`.
-pub fn in_group<'c>(
+/// consumer group `group`, embedding with the hash embedder (these tests measure the runtime, not the model: it is
+/// exact and instant), serving /health and /metrics on a free port (parallel tests never collide).
+pub fn test_process<'c>(
     command: &'c mut Command,
     bootstrap: &str,
     prefix: &str,
@@ -412,6 +412,11 @@ pub fn in_group<'c>(
         .env("KAFKA_BOOTSTRAP_SERVERS", bootstrap)
         .env("KAFKA_TOPIC_PREFIX", prefix)
         .env("KAFKA_GROUP_ID", group)
+        .env("EMBEDDING_PROVIDER", "hash")
+        .env("EMBEDDING_DIM", "64")
+        .env("RUST_LOG", "info,librdkafka=warn")
+        .env("HTTP_ADDR", "127.0.0.1:0")
+        .env("NO_COLOR", "1")
 }
 
 /// Environment pairs with owned values, as `start` takes them.

@@ -14,9 +14,24 @@ fn load(dir: &Path, pairs: &[(&str, &str)]) -> Result<Settings, ConfigError> {
     Settings::from_sources(dir, &env(pairs))
 }
 
+/// Why the settings from `dir` and `pairs` are refused.
+fn refusal(dir: &Path, pairs: &[(&str, &str)]) -> String {
+    load(dir, pairs).unwrap_err().to_string()
+}
+
+/// The settings from the defaults and `pairs` (no config directory).
+fn from_env(pairs: &[(&str, &str)]) -> Settings {
+    load(Path::new("/nonexistent"), pairs).unwrap()
+}
+
+/// Writes `text` to `name` in `dir`.
+fn write_file(dir: &Path, name: &str, text: &str) {
+    std::fs::write(dir.join(name), text).unwrap();
+}
+
 #[test]
 fn defaults_alone_give_an_embedded_offline_setup() {
-    let s = load(Path::new("/nonexistent"), &[]).unwrap();
+    let s = from_env(&[]);
     assert_eq!(s.messaging_backend, Backend::Kafka);
     assert_eq!(s.kafka.group_id, "vectordb-context-processor");
     assert_eq!(s.qdrant.url, None);
@@ -54,39 +69,27 @@ fn the_local_model_fixes_the_dimension_and_its_settings_are_read() {
         err.contains("EMBEDDING_DIM=\"768\"") && err.contains("384-dimensional"),
         "{err}"
     );
-    let s = load(
-        Path::new("/nonexistent"),
-        &[
-            ("EMBEDDING_MODEL_DIR", "/opt/models"),
-            ("EMBEDDING_THREADS", "3"),
-            ("EMBEDDING_CACHE_SIZE", "0"),
-        ],
-    )
-    .unwrap();
+    let s = from_env(&[
+        ("EMBEDDING_MODEL_DIR", "/opt/models"),
+        ("EMBEDDING_THREADS", "3"),
+        ("EMBEDDING_CACHE_SIZE", "0"),
+    ]);
     assert_eq!(s.embedding.model_root, PathBuf::from("/opt/models"));
     assert_eq!((s.embedding.threads, s.embedding.cache_size), (3, 0));
     assert_eq!(s.embedding.cache_redis_url, None);
     assert_eq!(s.embedding.cache_ttl, Duration::from_secs(7 * 24 * 3600));
-    let s = load(
-        Path::new("/nonexistent"),
-        &[("EMBEDDING_PROVIDER", "hash"), ("EMBEDDING_DIM", "64")],
-    )
-    .unwrap();
+    let s = from_env(&[("EMBEDDING_PROVIDER", "hash"), ("EMBEDDING_DIM", "64")]);
     assert_eq!(s.embedding.model_name(), "hash-ngram-v1");
     assert!(load(Path::new("/nonexistent"), &[("EMBEDDING_THREADS", "0")]).is_err());
 }
 
 #[test]
 fn limits_are_settings_and_a_bad_one_names_its_variable() {
-    let s = load(
-        Path::new("/nonexistent"),
-        &[
-            ("MAX_EVENT_BYTES", "2000000"),
-            ("MAX_EMBED_CHARS", "5000"),
-            ("MAX_CHUNKS_PER_EVENT", "8"),
-        ],
-    )
-    .unwrap();
+    let s = from_env(&[
+        ("MAX_EVENT_BYTES", "2000000"),
+        ("MAX_EMBED_CHARS", "5000"),
+        ("MAX_CHUNKS_PER_EVENT", "8"),
+    ]);
     assert_eq!(
         s.limits,
         aura_events::limits::Limits {
@@ -108,16 +111,16 @@ fn limits_are_settings_and_a_bad_one_names_its_variable() {
 #[test]
 fn env_file_and_env_vars_layer_in_order() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("default.toml"),
+    write_file(
+        dir.path(),
+        "default.toml",
         "embedding_provider = \"hash\"\nembedding_dim = 768\ncelery_concurrency = 3\n",
-    )
-    .unwrap();
-    std::fs::write(
-        dir.path().join("staging.toml"),
+    );
+    write_file(
+        dir.path(),
+        "staging.toml",
         "embedding_dim = 1024\nlog_format = \"json\"\n",
-    )
-    .unwrap();
+    );
     let s = load(
         dir.path(),
         &[
@@ -137,26 +140,18 @@ fn env_file_and_env_vars_layer_in_order() {
 #[test]
 fn a_bad_value_names_the_variable_and_the_accepted_values() {
     let dir = Path::new("/nonexistent");
-    let err = load(dir, &[("MESSAGING_BACKEND", "rabbit")])
-        .unwrap_err()
-        .to_string();
+    let err = refusal(dir, &[("MESSAGING_BACKEND", "rabbit")]);
     assert_eq!(
         err,
         "MESSAGING_BACKEND=\"rabbit\" is invalid: accepted values: kafka, celery, disabled"
     );
-    let err = load(dir, &[("EMBEDDING_DIM", "big")])
-        .unwrap_err()
-        .to_string();
+    let err = refusal(dir, &[("EMBEDDING_DIM", "big")]);
     assert!(err.starts_with("EMBEDDING_DIM=\"big\" is invalid"), "{err}");
-    let err = load(dir, &[("ENV", "prod")]).unwrap_err().to_string();
+    let err = refusal(dir, &[("ENV", "prod")]);
     assert!(err.contains("development, staging, production"), "{err}");
-    let err = load(dir, &[("KAFKA_SECURITY_PROTOCOL", "TLS")])
-        .unwrap_err()
-        .to_string();
+    let err = refusal(dir, &[("KAFKA_SECURITY_PROTOCOL", "TLS")]);
     assert!(err.contains("SASL_SSL"), "{err}");
-    let err = load(dir, &[("EMBEDDING_PROVIDER", "openai")])
-        .unwrap_err()
-        .to_string();
+    let err = refusal(dir, &[("EMBEDDING_PROVIDER", "openai")]);
     assert!(err.starts_with("EMBEDDING_URL"), "{err}");
     assert!(load(dir, &[("EMBEDDING_DIM", "0")]).is_err());
     assert!(load(dir, &[("HTTP_ADDR", "localhost")]).is_err());
@@ -164,34 +159,26 @@ fn a_bad_value_names_the_variable_and_the_accepted_values() {
 
 #[test]
 fn case_of_enumerated_values_does_not_matter() {
-    let s = load(
-        Path::new("/nonexistent"),
-        &[
-            ("MESSAGING_BACKEND", "Celery"),
-            ("kafka_security_protocol", "sasl_ssl"),
-        ],
-    )
-    .unwrap();
+    let s = from_env(&[
+        ("MESSAGING_BACKEND", "Celery"),
+        ("kafka_security_protocol", "sasl_ssl"),
+    ]);
     assert_eq!(s.messaging_backend, Backend::Celery);
     assert_eq!(s.kafka.security_protocol, "SASL_SSL");
 }
 
 #[test]
 fn secrets_never_appear_in_debug_output() {
-    let s = load(
-        Path::new("/nonexistent"),
-        &[
-            ("KAFKA_API_SECRET", "kafka-s3cret"),
-            ("QDRANT_API_KEY", "qdrant-s3cret"),
-            ("EMBEDDING_API_KEY", "embed-s3cret"),
-            ("BROKER_URL", "redis://:redis-s3cret@cache:6379/0"),
-            (
-                "RESULT_BACKEND",
-                "rediss://default:redis-s3cret2@cache:6380/1",
-            ),
-        ],
-    )
-    .unwrap();
+    let s = from_env(&[
+        ("KAFKA_API_SECRET", "kafka-s3cret"),
+        ("QDRANT_API_KEY", "qdrant-s3cret"),
+        ("EMBEDDING_API_KEY", "embed-s3cret"),
+        ("BROKER_URL", "redis://:redis-s3cret@cache:6379/0"),
+        (
+            "RESULT_BACKEND",
+            "rediss://default:redis-s3cret2@cache:6380/1",
+        ),
+    ]);
     let shown = format!("{s:?}");
     for secret in [
         "kafka-s3cret",
@@ -327,14 +314,12 @@ fn a_process_override_switches_that_process_alone() {
 #[test]
 fn a_misspelt_key_in_a_toml_file_is_refused_naming_it_and_the_key_meant() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("production.toml"),
+    write_file(
+        dir.path(),
+        "production.toml",
         "log_format = \"json\"\nkafka_grop_id = \"mine\"\n",
-    )
-    .unwrap();
-    let err = load(dir.path(), &[("ENV", "production")])
-        .unwrap_err()
-        .to_string();
+    );
+    let err = refusal(dir.path(), &[("ENV", "production")]);
     assert!(
         err.contains(
             "production.toml: unknown key `kafka_grop_id` (did you mean `kafka_group_id`?)"
@@ -342,11 +327,7 @@ fn a_misspelt_key_in_a_toml_file_is_refused_naming_it_and_the_key_meant() {
         "{err}"
     );
     // The same key spelt right is read.
-    std::fs::write(
-        dir.path().join("production.toml"),
-        "kafka_group_id = \"mine\"\n",
-    )
-    .unwrap();
+    write_file(dir.path(), "production.toml", "kafka_group_id = \"mine\"\n");
     let s = load(dir.path(), &[("ENV", "production")]).unwrap();
     assert_eq!(s.kafka.group_id, "mine");
 }
@@ -354,16 +335,12 @@ fn a_misspelt_key_in_a_toml_file_is_refused_naming_it_and_the_key_meant() {
 #[test]
 fn a_per_process_variable_that_means_nothing_is_refused_naming_it() {
     let dir = Path::new("/nonexistent");
-    let err = load(dir, &[("WORKER_MESSAGING_BACKEND", "kafak")])
-        .unwrap_err()
-        .to_string();
+    let err = refusal(dir, &[("WORKER_MESSAGING_BACKEND", "kafak")]);
     assert_eq!(
         err,
         "WORKER_MESSAGING_BACKEND=\"kafak\" is invalid: accepted values: kafka, celery, disabled"
     );
-    let err = load(dir, &[("CONSUMER_MESAGING_BACKEND", "celery")])
-        .unwrap_err()
-        .to_string();
+    let err = refusal(dir, &[("CONSUMER_MESAGING_BACKEND", "celery")]);
     assert!(
         err.contains(
             "unknown key `CONSUMER_MESAGING_BACKEND` (did you mean `CONSUMER_MESSAGING_BACKEND`?)"
@@ -377,12 +354,8 @@ fn a_per_process_variable_that_means_nothing_is_refused_naming_it() {
 #[test]
 fn a_value_of_the_wrong_type_in_a_file_names_its_variable() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("default.toml"),
-        "kafka_concurrency = \"many\"\n",
-    )
-    .unwrap();
-    let err = load(dir.path(), &[]).unwrap_err().to_string();
+    write_file(dir.path(), "default.toml", "kafka_concurrency = \"many\"\n");
+    let err = refusal(dir.path(), &[]);
     assert!(
         err.starts_with("KAFKA_CONCURRENCY=\"many\" is invalid"),
         "{err}"
