@@ -266,7 +266,10 @@ enum Outage {
 fn outage_counters(m: &dyn Mount, outage: Outage) -> (&AtomicU32, &AtomicU32) {
     match outage {
         Outage::Store => (&m.store().layer().fail_next, &m.store().layer().failed),
-        Outage::Embedder => (&m.embedder().fail_next, &m.embedder().failed),
+        Outage::Embedder => (
+            &m.embedder().layer().fail_next,
+            &m.embedder().layer().failed,
+        ),
     }
 }
 

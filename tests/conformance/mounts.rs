@@ -23,7 +23,7 @@ use aura_runtime::{Dispatcher, HandlerContext, InMemoryBus, Publisher, Registry,
 use aura_testkit::RedisServer;
 use serde_json::Value;
 
-use crate::probes::{ProbeEmbedder, ProbePublisher, ProbeStore, probe_store};
+use crate::probes::{EmbedFailures, ProbeEmbedder, ProbePublisher, ProbeStore, probe_store};
 
 /// A dead letter as the mount stores it: the input's bytes as they were on the wire, and the reason.
 #[derive(Debug, Clone)]
@@ -180,7 +180,10 @@ impl Parts {
     fn new() -> Self {
         let embedded = embedded();
         let store = probe_store(embedded.store.clone());
-        let embedder = ProbeEmbedder::new(embedded.ctx.embedder.clone());
+        let embedder = Arc::new(ProbeEmbedder::new(
+            embedded.ctx.embedder.clone(),
+            EmbedFailures::default(),
+        ));
         Self {
             store,
             embedder,

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use aura_runtime::embed::{EmbedError, Embedder, Embeddings};
+use aura_runtime::embed::{EmbedError, Embedder, EmbedderLayer, Embeddings, LayeredEmbedder};
 use aura_runtime::events::Event;
 use aura_runtime::store::{Layered, Point, StoreError, StoreLayer, VectorStore};
 use aura_runtime::{Backend, PublishError, Publisher};
@@ -81,39 +81,28 @@ impl StoreLayer for Probe {
     }
 }
 
-/// An embedder in front of the real one that is unavailable for its next `fail_next` calls.
-pub struct ProbeEmbedder {
-    inner: Arc<dyn Embedder>,
+/// Fails the next `fail_next` embeddings as an unavailable endpoint would, counting them in `failed`.
+#[derive(Default)]
+pub struct EmbedFailures {
     pub fail_next: AtomicU32,
     pub failed: AtomicU32,
 }
 
-impl ProbeEmbedder {
-    pub fn new(inner: Arc<dyn Embedder>) -> Arc<Self> {
-        Arc::new(Self {
-            inner,
-            fail_next: AtomicU32::new(0),
-            failed: AtomicU32::new(0),
-        })
-    }
-}
+/// The embedder the handlers use: the mount's own, behind [`EmbedFailures`].
+pub type ProbeEmbedder = LayeredEmbedder<EmbedFailures>;
 
 #[async_trait]
-impl Embedder for ProbeEmbedder {
-    fn model(&self) -> &str {
-        self.inner.model()
-    }
-
-    fn dimension(&self) -> usize {
-        self.inner.dimension()
-    }
-
-    async fn embed(&self, texts: &[String]) -> Result<Embeddings, EmbedError> {
+impl EmbedderLayer for EmbedFailures {
+    async fn embed(
+        &self,
+        inner: &dyn Embedder,
+        texts: &[String],
+    ) -> Result<Embeddings, EmbedError> {
         if take_one(&self.fail_next) {
             self.failed.fetch_add(1, Ordering::SeqCst);
             return Err(EmbedError::Unavailable("503 (injected)".into()));
         }
-        self.inner.embed(texts).await
+        inner.embed(texts).await
     }
 }
 

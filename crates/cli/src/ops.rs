@@ -11,8 +11,8 @@ use aura_kafka::offsets::{PartitionLag, group_lag};
 use aura_ops::{Backlog, Health, Probe, Sampler};
 use aura_runtime::settings::KafkaSettings;
 use aura_runtime::{
-    DependencyObserver, HandlerContext, Observed, ObservedEmbedder, ObservedStore, Registry,
-    Settings,
+    DependencyObserver, HandlerContext, Observed, ObservedCalls, ObservedEmbedder, ObservedStore,
+    Registry, Settings,
 };
 
 /// The process's ops side: metrics recorder, `/health` + `/metrics` on `HTTP_ADDR`, and the broker sampler.
@@ -136,7 +136,10 @@ impl Ops {
     pub fn observed(&self, context: HandlerContext) -> HandlerContext {
         HandlerContext {
             store: Arc::new(ObservedStore::new(context.store, Observed(self.observer()))),
-            embedder: Arc::new(ObservedEmbedder::new(context.embedder, self.observer())),
+            embedder: Arc::new(ObservedEmbedder::new(
+                context.embedder,
+                ObservedCalls(self.observer()),
+            )),
             ..context
         }
     }

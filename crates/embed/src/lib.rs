@@ -10,6 +10,7 @@
 
 mod cache;
 mod hash;
+mod layer;
 pub mod local;
 mod openai;
 
@@ -17,6 +18,7 @@ use async_trait::async_trait;
 
 pub use cache::{CACHE_METRIC, CacheStats, CachedEmbedder, RedisTier};
 pub use hash::HashEmbedder;
+pub use layer::{EmbedderLayer, LayeredEmbedder};
 pub use local::{LocalConfig, LocalEmbedder};
 pub use openai::{OpenAiConfig, OpenAiEmbedder};
 

@@ -28,7 +28,7 @@ pub use dispatch::{
 pub use fallback::FallbackPublisher;
 pub use fence::{Fence, Fenced, FencedStore, PauseWatch};
 pub use handler::{Handler, HandlerContext, HandlerError};
-pub use observe::{DependencyObserver, Observed, ObservedEmbedder, ObservedStore};
+pub use observe::{DependencyObserver, Observed, ObservedCalls, ObservedEmbedder, ObservedStore};
 pub use publish::{
     Backend, DisabledPublisher, PublishError, Publisher, publish_event, publish_event_encoded,
     publish_event_via,

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use aura_embed::{EmbedError, Embedder, Embeddings};
+use aura_embed::{EmbedError, Embedder, EmbedderLayer, Embeddings, LayeredEmbedder};
 use aura_store::{Layered, Point, StoreError, StoreLayer, VectorStore};
 
 /// Where dependency outcomes go (the process's health).
@@ -29,35 +29,25 @@ pub mod names {
     pub const BROKER_ACKS: &str = "broker_acks";
 }
 
-/// An [`Embedder`] whose calls are reported as the `embedder` dependency.
-pub struct ObservedEmbedder {
-    inner: Arc<dyn Embedder>,
-    observer: Arc<dyn DependencyObserver>,
-}
+/// An embedder layer that reports the calls as the `embedder` dependency.
+pub struct ObservedCalls(pub Arc<dyn DependencyObserver>);
 
-impl ObservedEmbedder {
-    pub fn new(inner: Arc<dyn Embedder>, observer: Arc<dyn DependencyObserver>) -> Self {
-        Self { inner, observer }
-    }
-}
+/// An [`Embedder`] whose calls are reported as the `embedder` dependency.
+pub type ObservedEmbedder = LayeredEmbedder<ObservedCalls>;
 
 #[async_trait]
-impl Embedder for ObservedEmbedder {
-    fn model(&self) -> &str {
-        self.inner.model()
-    }
-
-    fn dimension(&self) -> usize {
-        self.inner.dimension()
-    }
-
-    async fn embed(&self, texts: &[String]) -> Result<Embeddings, EmbedError> {
-        let result = self.inner.embed(texts).await;
+impl EmbedderLayer for ObservedCalls {
+    async fn embed(
+        &self,
+        inner: &dyn Embedder,
+        texts: &[String],
+    ) -> Result<Embeddings, EmbedError> {
+        let result = inner.embed(texts).await;
         match &result {
-            Ok(_) => self.observer.report(names::EMBEDDER, Ok(())),
-            Err(error) if error.is_transient() => self
-                .observer
-                .report(names::EMBEDDER, Err(error.to_string())),
+            Ok(_) => self.0.report(names::EMBEDDER, Ok(())),
+            Err(error) if error.is_transient() => {
+                self.0.report(names::EMBEDDER, Err(error.to_string()))
+            }
             Err(_) => {}
         }
         result

@@ -198,19 +198,19 @@ async fn points_of_another_embedding_model_are_counted_and_one_of_them_is_named(
         }
         p
     };
+    let written = |points: &[(u8, &str)]| {
+        points
+            .iter()
+            .map(|&(n, m)| with_model(n, Some(m)))
+            .collect()
+    };
     store
-        .upsert(vec![
-            with_model(0, Some("model-a")),
-            with_model(1, Some("model-a-alias")),
-        ])
+        .upsert(written(&[(0, "model-a"), (1, "model-a-alias")]))
         .await
         .unwrap();
     assert_eq!(store.foreign_points(&accepted).await.unwrap(), None);
     store
-        .upsert(vec![
-            with_model(2, Some("model-b")),
-            with_model(3, Some("model-b")),
-        ])
+        .upsert(written(&[(2, "model-b"), (3, "model-b")]))
         .await
         .unwrap();
     let foreign = store.foreign_points(&accepted).await.unwrap().unwrap();
