@@ -13,7 +13,7 @@
 //!
 //! Sizes: `BENCH_MESSAGES` (dispatch, default 50,000), `BENCH_E2E_EVENTS` (backlog, default 5,000),
 //! `BENCH_PACED_EVENTS` (default 2,000) at `BENCH_PACED_RATE` events/s (default 100); `BENCH_PARTITIONS` per topic
-//! (default 3, as `vectordb topics create`); `BENCH_FETCH_WAIT_MS`, the consumers' `fetch.wait.max.ms` (default 20).
+//! (default 3, as `vectordb topics create`); `BENCH_MOCK=0` skips the mock cluster; `BENCH_FETCH_WAIT_MS`, the consumers' `fetch.wait.max.ms` (default 20).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -35,6 +35,30 @@ use handler_ingest_vectors::IngestVectors;
 use handler_mood_created::MoodCreated;
 
 const NOOP_TYPE: &str = "user.bench.noop";
+
+/// `mood_created`, noting when (and at what CPU time) it first ran: the backlog's clock starts there.
+struct FirstMood {
+    started: Arc<std::sync::OnceLock<(Instant, f64)>>,
+}
+
+#[async_trait]
+impl Handler for FirstMood {
+    fn name(&self) -> &'static str {
+        MoodCreated.name()
+    }
+    fn event_types(&self) -> &'static [&'static str] {
+        MoodCreated.event_types()
+    }
+    async fn handle(
+        &self,
+        event: &Event,
+        ctx: &HandlerContext,
+    ) -> Result<Vec<Event>, HandlerError> {
+        self.started
+            .get_or_init(|| (Instant::now(), aura_testkit::cpu_seconds()));
+        MoodCreated.handle(event, ctx).await
+    }
+}
 
 /// `ingest_vectors`, plus the time from the origin event's production (`metadata.bench_sent_us`) to its points.
 struct Timed {
@@ -251,6 +275,56 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
+/// A backlog of `n` mood events on `settings`' input topic; returns the producer.
+async fn produce_moods(settings: &KafkaSettings, n: usize) -> KafkaPublisher {
+    let publisher = KafkaPublisher::new(settings).expect("producer");
+    let mut pending = futures::stream::FuturesUnordered::new();
+    for i in 0..n {
+        let publisher = publisher.clone();
+        pending.push(async move {
+            aura_runtime::publish_event(&publisher, &mood(i, 0))
+                .await
+                .expect("produce")
+        });
+        if pending.len() >= 1_000 {
+            futures::StreamExt::next(&mut pending).await;
+        }
+    }
+    while futures::StreamExt::next(&mut pending).await.is_some() {}
+    publisher
+}
+
+/// The naive Python relay (`tests/python/relay_bench.py`) through both hops of its own copy of the backlog.
+async fn python_relay(bootstrap: &str, id: &str, n: usize) -> Option<f64> {
+    let python = std::env::var("AURA_TEST_PYTHON").ok()?;
+    let settings = kafka_settings(
+        bootstrap,
+        &format!("bench-relay-{id}."),
+        &format!("bench-relay-{id}"),
+    );
+    create_topics(&settings, None).await;
+    produce_moods(&settings, n).await;
+    let topics = TopicNames::from_settings(&settings);
+    let topic = |event_type| topics.for_event_type(event_type).expect("topic");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/python/relay_bench.py"
+    );
+    let output = std::process::Command::new(python)
+        .args([
+            script,
+            &settings.bootstrap_servers,
+            &settings.group_id,
+            &n.to_string(),
+            &topic("user.mood.created"),
+            &topic("context.aggregated"),
+            &topic("context.vectorized"),
+        ])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&output.stdout).trim().parse().ok()
+}
+
 /// What one end-to-end run measured.
 struct EndToEnd {
     backlog_rate: f64,
@@ -269,44 +343,38 @@ async fn end_to_end(settings: &KafkaSettings, n: usize, paced: usize, rate: u64)
     full.qdrant.path = dir.path().join("qdrant");
     // This measures the mount, not the model (crates/embed/benches/local.rs measures the model).
     full.embedding.provider = aura_runtime::settings::EmbeddingProvider::Hash;
-    let ctx = aura_cli::handler_context(&full, Durability::EveryWrite)
-        .await
-        .expect("store");
+    let ctx = aura_cli::handler_context(
+        &full,
+        if env_usize("BENCH_ON_FLUSH", 0) == 1 {
+            Durability::OnFlush
+        } else {
+            Durability::EveryWrite
+        },
+    )
+    .await
+    .expect("store");
     let latencies = Arc::new(Mutex::new(Vec::new()));
+    let first = Arc::new(std::sync::OnceLock::new());
     let registry = Arc::new(
         Registry::new()
-            .with(MoodCreated)
+            .with(FirstMood {
+                started: first.clone(),
+            })
             .with(ContextAggregated)
             .with(Timed {
                 latencies: latencies.clone(),
             }),
     );
-    let publisher = KafkaPublisher::new(settings).expect("producer");
-    let mut pending = futures::stream::FuturesUnordered::new();
-    for i in 0..n {
-        let publisher = publisher.clone();
-        pending.push(async move {
-            aura_runtime::publish_event(&publisher, &mood(i, 0))
-                .await
-                .expect("produce")
-        });
-        if pending.len() >= 1_000 {
-            futures::StreamExt::next(&mut pending).await;
-        }
-    }
-    while futures::StreamExt::next(&mut pending).await.is_some() {}
+    let publisher = produce_moods(settings, n).await;
     let dispatcher = Dispatcher::new(registry.clone(), ctx.clone(), Arc::new(publisher.clone()));
     reset_peak_rss();
     let (stop, task) = spawn_consumer(settings.clone(), registry, dispatcher, publisher);
     let points = || latencies.lock().unwrap_or_else(|p| p.into_inner()).len();
-    while points() == 0 {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    let started = Instant::now();
-    let cpu = aura_testkit::cpu_seconds();
     while points() < n {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
+    // From the first mood event handled to the last point: all three hops of the whole backlog.
+    let (started, cpu) = *first.get().expect("a mood event was handled");
     let backlog = started.elapsed();
     let cpu = aura_testkit::cpu_seconds() - cpu;
     latencies.lock().unwrap_or_else(|p| p.into_inner()).clear();
@@ -435,6 +503,14 @@ async fn chain(
         n + paced
     );
     if python {
+        match python_relay(bootstrap, id, n).await {
+            Some(relay) => println!(
+                "  naive python relay (confluent-kafka, both hops, flush + commit every 100) on its own copy of the \
+                 backlog: {relay:.0} events/s; ours / relay = {:.2}x",
+                run.backlog_rate / relay
+            ),
+            None => println!("  naive python relay: skipped (AURA_TEST_PYTHON not set)"),
+        }
         let input = TopicNames::from_settings(&settings)
             .for_event_type("user.mood.created")
             .expect("topic");
@@ -457,12 +533,13 @@ fn main() {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     runtime.block_on(async {
         let id = format!("{:x}", now_us());
-        let cluster = MockCluster::new(1).expect("mock cluster");
-        let bootstrap = cluster.bootstrap_servers();
-        println!("librdkafka mock cluster (in-process) at {bootstrap}:");
-        dispatch(&bootstrap, &format!("mock-{id}"), Some(&cluster)).await;
-        chain(&bootstrap, &format!("mock-{id}"), Some(&cluster), false).await;
-        drop(cluster);
+        if env_usize("BENCH_MOCK", 1) == 1 {
+            let cluster = MockCluster::new(1).expect("mock cluster");
+            let bootstrap = cluster.bootstrap_servers();
+            println!("librdkafka mock cluster (in-process) at {bootstrap}:");
+            dispatch(&bootstrap, &format!("mock-{id}"), Some(&cluster)).await;
+            chain(&bootstrap, &format!("mock-{id}"), Some(&cluster), false).await;
+        }
         match std::env::var("AURA_TEST_KAFKA") {
             Ok(bootstrap) => {
                 println!("Apache Kafka at {bootstrap}:");

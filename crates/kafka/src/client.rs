@@ -84,6 +84,7 @@ mod tests {
             message_max_bytes: 1_000_000,
             ordering: aura_runtime::settings::KafkaOrdering::Key,
             concurrency: 64,
+            pipeline_depth: 32,
             max_in_flight_per_partition: 1000,
             max_in_flight: 10_000,
             max_in_flight_bytes: 64 << 20,

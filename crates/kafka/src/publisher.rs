@@ -1,14 +1,16 @@
 //! `publish_event` onto Kafka: the Python producer's record shape, acknowledged by the broker before returning.
 
+use std::future::Future;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use aura_runtime::events::Event;
 use aura_runtime::settings::KafkaSettings;
-use aura_runtime::{Backend, PublishError, Publisher};
+use aura_runtime::{Acknowledgement, Backend, PublishError, Publisher};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::types::RDKafkaErrorCode;
 
 use crate::{ClientError, TopicNames, client_config};
 
@@ -74,6 +76,17 @@ impl KafkaPublisher {
 
     /// Sends one record and waits for the broker's acknowledgement.
     pub async fn send(&self, record: OutgoingRecord<'_>) -> Result<Delivered, KafkaError> {
+        self.queue(record).await?.await
+    }
+
+    /// Queues one record in the producer, behind every record queued before it, and returns its acknowledgement.
+    /// While librdkafka's local queue is full it waits for room (at most [`DELIVERY_TIMEOUT`]); delivery itself is
+    /// bounded by `delivery.timeout.ms`.
+    pub async fn queue(
+        &self,
+        record: OutgoingRecord<'_>,
+    ) -> Result<impl Future<Output = Result<Delivered, KafkaError>> + Send + 'static, KafkaError>
+    {
         let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
         for (key, value) in &record.headers {
             headers = headers.insert(Header {
@@ -88,16 +101,30 @@ impl KafkaPublisher {
         if let Some(payload) = record.payload {
             future = future.payload(payload);
         }
-        // The queue timeout only bounds waiting for room in librdkafka's local queue; delivery itself is bounded
-        // by `delivery.timeout.ms`.
-        self.producer
-            .send(future, DELIVERY_TIMEOUT)
-            .await
-            .map(|delivery| Delivered {
-                partition: delivery.partition,
-                offset: delivery.offset,
-            })
-            .map_err(|(error, _)| error)
+        let started = std::time::Instant::now();
+        let delivery = loop {
+            match self.producer.send_result(future) {
+                Ok(delivery) => break delivery,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back))
+                    if started.elapsed() < DELIVERY_TIMEOUT =>
+                {
+                    future = back;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err((error, _)) => return Err(error),
+            }
+        };
+        Ok(async move {
+            match delivery.await {
+                Ok(Ok(delivery)) => Ok(Delivered {
+                    partition: delivery.partition,
+                    offset: delivery.offset,
+                }),
+                Ok(Err((error, _))) => Err(error),
+                // The producer lives as long as a clone of this publisher; it is dropped only at exit.
+                Err(_canceled) => Err(KafkaError::Canceled),
+            }
+        })
     }
 
     /// Waits for every queued record (shutdown).
@@ -117,6 +144,10 @@ impl Publisher for KafkaPublisher {
     }
 
     async fn publish_encoded(&self, event: &Event, json: &[u8]) -> Result<Backend, PublishError> {
+        self.hand_over(event, json).await?.await
+    }
+
+    async fn hand_over(&self, event: &Event, json: &[u8]) -> Result<Acknowledgement, PublishError> {
         let Some(topic) = self.topics.for_event_type(&event.event_type) else {
             return Err(PublishError::Unroutable {
                 event_type: event.event_type.clone(),
@@ -138,25 +169,42 @@ impl Publisher for KafkaPublisher {
                 ),
             ],
         };
-        let Err(error) = self.send(record).await else {
-            return Ok(Backend::Kafka);
+        let failed = {
+            let event_type = event.event_type.clone();
+            let event_id = event_id.clone();
+            let topic = topic.clone();
+            move |error: KafkaError| publish_error(event_type, event_id, &topic, &error)
         };
-        let reason = format!("{topic}: {error}");
-        let event_type = event.event_type.clone();
-        Err(if is_permanent(&error) {
-            PublishError::Unroutable {
-                event_type,
-                event_id,
-                reason,
-            }
-        } else {
-            PublishError::Unavailable {
-                backend: "kafka",
-                event_type,
-                event_id,
-                reason,
-            }
-        })
+        match self.queue(record).await {
+            Ok(delivery) => Ok(Box::pin(async move {
+                delivery.await.map(|_| Backend::Kafka).map_err(failed)
+            })),
+            Err(error) => Err(failed(error)),
+        }
+    }
+}
+
+/// A record the producer did not deliver: permanent when no retry can fix it ([`is_permanent`]).
+fn publish_error(
+    event_type: String,
+    event_id: String,
+    topic: &str,
+    error: &KafkaError,
+) -> PublishError {
+    let reason = format!("{topic}: {error}");
+    if is_permanent(error) {
+        PublishError::Unroutable {
+            event_type,
+            event_id,
+            reason,
+        }
+    } else {
+        PublishError::Unavailable {
+            backend: "kafka",
+            event_type,
+            event_id,
+            reason,
+        }
     }
 }
 

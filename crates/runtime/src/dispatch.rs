@@ -2,7 +2,9 @@
 //!
 //! Publishing happens here, before `dispatch` returns `Ok`, so a mount that acknowledges on `Ok` never acknowledges
 //! an input whose outputs were not accepted by the broker. All outputs of one event are sent at once and their
-//! acknowledgements awaited together. Outputs get ids and timestamps derived from their cause
+//! acknowledgements awaited together. [`Dispatcher::hand_over`] stops halfway: the outputs are queued in the
+//! producer and their acknowledgements come back as [`Pending`], which the Kafka mount settles in order while the
+//! key's next event already runs (the input is committed only once `Pending::settle` succeeded). Outputs get ids and timestamps derived from their cause
 //! ([`derive_identities`]), so a retry or a redelivery re-publishes the same events, byte for byte; downstream point
 //! ids derive from the origin event id and chunk index, so the duplicates overwrite instead of adding points.
 
@@ -13,7 +15,8 @@ use aura_events::Event;
 
 use crate::fence::{FENCE_WAIT, Fence};
 use crate::{
-    HandlerContext, HandlerError, Publisher, Registry, RetryPolicy, Route, publish_event_encoded,
+    Acknowledgement, HandlerContext, HandlerError, PublishError, Publisher, Registry, RetryPolicy,
+    Route, hand_over_event,
 };
 
 /// What happened to an event that did not fail.
@@ -82,45 +85,43 @@ impl Dispatcher {
 
     /// One attempt: handle the event and publish its outputs.
     pub async fn dispatch(&self, event: &Event) -> Result<Outcome, Failure> {
+        let (outcome, pending) = self.hand_over(event).await?;
+        pending.settle().await?;
+        Ok(outcome)
+    }
+
+    /// One attempt up to the hand-over: handle the event and queue its outputs in the publisher. The outcome is
+    /// final only once the returned [`Pending`] settles.
+    pub async fn hand_over(&self, event: &Event) -> Result<(Outcome, Pending), Failure> {
         let handler = match self.registry.route(&event.event_type) {
             Route::Handler(handler) => handler,
             Route::Disabled(name) => {
                 record(name, outcome::DISABLED);
-                return Ok(Outcome::Disabled { handler: name });
+                return Ok((Outcome::Disabled { handler: name }, Pending::nothing()));
             }
             Route::Unhandled => {
                 tracing::info!(event_id = %event.event_id, event_type = %event.event_type, "no handler for event type; skipped");
                 count_skipped();
-                return Ok(Outcome::Unhandled);
+                return Ok((Outcome::Unhandled, Pending::nothing()));
             }
         };
         let name = handler.name();
         let started = Instant::now();
-        let result = self.handle_and_publish(handler.as_ref(), event).await;
+        let result = self.handle_and_hand_over(handler.as_ref(), event).await;
         metrics::histogram!("aura360_handler_duration_seconds", "handler" => name)
             .record(started.elapsed().as_secs_f64());
         match result {
-            Ok(produced) => {
-                record(name, outcome::SUCCESS);
-                Ok(Outcome::Handled {
+            Ok(acknowledgements) => Ok((
+                Outcome::Handled {
                     handler: name,
-                    produced,
-                })
-            }
-            Err(error) => {
-                record(
-                    name,
-                    if error.is_transient() {
-                        outcome::TRANSIENT_ERROR
-                    } else {
-                        outcome::PERMANENT_ERROR
-                    },
-                );
-                Err(Failure {
+                    produced: acknowledgements.len(),
+                },
+                Pending {
                     handler: Some(name),
-                    error,
-                })
-            }
+                    acknowledgements,
+                },
+            )),
+            Err(error) => Err(failed(name, error)),
         }
     }
 
@@ -147,11 +148,11 @@ impl Dispatcher {
         }
     }
 
-    async fn handle_and_publish(
+    async fn handle_and_hand_over(
         &self,
         handler: &dyn crate::Handler,
         event: &Event,
-    ) -> Result<usize, HandlerError> {
+    ) -> Result<Vec<Acknowledgement>, HandlerError> {
         self.fence
             .wait_open(FENCE_WAIT)
             .await
@@ -178,23 +179,82 @@ impl Dispatcher {
             .wait_open(FENCE_WAIT)
             .await
             .map_err(HandlerError::Transient)?;
-        // All outputs are in flight together and their acknowledgements awaited together: one round trip to the
-        // broker per event, not one per output.
-        let sent =
-            futures::future::join_all(outputs.iter().zip(&encoded).map(|(output, json)| {
-                publish_event_encoded(self.publisher.as_ref(), output, json)
-            }))
-            .await;
-        for result in sent {
-            result.map_err(|e| {
-                if e.is_transient() {
-                    HandlerError::Transient(e.to_string())
-                } else {
-                    HandlerError::Permanent(e.to_string())
-                }
-            })?;
+        // All outputs are handed over together and their acknowledgements awaited together: one round trip to the
+        // broker per event, not one per output. (A queueing publisher such as Kafka's takes each on its first poll,
+        // in order; one that publishes and waits sends them concurrently.)
+        futures::future::join_all(
+            outputs
+                .iter()
+                .zip(&encoded)
+                .map(|(output, json)| hand_over_event(self.publisher.as_ref(), output, json)),
+        )
+        .await
+        .into_iter()
+        .map(|handed| handed.map_err(classify))
+        .collect()
+    }
+}
+
+/// The acknowledgements of one event's outputs, handed over and not yet settled.
+#[must_use = "an event is handled only once its outputs are acknowledged: settle it"]
+pub struct Pending {
+    /// `None` when nothing was handed over (no handler, or a disabled one).
+    handler: Option<&'static str>,
+    acknowledgements: Vec<Acknowledgement>,
+}
+
+impl Pending {
+    fn nothing() -> Self {
+        Self {
+            handler: None,
+            acknowledgements: Vec::new(),
         }
-        Ok(outputs.len())
+    }
+
+    /// Waits for every acknowledgement; the event's outcome is counted here (`success`, or the first error).
+    pub async fn settle(self) -> Result<(), Failure> {
+        let Some(name) = self.handler else {
+            return Ok(());
+        };
+        for result in futures::future::join_all(self.acknowledgements).await {
+            result.map_err(|e| failed(name, classify(e)))?;
+        }
+        record(name, outcome::SUCCESS);
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pending")
+            .field("handler", &self.handler)
+            .field("acknowledgements", &self.acknowledgements.len())
+            .finish()
+    }
+}
+
+/// A publish error as a handler error: the broker's trouble is transient, a refused event is not.
+fn classify(error: PublishError) -> HandlerError {
+    if error.is_transient() {
+        HandlerError::Transient(error.to_string())
+    } else {
+        HandlerError::Permanent(error.to_string())
+    }
+}
+
+/// `handler`'s failure, counted under its outcome.
+fn failed(handler: &'static str, error: HandlerError) -> Failure {
+    record(
+        handler,
+        if error.is_transient() {
+            outcome::TRANSIENT_ERROR
+        } else {
+            outcome::PERMANENT_ERROR
+        },
+    );
+    Failure {
+        handler: Some(handler),
+        error,
     }
 }
 

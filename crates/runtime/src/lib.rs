@@ -22,16 +22,16 @@ mod wiring;
 
 pub use bus::{BusReport, InMemoryBus};
 pub use dispatch::{
-    DeadLetter, Dispatcher, Failure, Outcome, count_skipped, derive_identities, derived_event_id,
-    outcome,
+    DeadLetter, Dispatcher, Failure, Outcome, Pending, count_skipped, derive_identities,
+    derived_event_id, outcome,
 };
 pub use fallback::FallbackPublisher;
 pub use fence::{Fence, Fenced, FencedStore, PauseWatch};
 pub use handler::{Handler, HandlerContext, HandlerError};
 pub use observe::{DependencyObserver, Observed, ObservedCalls, ObservedEmbedder, ObservedStore};
 pub use publish::{
-    Backend, DisabledPublisher, PublishError, Publisher, publish_event, publish_event_encoded,
-    publish_event_via,
+    Acknowledgement, Backend, DisabledPublisher, PublishError, Publisher, hand_over_event,
+    publish_event, publish_event_via,
 };
 pub use registry::{Registry, Route, UnknownHandler};
 pub use retry::RetryPolicy;

@@ -89,7 +89,19 @@ pub trait Publisher: Send + Sync {
         let _ = json;
         self.publish_via(event).await
     }
+
+    /// Hands the event (`json` is `event.to_vec()`) to the backend and returns once it is queued behind everything
+    /// handed over before it; the [`Acknowledgement`] resolves when the backend has accepted it. A backend that
+    /// keeps order among queued records (Kafka's idempotent producer, per partition) lets the caller start its
+    /// next event before this one is acknowledged. The default publishes and waits: the acknowledgement is ready.
+    async fn hand_over(&self, event: &Event, json: &[u8]) -> Result<Acknowledgement, PublishError> {
+        let sent = self.publish_encoded(event, json).await;
+        Ok(Box::pin(std::future::ready(sent)))
+    }
 }
+
+/// The backend's answer to an event handed over ([`Publisher::hand_over`]): the backend that took it, or why not.
+pub type Acknowledgement = futures::future::BoxFuture<'static, Result<Backend, PublishError>>;
 
 /// Publishes through `publisher` and counts it in `aura360_events_published_total{backend,event_type}` under the
 /// backend that took it.
@@ -107,22 +119,30 @@ pub async fn publish_event_via(
     Ok(backend)
 }
 
-/// [`publish_event_via`] with the event's JSON already encoded (see [`Publisher::publish_encoded`]).
-pub async fn publish_event_encoded(
+/// [`Publisher::hand_over`]; the event is counted as [`publish_event`] counts it once it is acknowledged.
+pub async fn hand_over_event(
     publisher: &dyn Publisher,
     event: &Event,
     json: &[u8],
-) -> Result<Backend, PublishError> {
-    let backend = publisher.publish_encoded(event, json).await?;
-    count_published(backend, event);
-    Ok(backend)
+) -> Result<Acknowledgement, PublishError> {
+    let acknowledgement = publisher.hand_over(event, json).await?;
+    let event_type = event.event_type.clone();
+    Ok(Box::pin(async move {
+        let backend = acknowledgement.await?;
+        count_published_type(backend, event_type);
+        Ok(backend)
+    }))
 }
 
 fn count_published(backend: Backend, event: &Event) {
+    count_published_type(backend, event.event_type.clone());
+}
+
+fn count_published_type(backend: Backend, event_type: String) {
     metrics::counter!(
         "aura360_events_published_total",
         "backend" => backend.as_str(),
-        "event_type" => event.event_type.clone()
+        "event_type" => event_type
     )
     .increment(1);
 }

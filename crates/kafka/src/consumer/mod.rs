@@ -215,6 +215,7 @@ pub async fn run_consumer(
         observer: options.observer.clone(),
         shared: shared.clone(),
         slots: Semaphore::new(options.concurrency.max(1)),
+        depth: options.pipeline_depth.max(1),
     });
     let poller = Poller {
         consumer: consumer.clone(),

@@ -12,6 +12,8 @@ pub struct ConsumerOptions {
     pub ordering: KafkaOrdering,
     /// `KAFKA_CONCURRENCY`: handlers running at once in the whole process.
     pub concurrency: usize,
+    /// `KAFKA_PIPELINE_DEPTH`: events of one key handed over to the producer and not yet acknowledged.
+    pub pipeline_depth: usize,
     /// `KAFKA_MAX_IN_FLIGHT_PER_PARTITION`: a partition's window (received, not yet committable) pauses the
     /// partition at this many messages, or at `max_in_flight_bytes / 4` bytes; it resumes below half of both.
     pub max_in_flight_per_partition: usize,
@@ -43,6 +45,7 @@ impl Default for ConsumerOptions {
             grace: Duration::from_secs(8),
             ordering: KafkaOrdering::Key,
             concurrency: 64,
+            pipeline_depth: 32,
             max_in_flight_per_partition: 1_000,
             max_in_flight: 10_000,
             max_in_flight_bytes: 64 * 1024 * 1024,
@@ -56,10 +59,11 @@ impl Default for ConsumerOptions {
 
 impl ConsumerOptions {
     /// The ordering, concurrency and in-flight bounds of `settings` (`KAFKA_ORDERING`, `KAFKA_CONCURRENCY`,
-    /// `KAFKA_MAX_IN_FLIGHT*`); everything else as it was.
+    /// `KAFKA_PIPELINE_DEPTH`, `KAFKA_MAX_IN_FLIGHT*`); everything else as it was.
     pub fn with_settings(mut self, settings: &KafkaSettings) -> Self {
         self.ordering = settings.ordering;
         self.concurrency = settings.concurrency;
+        self.pipeline_depth = settings.pipeline_depth;
         self.max_in_flight_per_partition = settings.max_in_flight_per_partition;
         self.max_in_flight = settings.max_in_flight;
         self.max_in_flight_bytes = settings.max_in_flight_bytes;

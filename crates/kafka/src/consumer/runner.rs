@@ -1,5 +1,18 @@
-//! The runners: one event of a key at a time through the dispatcher, with retries and backoff, then its outcome
-//! recorded in the window.
+//! The runners: a key's events one after another through the dispatcher, pipelined up to the producer, with
+//! retries and backoff; each event's outcome recorded in the window once its outputs are acknowledged.
+//!
+//! **Pipelining.** A key's next event starts once the previous one's outputs are *handed over* to the producer
+//! (queued behind them, so they reach the broker in order), not once they are acknowledged. Up to
+//! `KAFKA_PIPELINE_DEPTH` events of a key wait for their acknowledgements at once; they are settled oldest first, and
+//! an event is finished in the window (so its offset may be committed) only once it and every event of its key
+//! before it were acknowledged. When an acknowledgement fails, nothing more of the key is handed over: what was
+//! handed over after the failed event settles, then the failed event and all those after it run again, in order,
+//! each acknowledged before the next starts, until the key has caught up. Their outputs may then appear twice in the
+//! output topic (the first copy of a later event before the failed one's new copy); derived ids are deterministic,
+//! so the last copy of each event id is in order and nothing is missing. Skips, dead letters and a disabled handler
+//! wait until everything of their key before them settled, so nothing overtakes an unacknowledged event.
+
+use aura_runtime::Pending;
 
 use super::*;
 
@@ -13,8 +26,10 @@ pub(super) struct RunnerContext {
     pub(super) spool: PathBuf,
     pub(super) observer: Option<Arc<dyn DependencyObserver>>,
     pub(super) shared: Arc<Shared>,
-    /// `KAFKA_CONCURRENCY`.
+    /// `KAFKA_CONCURRENCY`: handlers running at once (an event waiting for its acknowledgements holds none).
     pub(super) slots: Semaphore,
+    /// `KAFKA_PIPELINE_DEPTH`: events of one key handed over and not yet acknowledged.
+    pub(super) depth: usize,
 }
 
 /// How one message ended.
@@ -22,11 +37,53 @@ pub(super) enum Finished {
     Handled,
     Skipped,
     DeadLettered,
+}
+
+/// Where one attempt at a message got to.
+pub(super) enum Step {
+    /// Handled, its outputs queued in the producer: finished once `Pending` settles.
+    Handed(Pending),
+    Skipped,
     /// Its handler is disabled: keep it (and everything after it) uncommitted.
     Held(&'static str),
-    /// Revoked or shutting down while retrying: left uncommitted for redelivery.
+    /// For `<topic>.dlq`, once everything of its key before it settled.
+    DeadLetter {
+        handler: String,
+        reason: String,
+    },
+}
+
+/// Why a runner stops before its key is idle.
+pub(super) enum End {
+    /// Its event's handler is disabled: the partition is held there.
+    Held,
+    /// Revoked or shutting down while retrying, or the grace period is over: left uncommitted for redelivery.
     Abandoned,
 }
+
+/// How settling a key's handed-over events went.
+pub(super) enum Settled {
+    /// Every one asked for was acknowledged and finished.
+    Done,
+    /// An acknowledgement failed: the failed event and those after it wait in `Line::again`.
+    Redeliver,
+    Abandoned,
+}
+
+/// One key's events in flight: handed over and waiting for their acknowledgements, or to run again.
+#[derive(Default)]
+pub(super) struct Line {
+    /// Oldest first, each with its settling ([`Pending::settle`]); `true` marks an event running again after a
+    /// failed acknowledgement.
+    handed: VecDeque<(OwnedMessage, Settling, bool)>,
+    /// Events to run again, oldest first, each acknowledged before the next starts.
+    again: VecDeque<OwnedMessage>,
+    /// Consecutive failed acknowledgements (the backoff's attempt number).
+    failures: u32,
+}
+
+/// An event's acknowledgements being awaited.
+type Settling = futures::future::BoxFuture<'static, Result<(), aura_runtime::Failure>>;
 
 /// Counts a runner out when it ends, however it ends.
 pub(super) struct Running(Arc<Partition>);
@@ -38,117 +95,287 @@ impl Drop for Running {
 }
 
 impl RunnerContext {
-    /// Handles `message` and then every message that queues behind its key, one at a time, until none waits.
+    /// Handles `message` and then every message that queues behind its key, in order, until none waits.
     pub(super) async fn run_key(
         self: Arc<Self>,
         part: Arc<Partition>,
         key: u64,
-        mut message: OwnedMessage,
+        message: OwnedMessage,
     ) {
-        let running = Running(part.clone());
+        let _running = Running(part.clone());
+        let mut line = Line::default();
+        let mut next = Ok(Some((message, false)));
         loop {
-            let finished = if part.abort.is_cancelled() || part.held.load(Ordering::Acquire) {
-                Finished::Abandoned
-            } else {
-                let slot = tokio::select! {
-                    slot = self.slots.acquire() => slot.ok(),
-                    () = part.abort.cancelled() => None,
-                };
-                match slot {
-                    // Once the partition is gone (lost, or the grace period after its revocation is over) an event
-                    // still running is dropped where it is: its outputs would be stale work, its new owner runs it.
-                    Some(_slot) => tokio::select! {
-                        biased;
-                        () = part.abort.cancelled() => Finished::Abandoned,
-                        finished = self.process(&message, &part) => finished,
-                    },
-                    None => Finished::Abandoned,
-                }
+            let (message, replayed) = match next {
+                Ok(Some(next)) => next,
+                Ok(None) => return,
+                Err(end) => return self.end(&part, key, end),
             };
-            let counters = &self.shared.counters;
-            match finished {
-                Finished::Handled => counters.handled.fetch_add(1, Ordering::Relaxed),
-                Finished::Skipped => counters.skipped.fetch_add(1, Ordering::Relaxed),
-                Finished::DeadLettered => counters.dead_lettered.fetch_add(1, Ordering::Relaxed),
-                Finished::Held(handler) => {
-                    tracing::warn!(
-                        topic = message.topic(),
-                        partition = message.partition(),
-                        offset = message.offset(),
-                        handler,
-                        "handler disabled: partition held at this offset (nothing further committed)"
-                    );
-                    counters.held.fetch_add(1, Ordering::Relaxed);
-                    part.held.store(true, Ordering::Release);
-                    part.book().keys.remove(&key);
-                    return;
-                }
-                Finished::Abandoned => {
-                    // Nothing after an abandoned event can be committed: stop the rest of the window too.
-                    part.abort.cancel();
-                    part.book().keys.remove(&key);
-                    return;
-                }
+            next = match self.advance(&part, &mut line, message, replayed).await {
+                Ok(()) => self.next_message(&part, key, &mut line).await,
+                Err(end) => Err(end),
             };
-            let next = {
-                let mut book = part.book();
-                let (count, bytes) = book.finish(message.offset());
-                self.shared.in_flight.fetch_sub(count, Ordering::AcqRel);
-                self.shared
-                    .in_flight_bytes
-                    .fetch_sub(bytes, Ordering::AcqRel);
-                if count > 0
-                    && self.shared.poller_waits.load(Ordering::Acquire)
-                    && !self.shared.bounds.reached(&book, &self.shared, 2)
-                {
-                    self.shared.room.notify_waiters();
-                }
-                book.next_for(key)
-            };
-            match next {
-                Some(next) => message = next,
-                None => break,
-            }
         }
-        drop(running);
     }
 
-    /// Decodes, dispatches and dead-letters one message, retrying transient failures until they pass or the
-    /// partition is revoked or the process stops.
-    pub(super) async fn process(&self, message: &OwnedMessage, part: &Partition) -> Finished {
+    /// The runner stops with its key still busy: nothing after an abandoned event can be committed, so the rest of
+    /// the window stops too; a held partition stays where it is.
+    fn end(&self, part: &Partition, key: u64, end: End) {
+        match end {
+            End::Held => part.held.store(true, Ordering::Release),
+            End::Abandoned => part.abort.cancel(),
+        }
+        part.book().keys.remove(&key);
+    }
+
+    /// Runs `message` up to its hand-over, then settles the oldest handed-over events until at most the pipeline's
+    /// depth wait (none for an event running again).
+    async fn advance(
+        &self,
+        part: &Partition,
+        line: &mut Line,
+        message: OwnedMessage,
+        replayed: bool,
+    ) -> Result<(), End> {
+        let depth = if replayed { 1 } else { self.depth.max(1) };
+        let step = self.start(&message, part).await.ok_or(End::Abandoned)?;
+        if let Step::Handed(pending) = step {
+            line.handed
+                .push_back((message, Box::pin(pending.settle()), replayed));
+            return match self.settle(part, line, depth - 1).await {
+                Settled::Done | Settled::Redeliver => Ok(()),
+                Settled::Abandoned => Err(End::Abandoned),
+            };
+        }
+        match self.settle(part, line, 0).await {
+            Settled::Done => {}
+            Settled::Redeliver => {
+                line.again.push_back(message);
+                return Ok(());
+            }
+            Settled::Abandoned => return Err(End::Abandoned),
+        }
+        let finished = match step {
+            Step::Handed(_) | Step::Skipped => Finished::Skipped,
+            Step::Held(handler) => {
+                tracing::warn!(
+                    topic = message.topic(),
+                    partition = message.partition(),
+                    offset = message.offset(),
+                    handler,
+                    "handler disabled: partition held at this offset (nothing further committed)"
+                );
+                self.shared.counters.held.fetch_add(1, Ordering::Relaxed);
+                return Err(End::Held);
+            }
+            Step::DeadLetter { handler, reason } => self
+                .dead_letter_until_written(&message, part, &handler, &reason)
+                .await
+                .ok_or(End::Abandoned)?,
+        };
+        self.finish(part, &message, finished);
+        Ok(())
+    }
+
+    /// The key's next message: one to run again, or the next waiting behind the key. Before the key is let go
+    /// (a new runner may then start for it), everything handed over is settled.
+    async fn next_message(
+        &self,
+        part: &Partition,
+        key: u64,
+        line: &mut Line,
+    ) -> Result<Option<(OwnedMessage, bool)>, End> {
+        loop {
+            if let Some(again) = line.again.pop_front() {
+                return Ok(Some((again, true)));
+            }
+            if line.handed.is_empty() {
+                return Ok(part.book().next_for(key).map(|next| (next, false)));
+            }
+            if let Some(next) = part.book().next_waiting(key) {
+                return Ok(Some((next, false)));
+            }
+            if let Settled::Abandoned = self.settle(part, line, 0).await {
+                return Err(End::Abandoned);
+            }
+        }
+    }
+
+    /// Settles the oldest handed-over events until at most `keep` wait, and then those already acknowledged,
+    /// finishing each (so the window moves as soon as it can).
+    async fn settle(&self, part: &Partition, line: &mut Line, keep: usize) -> Settled {
+        loop {
+            let over = line.handed.len() > keep;
+            let settled = match line.handed.front_mut() {
+                None => break,
+                Some((_, settling, _)) if over => tokio::select! {
+                    biased;
+                    () = part.abort.cancelled() => return Settled::Abandoned,
+                    settled = settling => settled,
+                },
+                Some((_, settling, _)) => match futures::FutureExt::now_or_never(settling) {
+                    Some(settled) => settled,
+                    None => break,
+                },
+            };
+            let Some((message, _, replayed)) = line.handed.pop_front() else {
+                break;
+            };
+            let failure = match settled {
+                Ok(()) => {
+                    line.failures = 0;
+                    self.finish(part, &message, Finished::Handled);
+                    continue;
+                }
+                Err(failure) => failure,
+            };
+            if replayed && !failure.error.is_transient() {
+                // Refused for good on its own, nothing of its key in flight: its dead letter, in order.
+                let handler = failure.handler.unwrap_or("decode");
+                let Some(finished) = self
+                    .dead_letter_until_written(&message, part, handler, &failure.error.to_string())
+                    .await
+                else {
+                    return Settled::Abandoned;
+                };
+                self.finish(part, &message, finished);
+                continue;
+            }
+            line.failures += 1;
+            let delay = self.retry.delay(line.failures);
+            tracing::warn!(topic = message.topic(), partition = message.partition(), offset = message.offset(),
+                handed_over_after = line.handed.len(), retry_in_ms = delay.as_millis() as u64, error = %failure,
+                "an output was not acknowledged: this event and those of its key handed over after it run again, in \
+                 order (nothing after it is committed meanwhile)");
+            // What was handed over after it settles first: its outputs may land now and again when it runs again.
+            let mut again: VecDeque<OwnedMessage> = VecDeque::with_capacity(line.handed.len() + 1);
+            again.push_back(message);
+            let mut after = Vec::with_capacity(line.handed.len());
+            for (message, settling, _) in line.handed.drain(..) {
+                again.push_back(message);
+                after.push(settling);
+            }
+            again.append(&mut line.again);
+            line.again = again;
+            tokio::select! {
+                biased;
+                () = part.abort.cancelled() => return Settled::Abandoned,
+                _ = futures::future::join_all(after) => {}
+            }
+            tokio::select! {
+                () = part.cancel.cancelled() => return Settled::Abandoned,
+                () = tokio::time::sleep(delay) => {}
+            }
+            return Settled::Redeliver;
+        }
+        Settled::Done
+    }
+
+    /// Counts `message`'s outcome and marks it finished in its window.
+    fn finish(&self, part: &Partition, message: &OwnedMessage, finished: Finished) {
+        let counters = &self.shared.counters;
+        match finished {
+            Finished::Handled => counters.handled.fetch_add(1, Ordering::Relaxed),
+            Finished::Skipped => counters.skipped.fetch_add(1, Ordering::Relaxed),
+            Finished::DeadLettered => counters.dead_lettered.fetch_add(1, Ordering::Relaxed),
+        };
+        let book = &mut *part.book();
+        let (count, bytes) = book.finish(message.offset());
+        self.shared.in_flight.fetch_sub(count, Ordering::AcqRel);
+        self.shared
+            .in_flight_bytes
+            .fetch_sub(bytes, Ordering::AcqRel);
+        if count > 0
+            && self.shared.poller_waits.load(Ordering::Acquire)
+            && !self.shared.bounds.reached(book, &self.shared, 2)
+        {
+            self.shared.room.notify_waiters();
+        }
+    }
+
+    /// Takes a handler slot and runs `message` up to its hand-over; `None` when the partition is gone (lost, or the
+    /// grace period after its revocation is over: an event still running is dropped where it is, its outputs would
+    /// be stale work and its new owner runs it), held, or revoked while retrying.
+    async fn start(&self, message: &OwnedMessage, part: &Partition) -> Option<Step> {
+        if part.abort.is_cancelled() || part.held.load(Ordering::Acquire) {
+            return None;
+        }
+        let _slot = tokio::select! {
+            slot = self.slots.acquire() => slot.ok()?,
+            () = part.abort.cancelled() => return None,
+        };
+        tokio::select! {
+            biased;
+            () = part.abort.cancelled() => None,
+            step = self.attempts(message, part) => step,
+        }
+    }
+
+    /// Attempts until one is not a transient failure; `None` when the partition is revoked or the process stops.
+    async fn attempts(&self, message: &OwnedMessage, part: &Partition) -> Option<Step> {
         let mut attempt = 0;
         loop {
             attempt += 1;
             let error = match self.attempt(message).await {
-                Ok(finished) => return finished,
+                Ok(step) => return Some(step),
                 Err(error) => error,
             };
             let delay = self.retry.delay(attempt);
             tracing::warn!(topic = message.topic(), partition = message.partition(), offset = message.offset(),
                 attempt, retry_in_ms = delay.as_millis() as u64, %error, "transient failure; retrying (its key waits)");
             tokio::select! {
-                () = part.cancel.cancelled() => return Finished::Abandoned,
+                () = part.cancel.cancelled() => return None,
                 () = tokio::time::sleep(delay) => {}
             }
         }
     }
 
     /// One attempt; `Err` is a transient failure worth retrying.
-    pub(super) async fn attempt(&self, message: &OwnedMessage) -> Result<Finished, String> {
+    async fn attempt(&self, message: &OwnedMessage) -> Result<Step, String> {
         // Types routed by header to no handler never reach a runner (the poller finished them).
         let event = match decode_event(message, self.max_event_bytes) {
             Ok(event) => event,
-            Err(reason) => return self.dead_letter(message, "decode", &reason).await,
+            Err(reason) => {
+                return Ok(Step::DeadLetter {
+                    handler: "decode".into(),
+                    reason,
+                });
+            }
         };
-        match self.dispatcher.dispatch(&event).await {
-            Ok(Outcome::Handled { .. }) => Ok(Finished::Handled),
-            Ok(Outcome::Unhandled) => Ok(Finished::Skipped),
-            Ok(Outcome::Disabled { handler }) => Ok(Finished::Held(handler)),
+        match self.dispatcher.hand_over(&event).await {
+            Ok((Outcome::Handled { .. }, pending)) => Ok(Step::Handed(pending)),
+            Ok((Outcome::Unhandled, _)) => Ok(Step::Skipped),
+            Ok((Outcome::Disabled { handler }, _)) => Ok(Step::Held(handler)),
             Err(failure) if failure.error.is_transient() => Err(failure.to_string()),
-            Err(failure) => {
-                let handler = failure.handler.unwrap_or("decode");
-                self.dead_letter(message, handler, &failure.error.to_string())
-                    .await
+            Err(failure) => Ok(Step::DeadLetter {
+                handler: failure.handler.unwrap_or("decode").into(),
+                reason: failure.error.to_string(),
+            }),
+        }
+    }
+
+    /// [`RunnerContext::dead_letter`], retried with backoff while it fails; `None` when the partition is revoked or
+    /// the process stops first.
+    async fn dead_letter_until_written(
+        &self,
+        message: &OwnedMessage,
+        part: &Partition,
+        handler: &str,
+        reason: &str,
+    ) -> Option<Finished> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let error = match self.dead_letter(message, handler, reason).await {
+                Ok(finished) => return Some(finished),
+                Err(error) => error,
+            };
+            let delay = self.retry.delay(attempt);
+            tracing::warn!(topic = message.topic(), partition = message.partition(), offset = message.offset(),
+                attempt, retry_in_ms = delay.as_millis() as u64, %error, "dead letter not written; retrying (its key waits)");
+            tokio::select! {
+                () = part.cancel.cancelled() => return None,
+                () = tokio::time::sleep(delay) => {}
             }
         }
     }

@@ -121,19 +121,24 @@ impl Book {
 
     /// The next message of `key`'s runner, or `None` (and the key is idle) when none waits or the drain stops here.
     pub(super) fn next_for(&mut self, key: u64) -> Option<OwnedMessage> {
-        let drain_to = self.drain_to;
-        let next = self.keys.get_mut(&key).and_then(|run| {
-            let next = run.waiting.pop_front()?;
-            if drain_to.is_some_and(|last| next.offset() > last) {
-                return None;
-            }
-            run.running = next.offset();
-            Some(next)
-        });
+        let next = self.next_waiting(key);
         if next.is_none() {
             self.keys.remove(&key);
         }
         next
+    }
+
+    /// [`Book::next_for`], except that the key stays busy when nothing waits (its runner still has events in
+    /// flight).
+    pub(super) fn next_waiting(&mut self, key: u64) -> Option<OwnedMessage> {
+        let drain_to = self.drain_to;
+        let run = self.keys.get_mut(&key)?;
+        if drain_to.is_some_and(|last| run.waiting.front().is_some_and(|m| m.offset() > last)) {
+            return None;
+        }
+        let next = run.waiting.pop_front()?;
+        run.running = next.offset();
+        Some(next)
     }
 
     /// Marks `offset` finished and drops the finished prefix of the window; returns the messages and bytes it

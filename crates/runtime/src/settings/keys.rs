@@ -53,6 +53,7 @@ struct KafkaKeys {
     kafka_message_max_bytes: usize,
     kafka_ordering: String,
     kafka_concurrency: usize,
+    kafka_pipeline_depth: usize,
     kafka_max_in_flight_per_partition: usize,
     kafka_max_in_flight: usize,
     kafka_max_in_flight_bytes: usize,
@@ -341,6 +342,7 @@ impl KafkaKeys {
                 ],
             )?,
             concurrency: at_least("kafka_concurrency", self.kafka_concurrency, 1)?,
+            pipeline_depth: at_least("kafka_pipeline_depth", self.kafka_pipeline_depth, 1)?,
             max_in_flight_per_partition: at_least(
                 "kafka_max_in_flight_per_partition",
                 self.kafka_max_in_flight_per_partition,

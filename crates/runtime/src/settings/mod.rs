@@ -118,6 +118,10 @@ pub struct KafkaSettings {
     pub ordering: KafkaOrdering,
     /// `KAFKA_CONCURRENCY` (default 64): events handled at once by the whole process.
     pub concurrency: usize,
+    /// `KAFKA_PIPELINE_DEPTH` (default 32): events of one key whose outputs are handed to the producer and not yet
+    /// acknowledged; the key's next event starts meanwhile. 1 = each event's outputs are acknowledged before the
+    /// key's next event starts.
+    pub pipeline_depth: usize,
     /// `KAFKA_MAX_IN_FLIGHT_PER_PARTITION` (default 1000): events of one partition received and not yet committable
     /// (running, waiting behind their key, or finished behind an unfinished one); the partition pauses at this bound.
     pub max_in_flight_per_partition: usize,
