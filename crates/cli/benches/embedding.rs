@@ -4,7 +4,8 @@
 //! served by the cache).
 //!
 //! `cargo bench -p aura-cli --bench embedding` (needs `vectordb model install`) — figures in BENCHMARKS.md.
-//! `BENCH_ROUNDS` (3) repeats each measurement; the best round is reported.
+//! `BENCH_ROUNDS` (3) repeats each measurement; the best round is reported. `EMBEDDING_PRECISION` (`f32` | `bf16`,
+//! default what `auto` picks on this CPU) chooses the linear layers' arithmetic.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -13,7 +14,7 @@ use aura_cli::pipeline::{self, PipelineOptions};
 use aura_cli::{ModelCheck, configured_registry, wired};
 use aura_runtime::Settings;
 use aura_runtime::embed::local::model;
-use aura_runtime::embed::{Embedder, LocalConfig, LocalEmbedder};
+use aura_runtime::embed::{Embedder, LocalConfig, LocalEmbedder, Precision};
 use aura_runtime::events::Event;
 use aura_runtime::store::Durability;
 
@@ -49,9 +50,19 @@ fn embedder(threads: usize, batch_size: usize) -> Arc<LocalEmbedder> {
             model_root: model_root(),
             threads,
             batch_size,
+            precision: precision(),
         })
         .expect("the local model (vectordb model install)"),
     )
+}
+
+/// `EMBEDDING_PRECISION` (`f32`, `bf16`; anything else: what `auto` picks), as the pipeline run reads it too.
+fn precision() -> Precision {
+    match std::env::var("EMBEDDING_PRECISION").as_deref() {
+        Ok("f32") => Precision::F32,
+        Ok("bf16") => Precision::Bf16,
+        _ => Precision::fastest(),
+    }
 }
 
 fn rounds() -> usize {

@@ -13,7 +13,14 @@
 //!
 //! Sizes: `BENCH_MESSAGES` (dispatch, default 50,000), `BENCH_E2E_EVENTS` (backlog, default 5,000),
 //! `BENCH_PACED_EVENTS` (default 2,000) at `BENCH_PACED_RATE` events/s (default 100); `BENCH_PARTITIONS` per topic
-//! (default 3, as `vectordb topics create`); `BENCH_MOCK=0` skips the mock cluster; `BENCH_FETCH_WAIT_MS`, the consumers' `fetch.wait.max.ms` (default 20).
+//! (default 3, as `vectordb topics create`); `BENCH_USERS` (keys, default 48); `BENCH_MOCK=0` skips the mock cluster;
+//! `BENCH_ON_FLUSH=1` makes the store durable only at its flush instead of at every write (what the store's fsync
+//! costs); `BENCH_FETCH_WAIT_MS`, the consumers' `fetch.wait.max.ms` (default 20). `KAFKA_PIPELINE_DEPTH` is read
+//! from the environment like every setting (1 = no pipelining).
+//!
+//! On Apache Kafka the naive Python relay (`tests/python/relay_bench.py`: both hops, no embedding, no store; flush and
+//! commit every 100 messages) runs on its own copy of the same backlog, and the end-to-end figure is reported against
+//! it. The end-to-end clock runs from the first mood event handled to the last point written.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -254,7 +261,7 @@ fn python_loop(settings: &KafkaSettings, topic: &str, n: usize) -> Option<f64> {
 fn mood(i: usize, sent_us: u64) -> Event {
     let mut event = Event::new(
         "user.mood.created",
-        Some(format!("user-{:03}", i % 48)),
+        Some(format!("user-{:03}", i % env_usize("BENCH_USERS", 48))),
         Some(format!("t{i}")),
     );
     event

@@ -108,9 +108,10 @@ fn events() -> String {
         .collect()
 }
 
-fn settings(dir: &Path, provider: &str) -> Settings {
+fn settings(dir: &Path, provider: &str, precision: &str) -> Settings {
     let mut env: HashMap<String, String> = [
         ("EMBEDDING_PROVIDER", provider),
+        ("EMBEDDING_PRECISION", precision),
         ("QDRANT_PATH", dir.join("qdrant").to_str().unwrap()),
         ("EMBEDDING_THREADS", "2"),
     ]
@@ -127,10 +128,11 @@ fn settings(dir: &Path, provider: &str) -> Settings {
     Settings::from_sources(&config, &env).unwrap()
 }
 
-/// Top-1 accuracy of `provider` on [`CASES`], through the pipeline and the store's search.
-async fn top1_accuracy(provider: &str) -> (f64, Vec<String>) {
+/// Top-1 accuracy of `provider` (the local model in `precision`) on [`CASES`], through the pipeline and the store's
+/// search.
+async fn top1_accuracy(provider: &str, precision: &str) -> (f64, Vec<String>) {
     let dir = tempfile::tempdir().unwrap();
-    let settings = settings(dir.path(), provider);
+    let settings = settings(dir.path(), provider, precision);
     let wired = wired(&settings, Durability::OnFlush, ModelCheck::Refuse)
         .await
         .unwrap();
@@ -188,8 +190,8 @@ fn every_query_shares_no_content_word_with_its_note() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(not(feature = "services"), ignore = "needs the local model: scripts/test.sh")]
 async fn the_local_model_finds_paraphrased_notes_and_hashing_does_not() {
-    let (local, local_misses) = top1_accuracy("local").await;
-    let (hash, _) = top1_accuracy("hash").await;
+    let (local, local_misses) = top1_accuracy("local", "auto").await;
+    let (hash, _) = top1_accuracy("hash", "auto").await;
     eprintln!(
         "retrieval top-1 over {} paraphrased queries: local {:.0}%, hash {:.0}% (chance {:.0}%)",
         CASES.len(),
@@ -206,4 +208,27 @@ async fn the_local_model_finds_paraphrased_notes_and_hashing_does_not() {
         hash <= 3.0 / 16.0,
         "hash top-1 {hash}: the set has a lexical shortcut"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(feature = "services"), ignore = "needs the local model: scripts/test.sh")]
+async fn the_bf16_model_retrieves_exactly_what_the_f32_model_retrieves() {
+    if !aura_runtime::embed::Precision::fastest().eq(&aura_runtime::embed::Precision::Bf16) {
+        eprintln!(
+            "this CPU has no AVX-512 BF16: EMBEDDING_PRECISION=auto is f32 here, nothing to compare"
+        );
+        return;
+    }
+    let (f32_top1, f32_misses) = top1_accuracy("local", "f32").await;
+    let (bf16_top1, bf16_misses) = top1_accuracy("local", "bf16").await;
+    eprintln!(
+        "retrieval top-1: f32 {:.0}%, bf16 {:.0}%",
+        f32_top1 * 100.0,
+        bf16_top1 * 100.0
+    );
+    assert_eq!(
+        bf16_misses, f32_misses,
+        "the same queries miss, with the same wrong answers"
+    );
+    assert_eq!(bf16_top1, f32_top1);
 }

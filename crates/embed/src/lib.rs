@@ -19,7 +19,7 @@ use async_trait::async_trait;
 pub use cache::{CACHE_METRIC, CacheStats, CachedEmbedder, RedisTier};
 pub use hash::HashEmbedder;
 pub use layer::{EmbedderLayer, LayeredEmbedder};
-pub use local::{LocalConfig, LocalEmbedder};
+pub use local::{LocalConfig, LocalEmbedder, Precision};
 pub use openai::{OpenAiConfig, OpenAiEmbedder};
 
 /// Vectors for a batch of texts, one per text in order, and the model that actually produced them.

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use aura_embed::local::model;
-use aura_embed::{Embedder, LocalConfig, LocalEmbedder};
+use aura_embed::{Embedder, LocalConfig, LocalEmbedder, Precision};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -35,11 +35,17 @@ fn model_root() -> PathBuf {
         .unwrap_or_else(model::default_model_root)
 }
 
+/// The embedder as `EMBEDDING_PRECISION=auto` loads it (bf16 on a CPU with AVX-512 BF16).
 fn embedder(threads: usize, batch_size: usize) -> LocalEmbedder {
+    embedder_in(Precision::fastest(), threads, batch_size)
+}
+
+fn embedder_in(precision: Precision, threads: usize, batch_size: usize) -> LocalEmbedder {
     LocalEmbedder::load(LocalConfig {
         model_root: model_root(),
         threads,
         batch_size,
+        precision,
     })
     .unwrap_or_else(|e| panic!("{e}"))
 }
@@ -55,7 +61,7 @@ fn cosine(a: &[f32], b: &[f64]) -> f64 {
 #[cfg_attr(not(feature = "services"), ignore = "needs the local model and Python: scripts/test.sh")]
 async fn vectors_match_the_independent_numpy_reference() {
     let reference = reference();
-    let embedder = embedder(2, 64);
+    let embedder = embedder_in(Precision::F32, 2, 64);
     assert_eq!(embedder.model(), reference.model);
     let out = embedder.embed(&reference.texts).await.unwrap();
     assert_eq!(out.model, "sentence-transformers/all-MiniLM-L6-v2");
@@ -74,6 +80,36 @@ async fn vectors_match_the_independent_numpy_reference() {
     // The last reference text is longer than the 256-token window: it was cut, and counted.
     assert_eq!(reference.token_ids.last().unwrap().len(), model::MAX_TOKENS);
     assert_eq!(embedder.truncated(), 1);
+}
+
+#[tokio::test]
+#[cfg_attr(not(feature = "services"), ignore = "needs the local model and Python: scripts/test.sh")]
+async fn bf16_vectors_stay_within_cosine_0_99_of_the_reference() {
+    if Precision::fastest() != Precision::Bf16 {
+        // Without AVX-512 BF16 the bf16 path is refused at load, by name.
+        let refused = LocalEmbedder::load(LocalConfig {
+            model_root: model_root(),
+            threads: 1,
+            batch_size: 8,
+            precision: Precision::Bf16,
+        });
+        assert!(refused.err().unwrap().to_string().contains("AVX-512 BF16"));
+        return;
+    }
+    let reference = reference();
+    let embedder = embedder_in(Precision::Bf16, 2, 64);
+    let out = embedder.embed(&reference.texts).await.unwrap();
+    let mut lowest = 1.0f64;
+    for (i, (got, want)) in out.vectors.iter().zip(&reference.vectors).enumerate() {
+        let similarity = cosine(got, want);
+        lowest = lowest.min(similarity);
+        assert!(
+            similarity >= 0.99,
+            "text {i} {:?}: cosine {similarity} with the reference (bf16)",
+            reference.texts[i]
+        );
+    }
+    eprintln!("bf16 against the float64 reference: lowest cosine {lowest:.5}");
 }
 
 #[test]
@@ -251,6 +287,7 @@ fn refusal_to_load(root: &tempfile::TempDir) -> String {
         model_root: root.path().to_owned(),
         threads: 1,
         batch_size: 8,
+        precision: Precision::F32,
     };
     LocalEmbedder::load(config).unwrap_err().to_string()
 }

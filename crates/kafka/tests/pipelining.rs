@@ -18,16 +18,32 @@ use tokio::sync::Semaphore;
 mod common;
 use common::*;
 
-/// Kafka's producer, except for the output of one chosen input (`user`, `seq`) on its first hand-over: that record is
-/// never sent, and its acknowledgement fails (transient) once the test opens `gate` — a delivery that timed out
-/// while the key's later events were already handed over behind it.
+/// Kafka's producer, except for the output of one chosen input (`user`, `seq`): that record is never sent. On its
+/// first hand-over its acknowledgement fails (transient) once the test opens `gate` — a delivery that timed out
+/// while the key's later events were already handed over behind it; with `refused`, every acknowledgement of it
+/// fails at once, for good (the broker refuses the record).
 struct LosesOneDelivery {
     kafka: KafkaPublisher,
     user: &'static str,
     seq: u64,
+    refused: bool,
     lost: AtomicBool,
     gate: Arc<Semaphore>,
     handed_over: Arc<AtomicUsize>,
+}
+
+impl LosesOneDelivery {
+    fn new(kafka: KafkaPublisher, refused: bool) -> Self {
+        Self {
+            kafka,
+            user: "user-0",
+            seq: 5,
+            refused,
+            lost: AtomicBool::new(false),
+            gate: Arc::new(Semaphore::new(0)),
+            handed_over: Arc::new(AtomicUsize::new(0)),
+        }
+    }
 }
 
 #[async_trait]
@@ -44,6 +60,14 @@ impl Publisher for LosesOneDelivery {
         self.handed_over.fetch_add(1, Ordering::SeqCst);
         let chosen = event.user_id.as_deref() == Some(self.user)
             && event.field("seq").and_then(|v| v.as_u64()) == Some(self.seq);
+        if chosen && self.refused {
+            let refused = PublishError::Unroutable {
+                event_type: event.event_type.clone(),
+                event_id: event.event_id.to_string(),
+                reason: "Broker: Message size too large (injected)".into(),
+            };
+            return Ok(Box::pin(async move { Err(refused) }));
+        }
         if chosen && !self.lost.swap(true, Ordering::SeqCst) {
             let gate = self.gate.clone();
             let (event_type, event_id) = (event.event_type.clone(), event.event_id.to_string());
@@ -100,46 +124,92 @@ fn last_copies(records: &[(String, u64, String)], user: &str) -> Vec<u64> {
         .collect()
 }
 
+/// A consumer of a fresh one-partition scenario (two users interleaved, 20 events each: offset = seq * 2 + user)
+/// whose handler relays each event as a `context.aggregated` event carrying its `seq`.
+struct Scenario {
+    settings: KafkaSettings,
+    sent: usize,
+    input: String,
+    output: String,
+    gate: Arc<Semaphore>,
+    handed_over: Arc<AtomicUsize>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    consumer: tokio::task::JoinHandle<aura_kafka::ConsumerReport>,
+    _store: aura_runtime::testing::Embedded,
+}
+
+impl Scenario {
+    async fn start(name: &str, refused: bool) -> Self {
+        let settings = settings(name);
+        let sent = produce_on(&settings, 1, 2, 20).await;
+        let topics = aura_kafka::TopicNames::from_settings(&settings);
+        let relay = FnHandler::new("relay", &[EVENT_TYPE], |event: &Event| {
+            let mut next = Event::caused_by(event, "context.aggregated");
+            next.set_field("seq", event.field("seq").cloned().unwrap_or_default());
+            Ok(vec![next])
+        });
+        let registry = Arc::new(Registry::new().with(relay));
+        let kafka = KafkaPublisher::new(&settings).unwrap();
+        let publisher = LosesOneDelivery::new(kafka.clone(), refused);
+        let (gate, handed_over) = (publisher.gate.clone(), publisher.handed_over.clone());
+        let store = aura_runtime::testing::embedded();
+        let dispatcher = Dispatcher::new(registry.clone(), store.ctx.clone(), Arc::new(publisher));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let consumer = tokio::spawn({
+            let settings = settings.clone();
+            async move {
+                run_consumer(&settings, registry, dispatcher, kafka, options(), async {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap()
+            }
+        });
+        Self {
+            input: topics.for_event_type(EVENT_TYPE).unwrap(),
+            output: topics.for_event_type("context.aggregated").unwrap(),
+            settings,
+            sent,
+            gate,
+            handed_over,
+            stop,
+            consumer,
+            _store: store,
+        }
+    }
+
+    fn committed(&self) -> Option<i64> {
+        committed(&self.settings, &self.input, 0)
+    }
+
+    /// Waits until every input is committed, stops the consumer; its report and the output topic's records.
+    async fn finish(self) -> (aura_kafka::ConsumerReport, Vec<(String, u64, String)>) {
+        aura_testkit::wait_until("everything committed", Duration::from_secs(60), || {
+            self.committed() == Some(self.sent as i64)
+        })
+        .await
+        .unwrap();
+        self.stop.send(()).unwrap();
+        let report = self.consumer.await.unwrap();
+        (report, outputs(&self.settings, &self.output))
+    }
+}
+
+/// `user`'s sequence numbers in log order, every copy.
+fn seqs(records: &[(String, u64, String)], user: &str) -> Vec<u64> {
+    records
+        .iter()
+        .filter(|(u, _, _)| u == user)
+        .map(|(_, seq, _)| *seq)
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(not(feature = "services"), ignore = "needs Kafka and the Python venv: scripts/test.sh")]
 async fn a_lost_delivery_mid_run_redelivers_from_it_in_order_and_commits_nothing_past_it() {
-    let settings = settings("pipelined");
-    // One partition, two users interleaved: offset = seq * 2 + user.
-    let sent = produce_on(&settings, 1, 2, 20).await;
-    let topics = aura_kafka::TopicNames::from_settings(&settings);
-    let input = topics.for_event_type(EVENT_TYPE).unwrap();
-    let output = topics.for_event_type("context.aggregated").unwrap();
-    let relay = FnHandler::new("relay", &[EVENT_TYPE], |event: &Event| {
-        let mut next = Event::caused_by(event, "context.aggregated");
-        next.set_field("seq", event.field("seq").cloned().unwrap_or_default());
-        Ok(vec![next])
-    });
-    let registry = Arc::new(Registry::new().with(relay));
-    let kafka = KafkaPublisher::new(&settings).unwrap();
-    let gate = Arc::new(Semaphore::new(0));
-    let handed_over = Arc::new(AtomicUsize::new(0));
-    let publisher = LosesOneDelivery {
-        kafka: kafka.clone(),
-        user: "user-0",
-        seq: 5,
-        lost: AtomicBool::new(false),
-        gate: gate.clone(),
-        handed_over: handed_over.clone(),
-    };
-    let embedded = aura_runtime::testing::embedded();
-    let dispatcher = Dispatcher::new(registry.clone(), embedded.ctx.clone(), Arc::new(publisher));
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let consumer = tokio::spawn({
-        let settings = settings.clone();
-        async move {
-            run_consumer(&settings, registry, dispatcher, kafka, options(), async {
-                let _ = stopped.await;
-            })
-            .await
-            .unwrap()
-        }
-    });
-
+    let run = Scenario::start("pipelined", false).await;
+    let (settings, sent) = (run.settings.clone(), run.sent);
+    let handed_over = run.handed_over.clone();
     // Every event is handed over while user-0's seq 5 is still unacknowledged: the key did not wait for it.
     aura_testkit::wait_until("all 40 events handed over", Duration::from_secs(60), || {
         handed_over.load(Ordering::SeqCst) >= sent
@@ -149,7 +219,7 @@ async fn a_lost_delivery_mid_run_redelivers_from_it_in_order_and_commits_nothing
     aura_testkit::wait_until(
         "the 39 other outputs acknowledged",
         Duration::from_secs(30),
-        || high_watermark(&settings, &output) >= 39,
+        || high_watermark(&settings, &run.output) >= 39,
     )
     .await
     .unwrap();
@@ -158,37 +228,22 @@ async fn a_lost_delivery_mid_run_redelivers_from_it_in_order_and_commits_nothing
     aura_testkit::wait_until(
         "the offsets before the lost delivery committed",
         Duration::from_secs(30),
-        || committed(&settings, &input, 0) == Some(10),
+        || run.committed() == Some(10),
     )
     .await
     .unwrap();
     // A negative: two auto-commit intervals (1 s each) pass, and still nothing past the lost delivery is committed.
     tokio::time::sleep(Duration::from_millis(2_500)).await;
-    assert_eq!(committed(&settings, &input, 0), Some(10));
+    assert_eq!(run.committed(), Some(10));
 
     // The delivery fails: user-0 runs again from seq 5, in order.
-    gate.add_permits(1);
-    aura_testkit::wait_until("everything committed", Duration::from_secs(60), || {
-        committed(&settings, &input, 0) == Some(sent as i64)
-    })
-    .await
-    .unwrap();
-    stop.send(()).unwrap();
-    let report = consumer.await.unwrap();
+    run.gate.add_permits(1);
+    let (report, records) = run.finish().await;
     assert_eq!(report.handled, sent as u64, "each input finished once");
-
-    let records = outputs(&settings, &output);
-    let seqs = |user: &str| {
-        records
-            .iter()
-            .filter(|(u, _, _)| u == user)
-            .map(|(_, seq, _)| *seq)
-            .collect::<Vec<_>>()
-    };
     // What the log holds: user-0's 6..=19 went out once behind the lost 5, then 5..=19 again, in order.
     let expected: Vec<u64> = (0..5).chain(6..20).chain(5..20).collect();
-    assert_eq!(seqs("user-0"), expected);
-    assert_eq!(seqs("user-1"), (0..20).collect::<Vec<_>>());
+    assert_eq!(seqs(&records, "user-0"), expected);
+    assert_eq!(seqs(&records, "user-1"), (0..20).collect::<Vec<_>>());
     // What a consumer that keeps the last copy of each event id reads: every event, in order, no gap.
     assert_eq!(last_copies(&records, "user-0"), (0..20).collect::<Vec<_>>());
     assert_eq!(last_copies(&records, "user-1"), (0..20).collect::<Vec<_>>());
@@ -200,4 +255,27 @@ async fn a_lost_delivery_mid_run_redelivers_from_it_in_order_and_commits_nothing
         .collect();
     assert_eq!(ids_of_6.len(), 2);
     assert_eq!(ids_of_6[0], ids_of_6[1]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(feature = "services"), ignore = "needs Kafka and the Python venv: scripts/test.sh")]
+async fn an_output_refused_mid_run_dead_letters_its_input_once_its_key_caught_up_and_keeps_the_rest_in_order()
+ {
+    let run = Scenario::start("pipelined-refused", true).await;
+    let (settings, input, sent) = (run.settings.clone(), run.input.clone(), run.sent);
+    let (report, records) = run.finish().await;
+    assert_eq!(report.handled, sent as u64 - 1);
+    assert_eq!(report.dead_lettered, 1);
+    // The first refusal sends user-0 back to seq 5; running alone, 5 is refused again and dead-lettered, then the
+    // rest of the key runs again in order.
+    let expected: Vec<u64> = (0..5).chain(6..20).chain(6..20).collect();
+    assert_eq!(seqs(&records, "user-0"), expected);
+    assert_eq!(
+        last_copies(&records, "user-0"),
+        (0..5).chain(6..20).collect::<Vec<_>>()
+    );
+    assert_eq!(seqs(&records, "user-1"), (0..20).collect::<Vec<_>>());
+    let dead = outputs(&settings, &format!("{input}.dlq"));
+    assert_eq!(dead.len(), 1);
+    assert_eq!((dead[0].0.as_str(), dead[0].1), ("user-0", 5));
 }

@@ -4,14 +4,14 @@ use std::sync::Arc;
 
 use aura_embed::{
     CachedEmbedder, EmbedError, Embedder, HashEmbedder, LocalConfig, LocalEmbedder, OpenAiConfig,
-    OpenAiEmbedder, RedisTier,
+    OpenAiEmbedder, Precision, RedisTier,
 };
 use aura_store::{
     CollectionSpec, Durability, EdgeStore, QdrantServerStore, StoreError, VectorStore,
 };
 
 use crate::Settings;
-use crate::settings::{EmbeddingProvider, Secret};
+use crate::settings::{EmbeddingPrecision, EmbeddingProvider, Secret};
 
 /// The Qdrant server when `QDRANT_URL` is set, else embedded Qdrant under `QDRANT_PATH` with `durability`
 /// (the server always confirms writes with `wait=true`).
@@ -49,6 +49,11 @@ pub fn build_embedder(
             model_root: embedding.model_root.clone(),
             threads: embedding.threads,
             batch_size: embedding.batch_size,
+            precision: match embedding.precision {
+                EmbeddingPrecision::Auto => Precision::fastest(),
+                EmbeddingPrecision::F32 => Precision::F32,
+                EmbeddingPrecision::Bf16 => Precision::Bf16,
+            },
         })?),
         EmbeddingProvider::Hash => Arc::new(HashEmbedder::new(embedding.dimension)),
         EmbeddingProvider::OpenAi => Arc::new(OpenAiEmbedder::new(OpenAiConfig {

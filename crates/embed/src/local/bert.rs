@@ -14,6 +14,7 @@ use half::f16;
 use serde::Deserialize;
 
 use super::LoadError;
+use super::bf16::PackedWeight;
 
 /// `config.json` fields the forward pass depends on; anything else in the file is ignored.
 #[derive(Clone, Debug, Deserialize)]
@@ -29,12 +30,58 @@ pub(crate) struct BertConfig {
     pub hidden_act: String,
 }
 
-/// A linear layer `y = x Wᵀ + b` with PyTorch's `[out × in]` weight layout.
+/// A linear layer `y = x Wᵀ + b` with PyTorch's `[out × in]` weight layout: f32, or packed bf16 (then `weight` is
+/// empty).
 struct Linear {
     weight: Vec<f32>,
+    packed: Option<PackedWeight>,
     bias: Vec<f32>,
     inputs: usize,
     outputs: usize,
+}
+
+impl Linear {
+    /// The same layer with its weight in `precision`: bf16 packs it (dropping the f32 copy) when the shape fits.
+    fn in_precision(mut self, precision: Precision) -> Self {
+        if precision == Precision::Bf16 {
+            self.packed = PackedWeight::pack(&self.weight, self.outputs, self.inputs);
+            if self.packed.is_some() {
+                self.weight = Vec::new();
+            }
+        }
+        self
+    }
+
+    fn weight_bytes(&self) -> usize {
+        self.weight.len() * 4 + self.packed.as_ref().map_or(0, PackedWeight::bytes)
+    }
+}
+
+/// The arithmetic of the linear layers (`EMBEDDING_PRECISION`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    /// f32 throughout (the reference).
+    F32,
+    /// bf16 weights and activations in the linear layers, f32 accumulation and everything else (AVX-512 BF16).
+    Bf16,
+}
+
+impl Precision {
+    /// bf16 when this CPU has AVX-512 BF16, else f32.
+    pub fn fastest() -> Self {
+        if super::bf16::supported() {
+            Self::Bf16
+        } else {
+            Self::F32
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+        }
+    }
 }
 
 struct LayerNorm {
@@ -177,6 +224,7 @@ impl<R: Read + Seek> Tensors<R> {
     fn linear(&mut self, prefix: &str, outputs: usize, inputs: usize) -> Result<Linear, LoadError> {
         Ok(Linear {
             weight: self.take(&format!("{prefix}.weight"), &[outputs, inputs])?,
+            packed: None,
             bias: self.take(&format!("{prefix}.bias"), &[outputs])?,
             inputs,
             outputs,
@@ -192,15 +240,25 @@ impl<R: Read + Seek> Tensors<R> {
 }
 
 impl Bert {
-    pub(crate) fn load(config: BertConfig, weights: &Path) -> Result<Self, LoadError> {
+    pub(crate) fn load(
+        config: BertConfig,
+        weights: &Path,
+        precision: Precision,
+    ) -> Result<Self, LoadError> {
         let file = std::fs::File::open(weights).map_err(|e| LoadError::io(weights, e))?;
-        Self::from_safetensors(config, std::io::BufReader::new(file))
+        Self::from_safetensors(config, std::io::BufReader::new(file), precision)
     }
 
     pub(crate) fn from_safetensors(
         config: BertConfig,
         reader: impl Read + Seek,
+        precision: Precision,
     ) -> Result<Self, LoadError> {
+        if precision == Precision::Bf16 && !super::bf16::supported() {
+            return Err(LoadError::Invalid(
+                "EMBEDDING_PRECISION=bf16 needs AVX-512 BF16, which this CPU lacks (use auto or f32)".into(),
+            ));
+        }
         if config.hidden_act != "gelu" {
             return Err(LoadError::Invalid(format!(
                 "hidden_act `{}` is not supported (only BERT's erf `gelu`)",
@@ -241,20 +299,27 @@ impl Bert {
             let v = t.linear(&format!("{p}.attention.self.value"), h, h)?;
             let qkv = Linear {
                 weight: [q.weight, k.weight, v.weight].concat(),
+                packed: None,
                 bias: [q.bias, k.bias, v.bias].concat(),
                 inputs: h,
                 outputs: 3 * h,
             };
             layers.push(Layer {
-                qkv,
-                attention_out: t.linear(&format!("{p}.attention.output.dense"), h, h)?,
+                qkv: qkv.in_precision(precision),
+                attention_out: t
+                    .linear(&format!("{p}.attention.output.dense"), h, h)?
+                    .in_precision(precision),
                 attention_norm: t.norm(&format!("{p}.attention.output.LayerNorm"), h)?,
-                intermediate: t.linear(
-                    &format!("{p}.intermediate.dense"),
-                    config.intermediate_size,
-                    h,
-                )?,
-                output: t.linear(&format!("{p}.output.dense"), h, config.intermediate_size)?,
+                intermediate: t
+                    .linear(
+                        &format!("{p}.intermediate.dense"),
+                        config.intermediate_size,
+                        h,
+                    )?
+                    .in_precision(precision),
+                output: t
+                    .linear(&format!("{p}.output.dense"), h, config.intermediate_size)?
+                    .in_precision(precision),
                 output_norm: t.norm(&format!("{p}.output.LayerNorm"), h)?,
             });
         }
@@ -267,6 +332,19 @@ impl Bert {
             embedding_norm,
             layers,
         })
+    }
+
+    /// Bytes of the linear layers' weights (f32, or packed bf16).
+    pub(crate) fn linear_weight_bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| {
+                l.qkv.weight_bytes()
+                    + l.attention_out.weight_bytes()
+                    + l.intermediate.weight_bytes()
+                    + l.output.weight_bytes()
+            })
+            .sum()
     }
 
     pub(crate) fn hidden_size(&self) -> usize {
@@ -349,7 +427,7 @@ impl Bert {
         let rows = x.len() / h;
         let scale = 1.0 / (head_dim as f32).sqrt();
 
-        linear(x, rows, &layer.qkv, &mut s.qkv);
+        linear(x, rows, &layer.qkv, &mut s.qkv, &mut s.pairs);
         let stride = 3 * h;
         for &(start, len) in spans {
             let scores = &mut s.scores[..len * len];
@@ -404,13 +482,31 @@ impl Bert {
                 }
             }
         }
-        linear(&s.context, rows, &layer.attention_out, &mut s.projected);
+        linear(
+            &s.context,
+            rows,
+            &layer.attention_out,
+            &mut s.projected,
+            &mut s.pairs,
+        );
         add_in_place(x, &s.projected);
         layer_norm(x, h, &layer.attention_norm, self.eps);
 
-        linear(x, rows, &layer.intermediate, &mut s.intermediate);
+        linear(
+            x,
+            rows,
+            &layer.intermediate,
+            &mut s.intermediate,
+            &mut s.pairs,
+        );
         s.intermediate.iter_mut().for_each(|v| *v = gelu(*v));
-        linear(&s.intermediate, rows, &layer.output, &mut s.projected);
+        linear(
+            &s.intermediate,
+            rows,
+            &layer.output,
+            &mut s.projected,
+            &mut s.pairs,
+        );
         add_in_place(x, &s.projected);
         layer_norm(x, h, &layer.output_norm, self.eps);
     }
@@ -423,6 +519,8 @@ struct Scratch {
     projected: Vec<f32>,
     intermediate: Vec<f32>,
     scores: Vec<f32>,
+    /// A linear layer's input as bf16 pairs (bf16 only).
+    pairs: Vec<u32>,
 }
 
 impl Scratch {
@@ -433,12 +531,17 @@ impl Scratch {
             projected: vec![0.0; rows * hidden],
             intermediate: vec![0.0; rows * intermediate],
             scores: vec![0.0; longest * longest],
+            pairs: Vec::new(),
         }
     }
 }
 
-/// `out[rows × outputs] = x[rows × inputs] · Wᵀ + b`.
-fn linear(x: &[f32], rows: usize, layer: &Linear, out: &mut Vec<f32>) {
+/// `out[rows × outputs] = x[rows × inputs] · Wᵀ + b`; `pairs` is the bf16 path's scratch.
+fn linear(x: &[f32], rows: usize, layer: &Linear, out: &mut Vec<f32>, pairs: &mut Vec<u32>) {
+    if let Some(packed) = &layer.packed {
+        packed.forward(x, rows, &layer.bias, out, pairs);
+        return;
+    }
     out.resize(rows * layer.outputs, 0.0);
     for row in out.chunks_exact_mut(layer.outputs) {
         row.copy_from_slice(&layer.bias);
@@ -553,7 +656,10 @@ mod tests {
             b"\xff\xff\xff\xff\xff\xff\xff\x7f{}",
             b"\x02\0\0\0\0\0\0\0{}",
         ] {
-            assert!(Bert::from_safetensors(config.clone(), std::io::Cursor::new(bytes)).is_err());
+            assert!(
+                Bert::from_safetensors(config.clone(), std::io::Cursor::new(bytes), Precision::F32)
+                    .is_err()
+            );
         }
     }
 }

@@ -13,6 +13,8 @@
 //! [`LocalEmbedder::truncated`]).
 
 mod bert;
+mod bf16;
+pub use bert::Precision;
 pub mod model;
 
 use std::collections::VecDeque;
@@ -91,6 +93,8 @@ pub struct LocalConfig {
     pub threads: usize,
     /// `EMBEDDING_BATCH_SIZE`: texts per forward pass at most.
     pub batch_size: usize,
+    /// `EMBEDDING_PRECISION`: the linear layers' arithmetic.
+    pub precision: Precision,
 }
 
 /// Counters of what the embedder did (texts cut at the window, forward passes run), for tests and benchmarks.
@@ -179,7 +183,16 @@ impl LocalEmbedder {
         let dir = model::model_dir(&config.model_root);
         model::verify(&dir)?;
         let bert_config: BertConfig = read_json(&dir.join("config.json"))?;
-        let bert = Bert::load(bert_config, &dir.join("model.safetensors"))?;
+        let bert = Bert::load(
+            bert_config,
+            &dir.join("model.safetensors"),
+            config.precision,
+        )?;
+        tracing::info!(
+            precision = config.precision.as_str(),
+            linear_weights_mb = bert.linear_weight_bytes() / 1_000_000,
+            "local embedding model loaded"
+        );
         if bert.hidden_size() != model::DIMENSION {
             return Err(LoadError::Invalid(format!(
                 "hidden size {} is not {}",

@@ -15,9 +15,9 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::{
-    CelerySettings, ConfigError, EmbeddingProvider, EmbeddingSettings, FallbackSettings,
-    KafkaOrdering, KafkaSettings, LogFormat, OpsSettings, QdrantSettings, Secret, SecretUrl,
-    Settings, invalid,
+    CelerySettings, ConfigError, EmbeddingPrecision, EmbeddingProvider, EmbeddingSettings,
+    FallbackSettings, KafkaOrdering, KafkaSettings, LogFormat, OpsSettings, QdrantSettings, Secret,
+    SecretUrl, Settings, invalid,
 };
 use crate::Backend;
 
@@ -96,6 +96,7 @@ struct EmbeddingKeys {
     embedding_url: Option<String>,
     embedding_api_key: Option<String>,
     embedding_batch_size: usize,
+    embedding_precision: String,
     embedding_timeout_s: u64,
     embedding_model_dir: Option<String>,
     /// Text, not a number: empty means "the CPUs this process may use".
@@ -455,6 +456,15 @@ impl EmbeddingKeys {
             url: nonempty(&self.embedding_url).map(SecretUrl::new),
             api_key: nonempty(&self.embedding_api_key).map(Secret::new),
             batch_size: at_least("embedding_batch_size", self.embedding_batch_size, 1)?,
+            precision: choice(
+                "embedding_precision",
+                &self.embedding_precision,
+                &[
+                    ("auto", EmbeddingPrecision::Auto),
+                    ("f32", EmbeddingPrecision::F32),
+                    ("bf16", EmbeddingPrecision::Bf16),
+                ],
+            )?,
             timeout: Duration::from_secs(at_least(
                 "embedding_timeout_s",
                 self.embedding_timeout_s,
