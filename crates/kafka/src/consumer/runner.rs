@@ -313,16 +313,33 @@ impl RunnerContext {
 
     /// Attempts until one is not a transient failure; `None` when the partition is revoked or the process stops.
     async fn attempts(&self, message: &OwnedMessage, part: &Partition) -> Option<Step> {
-        let mut attempt = 0;
+        self.with_backoff(message, part, "transient failure", || self.attempt(message))
+            .await
+    }
+
+    /// Runs `attempt` until it succeeds, backing off (and logging `failure`) after each error; `None` when the
+    /// partition is revoked or the process stops first. Meanwhile the key waits.
+    async fn with_backoff<T, F>(
+        &self,
+        message: &OwnedMessage,
+        part: &Partition,
+        failure: &'static str,
+        mut attempt: impl FnMut() -> F,
+    ) -> Option<T>
+    where
+        F: Future<Output = Result<T, String>>,
+    {
+        let mut attempts = 0;
         loop {
-            attempt += 1;
-            let error = match self.attempt(message).await {
-                Ok(step) => return Some(step),
+            attempts += 1;
+            let error = match attempt().await {
+                Ok(done) => return Some(done),
                 Err(error) => error,
             };
-            let delay = self.retry.delay(attempt);
+            let delay = self.retry.delay(attempts);
             tracing::warn!(topic = message.topic(), partition = message.partition(), offset = message.offset(),
-                attempt, retry_in_ms = delay.as_millis() as u64, %error, "transient failure; retrying (its key waits)");
+                attempt = attempts, retry_in_ms = delay.as_millis() as u64, %error, failure,
+                "retrying (its key waits)");
             tokio::select! {
                 () = part.cancel.cancelled() => return None,
                 () = tokio::time::sleep(delay) => {}
@@ -363,21 +380,10 @@ impl RunnerContext {
         handler: &str,
         reason: &str,
     ) -> Option<Finished> {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let error = match self.dead_letter(message, handler, reason).await {
-                Ok(finished) => return Some(finished),
-                Err(error) => error,
-            };
-            let delay = self.retry.delay(attempt);
-            tracing::warn!(topic = message.topic(), partition = message.partition(), offset = message.offset(),
-                attempt, retry_in_ms = delay.as_millis() as u64, %error, "dead letter not written; retrying (its key waits)");
-            tokio::select! {
-                () = part.cancel.cancelled() => return None,
-                () = tokio::time::sleep(delay) => {}
-            }
-        }
+        self.with_backoff(message, part, "dead letter not written", || {
+            self.dead_letter(message, handler, reason)
+        })
+        .await
     }
 
     /// The original bytes, key and headers to `<topic>.dlq`, plus why; acknowledged before the source is committed.
