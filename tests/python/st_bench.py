@@ -52,7 +52,7 @@ from sentence_transformers import SentenceTransformer, models  # noqa: E402
 
 torch.set_num_threads(threads)
 transformer = models.Transformer(model_dir, max_seq_length=256)
-pooling = models.Pooling(transformer.get_word_embedding_dimension(), pooling_mode="mean")
+pooling = models.Pooling(transformer.get_embedding_dimension(), pooling_mode="mean")
 st = SentenceTransformer(modules=[transformer, pooling, models.Normalize()], device="cpu")
 st.encode(texts[:64], batch_size=64)  # warm-up
 started = time.perf_counter()

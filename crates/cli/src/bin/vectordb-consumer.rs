@@ -40,6 +40,7 @@ async fn main() -> ExitCode {
     if cli.no_drain {
         settings.kafka.drain_to_celery = false;
     }
+    aura_cli::release_freed_memory_promptly();
     init_logging(settings.log_format, "info");
     aura_cli::announce_configuration(&settings);
     let options = ConsumerOptions::from(&settings);

@@ -32,6 +32,7 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    aura_cli::release_freed_memory_promptly();
     init_logging(settings.log_format, "info");
     aura_cli::announce_configuration(&settings);
     match worker::run(settings, shutdown_signal()).await {

@@ -31,6 +31,7 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    aura_cli::release_freed_memory_promptly();
     init_logging(settings.log_format, "warn");
     match commands::run(cli.command, settings).await {
         Ok(code) => code,
