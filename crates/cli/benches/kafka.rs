@@ -14,7 +14,7 @@
 //! Sizes: `BENCH_MESSAGES` (dispatch, default 50,000), `BENCH_E2E_EVENTS` (backlog, default 5,000),
 //! `BENCH_PACED_EVENTS` (default 2,000) at `BENCH_PACED_RATE` events/s (default 100); `BENCH_PARTITIONS` per topic
 //! (default 3, as `vectordb topics create`); `BENCH_USERS` (keys, default 48); `BENCH_MOCK=0` skips the mock cluster;
-//! `BENCH_ON_FLUSH=1` makes the store durable only at its flush instead of at every write (what the store's fsync
+//! `BENCH_EMBEDDING=local` embeds with the local model (default: the hash embedder); `BENCH_ON_FLUSH=1` makes the store durable only at its flush instead of at every write (what the store's fsync
 //! costs); `BENCH_FETCH_WAIT_MS`, the consumers' `fetch.wait.max.ms` (default 20). `KAFKA_PIPELINE_DEPTH` is read
 //! from the environment like every setting (1 = no pipelining).
 //!
@@ -349,7 +349,9 @@ async fn end_to_end(settings: &KafkaSettings, n: usize, paced: usize, rate: u64)
     let mut full = Settings::load().expect("settings");
     full.qdrant.path = dir.path().join("qdrant");
     // This measures the mount, not the model (crates/embed/benches/local.rs measures the model).
-    full.embedding.provider = aura_runtime::settings::EmbeddingProvider::Hash;
+    if std::env::var("BENCH_EMBEDDING").as_deref() != Ok("local") {
+        full.embedding.provider = aura_runtime::settings::EmbeddingProvider::Hash;
+    }
     let ctx = aura_cli::handler_context(
         &full,
         if env_usize("BENCH_ON_FLUSH", 0) == 1 {
