@@ -24,19 +24,28 @@ pub mod worker;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Has the allocator give freed pages back to the system at once instead of after its default 10 ms delay (unless
-/// `MIMALLOC_PURGE_DELAY` says otherwise). Memory freed between bursts — the model's load, a batch's activations, a
-/// drained window — stops counting in RSS: `vectordb pipeline` with the local model peaked at 212 MB with the delay and
-/// 189 MB without (2,000 events, bf16), at no measurable cost in events/s (BENCHMARKS.md).
+/// Has the allocator give freed pages back to the system at once instead of after its default delay (1 s in
+/// mimalloc v3), unless `MIMALLOC_PURGE_DELAY` says otherwise. Memory freed between bursts — the model's load, a
+/// batch's activations, a drained window — stops counting in RSS: `vectordb pipeline` with the local model peaked at
+/// 212 MB with the default delay and 185 MB without (2,000 events, bf16), at no measurable cost in events/s
+/// (BENCHMARKS.md).
 pub fn release_freed_memory_promptly() {
     // mimalloc's own C API (linked in with the allocator; `mi_option_purge_delay` is 15 in its v2 and v3 headers).
     unsafe extern "C" {
+        fn mi_option_get(option: std::ffi::c_int) -> std::ffi::c_long;
         fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
     }
     const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
-        // SAFETY: sets a global option, which mimalloc allows at any time and reads on each purge decision.
-        unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
+    // Its defaults (1,000 ms in mimalloc v3, which this build uses; 10 ms in v2): anything else means the user set
+    // it, or option 15 is not the purge delay.
+    const DEFAULT_PURGE_DELAY_MS: [std::ffi::c_long; 2] = [1_000, 10];
+    // SAFETY: reads and sets a global option, which mimalloc allows at any time (it reads it on each purge decision).
+    unsafe {
+        if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none()
+            && DEFAULT_PURGE_DELAY_MS.contains(&mi_option_get(MI_OPTION_PURGE_DELAY))
+        {
+            mi_option_set(MI_OPTION_PURGE_DELAY, 0);
+        }
     }
 }
 

@@ -169,17 +169,18 @@ impl Publisher for KafkaPublisher {
                 ),
             ],
         };
-        let failed = {
-            let event_type = event.event_type.clone();
-            let event_id = event_id.clone();
-            let topic = topic.clone();
-            move |error: KafkaError| publish_error(event_type, event_id, &topic, &error)
-        };
-        match self.queue(record).await {
+        let queued = self.queue(record).await;
+        // The names move into the acknowledgement (the record only borrowed them): an error can still say which
+        // event failed, without copying them for every record that does not.
+        let event_type = event.event_type.clone();
+        match queued {
             Ok(delivery) => Ok(Box::pin(async move {
-                delivery.await.map(|_| Backend::Kafka).map_err(failed)
+                delivery
+                    .await
+                    .map(|_| Backend::Kafka)
+                    .map_err(|error| publish_error(event_type, event_id, &topic, &error))
             })),
-            Err(error) => Err(failed(error)),
+            Err(error) => Err(publish_error(event_type, event_id, &topic, &error)),
         }
     }
 }

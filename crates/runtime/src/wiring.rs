@@ -11,7 +11,7 @@ use aura_store::{
 };
 
 use crate::Settings;
-use crate::settings::{EmbeddingPrecision, EmbeddingProvider, Secret};
+use crate::settings::{EmbeddingProvider, Secret};
 
 /// The Qdrant server when `QDRANT_URL` is set, else embedded Qdrant under `QDRANT_PATH` with `durability`
 /// (the server always confirms writes with `wait=true`).
@@ -49,11 +49,7 @@ pub fn build_embedder(
             model_root: embedding.model_root.clone(),
             threads: embedding.threads,
             batch_size: embedding.batch_size,
-            precision: match embedding.precision {
-                EmbeddingPrecision::Auto => Precision::fastest(),
-                EmbeddingPrecision::F32 => Precision::F32,
-                EmbeddingPrecision::Bf16 => Precision::Bf16,
-            },
+            precision: embedding.precision.unwrap_or_else(Precision::fastest),
         })?),
         EmbeddingProvider::Hash => Arc::new(HashEmbedder::new(embedding.dimension)),
         EmbeddingProvider::OpenAi => Arc::new(OpenAiEmbedder::new(OpenAiConfig {

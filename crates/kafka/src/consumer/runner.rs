@@ -43,10 +43,16 @@ pub(super) enum Finished {
 pub(super) enum Step {
     /// Handled, its outputs queued in the producer: finished once `Pending` settles.
     Handed(Pending),
+    /// Nothing handed over: what to do once everything of its key before it settled.
+    Decided(Verdict),
+}
+
+/// A message's outcome that hands nothing over.
+pub(super) enum Verdict {
     Skipped,
     /// Its handler is disabled: keep it (and everything after it) uncommitted.
     Held(&'static str),
-    /// For `<topic>.dlq`, once everything of its key before it settled.
+    /// For `<topic>.dlq`.
     DeadLetter {
         handler: String,
         reason: String,
@@ -138,15 +144,17 @@ impl RunnerContext {
         replayed: bool,
     ) -> Result<(), End> {
         let depth = if replayed { 1 } else { self.depth.max(1) };
-        let step = self.start(&message, part).await.ok_or(End::Abandoned)?;
-        if let Step::Handed(pending) = step {
-            line.handed
-                .push_back((message, Box::pin(pending.settle()), replayed));
-            return match self.settle(part, line, depth - 1).await {
-                Settled::Done | Settled::Redeliver => Ok(()),
-                Settled::Abandoned => Err(End::Abandoned),
-            };
-        }
+        let verdict = match self.start(&message, part).await.ok_or(End::Abandoned)? {
+            Step::Handed(pending) => {
+                line.handed
+                    .push_back((message, Box::pin(pending.settle()), replayed));
+                return match self.settle(part, line, depth - 1).await {
+                    Settled::Done | Settled::Redeliver => Ok(()),
+                    Settled::Abandoned => Err(End::Abandoned),
+                };
+            }
+            Step::Decided(verdict) => verdict,
+        };
         match self.settle(part, line, 0).await {
             Settled::Done => {}
             Settled::Redeliver => {
@@ -155,9 +163,9 @@ impl RunnerContext {
             }
             Settled::Abandoned => return Err(End::Abandoned),
         }
-        let finished = match step {
-            Step::Handed(_) | Step::Skipped => Finished::Skipped,
-            Step::Held(handler) => {
+        let finished = match verdict {
+            Verdict::Skipped => Finished::Skipped,
+            Verdict::Held(handler) => {
                 tracing::warn!(
                     topic = message.topic(),
                     partition = message.partition(),
@@ -168,7 +176,7 @@ impl RunnerContext {
                 self.shared.counters.held.fetch_add(1, Ordering::Relaxed);
                 return Err(End::Held);
             }
-            Step::DeadLetter { handler, reason } => self
+            Verdict::DeadLetter { handler, reason } => self
                 .dead_letter_until_written(&message, part, &handler, &reason)
                 .await
                 .ok_or(End::Abandoned)?,
@@ -353,21 +361,21 @@ impl RunnerContext {
         let event = match decode_event(message, self.max_event_bytes) {
             Ok(event) => event,
             Err(reason) => {
-                return Ok(Step::DeadLetter {
+                return Ok(Step::Decided(Verdict::DeadLetter {
                     handler: "decode".into(),
                     reason,
-                });
+                }));
             }
         };
         match self.dispatcher.hand_over(&event).await {
             Ok((Outcome::Handled { .. }, pending)) => Ok(Step::Handed(pending)),
-            Ok((Outcome::Unhandled, _)) => Ok(Step::Skipped),
-            Ok((Outcome::Disabled { handler }, _)) => Ok(Step::Held(handler)),
+            Ok((Outcome::Unhandled, _)) => Ok(Step::Decided(Verdict::Skipped)),
+            Ok((Outcome::Disabled { handler }, _)) => Ok(Step::Decided(Verdict::Held(handler))),
             Err(failure) if failure.error.is_transient() => Err(failure.to_string()),
-            Err(failure) => Ok(Step::DeadLetter {
+            Err(failure) => Ok(Step::Decided(Verdict::DeadLetter {
                 handler: failure.handler.unwrap_or("decode").into(),
                 reason: failure.error.to_string(),
-            }),
+            })),
         }
     }
 

@@ -15,9 +15,9 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::{
-    CelerySettings, ConfigError, EmbeddingPrecision, EmbeddingProvider, EmbeddingSettings,
-    FallbackSettings, KafkaOrdering, KafkaSettings, LogFormat, OpsSettings, QdrantSettings, Secret,
-    SecretUrl, Settings, invalid,
+    CelerySettings, ConfigError, EmbeddingProvider, EmbeddingSettings, FallbackSettings,
+    KafkaOrdering, KafkaSettings, LogFormat, OpsSettings, QdrantSettings, Secret, SecretUrl,
+    Settings, invalid,
 };
 use crate::Backend;
 
@@ -460,9 +460,9 @@ impl EmbeddingKeys {
                 "embedding_precision",
                 &self.embedding_precision,
                 &[
-                    ("auto", EmbeddingPrecision::Auto),
-                    ("f32", EmbeddingPrecision::F32),
-                    ("bf16", EmbeddingPrecision::Bf16),
+                    ("auto", None),
+                    ("f32", Some(aura_embed::Precision::F32)),
+                    ("bf16", Some(aura_embed::Precision::Bf16)),
                 ],
             )?,
             timeout: Duration::from_secs(at_least(

@@ -184,14 +184,6 @@ pub struct QdrantSettings {
     pub min_free_bytes: u64,
 }
 
-/// `EMBEDDING_PRECISION`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum EmbeddingPrecision {
-    Auto,
-    F32,
-    Bf16,
-}
-
 #[derive(Clone, Debug, PartialEq)]
 pub struct EmbeddingSettings {
     pub provider: EmbeddingProvider,
@@ -203,8 +195,8 @@ pub struct EmbeddingSettings {
     pub api_key: Option<Secret>,
     pub batch_size: usize,
     /// `EMBEDDING_PRECISION` (`auto` | `f32` | `bf16`, default `auto`): the local model's linear layers in bf16 on a
-    /// CPU with AVX-512 BF16 (`auto` picks it there), or f32.
-    pub precision: EmbeddingPrecision,
+    /// CPU with AVX-512 BF16 (`auto`, `None`, picks it there: [`aura_embed::Precision::fastest`]), or f32.
+    pub precision: Option<aura_embed::Precision>,
     pub timeout: Duration,
     /// `EMBEDDING_MODEL_DIR`: where `vectordb model install` put the local model.
     pub model_root: PathBuf,
