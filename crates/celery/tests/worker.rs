@@ -212,7 +212,15 @@ async fn retries_exhausted_end_in_failure_and_a_dead_letter() {
         3,
         "1 attempt + 2 retries"
     );
-    let dead = harness.dead_letters().await;
+    // The FAILURE result is written before the acknowledgement that pushes the dead letter: wait for it.
+    let started = Instant::now();
+    let dead = loop {
+        let dead = harness.dead_letters().await;
+        if !dead.is_empty() || started.elapsed() > Duration::from_secs(20) {
+            break dead;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0]["task_id"], json!(id));
     assert!(
