@@ -9,7 +9,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use aura_runtime::embed::{EmbedError, Embedder, EmbedderLayer, Embeddings, LayeredEmbedder};
 use aura_runtime::events::Event;
-use aura_runtime::store::{Layered, Point, StoreError, StoreLayer, VectorStore};
+use aura_runtime::store::{Durable, Layered, Point, StoreError, StoreLayer, VectorStore};
 use aura_runtime::{Backend, PublishError, Publisher};
 
 /// Takes one from `counter` if it is above zero.
@@ -20,7 +20,8 @@ fn take_one(counter: &AtomicU32) -> bool {
 }
 
 /// A store layer in front of the real embedded one: fails the next `fail_next` upserts (transient), waits
-/// `delay_ms` before each write, and records `(user_id, origin_event_id)` of every point written, in write order.
+/// `delay_ms` before each write, and records `(user_id, origin_event_id)` of every point the store took, in the order
+/// it writes them.
 #[derive(Default)]
 pub struct Probe {
     pub fail_next: AtomicU32,
@@ -54,7 +55,11 @@ impl Probe {
 
 #[async_trait]
 impl StoreLayer for Probe {
-    async fn upsert(&self, inner: &dyn VectorStore, points: Vec<Point>) -> Result<(), StoreError> {
+    async fn hand_over(
+        &self,
+        inner: &dyn VectorStore,
+        points: Vec<Point>,
+    ) -> Result<Durable, StoreError> {
         if take_one(&self.fail_next) {
             self.failed.fetch_add(1, Ordering::SeqCst);
             return Err(StoreError::Unavailable(
@@ -75,9 +80,9 @@ impl StoreLayer for Probe {
                 )
             })
             .collect();
-        inner.upsert(points).await?;
+        let durable = inner.hand_over(points).await?;
         self.written.lock().unwrap().extend(seen);
-        Ok(())
+        Ok(durable)
     }
 }
 

@@ -20,8 +20,10 @@
 //!
 //! On Apache Kafka the naive Python relay (`tests/python/relay_bench.py`: both hops, no embedding, no store; flush and
 //! commit every 100 messages) runs on its own copy of the same backlog, and the end-to-end figure is reported against
-//! it. The end-to-end clock runs from the first mood event handled to the last point written.
+//! it. The end-to-end clock runs from the first mood event handled to the last point durable (a store layer notes
+//! when the store answers; the ingest handler returns before that).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -34,7 +36,9 @@ use aura_kafka::rdkafka::producer::DefaultProducerContext;
 use aura_kafka::{ConsumerOptions, KafkaPublisher, OutgoingRecord, TopicNames, run_consumer};
 use aura_runtime::events::Event;
 use aura_runtime::settings::KafkaSettings;
-use aura_runtime::store::Durability;
+use aura_runtime::store::{
+    Durability, Durable, Layered, Point, StoreError, StoreLayer, VectorStore,
+};
 use aura_runtime::testing::FnHandler;
 use aura_runtime::{Dispatcher, Handler, HandlerContext, HandlerError, Registry, Settings};
 use handler_context_aggregated::ContextAggregated;
@@ -67,9 +71,9 @@ impl Handler for FirstMood {
     }
 }
 
-/// `ingest_vectors`, plus the time from the origin event's production (`metadata.bench_sent_us`) to its points.
+/// `ingest_vectors`, noting when each origin event was produced (`metadata.bench_sent_us`) for [`DurablyTimed`].
 struct Timed {
-    latencies: Arc<Mutex<Vec<f64>>>,
+    sent: Arc<Mutex<HashMap<String, u64>>>,
 }
 
 #[async_trait]
@@ -85,15 +89,53 @@ impl Handler for Timed {
         event: &Event,
         ctx: &HandlerContext,
     ) -> Result<Vec<Event>, HandlerError> {
-        let out = IngestVectors.handle(event, ctx).await?;
         if let Some(sent) = event.metadata.get("bench_sent_us").and_then(|v| v.as_u64()) {
-            let latency = now_us().saturating_sub(sent) as f64 / 1_000.0;
-            self.latencies
+            self.sent
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .push(latency);
+                .insert(event.origin_event_id(), sent);
         }
-        Ok(out)
+        IngestVectors.handle(event, ctx).await
+    }
+}
+
+/// A store layer that records, when an event's points are durable (not when the store took them), the time from
+/// its origin event's production: the end of the chain as the consumer acknowledges it.
+struct DurablyTimed {
+    sent: Arc<Mutex<HashMap<String, u64>>>,
+    latencies: Arc<Mutex<Vec<f64>>>,
+}
+
+#[async_trait]
+impl StoreLayer for DurablyTimed {
+    async fn hand_over(
+        &self,
+        inner: &dyn VectorStore,
+        points: Vec<Point>,
+    ) -> Result<Durable, StoreError> {
+        let origins: Vec<String> = points
+            .iter()
+            .filter_map(|p| {
+                p.payload
+                    .get("origin_event_id")?
+                    .as_str()
+                    .map(str::to_owned)
+            })
+            .collect();
+        let durable = inner.hand_over(points).await?;
+        let (sent, latencies) = (self.sent.clone(), self.latencies.clone());
+        Ok(Box::pin(async move {
+            durable.await?;
+            let now = now_us();
+            let mut sent = sent.lock().unwrap_or_else(|p| p.into_inner());
+            let mut latencies = latencies.lock().unwrap_or_else(|p| p.into_inner());
+            for origin in origins {
+                if let Some(at) = sent.remove(&origin) {
+                    latencies.push(now.saturating_sub(at) as f64 / 1_000.0);
+                }
+            }
+            Ok(())
+        }))
     }
 }
 
@@ -363,6 +405,17 @@ async fn end_to_end(settings: &KafkaSettings, n: usize, paced: usize, rate: u64)
     .await
     .expect("store");
     let latencies = Arc::new(Mutex::new(Vec::new()));
+    let sent = Arc::new(Mutex::new(HashMap::new()));
+    let ctx = HandlerContext {
+        store: Arc::new(Layered::new(
+            ctx.store.clone(),
+            DurablyTimed {
+                sent: sent.clone(),
+                latencies: latencies.clone(),
+            },
+        )),
+        ..ctx
+    };
     let first = Arc::new(std::sync::OnceLock::new());
     let registry = Arc::new(
         Registry::new()
@@ -370,9 +423,7 @@ async fn end_to_end(settings: &KafkaSettings, n: usize, paced: usize, rate: u64)
                 started: first.clone(),
             })
             .with(ContextAggregated)
-            .with(Timed {
-                latencies: latencies.clone(),
-            }),
+            .with(Timed { sent }),
     );
     let publisher = produce_moods(settings, n).await;
     let dispatcher = Dispatcher::new(registry.clone(), ctx.clone(), Arc::new(publisher.clone()));

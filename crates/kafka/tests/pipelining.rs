@@ -1,6 +1,7 @@
 //! Pipelining within a key against the tests' Apache Kafka (`scripts/test.sh` sets `AURA_TEST_KAFKA`): a key's next
-//! event starts once the previous one's outputs are handed to the producer; an acknowledgement that fails in the
-//! middle of a key's run leaves no gap and no reordering in the output topic, and no offset is committed past it.
+//! event starts once the previous one's outputs are handed to the producer and its points to the store; an
+//! acknowledgement or a store write that fails in the middle of a key's run leaves no gap and no reordering in the
+//! output topic or the store, and no offset is committed past it.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -11,8 +12,12 @@ use aura_kafka::rdkafka::message::Message as _;
 use aura_kafka::{KafkaPublisher, run_consumer};
 use aura_runtime::events::Event;
 use aura_runtime::settings::KafkaSettings;
-use aura_runtime::testing::FnHandler;
-use aura_runtime::{Acknowledgement, Backend, Dispatcher, PublishError, Publisher, Registry};
+use aura_runtime::store::{Durable, Layered, Point, StoreError, StoreLayer, VectorStore};
+use aura_runtime::testing::{FnHandler, TEST_DIM};
+use aura_runtime::{
+    Acknowledgement, Backend, Dispatcher, Handler, HandlerContext, HandlerError, PublishError,
+    Publisher, Registry,
+};
 use tokio::sync::Semaphore;
 
 mod common;
@@ -39,8 +44,8 @@ impl LosesOneDelivery {
     fn new(kafka: KafkaPublisher, refused: bool) -> Self {
         Self {
             kafka,
-            user: "user-0",
-            seq: 5,
+            user: LOST.0,
+            seq: LOST.1,
             refused,
             lost: AtomicBool::new(false),
             gate: Arc::new(Semaphore::new(0)),
@@ -88,6 +93,95 @@ impl Publisher for LosesOneDelivery {
     }
 }
 
+/// The input (`user`, `seq`) whose first output or first write the scenarios lose.
+const LOST: (&str, u64) = ("user-0", 5);
+
+fn is_lost(user: Option<&str>, seq: Option<u64>) -> bool {
+    (user, seq) == (Some(LOST.0), Some(LOST.1))
+}
+
+/// A store layer over the real embedded store that loses one write: the first hand-over of the point of [`LOST`] is
+/// taken but never written, and fails to become durable once the test opens `gate` (a write round that failed
+/// while the key's later points were already queued behind it). Records `(user, seq)` of every point it passes on,
+/// in the order the store writes them.
+struct LosesOneWrite {
+    lost: AtomicBool,
+    gate: Arc<Semaphore>,
+    handed_over: Arc<AtomicUsize>,
+    written: std::sync::Mutex<Vec<(String, u64)>>,
+}
+
+#[async_trait]
+impl StoreLayer for LosesOneWrite {
+    async fn hand_over(
+        &self,
+        inner: &dyn VectorStore,
+        points: Vec<Point>,
+    ) -> Result<Durable, StoreError> {
+        self.handed_over.fetch_add(1, Ordering::SeqCst);
+        let (user, seq) = point_key(&points[0]);
+        if is_lost(Some(&user), Some(seq)) && !self.lost.swap(true, Ordering::SeqCst) {
+            let gate = self.gate.clone();
+            return Ok(Box::pin(async move {
+                let _open = gate.acquire().await;
+                Err(StoreError::Unavailable(
+                    "flushing the embedded store to disk failed (injected)".into(),
+                ))
+            }));
+        }
+        let durable = inner.hand_over(points).await?;
+        self.written.lock().unwrap().push((user, seq));
+        Ok(durable)
+    }
+}
+
+/// `(user_id, seq)` of a point [`Writes`] made.
+fn point_key(point: &Point) -> (String, u64) {
+    (
+        point.payload["user_id"].as_str().unwrap().to_owned(),
+        point.payload["seq"].as_u64().unwrap(),
+    )
+}
+
+/// Writes one point per event (its id derives from the user and `seq`, so writing it again overwrites it).
+struct Writes;
+
+#[async_trait]
+impl Handler for Writes {
+    fn name(&self) -> &'static str {
+        "writes"
+    }
+
+    fn event_types(&self) -> &'static [&'static str] {
+        &[EVENT_TYPE]
+    }
+
+    async fn handle(
+        &self,
+        event: &Event,
+        ctx: &HandlerContext,
+    ) -> Result<Vec<Event>, HandlerError> {
+        let (user, seq) = (
+            event.user_id.clone().unwrap(),
+            event.field("seq").cloned().unwrap(),
+        );
+        let id = uuid::Uuid::new_v5(
+            &uuid::Uuid::NAMESPACE_OID,
+            format!("{user}/{seq}").as_bytes(),
+        );
+        let mut payload = serde_json::Map::new();
+        payload.insert("user_id".into(), user.into());
+        payload.insert("seq".into(), seq);
+        ctx.write_points(vec![Point {
+            id,
+            vector: vec![1.0; TEST_DIM],
+            payload,
+        }])
+        .await?;
+        Ok(Vec::new())
+    }
+}
+
 /// `(user, seq, event_id)` of every record of `topic` (one partition), in log order.
 fn outputs(settings: &KafkaSettings, topic: &str) -> Vec<(String, u64, String)> {
     read_all(settings, topic)
@@ -127,22 +221,37 @@ fn last_copies(records: &[(String, u64, String)], user: &str) -> Vec<u64> {
         .collect()
 }
 
-/// A consumer of a fresh one-partition scenario (two users interleaved, 20 events each: offset = seq * 2 + user)
-/// whose handler relays each event as a `context.aggregated` event carrying its `seq`.
+/// What a scenario loses in the middle of user-0's run.
+#[derive(Clone, Copy, PartialEq)]
+enum Fault {
+    /// The first delivery of [`LOST`]'s output fails once the gate opens ([`LosesOneDelivery`]).
+    LostDelivery,
+    /// Every delivery of [`LOST`]'s output is refused for good.
+    RefusedOutput,
+    /// The first write of [`LOST`]'s point fails to become durable once the gate opens ([`LosesOneWrite`]).
+    LostWrite,
+}
+
+/// A consumer of a fresh one-partition scenario (two users interleaved, 20 events each: offset = seq * 2 + user).
+/// Its handler relays each event as a `context.aggregated` event carrying its `seq`, or, for [`Fault::LostWrite`],
+/// writes one point per event ([`Writes`]).
 struct Scenario {
     settings: KafkaSettings,
     sent: usize,
     input: String,
     output: String,
     gate: Arc<Semaphore>,
+    /// Outputs handed to the producer, or (for [`Fault::LostWrite`]) writes handed to the store.
     handed_over: Arc<AtomicUsize>,
-    stop: tokio::sync::oneshot::Sender<()>,
-    consumer: tokio::task::JoinHandle<aura_kafka::ConsumerReport>,
+    store: Arc<Layered<LosesOneWrite>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    consumer: Option<tokio::task::JoinHandle<aura_kafka::ConsumerReport>>,
+    /// Dropped last: the directory outlives every handle on the store.
     _store: aura_runtime::testing::Embedded,
 }
 
 impl Scenario {
-    async fn start(name: &str, refused: bool) -> Self {
+    async fn start(name: &str, fault: Fault) -> Self {
         let settings = settings(name);
         let sent = produce_on(&settings, 1, 2, 20).await;
         let topics = aura_kafka::TopicNames::from_settings(&settings);
@@ -153,12 +262,36 @@ impl Scenario {
         });
         // The marker's handler: a topic of its own whose commit shows that a commit round ran.
         let marker = aura_runtime::testing::sink("marker", &[MARKER_TYPE]);
-        let registry = Arc::new(Registry::new().with(relay).with(marker));
+        let registry = match fault {
+            Fault::LostWrite => Registry::new().with(Writes),
+            Fault::LostDelivery | Fault::RefusedOutput => Registry::new().with(relay),
+        };
+        let registry = Arc::new(registry.with(marker));
         let kafka = KafkaPublisher::new(&settings).unwrap();
-        let publisher = LosesOneDelivery::new(kafka.clone(), refused);
-        let (gate, handed_over) = (publisher.gate.clone(), publisher.handed_over.clone());
-        let store = aura_runtime::testing::embedded();
-        let dispatcher = Dispatcher::new(registry.clone(), store.ctx.clone(), Arc::new(publisher));
+        let embedded = aura_runtime::testing::embedded();
+        let store = Arc::new(Layered::new(
+            embedded.store.clone(),
+            LosesOneWrite {
+                lost: AtomicBool::new(false),
+                gate: Arc::new(Semaphore::new(0)),
+                handed_over: Arc::new(AtomicUsize::new(0)),
+                written: std::sync::Mutex::new(Vec::new()),
+            },
+        ));
+        let ctx = aura_runtime::testing::context_with(store.clone());
+        let (dispatcher, gate, handed_over) = match fault {
+            Fault::LostWrite => (
+                Dispatcher::new(registry.clone(), ctx, Arc::new(kafka.clone())),
+                store.layer().gate.clone(),
+                store.layer().handed_over.clone(),
+            ),
+            Fault::LostDelivery | Fault::RefusedOutput => {
+                let publisher = LosesOneDelivery::new(kafka.clone(), fault == Fault::RefusedOutput);
+                let (gate, handed_over) = (publisher.gate.clone(), publisher.handed_over.clone());
+                let dispatcher = Dispatcher::new(registry.clone(), ctx, Arc::new(publisher));
+                (dispatcher, gate, handed_over)
+            }
+        };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let consumer = tokio::spawn({
             let settings = settings.clone();
@@ -177,10 +310,31 @@ impl Scenario {
             sent,
             gate,
             handed_over,
-            stop,
-            consumer,
-            _store: store,
+            store,
+            stop: Some(stop),
+            consumer: Some(consumer),
+            _store: embedded,
         }
+    }
+
+    /// Waits until every input was handed over while [`LOST`] is still unsettled (the key did not wait for it),
+    /// then until the offsets before it are committed (seq 5 of user-0 is offset 10), and checks that a commit
+    /// round that ran after everything else finished still commits nothing past it.
+    async fn all_handed_over_and_committed_up_to_the_lost_one(&self) {
+        aura_testkit::wait_until("all 40 events handed over", Duration::from_secs(60), || {
+            self.handed_over.load(Ordering::SeqCst) >= self.sent
+        })
+        .await
+        .unwrap();
+        aura_testkit::wait_until(
+            "the offsets before the lost one committed",
+            Duration::from_secs(30),
+            || self.committed() == Some(10),
+        )
+        .await
+        .unwrap();
+        self.commit_round(1).await;
+        assert_eq!(self.committed(), Some(10));
     }
 
     fn committed(&self) -> Option<i64> {
@@ -205,14 +359,14 @@ impl Scenario {
     }
 
     /// Waits until every input is committed, stops the consumer; its report and the output topic's records.
-    async fn finish(self) -> (aura_kafka::ConsumerReport, Vec<(String, u64, String)>) {
+    async fn finish(&mut self) -> (aura_kafka::ConsumerReport, Vec<(String, u64, String)>) {
         aura_testkit::wait_until("everything committed", Duration::from_secs(60), || {
             self.committed() == Some(self.sent as i64)
         })
         .await
         .unwrap();
-        self.stop.send(()).unwrap();
-        let report = self.consumer.await.unwrap();
+        self.stop.take().unwrap().send(()).unwrap();
+        let report = self.consumer.take().unwrap().await.unwrap();
         (report, outputs(&self.settings, &self.output))
     }
 }
@@ -229,15 +383,9 @@ fn seqs(records: &[(String, u64, String)], user: &str) -> Vec<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(not(feature = "services"), ignore = "needs Kafka and the Python venv: scripts/test.sh")]
 async fn a_lost_delivery_mid_run_redelivers_from_it_in_order_and_commits_nothing_past_it() {
-    let run = Scenario::start("pipelined", false).await;
+    let mut run = Scenario::start("pipelined", Fault::LostDelivery).await;
     let (settings, sent) = (run.settings.clone(), run.sent);
-    let handed_over = run.handed_over.clone();
-    // Every event is handed over while user-0's seq 5 is still unacknowledged: the key did not wait for it.
-    aura_testkit::wait_until("all 40 events handed over", Duration::from_secs(60), || {
-        handed_over.load(Ordering::SeqCst) >= sent
-    })
-    .await
-    .unwrap();
+    // Everything after the lost delivery is acknowledged, and still nothing past it is committed.
     aura_testkit::wait_until(
         "the 39 other outputs acknowledged",
         Duration::from_secs(30),
@@ -245,18 +393,7 @@ async fn a_lost_delivery_mid_run_redelivers_from_it_in_order_and_commits_nothing
     )
     .await
     .unwrap();
-    // Offsets 0..=9 finished and committed; seq 5 of user-0 is offset 10, and nothing past it may be committed
-    // although everything after it was acknowledged.
-    aura_testkit::wait_until(
-        "the offsets before the lost delivery committed",
-        Duration::from_secs(30),
-        || run.committed() == Some(10),
-    )
-    .await
-    .unwrap();
-    // A commit round that ran after everything past it was acknowledged still commits nothing past it.
-    run.commit_round(1).await;
-    assert_eq!(run.committed(), Some(10));
+    run.all_handed_over_and_committed_up_to_the_lost_one().await;
 
     // The delivery fails: user-0 runs again from seq 5, in order.
     run.gate.add_permits(1);
@@ -287,7 +424,7 @@ async fn a_lost_delivery_mid_run_redelivers_from_it_in_order_and_commits_nothing
 #[cfg_attr(not(feature = "services"), ignore = "needs Kafka and the Python venv: scripts/test.sh")]
 async fn an_output_refused_mid_run_dead_letters_its_input_once_its_key_caught_up_and_keeps_the_rest_in_order()
  {
-    let run = Scenario::start("pipelined-refused", true).await;
+    let mut run = Scenario::start("pipelined-refused", Fault::RefusedOutput).await;
     let (settings, input, sent) = (run.settings.clone(), run.input.clone(), run.sent);
     let (report, records) = run.finish().await;
     assert_eq!(report.handled, sent as u64 - 1);
@@ -304,4 +441,45 @@ async fn an_output_refused_mid_run_dead_letters_its_input_once_its_key_caught_up
     let dead = outputs(&settings, &format!("{input}.dlq"));
     assert_eq!(dead.len(), 1);
     assert_eq!((dead[0].0.as_str(), dead[0].1), ("user-0", 5));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(feature = "services"), ignore = "needs Kafka and the Python venv: scripts/test.sh")]
+async fn a_write_that_fails_to_become_durable_mid_run_is_written_again_in_order_and_nothing_past_it_is_committed()
+ {
+    let mut run = Scenario::start("pipelined-write", Fault::LostWrite).await;
+    let (sent, store) = (run.sent, run.store.clone());
+    // Every other point is written (the store took them in order behind the lost one), and still nothing past the
+    // lost write is committed.
+    aura_testkit::wait_until(
+        "the 39 other points written",
+        Duration::from_secs(30),
+        || store.layer().written.lock().unwrap().len() >= 39,
+    )
+    .await
+    .unwrap();
+    run.all_handed_over_and_committed_up_to_the_lost_one().await;
+    assert_eq!(store.count(None).await.unwrap(), 39);
+
+    // The write fails: user-0 runs again from seq 5, in order, and every point is in the store once.
+    run.gate.add_permits(1);
+    let (report, _) = run.finish().await;
+    assert_eq!(
+        report.handled,
+        sent as u64 + 1,
+        "each input (and the marker) finished once"
+    );
+    let written = store.layer().written.lock().unwrap().clone();
+    let seqs_of = |user: &str| -> Vec<u64> {
+        written
+            .iter()
+            .filter(|(u, _)| u == user)
+            .map(|(_, seq)| *seq)
+            .collect()
+    };
+    let expected: Vec<u64> = (0..5).chain(6..20).chain(5..20).collect();
+    assert_eq!(seqs_of("user-0"), expected);
+    assert_eq!(seqs_of("user-1"), (0..20).collect::<Vec<_>>());
+    assert_eq!(store.count(None).await.unwrap(), 40);
+    assert_eq!(store.count(Some("user-0")).await.unwrap(), 20);
 }

@@ -46,6 +46,15 @@ impl InMemoryBus {
         self.lock().push_back(event);
     }
 
+    /// Events queued and not yet processed.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Event>> {
         // A panic while holding this lock cannot leave the queue half-updated (push/pop are atomic on it).
         self.queue

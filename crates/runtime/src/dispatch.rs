@@ -1,7 +1,9 @@
 //! One event through its handler: route, handle, publish the outputs, classify the outcome.
 //!
 //! Publishing happens here, before `dispatch` returns `Ok`, so a mount that acknowledges on `Ok` never acknowledges
-//! an input whose outputs were not accepted by the broker. All outputs of one event are sent at once and their
+//! an input whose outputs were not accepted by the broker, nor one whose points ([`HandlerContext::write_points`])
+//! are not durable. A handler's writes are settled with its outputs' acknowledgements; an event that has outputs
+//! hands them over only once its writes are durable. All outputs of one event are sent at once and their
 //! acknowledgements awaited together. [`Dispatcher::hand_over`] stops halfway: the outputs are queued in the
 //! producer and their acknowledgements come back as [`Pending`], which the Kafka mount settles in order while the
 //! key's next event already runs (the input is committed only once `Pending::settle` succeeded). Outputs get ids and timestamps derived from their cause
@@ -14,6 +16,8 @@ use std::time::Instant;
 use aura_events::Event;
 
 use crate::fence::{FENCE_WAIT, Fence};
+use crate::handler::collecting_writes;
+use crate::store::Durable;
 use crate::{
     Acknowledgement, HandlerContext, HandlerError, PublishError, Publisher, Registry, RetryPolicy,
     Route, hand_over_event,
@@ -111,7 +115,7 @@ impl Dispatcher {
         metrics::histogram!("aura360_handler_duration_seconds", "handler" => name)
             .record(started.elapsed().as_secs_f64());
         match result {
-            Ok(acknowledgements) => Ok((
+            Ok((acknowledgements, writes)) => Ok((
                 Outcome::Handled {
                     handler: name,
                     produced: acknowledgements.len(),
@@ -119,6 +123,7 @@ impl Dispatcher {
                 Pending {
                     handler: Some(name),
                     acknowledgements,
+                    writes,
                 },
             )),
             Err(error) => Err(failed(name, error)),
@@ -152,12 +157,20 @@ impl Dispatcher {
         &self,
         handler: &dyn crate::Handler,
         event: &Event,
-    ) -> Result<Vec<Acknowledgement>, HandlerError> {
+    ) -> Result<(Vec<Acknowledgement>, Vec<Durable>), HandlerError> {
         self.fence
             .wait_open(FENCE_WAIT)
             .await
             .map_err(HandlerError::Transient)?;
-        let mut outputs = handler.handle(event, &self.context).await?;
+        let (outputs, mut writes) = collecting_writes(handler.handle(event, &self.context)).await;
+        let mut outputs = outputs?;
+        if outputs.is_empty() {
+            return Ok((Vec::new(), writes));
+        }
+        // An output may tell its consumers that the points exist: it goes out only once they are durable.
+        for written in futures::future::join_all(writes.drain(..)).await {
+            written?;
+        }
         derive_identities(event, &mut outputs);
         // Every output must fit before any is sent: a broker would refuse the oversized one only after the others
         // went out, and the same would happen on every retry. The JSON measured is the JSON sent.
@@ -182,7 +195,7 @@ impl Dispatcher {
         // All outputs are handed over together and their acknowledgements awaited together: one round trip to the
         // broker per event, not one per output. (A queueing publisher such as Kafka's takes each on its first poll,
         // in order; one that publishes and waits sends them concurrently.)
-        futures::future::join_all(
+        let acknowledgements = futures::future::join_all(
             outputs
                 .iter()
                 .zip(&encoded)
@@ -191,16 +204,19 @@ impl Dispatcher {
         .await
         .into_iter()
         .map(|handed| handed.map_err(classify))
-        .collect()
+        .collect::<Result<_, _>>()?;
+        Ok((acknowledgements, writes))
     }
 }
 
-/// The acknowledgements of one event's outputs, handed over and not yet settled.
-#[must_use = "an event is handled only once its outputs are acknowledged: settle it"]
+/// What one event handed over and is not yet settled: its outputs' acknowledgements, and its store writes
+/// ([`HandlerContext::write_points`]) that are not yet durable.
+#[must_use = "an event is handled only once its outputs are acknowledged and its writes durable: settle it"]
 pub struct Pending {
     /// `None` when nothing was handed over (no handler, or a disabled one).
     handler: Option<&'static str>,
     acknowledgements: Vec<Acknowledgement>,
+    writes: Vec<Durable>,
 }
 
 impl Pending {
@@ -208,16 +224,26 @@ impl Pending {
         Self {
             handler: None,
             acknowledgements: Vec::new(),
+            writes: Vec::new(),
         }
     }
 
-    /// Waits for every acknowledgement; the event's outcome is counted here (`success`, or the first error).
+    /// Waits for every acknowledgement and every write; the event's outcome is counted here (`success`, or the
+    /// first error).
     pub async fn settle(self) -> Result<(), Failure> {
         let Some(name) = self.handler else {
             return Ok(());
         };
-        for result in futures::future::join_all(self.acknowledgements).await {
+        let (acknowledged, written) = futures::future::join(
+            futures::future::join_all(self.acknowledgements),
+            futures::future::join_all(self.writes),
+        )
+        .await;
+        for result in acknowledged {
             result.map_err(|e| failed(name, classify(e)))?;
+        }
+        for result in written {
+            result.map_err(|e| failed(name, e.into()))?;
         }
         record(name, outcome::SUCCESS);
         Ok(())
@@ -229,6 +255,7 @@ impl std::fmt::Debug for Pending {
         f.debug_struct("Pending")
             .field("handler", &self.handler)
             .field("acknowledgements", &self.acknowledgements.len())
+            .field("writes", &self.writes.len())
             .finish()
     }
 }
@@ -307,6 +334,148 @@ fn record(handler: &'static str, outcome: &'static str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::{
+        CollectionInfo, CollectionSpec, Distance, ForeignPoints, Hit, Point, Query, StoreError,
+        VectorStore,
+    };
+    use crate::{Handler, InMemoryBus};
+    use async_trait::async_trait;
+    use futures::FutureExt;
+    use tokio::sync::Semaphore;
+
+    /// A store whose writes become durable only as the test lets them (one permit each); nothing is kept.
+    struct GatedStore {
+        spec: CollectionSpec,
+        durable: Arc<Semaphore>,
+    }
+
+    #[async_trait]
+    impl VectorStore for GatedStore {
+        fn collection(&self) -> &CollectionSpec {
+            &self.spec
+        }
+        async fn hand_over(&self, _: Vec<Point>) -> Result<Durable, StoreError> {
+            let durable = self.durable.clone();
+            Ok(Box::pin(async move {
+                match durable.acquire_owned().await {
+                    Ok(permit) => {
+                        permit.forget();
+                        Ok(())
+                    }
+                    Err(_) => Err(StoreError::Unavailable("the disk is gone (test)".into())),
+                }
+            }))
+        }
+        async fn write(&self, points: Vec<Point>) -> Result<(), StoreError> {
+            self.hand_over(points).await?.await
+        }
+        async fn search(&self, _: Query<'_>) -> Result<Vec<Hit>, StoreError> {
+            Ok(Vec::new())
+        }
+        async fn count(&self, _: Option<&str>) -> Result<u64, StoreError> {
+            Ok(0)
+        }
+        async fn info(&self) -> Result<CollectionInfo, StoreError> {
+            Err(StoreError::Invalid("test store".into()))
+        }
+        async fn foreign_points(&self, _: &[String]) -> Result<Option<ForeignPoints>, StoreError> {
+            Ok(None)
+        }
+    }
+
+    /// Writes one point per event and, for `context.aggregated`, also produces a `context.vectorized` event.
+    struct WritesPoint;
+
+    #[async_trait]
+    impl Handler for WritesPoint {
+        fn name(&self) -> &'static str {
+            "writes_point"
+        }
+        fn event_types(&self) -> &'static [&'static str] {
+            &["context.vectorized", "context.aggregated"]
+        }
+        async fn handle(
+            &self,
+            event: &Event,
+            ctx: &HandlerContext,
+        ) -> Result<Vec<Event>, HandlerError> {
+            ctx.write_points(vec![Point {
+                id: event.event_id,
+                vector: vec![1.0; 4],
+                payload: serde_json::Map::new(),
+            }])
+            .await?;
+            Ok(match event.event_type.as_str() {
+                "context.aggregated" => vec![Event::caused_by(event, "context.vectorized")],
+                _ => Vec::new(),
+            })
+        }
+    }
+
+    fn gated() -> (Dispatcher, Arc<Semaphore>, Arc<InMemoryBus>) {
+        let durable = Arc::new(Semaphore::new(0));
+        let store = GatedStore {
+            spec: CollectionSpec {
+                name: "gated".into(),
+                dimension: 4,
+                distance: Distance::Cosine,
+            },
+            durable: durable.clone(),
+        };
+        let context = HandlerContext {
+            store: Arc::new(store),
+            embedder: Arc::new(aura_embed::HashEmbedder::new(4)),
+            embedding_version: "test".into(),
+            limits: aura_events::limits::Limits::default(),
+        };
+        let bus = Arc::new(InMemoryBus::new());
+        let registry = Arc::new(Registry::new().with(WritesPoint));
+        (
+            Dispatcher::new(registry, context, bus.clone()),
+            durable,
+            bus,
+        )
+    }
+
+    #[tokio::test]
+    async fn an_event_settles_only_once_its_writes_are_durable_and_a_failed_write_fails_it() {
+        let (dispatcher, durable, _) = gated();
+        let event = Event::new("context.vectorized", Some("u1".into()), None);
+        // Handed over at once: the write is queued, not durable.
+        let (outcome, pending) = dispatcher.hand_over(&event).await.unwrap();
+        assert!(matches!(outcome, Outcome::Handled { produced: 0, .. }));
+        let mut settling = Box::pin(pending.settle());
+        assert!(
+            settling.as_mut().now_or_never().is_none(),
+            "settled before the write was durable"
+        );
+        durable.add_permits(1);
+        settling.await.unwrap();
+
+        // A write that never becomes durable fails the event (transient: it runs again).
+        let (_, pending) = dispatcher.hand_over(&event).await.unwrap();
+        durable.close();
+        let failure = pending.settle().await.unwrap_err();
+        assert!(failure.error.is_transient());
+        assert!(failure.error.message().contains("the disk is gone"));
+    }
+
+    #[tokio::test]
+    async fn an_output_is_handed_over_only_once_the_writes_before_it_are_durable() {
+        let (dispatcher, durable, bus) = gated();
+        let event = Event::new("context.aggregated", Some("u1".into()), None);
+        let mut handing = Box::pin(dispatcher.hand_over(&event));
+        assert!(
+            handing.as_mut().now_or_never().is_none(),
+            "output handed over before the write was durable"
+        );
+        assert!(bus.is_empty());
+        durable.add_permits(1);
+        let (outcome, pending) = handing.await.unwrap();
+        pending.settle().await.unwrap();
+        assert!(matches!(outcome, Outcome::Handled { produced: 1, .. }));
+        assert!(!bus.is_empty());
+    }
 
     #[test]
     fn derived_events_get_ids_and_timestamps_from_their_cause_and_forwarded_ones_keep_theirs() {

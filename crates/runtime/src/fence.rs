@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use aura_store::{Layered, Point, StoreError, StoreLayer, VectorStore};
+use aura_store::{Durable, Layered, Point, StoreError, StoreLayer, VectorStore};
 
 /// How long a write waits for a closed fence before it fails (transiently): clearing takes a heartbeat round or
 /// one Redis round trip; a fence closed longer than this is a member that cannot reach its broker.
@@ -231,12 +231,16 @@ pub type FencedStore = Layered<Fenced>;
 
 #[async_trait]
 impl StoreLayer for Fenced {
-    async fn upsert(&self, inner: &dyn VectorStore, points: Vec<Point>) -> Result<(), StoreError> {
+    async fn hand_over(
+        &self,
+        inner: &dyn VectorStore,
+        points: Vec<Point>,
+    ) -> Result<Durable, StoreError> {
         self.0
             .wait_open(FENCE_WAIT)
             .await
             .map_err(StoreError::Unavailable)?;
-        inner.upsert(points).await
+        inner.hand_over(points).await
     }
 }
 

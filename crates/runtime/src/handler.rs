@@ -1,12 +1,14 @@
 //! The contract between business logic and the runtime.
 
+use std::cell::RefCell;
+use std::future::Future;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use aura_embed::{EmbedError, Embedder};
 use aura_events::limits::Limits;
 use aura_events::{Event, EventError};
-use aura_store::{StoreError, VectorStore};
+use aura_store::{Durable, Point, StoreError, VectorStore};
 
 /// What a handler may use. Handlers get capabilities, never broker clients.
 #[derive(Clone)]
@@ -17,6 +19,37 @@ pub struct HandlerContext {
     pub embedding_version: String,
     /// `MAX_EVENT_BYTES`, `MAX_EMBED_CHARS`, `MAX_CHUNKS_PER_EVENT`: what handlers cut, and what they refuse.
     pub limits: Limits,
+}
+
+impl HandlerContext {
+    /// Inserts or overwrites `points` in the store. They are durable before the input is acknowledged: under the
+    /// dispatcher this returns once the store has taken them, and the dispatcher settles their durability with the
+    /// event's outputs (a pipelining mount runs the key's next event meanwhile); anywhere else it returns once they
+    /// are durable. A failure to make them durable fails the event as this call would have.
+    pub async fn write_points(&self, points: Vec<Point>) -> Result<(), HandlerError> {
+        let mut durable = Some(self.store.hand_over(points).await?);
+        // Outside the dispatcher there is nobody to settle it later: wait here.
+        let _ = UNSETTLED_WRITES.try_with(|writes| writes.borrow_mut().extend(durable.take()));
+        match durable {
+            Some(durable) => Ok(durable.await?),
+            None => Ok(()),
+        }
+    }
+}
+
+tokio::task_local! {
+    /// The writes of the handler running in this task that are not yet durable (see [`HandlerContext::write_points`]).
+    static UNSETTLED_WRITES: RefCell<Vec<Durable>>;
+}
+
+/// Runs `handling` and returns, with its output, the writes it left to settle.
+pub(crate) async fn collecting_writes<F: Future>(handling: F) -> (F::Output, Vec<Durable>) {
+    UNSETTLED_WRITES
+        .scope(RefCell::new(Vec::new()), async {
+            let output = handling.await;
+            (output, UNSETTLED_WRITES.with(RefCell::take))
+        })
+        .await
 }
 
 /// Why a handler failed, classified by what the runtime should do next.

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use aura_embed::{EmbedError, Embedder, EmbedderLayer, Embeddings, LayeredEmbedder};
-use aura_store::{Layered, Point, StoreError, StoreLayer, VectorStore};
+use aura_store::{Durable, Layered, Point, StoreError, StoreLayer, VectorStore};
 
 /// Where dependency outcomes go (the process's health).
 pub trait DependencyObserver: Send + Sync {
@@ -60,28 +60,41 @@ pub struct Observed(pub Arc<dyn DependencyObserver>);
 /// A store whose writes are reported as the `vector_store` dependency.
 pub type ObservedStore = Layered<Observed>;
 
-impl Observed {
-    fn observe(&self, result: Result<(), StoreError>) -> Result<(), StoreError> {
-        match &result {
-            Ok(()) => self.0.report(names::VECTOR_STORE, Ok(())),
-            Err(error) if error.is_transient() => {
-                self.0.report(names::VECTOR_STORE, Err(error.to_string()))
-            }
-            Err(_) => {}
+/// Reports a write's outcome as the `vector_store` dependency.
+fn observe<T>(
+    observer: &dyn DependencyObserver,
+    result: Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    match &result {
+        Ok(_) => observer.report(names::VECTOR_STORE, Ok(())),
+        Err(error) if error.is_transient() => {
+            observer.report(names::VECTOR_STORE, Err(error.to_string()))
         }
-        result
+        Err(_) => {}
     }
+    result
 }
 
 #[async_trait]
 impl StoreLayer for Observed {
-    async fn upsert(&self, inner: &dyn VectorStore, points: Vec<Point>) -> Result<(), StoreError> {
-        let result = inner.upsert(points).await;
-        self.observe(result)
+    /// A write is reported when it is durable (or fails to be), not when the store took it.
+    async fn hand_over(
+        &self,
+        inner: &dyn VectorStore,
+        points: Vec<Point>,
+    ) -> Result<Durable, StoreError> {
+        let durable = inner
+            .hand_over(points)
+            .await
+            .or_else(|refused| observe(self.0.as_ref(), Err(refused)))?;
+        let observer = self.0.clone();
+        Ok(Box::pin(async move {
+            observe(observer.as_ref(), durable.await)
+        }))
     }
 
     async fn flush(&self, inner: &dyn VectorStore) -> Result<(), StoreError> {
         let result = inner.flush().await;
-        self.observe(result)
+        observe(self.0.as_ref(), result)
     }
 }

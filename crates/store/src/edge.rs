@@ -6,6 +6,9 @@
 //! Throughput: applying one update per upsert and flushing behind a lock serialises every writer behind every
 //! flush. Instead one writer task takes all upserts waiting at that moment, applies them as a single update, flushes
 //! once, and answers them all (group commit). Concurrent callers share the cost of a flush; a lone caller pays it.
+//! A caller that pipelines does not wait at all: [`VectorStore::hand_over`] returns once the points are queued for
+//! the writer (in order), and the [`Durable`] it returns is the writer's answer. Every event of every key in flight
+//! then shares the next flush, instead of each key contributing one write per flush.
 //!
 //! A bulk load that acknowledges nothing to anyone (the `pipeline` command) can open the store with
 //! [`Durability::OnFlush`]: rounds then skip the flush, and [`VectorStore::flush`] makes everything so far durable.
@@ -32,8 +35,8 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
-    CollectionInfo, CollectionSpec, Distance, ForeignPoints, Hit, KEYWORD_INDEXES, Point, Query,
-    StoreError, VectorStore, any_direction,
+    CollectionInfo, CollectionSpec, Distance, Durable, ForeignPoints, Hit, KEYWORD_INDEXES, Point,
+    Query, StoreError, VectorStore, already_durable, any_direction, check_vectors,
 };
 
 const DEFAULT_VECTOR: &str = "";
@@ -115,22 +118,20 @@ impl EdgeStore {
         })
     }
 
-    /// Hands points to the writer task and waits for the round that applies (and, if asked, flushes) them.
-    async fn submit(
-        &self,
-        points: Vec<PointStructPersisted>,
-        flush: bool,
-    ) -> Result<(), StoreError> {
+    /// Queues points for the writer task; the returned future is the answer of the round that applies (and, if
+    /// asked, flushes) them.
+    fn queue(&self, points: Vec<PointStructPersisted>, flush: bool) -> Result<Durable, StoreError> {
         let (done, outcome) = oneshot::channel();
-        let stopped = || StoreError::Unavailable("embedded store writer has stopped".into());
         self.writer
             .send(WriteRequest {
                 points,
                 flush,
                 done,
             })
-            .map_err(|_| stopped())?;
-        outcome.await.map_err(|_| stopped())?
+            .map_err(|_| writer_stopped())?;
+        Ok(Box::pin(async move {
+            outcome.await.map_err(|_| writer_stopped())?
+        }))
     }
 
     async fn read<T: Send + 'static>(
@@ -264,6 +265,10 @@ fn json_path(field: &str) -> qdrant_edge::OperationResult<JsonPath> {
     })
 }
 
+fn writer_stopped() -> StoreError {
+    StoreError::Unavailable("embedded store writer has stopped".into())
+}
+
 fn engine(path: &Path, error: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(format!("embedded Qdrant at {}: {error}", path.display()))
 }
@@ -286,17 +291,24 @@ impl VectorStore for EdgeStore {
         &self.spec
     }
 
-    async fn write(&self, points: Vec<Point>) -> Result<(), StoreError> {
+    async fn hand_over(&self, points: Vec<Point>) -> Result<Durable, StoreError> {
+        if points.is_empty() {
+            return Ok(already_durable());
+        }
+        check_vectors(&self.spec, &points)?;
         let points = points
             .into_iter()
             .map(|p| PointStruct::new(PointId::Uuid(p.id), p.vector, Value::Object(p.payload)).0)
             .collect();
-        self.submit(points, self.durability == Durability::EveryWrite)
-            .await
+        self.queue(points, self.durability == Durability::EveryWrite)
+    }
+
+    async fn write(&self, points: Vec<Point>) -> Result<(), StoreError> {
+        self.hand_over(points).await?.await
     }
 
     async fn flush(&self) -> Result<(), StoreError> {
-        self.submit(Vec::new(), true).await
+        self.queue(Vec::new(), true)?.await
     }
 
     async fn search(&self, query: Query<'_>) -> Result<Vec<Hit>, StoreError> {
@@ -486,6 +498,15 @@ fn write_round(
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| shard.flush())).map_err(|_| {
             StoreError::Unavailable("flushing the embedded store to disk failed".into())
         })?;
+    }
+    if std::env::var_os("TMP_ROUNDS").is_some() {
+        eprintln!(
+            "ROUND {} {} {:.2} {:.2}",
+            count,
+            requests,
+            applied.as_secs_f64() * 1e3,
+            (started.elapsed() - applied).as_secs_f64() * 1e3
+        );
     }
     tracing::debug!(
         points = count,

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 
-use crate::{Layered, Point, StoreError, StoreLayer, VectorStore};
+use crate::{Durable, Layered, Point, StoreError, StoreLayer, VectorStore};
 
 type UpsertHook = Box<dyn Fn(&[Point]) -> Result<(), StoreError> + Send + Sync>;
 
@@ -38,7 +38,7 @@ impl Layered<Intercept> {
         )
     }
 
-    /// Points the inner store accepted through this layer.
+    /// Points the inner store took through this layer.
     pub fn points_written(&self) -> u64 {
         self.layer().points_written.load(Ordering::Relaxed)
     }
@@ -46,11 +46,15 @@ impl Layered<Intercept> {
 
 #[async_trait]
 impl StoreLayer for Intercept {
-    async fn upsert(&self, inner: &dyn VectorStore, points: Vec<Point>) -> Result<(), StoreError> {
+    async fn hand_over(
+        &self,
+        inner: &dyn VectorStore,
+        points: Vec<Point>,
+    ) -> Result<Durable, StoreError> {
         (self.before_upsert)(&points)?;
         let n = points.len() as u64;
-        inner.upsert(points).await?;
+        let durable = inner.hand_over(points).await?;
         self.points_written.fetch_add(n, Ordering::Relaxed);
-        Ok(())
+        Ok(durable)
     }
 }

@@ -1,5 +1,6 @@
 //! A layer around any [`VectorStore`], in the manner of tower's `Layer`: a [`StoreLayer`] says what it adds around
-//! the writes (upsert, flush), and [`Layered`] forwards everything else to the store inside, once for every layer.
+//! the writes (hand-over, flush), and [`Layered`] forwards everything else to the store inside, once for every layer.
+//! Every write goes through [`StoreLayer::hand_over`]: `upsert` is a hand-over awaited until durable.
 //! Counting, failing on demand, observing a dependency and fencing a paused process are each a layer, not a
 //! hand-written forwarder of the whole trait.
 
@@ -8,15 +9,21 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::{
-    CollectionInfo, CollectionSpec, ForeignPoints, Hit, Point, Query, StoreError, VectorStore,
+    CollectionInfo, CollectionSpec, Durable, ForeignPoints, Hit, Point, Query, StoreError,
+    VectorStore,
 };
 
 /// What a layer does around the writes of the store inside. Each hook's default passes the call through.
 #[async_trait]
 pub trait StoreLayer: Send + Sync + 'static {
-    /// An upsert of `points`: call `inner.upsert(points)` (or refuse, and nothing is written).
-    async fn upsert(&self, inner: &dyn VectorStore, points: Vec<Point>) -> Result<(), StoreError> {
-        inner.upsert(points).await
+    /// A write of `points`: call `inner.hand_over(points)` (or refuse, and nothing is written). What the layer
+    /// wants to know of the outcome is in the returned [`Durable`].
+    async fn hand_over(
+        &self,
+        inner: &dyn VectorStore,
+        points: Vec<Point>,
+    ) -> Result<Durable, StoreError> {
+        inner.hand_over(points).await
     }
 
     /// A flush: call `inner.flush()`.
@@ -48,8 +55,8 @@ impl<L: StoreLayer> VectorStore for Layered<L> {
         self.inner.collection()
     }
 
-    async fn upsert(&self, points: Vec<Point>) -> Result<(), StoreError> {
-        self.layer.upsert(self.inner.as_ref(), points).await
+    async fn hand_over(&self, points: Vec<Point>) -> Result<Durable, StoreError> {
+        self.layer.hand_over(self.inner.as_ref(), points).await
     }
 
     async fn flush(&self) -> Result<(), StoreError> {
@@ -57,7 +64,7 @@ impl<L: StoreLayer> VectorStore for Layered<L> {
     }
 
     async fn write(&self, points: Vec<Point>) -> Result<(), StoreError> {
-        self.layer.upsert(self.inner.as_ref(), points).await
+        self.hand_over(points).await?.await
     }
 
     async fn search(&self, query: Query<'_>) -> Result<Vec<Hit>, StoreError> {

@@ -7,7 +7,9 @@
 //! 384-d collection would fail on every event, so it is a start-up error instead.
 //!
 //! `upsert` returns only once the points are durable (`wait=true` on the server; flushed to disk embedded), because
-//! the caller acknowledges the input message right after.
+//! the caller acknowledges the input message right after. `hand_over` stops halfway: it returns once the store has
+//! taken the points, with a [`Durable`] that resolves when they are durable, so a caller that pipelines (the Kafka
+//! mount) can go on while the embedded store's group commit makes them durable, and acknowledges only after.
 
 mod edge;
 mod intercept;
@@ -15,6 +17,7 @@ mod layer;
 mod server;
 
 use async_trait::async_trait;
+use futures::future::BoxFuture;
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
@@ -143,22 +146,39 @@ impl<'a> Query<'a> {
     }
 }
 
+/// Points a store has taken but not yet made durable: resolves once they are (or with the error that kept them from
+/// it). Dropping it does not cancel the write.
+pub type Durable = BoxFuture<'static, Result<(), StoreError>>;
+
+/// A [`Durable`] that already is.
+pub fn already_durable() -> Durable {
+    Box::pin(std::future::ready(Ok(())))
+}
+
 #[async_trait]
 pub trait VectorStore: Send + Sync {
     fn collection(&self) -> &CollectionSpec;
     /// Inserts or overwrites the points; returns once they are durable (unless the store was opened for bulk
     /// loading with [`Durability::OnFlush`], where [`VectorStore::flush`] makes them durable).
+    async fn upsert(&self, points: Vec<Point>) -> Result<(), StoreError> {
+        self.hand_over(points).await?.await
+    }
+    /// Inserts or overwrites the points; returns once the store has taken them, with the [`Durable`] that says
+    /// when they are durable. Points of two hand-overs are written in the order they were handed over.
     ///
     /// An engine writes in [`VectorStore::write`]; this checks the points against the collection first (nothing
-    /// to do for none; a vector of the wrong size is [`StoreError::Invalid`]).
-    async fn upsert(&self, points: Vec<Point>) -> Result<(), StoreError> {
+    /// to do for none; a vector of the wrong size is [`StoreError::Invalid`]). An engine that can take points
+    /// before they are durable overrides it (the embedded store); layers override it to see every write.
+    async fn hand_over(&self, points: Vec<Point>) -> Result<Durable, StoreError> {
         if points.is_empty() {
-            return Ok(());
+            return Ok(already_durable());
         }
         check_vectors(self.collection(), &points)?;
-        self.write(points).await
+        self.write(points).await?;
+        Ok(already_durable())
     }
-    /// Writes points already checked by [`VectorStore::upsert`] (not empty, every vector of the collection's size).
+    /// Writes points already checked by [`VectorStore::hand_over`] (not empty, every vector of the collection's
+    /// size); returns once they are durable.
     async fn write(&self, points: Vec<Point>) -> Result<(), StoreError>;
     /// Makes every upsert so far durable. A no-op where upserts are durable on return.
     async fn flush(&self) -> Result<(), StoreError> {

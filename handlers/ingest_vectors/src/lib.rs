@@ -2,7 +2,7 @@
 //!
 //! Point ids are UUIDv5 of the chain's origin event id and the chunk index, so a redelivered event, a replay or a
 //! re-run of the whole chain (which mints new intermediate event ids) overwrites the same points instead of adding
-//! new ones. The upsert is durable before `handle` returns, and the runtime acknowledges the input only after that.
+//! new ones. The points are durable before the runtime acknowledges the input ([`HandlerContext::write_points`]).
 
 use async_trait::async_trait;
 use aura_runtime::events::limits::{LABEL_CHARS, Limits, POINT_TEXT_CHARS, truncate_chars};
@@ -44,7 +44,7 @@ impl Handler for IngestVectors {
         ctx: &HandlerContext,
     ) -> Result<Vec<Event>, HandlerError> {
         let points = points(event, &ctx.limits)?;
-        ctx.store.upsert(points).await?;
+        ctx.write_points(points).await?;
         Ok(Vec::new())
     }
 }
