@@ -11,19 +11,145 @@ use crate::Timestamp;
 ///
 /// The per-type fields (`data`, `context_data`, `vectors`, …) and any field a newer producer adds live in
 /// `fields`, in their original order, so decoding and re-encoding an event never drops anything.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+///
+/// Decoding reads each field once, straight into its place (see [`EventVisitor`]): a derived decoder with
+/// `#[serde(flatten)]` would first copy the whole object into serde's generic buffer and then decode that again,
+/// which doubles the cost of the large per-type fields (a `context.vectorized` event's vectors).
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Event {
     pub event_id: Uuid,
     pub event_type: String,
     pub timestamp: Timestamp,
-    #[serde(default)]
     pub trace_id: Option<String>,
-    #[serde(default, deserialize_with = "lenient_user_id")]
     pub user_id: Option<String>,
-    #[serde(default, deserialize_with = "null_as_empty")]
     pub metadata: Map<String, Value>,
     #[serde(flatten)]
     pub fields: Map<String, Value>,
+}
+
+impl<'de> Deserialize<'de> for Event {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(EventVisitor)
+    }
+}
+
+/// The envelope's fields; anything else is one of the event's own `fields`.
+enum Key {
+    EventId,
+    EventType,
+    Timestamp,
+    TraceId,
+    UserId,
+    Metadata,
+    Other(String),
+}
+
+impl Key {
+    fn of(name: &str) -> Self {
+        match name {
+            "event_id" => Self::EventId,
+            "event_type" => Self::EventType,
+            "timestamp" => Self::Timestamp,
+            "trace_id" => Self::TraceId,
+            "user_id" => Self::UserId,
+            "metadata" => Self::Metadata,
+            other => Self::Other(other.to_owned()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Key {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl serde::de::Visitor<'_> for KeyVisitor {
+            type Value = Key;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a field name")
+            }
+            fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<Key, E> {
+                Ok(Key::of(name))
+            }
+            fn visit_string<E: serde::de::Error>(self, name: String) -> Result<Key, E> {
+                Ok(match Key::of(&name) {
+                    Key::Other(_) => Key::Other(name),
+                    known => known,
+                })
+            }
+        }
+        deserializer.deserialize_identifier(KeyVisitor)
+    }
+}
+
+/// `user_id` as [`lenient_user_id`] reads it.
+struct UserId(Option<String>);
+
+impl<'de> Deserialize<'de> for UserId {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        lenient_user_id(deserializer).map(Self)
+    }
+}
+
+/// `metadata` as [`null_as_empty`] reads it.
+struct Metadata(Map<String, Value>);
+
+impl<'de> Deserialize<'de> for Metadata {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        null_as_empty(deserializer).map(Self)
+    }
+}
+
+/// Reads an event object field by field: the envelope into its fields (a repeated one is an error, a missing
+/// `event_id`, `event_type` or `timestamp` too), everything else into `fields`, in order (a repeated one keeps its
+/// last value).
+struct EventVisitor;
+
+impl<'de> serde::de::Visitor<'de> for EventVisitor {
+    type Value = Event;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an event (a JSON object)")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Event, A::Error> {
+        use serde::de::Error;
+        fn once<T, E: Error>(slot: &mut Option<T>, name: &'static str, value: T) -> Result<(), E> {
+            match slot.replace(value) {
+                Some(_) => Err(E::duplicate_field(name)),
+                None => Ok(()),
+            }
+        }
+        let (mut event_id, mut event_type, mut timestamp) = (None, None, None);
+        let (mut trace_id, mut user_id, mut metadata) = (None, None, None);
+        let mut fields = Map::new();
+        while let Some(key) = map.next_key::<Key>()? {
+            match key {
+                Key::EventId => once(&mut event_id, "event_id", map.next_value::<Uuid>()?)?,
+                Key::EventType => once(&mut event_type, "event_type", map.next_value::<String>()?)?,
+                Key::Timestamp => {
+                    once(&mut timestamp, "timestamp", map.next_value::<Timestamp>()?)?
+                }
+                Key::TraceId => once(
+                    &mut trace_id,
+                    "trace_id",
+                    map.next_value::<Option<String>>()?,
+                )?,
+                Key::UserId => once(&mut user_id, "user_id", map.next_value::<UserId>()?.0)?,
+                Key::Metadata => once(&mut metadata, "metadata", map.next_value::<Metadata>()?.0)?,
+                Key::Other(name) => {
+                    fields.insert(name, map.next_value::<Value>()?);
+                }
+            }
+        }
+        Ok(Event {
+            event_id: event_id.ok_or_else(|| A::Error::missing_field("event_id"))?,
+            event_type: event_type.ok_or_else(|| A::Error::missing_field("event_type"))?,
+            timestamp: timestamp.ok_or_else(|| A::Error::missing_field("timestamp"))?,
+            trace_id: trace_id.flatten(),
+            user_id: user_id.flatten(),
+            metadata: metadata.unwrap_or_default(),
+            fields,
+        })
+    }
 }
 
 /// Why bytes could not become an [`Event`], or an event's fields do not match its type.
@@ -252,6 +378,42 @@ mod tests {
         assert_eq!(
             event.origin_event_id(),
             "5f0c6f0e-8f0a-4a53-9d55-2b0d3c1f7a10"
+        );
+    }
+
+    #[test]
+    fn the_envelope_is_read_in_any_order_and_a_repeated_envelope_field_or_a_non_object_is_refused()
+    {
+        let reordered = br#"{"data":{"a":[1.5,2]},"user_id":"u","timestamp":"2025-03-01T12:30:45Z","x":null,"event_type":"t","event_id":"5f0c6f0e-8f0a-4a53-9d55-2b0d3c1f7a10"}"#;
+        let event = Event::from_slice(reordered).unwrap();
+        assert_eq!(event.event_type, "t");
+        assert_eq!(event.user_id.as_deref(), Some("u"));
+        assert_eq!(event.trace_id, None);
+        assert_eq!(
+            event.fields.keys().collect::<Vec<_>>(),
+            ["data", "x"],
+            "the event's own fields keep their order"
+        );
+        assert_eq!(event.field("data"), Some(&json!({"a": [1.5, 2]})));
+        let twice = br#"{"event_id":"5f0c6f0e-8f0a-4a53-9d55-2b0d3c1f7a10","event_type":"a","event_type":"b","timestamp":"2025-01-01"}"#;
+        let error = Event::from_slice(twice).unwrap_err();
+        assert!(
+            error.to_string().contains("duplicate field `event_type`"),
+            "{error}"
+        );
+        assert!(matches!(
+            Event::from_slice(b"[1,2]"),
+            Err(EventError::Schema { .. })
+        ));
+        assert!(matches!(
+            Event::from_slice(b"\"event\""),
+            Err(EventError::Schema { .. })
+        ));
+        let escaped = br#"{"event\u005fid":"5f0c6f0e-8f0a-4a53-9d55-2b0d3c1f7a10","event_type":"t","timestamp":"2025-01-01"}"#;
+        assert_eq!(
+            Event::from_slice(escaped).unwrap().event_id.to_string(),
+            "5f0c6f0e-8f0a-4a53-9d55-2b0d3c1f7a10",
+            "an escaped key is the same key"
         );
     }
 

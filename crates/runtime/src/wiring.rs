@@ -7,7 +7,7 @@ use aura_embed::{
     OpenAiEmbedder, Precision, RedisTier,
 };
 use aura_store::{
-    CollectionSpec, Durability, EdgeStore, QdrantServerStore, StoreError, VectorStore,
+    CollectionSpec, Durability, EdgeLimits, EdgeStore, QdrantServerStore, StoreError, VectorStore,
 };
 
 use crate::Settings;
@@ -33,7 +33,10 @@ pub async fn build_store(
             &settings.qdrant.path,
             spec,
             durability,
-            settings.qdrant.min_free_bytes,
+            EdgeLimits {
+                min_free_bytes: settings.qdrant.min_free_bytes,
+                wal_max_bytes: settings.qdrant.wal_max_bytes,
+            },
         )?),
     })
 }

@@ -16,6 +16,15 @@
 //! The engine is synchronous, and `EdgeShard::flush` panics if its WAL lock is held concurrently: the writer task is
 //! the only code that updates or flushes, one round at a time, on the blocking pool.
 //!
+//! The WAL: `qdrant-edge` 0.7 never truncates it either (nothing calls its `ack`). Left alone it grows by every
+//! update (~3.4 KB per 384-d point), on disk and — it is memory-mapped — in the process's resident memory: 100,000
+//! points left 335 MB of WAL and 191 MB of file-backed RSS. Since nothing reads it back, the writer *rotates* it: once
+//! it holds more than `wal_max_bytes` (`QDRANT_WAL_MAX_MB`) after a flushed round, it closes the shard (which flushes
+//! every segment), deletes the WAL and opens the shard again on a fresh one. Readers hold the shard for one operation
+//! at a time ([`Current`]); the rotation waits for them. What it costs is the reopen: 40 ms at 20,000 points, 77 ms at
+//! 100,000 (BENCHMARKS.md). New collections get 8 MiB WAL segments instead of 32 MiB, so the WAL is rotated in
+//! smaller steps.
+//!
 //! A full disk: the engine writes through memory maps, so running out of space kills the process with SIGBUS
 //! (seen with a full filesystem under `QDRANT_PATH`) instead of returning an error. Every round therefore first checks
 //! the free space of the store's filesystem and refuses to write below `min_free_bytes` (`QDRANT_MIN_FREE_MB`): a
@@ -29,7 +38,7 @@ use qdrant_edge::{
     Condition, CountRequest, CreateIndex, EdgeConfig, EdgeShard, EdgeVectorParams, FieldCondition,
     FieldIndexOperations, Filter, JsonPath, Match, PayloadFieldSchema, PayloadSchemaType, PointId,
     PointInsertOperations, PointOperations, PointStruct, PointStructPersisted, QueryEnum,
-    SearchRequest, UpdateOperation, WithPayloadInterface, WithVector,
+    SearchRequest, UpdateOperation, WalOptions, WithPayloadInterface, WithVector,
 };
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
@@ -50,12 +59,50 @@ pub enum Durability {
     OnFlush,
 }
 
+/// What an embedded store guards against: a nearly full disk, and a WAL that grows without end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EdgeLimits {
+    /// `QDRANT_MIN_FREE_MB`: writes are refused (transiently) while the store's filesystem has less free.
+    pub min_free_bytes: u64,
+    /// `QDRANT_WAL_MAX_MB`: the WAL is rotated once it holds more than this after a flushed round.
+    pub wal_max_bytes: u64,
+}
+
+impl Default for EdgeLimits {
+    fn default() -> Self {
+        Self {
+            min_free_bytes: DEFAULT_MIN_FREE_BYTES,
+            wal_max_bytes: DEFAULT_WAL_MAX_BYTES,
+        }
+    }
+}
+
 pub struct EdgeStore {
     spec: CollectionSpec,
     durability: Durability,
     path: PathBuf,
-    shard: Arc<EdgeShard>,
+    shard: Arc<Current>,
     writer: mpsc::UnboundedSender<WriteRequest>,
+    rotation: Arc<WalRotation>,
+}
+
+/// The open shard. The writer closes and reopens it when it rotates the WAL; everyone else takes it for one
+/// operation ([`Current::get`]) and lets go.
+struct Current(std::sync::RwLock<Option<Arc<EdgeShard>>>);
+
+impl Current {
+    fn get(&self) -> Result<Arc<EdgeShard>, StoreError> {
+        self.0
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+            .ok_or_else(|| {
+                StoreError::Unavailable(
+                    "the embedded store could not be reopened after rotating its WAL (see the log)"
+                        .into(),
+                )
+            })
+    }
 }
 
 impl std::fmt::Debug for EdgeStore {
@@ -79,20 +126,20 @@ impl EdgeStore {
         spec: CollectionSpec,
         durability: Durability,
     ) -> Result<Self, StoreError> {
-        Self::open_guarded(root, spec, durability, DEFAULT_MIN_FREE_BYTES)
+        Self::open_guarded(root, spec, durability, EdgeLimits::default())
     }
 
-    /// [`EdgeStore::open_with`], refusing writes while the store's filesystem has less than `min_free_bytes` free.
+    /// [`EdgeStore::open_with`] with the given free-space floor and WAL bound.
     pub fn open_guarded(
         root: &Path,
         spec: CollectionSpec,
         durability: Durability,
-        min_free_bytes: u64,
+        limits: EdgeLimits,
     ) -> Result<Self, StoreError> {
         let path = root.join(&spec.name);
         let exists = path.join("edge_config.json").exists() || path.join("segments").exists();
         let shard = if exists {
-            let shard = EdgeShard::load(&path, None).map_err(|e| engine(&path, e))?;
+            let shard = load(&path, false)?;
             check_existing(&spec, &shard.config())?;
             shard
         } else {
@@ -100,13 +147,15 @@ impl EdgeStore {
             EdgeShard::new(&path, edge_config(&spec)).map_err(|e| engine(&path, e))?
         };
         ensure_keyword_indexes(&shard).map_err(|e| engine(&path, e))?;
-        let shard = Arc::new(shard);
+        let shard = Arc::new(Current(std::sync::RwLock::new(Some(Arc::new(shard)))));
+        let rotation = Arc::new(WalRotation::new(path.clone(), limits.wal_max_bytes));
         let writer = spawn_writer(
             Arc::downgrade(&shard),
             SpaceGuard {
                 path: path.clone(),
-                min_free_bytes,
+                min_free_bytes: limits.min_free_bytes,
             },
+            rotation.clone(),
         )?;
         tracing::debug!(path = %path.display(), collection = %spec.name, "embedded Qdrant collection open");
         Ok(Self {
@@ -115,7 +164,15 @@ impl EdgeStore {
             path,
             shard,
             writer,
+            rotation,
         })
+    }
+
+    /// How often the writer rotated the WAL since the store was opened.
+    pub fn wal_rotations(&self) -> u64 {
+        self.rotation
+            .rotations
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Queues points for the writer task; the returned future is the answer of the round that applies (and, if
@@ -138,13 +195,40 @@ impl EdgeStore {
         &self,
         op: impl FnOnce(&EdgeShard) -> qdrant_edge::OperationResult<T> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let shard = self.shard.clone();
+        let shard = self.shard.get()?;
         blocking(move || op(&shard)).await
     }
 }
 
+/// Loads an existing shard with its stored config (checked by the caller). On a fresh WAL (after a rotation) a
+/// collection created with qdrant-edge's 32 MiB WAL segments moves to [`WAL_SEGMENT_BYTES`].
+fn load(path: &Path, fresh_wal: bool) -> Result<EdgeShard, StoreError> {
+    let config = match EdgeConfig::load(path) {
+        Some(Ok(mut config)) if fresh_wal => {
+            config.wal_options = Some(wal_options());
+            Some(config)
+        }
+        _ => None,
+    };
+    EdgeShard::load(path, config).map_err(|e| engine(path, e))
+}
+
+fn wal_options() -> WalOptions {
+    WalOptions {
+        segment_capacity: WAL_SEGMENT_BYTES,
+        ..WalOptions::default()
+    }
+}
+
+/// WAL segments of new collections: a quarter of qdrant-edge's 32 MiB, so that a rotation bound of a few dozen MiB
+/// is a few segments.
+const WAL_SEGMENT_BYTES: usize = 8 * 1024 * 1024;
+
 fn edge_config(spec: &CollectionSpec) -> EdgeConfig {
-    let mut config = EdgeConfig::default();
+    let mut config = EdgeConfig {
+        wal_options: Some(wal_options()),
+        ..EdgeConfig::default()
+    };
     config.hnsw_config.m = 16;
     config.hnsw_config.ef_construct = 256;
     config.hnsw_config.on_disk = Some(true);
@@ -403,6 +487,9 @@ const MAX_POINTS_PER_WRITE: usize = 4096;
 /// `QDRANT_MIN_FREE_MB`'s default: room for a WAL segment and a few segment files to grow.
 pub const DEFAULT_MIN_FREE_BYTES: u64 = 128 * 1024 * 1024;
 
+/// `QDRANT_WAL_MAX_MB`'s default (see [`EdgeLimits::wal_max_bytes`]).
+pub const DEFAULT_WAL_MAX_BYTES: u64 = 32 * 1024 * 1024;
+
 /// Refuses a write round while the store's filesystem is nearly full (see the module doc: a full disk is a SIGBUS).
 struct SpaceGuard {
     path: PathBuf,
@@ -429,11 +516,108 @@ impl SpaceGuard {
     }
 }
 
-/// The writer task: one round = every request waiting now → one update → one flush → answer them all.
+/// Rotates the WAL once it has grown by more than `max_bytes` since the shard was opened (see the module doc). The
+/// size at opening (`opened_with`) is the segments qdrant-edge creates ahead, or a WAL an earlier process left.
+struct WalRotation {
+    path: PathBuf,
+    max_bytes: u64,
+    opened_with: std::sync::atomic::AtomicU64,
+    rotations: std::sync::atomic::AtomicU64,
+}
+
+/// How long a rotation waits for readers to let go of the shard before it leaves the rotation to a later round.
+const ROTATION_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl WalRotation {
+    fn new(path: PathBuf, max_bytes: u64) -> Self {
+        let rotation = Self {
+            path,
+            max_bytes,
+            opened_with: std::sync::atomic::AtomicU64::new(0),
+            rotations: std::sync::atomic::AtomicU64::new(0),
+        };
+        rotation
+            .opened_with
+            .store(rotation.wal_bytes(), std::sync::atomic::Ordering::Relaxed);
+        rotation
+    }
+
+    fn wal(&self) -> PathBuf {
+        self.path.join("wal")
+    }
+
+    /// Bytes the WAL's files take.
+    fn wal_bytes(&self) -> u64 {
+        std::fs::read_dir(self.wal())
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter_map(|entry| entry.metadata().ok())
+                    .map(|metadata| metadata.len())
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+
+    fn due(&self) -> bool {
+        let opened_with = self.opened_with.load(std::sync::atomic::Ordering::Relaxed);
+        self.wal_bytes().saturating_sub(opened_with) > self.max_bytes
+    }
+
+    /// Closes the shard (flushing every segment), deletes the WAL and opens the shard again. Everything the WAL
+    /// holds is in the flushed segments, and nothing reads the WAL back. The shard stays closed (every call
+    /// `Unavailable`) only if it cannot be opened again.
+    fn rotate(&self, current: &Current) {
+        let started = std::time::Instant::now();
+        let before = self.wal_bytes();
+        let mut slot = current
+            .0
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let Some(mut shard) = slot.take() else { return };
+        // Readers took a clone for one operation; no new ones while the slot is locked.
+        let shard = loop {
+            match Arc::try_unwrap(shard) {
+                Ok(alone) => break alone,
+                Err(shared) if started.elapsed() < ROTATION_WAIT => {
+                    shard = shared;
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                Err(shared) => {
+                    *slot = Some(shared);
+                    tracing::warn!(path = %self.path.display(), "WAL not rotated: the store is busy; trying again after the next write");
+                    return;
+                }
+            }
+        };
+        // Dropping flushes every segment; qdrant-edge panics when that fails. Only a flushed shard's WAL may go.
+        let flushed =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(shard))).is_ok();
+        let deleted = flushed && std::fs::remove_dir_all(self.wal()).is_ok();
+        match load(&self.path, deleted) {
+            Ok(reopened) => {
+                *slot = Some(Arc::new(reopened));
+                self.opened_with
+                    .store(self.wal_bytes(), std::sync::atomic::Ordering::Relaxed);
+                self.rotations
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::debug!(path = %self.path.display(), wal_bytes = before, flushed, deleted,
+                    took_ms = started.elapsed().as_secs_f64() * 1e3, "embedded store WAL rotated");
+            }
+            Err(error) => {
+                tracing::error!(path = %self.path.display(), %error, "the embedded store could not be reopened after rotating its WAL; every write and read fails until the process restarts");
+            }
+        }
+    }
+}
+
+/// The writer task: one round = every request waiting now → one update → one flush → (if the WAL has grown past its
+/// bound, rotate it) → answer them all.
 /// It holds the shard weakly, so dropping the store closes (and finally flushes) the shard at once.
 fn spawn_writer(
-    shard: std::sync::Weak<EdgeShard>,
+    shard: std::sync::Weak<Current>,
     guard: SpaceGuard,
+    rotation: Arc<WalRotation>,
 ) -> Result<mpsc::UnboundedSender<WriteRequest>, StoreError> {
     let handle = tokio::runtime::Handle::try_current().map_err(|_| {
         StoreError::Invalid("the embedded store must be opened inside a Tokio runtime".into())
@@ -455,20 +639,33 @@ fn spawn_writer(
             let flush = round.iter().any(|r| r.flush);
             let (batch, waiters): (Vec<_>, Vec<_>) =
                 round.into_iter().map(|r| (r.points, r.done)).unzip();
-            let Some(shard) = shard.upgrade() else { break };
+            let Some(current) = shard.upgrade() else {
+                break;
+            };
             let requests = waiters.len();
-            let outcome = match guard.check() {
-                Ok(()) => tokio::task::spawn_blocking(move || {
-                    write_round(&shard, batch.concat(), flush, requests)
-                })
-                .await
-                .unwrap_or_else(|e| {
-                    Err(StoreError::Unavailable(format!(
-                        "embedded store write task failed: {e}"
-                    )))
-                }),
+            let outcome = match guard.check().and_then(|()| current.get()) {
+                Ok(open) => {
+                    let (rotation, current) = (rotation.clone(), current.clone());
+                    tokio::task::spawn_blocking(move || {
+                        let written = write_round(&open, batch.concat(), flush, requests);
+                        drop(open);
+                        // Before the answers: once a caller has its answer, the writer holds nothing of the
+                        // shard, so a store dropped right after closes it at once.
+                        if flush && written.is_ok() && rotation.due() {
+                            rotation.rotate(&current);
+                        }
+                        written
+                    })
+                    .await
+                    .unwrap_or_else(|e| {
+                        Err(StoreError::Unavailable(format!(
+                            "embedded store write task failed: {e}"
+                        )))
+                    })
+                }
                 Err(refused) => Err(refused),
             };
+            drop(current);
             for waiter in waiters {
                 // A caller that gave up waiting is fine: its points are written either way.
                 let _ = waiter.send(outcome.clone());

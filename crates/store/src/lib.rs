@@ -21,7 +21,7 @@ use futures::future::BoxFuture;
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
-pub use edge::{Durability, EdgeStore};
+pub use edge::{DEFAULT_MIN_FREE_BYTES, DEFAULT_WAL_MAX_BYTES, Durability, EdgeLimits, EdgeStore};
 pub use intercept::{Intercept, InterceptedStore};
 pub use layer::{Layered, StoreLayer};
 pub use server::QdrantServerStore;

@@ -222,3 +222,85 @@ async fn points_of_another_embedding_model_are_counted_and_one_of_them_is_named(
     let foreign = store.foreign_points(&accepted[..1]).await.unwrap().unwrap();
     assert_eq!(foreign.points, 4, "alias not accepted here; model-b; none");
 }
+
+/// Bytes of the files under `dir`.
+fn bytes_under(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|entry| entry.metadata().unwrap().len())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wal_is_rotated_past_its_bound_while_reads_go_on_and_every_point_survives() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = aura_store::EdgeLimits {
+        wal_max_bytes: 1024 * 1024,
+        ..aura_store::EdgeLimits::default()
+    };
+    let store = std::sync::Arc::new(
+        EdgeStore::open_guarded(dir.path(), spec(DIM), Durability::EveryWrite, limits).unwrap(),
+    );
+    // ~4.5 KB of WAL per point: 6,000 points are ~27 MB, over three 8 MiB WAL segments.
+    let note = "n".repeat(4096);
+    let written = 6_000u32;
+    let reader = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut reads = 0;
+            while store.count(None).await.unwrap() < u64::from(written) {
+                store
+                    .search(Query::nearest(vec![0.5; DIM], 3))
+                    .await
+                    .unwrap();
+                reads += 1;
+            }
+            reads
+        })
+    };
+    for batch in 0..written / 100 {
+        let points = (0..100)
+            .map(|i| {
+                let n = batch * 100 + i;
+                let payload = json!({"user_id": format!("user-{}", n % 7), "text": note})
+                    .as_object()
+                    .cloned()
+                    .unwrap();
+                Point {
+                    id: Uuid::new_v5(&Uuid::NAMESPACE_OID, &n.to_le_bytes()),
+                    vector: (0..DIM)
+                        .map(|d| ((n as usize + d) % 11) as f32 + 0.1)
+                        .collect(),
+                    payload,
+                }
+            })
+            .collect();
+        store.upsert(points).await.unwrap();
+    }
+    assert!(reader.await.unwrap() > 0, "reads ran while the WAL rotated");
+    assert!(
+        store.wal_rotations() >= 2,
+        "rotations: {}",
+        store.wal_rotations()
+    );
+    let wal = dir.path().join("user_context").join("wal");
+    // Without rotation the WAL would hold every update (~27 MB, four or more 8 MiB segments).
+    assert!(
+        bytes_under(&wal) <= 24 * 1024 * 1024,
+        "WAL: {} bytes",
+        bytes_under(&wal)
+    );
+    assert_eq!(store.count(None).await.unwrap(), u64::from(written));
+    assert_eq!(store.count(Some("user-3")).await.unwrap(), 857);
+    drop(store);
+
+    let reopened = EdgeStore::open(dir.path(), spec(DIM)).unwrap();
+    assert_eq!(reopened.count(None).await.unwrap(), u64::from(written));
+    let hits = reopened
+        .search(Query::nearest(vec![0.5; DIM], 5).of_user("user-3"))
+        .await
+        .unwrap();
+    assert_eq!(hits.len(), 5);
+    assert!(hits.iter().all(|h| h.payload["text"] == note));
+}

@@ -2,7 +2,8 @@
 //! retries and backoff; each event's outcome recorded in the window once its outputs are acknowledged.
 //!
 //! **Pipelining.** A key's next event starts once the previous one's outputs are *handed over* to the producer
-//! (queued behind them, so they reach the broker in order), not once they are acknowledged. Up to
+//! (queued behind them, so they reach the broker in order) and its points to the store (queued for its writer), not
+//! once they are acknowledged and durable; "acknowledged" below covers both ([`aura_runtime::Pending`]). Up to
 //! `KAFKA_PIPELINE_DEPTH` events of a key wait for their acknowledgements at once; they are settled oldest first, and
 //! an event is finished in the window (so its offset may be committed) only once it and every event of its key
 //! before it were acknowledged. When an acknowledgement fails, nothing more of the key is handed over: what was
@@ -84,7 +85,7 @@ pub(super) struct Line {
     handed: VecDeque<(OwnedMessage, Settling, bool)>,
     /// Events to run again, oldest first, each acknowledged before the next starts.
     again: VecDeque<OwnedMessage>,
-    /// Consecutive failed acknowledgements (the backoff's attempt number).
+    /// Consecutive failed acknowledgements or writes (the backoff's attempt number).
     failures: u32,
 }
 
@@ -252,9 +253,10 @@ impl RunnerContext {
             line.failures += 1;
             let delay = self.retry.delay(line.failures);
             tracing::warn!(topic = message.topic(), partition = message.partition(), offset = message.offset(),
-                handed_over_after = line.handed.len(), retry_in_ms = delay.as_millis() as u64, error = %failure,
-                "an output was not acknowledged: this event and those of its key handed over after it run again, in \
-                 order (nothing after it is committed meanwhile)");
+                attempt = line.failures, handed_over_after = line.handed.len(), retry_in_ms = delay.as_millis() as u64,
+                error = %failure,
+                "an output was not acknowledged or a write not made durable: this event and those of its key handed \
+                 over after it run again, in order (nothing after it is committed meanwhile)");
             // What was handed over after it settles first: its outputs may land now and again when it runs again.
             let mut again: VecDeque<OwnedMessage> = VecDeque::with_capacity(line.handed.len() + 1);
             again.push_back(message);

@@ -84,6 +84,7 @@ struct QdrantKeys {
     qdrant_path: String,
     qdrant_collection: String,
     qdrant_min_free_mb: u64,
+    qdrant_wal_max_mb: u64,
     vector_distance: String,
 }
 
@@ -420,6 +421,7 @@ impl QdrantKeys {
             collection: required("qdrant_collection", &self.qdrant_collection)?,
             distance,
             min_free_bytes: self.qdrant_min_free_mb.saturating_mul(1024 * 1024),
+            wal_max_bytes: self.qdrant_wal_max_mb.max(1).saturating_mul(1024 * 1024),
         })
     }
 }

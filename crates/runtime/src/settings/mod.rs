@@ -182,6 +182,8 @@ pub struct QdrantSettings {
     pub distance: aura_store::Distance,
     /// `QDRANT_MIN_FREE_MB` (embedded store): writes wait while its filesystem has less free.
     pub min_free_bytes: u64,
+    /// `QDRANT_WAL_MAX_MB` (embedded store): its WAL is rotated once it has grown by this much.
+    pub wal_max_bytes: u64,
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -54,6 +54,7 @@ fn defaults_alone_give_an_embedded_offline_setup() {
     assert_eq!(s.limits, aura_events::limits::Limits::default());
     assert_eq!(s.kafka.message_max_bytes, 1_000_000);
     assert_eq!(s.qdrant.min_free_bytes, 128 * 1024 * 1024);
+    assert_eq!(s.qdrant.wal_max_bytes, 32 * 1024 * 1024);
     assert_eq!(
         s.kafka.dead_letter_spool_dir,
         PathBuf::from("./data/dead-letters")
