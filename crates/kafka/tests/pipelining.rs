@@ -358,6 +358,19 @@ impl Scenario {
         .unwrap();
     }
 
+    /// Opens the gate (the lost one fails), waits until everything is committed, checks that each input (and the
+    /// marker) finished once; the output topic's records.
+    async fn fail_the_lost_one_and_finish(&mut self) -> Vec<(String, u64, String)> {
+        self.gate.add_permits(1);
+        let (report, records) = self.finish().await;
+        assert_eq!(
+            report.handled,
+            self.sent as u64 + 1,
+            "each input (and the marker) finished once"
+        );
+        records
+    }
+
     /// Waits until every input is committed, stops the consumer; its report and the output topic's records.
     async fn finish(&mut self) -> (aura_kafka::ConsumerReport, Vec<(String, u64, String)>) {
         aura_testkit::wait_until("everything committed", Duration::from_secs(60), || {
@@ -384,7 +397,7 @@ fn seqs(records: &[(String, u64, String)], user: &str) -> Vec<u64> {
 #[cfg_attr(not(feature = "services"), ignore = "needs Kafka and the Python venv: scripts/test.sh")]
 async fn a_lost_delivery_mid_run_redelivers_from_it_in_order_and_commits_nothing_past_it() {
     let mut run = Scenario::start("pipelined", Fault::LostDelivery).await;
-    let (settings, sent) = (run.settings.clone(), run.sent);
+    let settings = run.settings.clone();
     // Everything after the lost delivery is acknowledged, and still nothing past it is committed.
     aura_testkit::wait_until(
         "the 39 other outputs acknowledged",
@@ -396,13 +409,7 @@ async fn a_lost_delivery_mid_run_redelivers_from_it_in_order_and_commits_nothing
     run.all_handed_over_and_committed_up_to_the_lost_one().await;
 
     // The delivery fails: user-0 runs again from seq 5, in order.
-    run.gate.add_permits(1);
-    let (report, records) = run.finish().await;
-    assert_eq!(
-        report.handled,
-        sent as u64 + 1,
-        "each input (and the marker) finished once"
-    );
+    let records = run.fail_the_lost_one_and_finish().await;
     // What the log holds: user-0's 6..=19 went out once behind the lost 5, then 5..=19 again, in order.
     let expected: Vec<u64> = (0..5).chain(6..20).chain(5..20).collect();
     assert_eq!(seqs(&records, "user-0"), expected);
@@ -448,7 +455,7 @@ async fn an_output_refused_mid_run_dead_letters_its_input_once_its_key_caught_up
 async fn a_write_that_fails_to_become_durable_mid_run_is_written_again_in_order_and_nothing_past_it_is_committed()
  {
     let mut run = Scenario::start("pipelined-write", Fault::LostWrite).await;
-    let (sent, store) = (run.sent, run.store.clone());
+    let store = run.store.clone();
     // Every other point is written (the store took them in order behind the lost one), and still nothing past the
     // lost write is committed.
     aura_testkit::wait_until(
@@ -462,13 +469,7 @@ async fn a_write_that_fails_to_become_durable_mid_run_is_written_again_in_order_
     assert_eq!(store.count(None).await.unwrap(), 39);
 
     // The write fails: user-0 runs again from seq 5, in order, and every point is in the store once.
-    run.gate.add_permits(1);
-    let (report, _) = run.finish().await;
-    assert_eq!(
-        report.handled,
-        sent as u64 + 1,
-        "each input (and the marker) finished once"
-    );
+    run.fail_the_lost_one_and_finish().await;
     let written = store.layer().written.lock().unwrap().clone();
     let seqs_of = |user: &str| -> Vec<u64> {
         written
