@@ -191,12 +191,15 @@ def bench_arguments(events, **options):
 
 
 def main():
-    args = bench_arguments(20_000, mixed_events=5_000, journal_every=50)
+    args = bench_arguments(20_000, mixed_events=5_000, journal_every=50, mounts="kafka,celery")
     ordinary = backlog(args.events, 0, 1)
     mixed = backlog(args.mixed_events, args.journal_every, 2)
     journal_mb = sum(len(e["data"]["notes"]) for e in mixed if len(e["data"]["notes"]) > 1000) / 1e6
     rows = []
-    for mount, case in (("vectordb-consumer (Kafka)", kafka_case), ("vectordb-worker (Celery, Redis)", celery_case)):
+    cases = (("kafka", "vectordb-consumer (Kafka)", kafka_case), ("celery", "vectordb-worker (Celery, Redis)", celery_case))
+    for key, mount, case in cases:
+        if key not in args.mounts.split(","):
+            continue
         for label, events in (("ordinary", ordinary), ("mixed", mixed)):
             peak, seconds = case(args, label, events)
             rows.append((mount, label, len(events), peak, seconds))
