@@ -18,12 +18,14 @@
 //!
 //! The WAL: `qdrant-edge` 0.7 never truncates it either (nothing calls its `ack`). Left alone it grows by every
 //! update (~3.4 KB per 384-d point), on disk and — it is memory-mapped — in the process's resident memory: 100,000
-//! points left 335 MB of WAL and 191 MB of file-backed RSS. Since nothing reads it back, the writer *rotates* it: once
-//! it holds more than `wal_max_bytes` (`QDRANT_WAL_MAX_MB`) after a flushed round, it closes the shard (which flushes
+//! points left 335 MB of WAL and 191 MB of file-backed RSS. Since nothing reads it back, the writer *rotates* it: after
+//! a flushed round in which it passed its bound (`QDRANT_WAL_MAX_MB`), it closes the shard (which flushes
 //! every segment), deletes the WAL and opens the shard again on a fresh one. Readers hold the shard for one operation
-//! at a time ([`Current`]); the rotation waits for them. What it costs is the reopen: 40 ms at 20,000 points, 77 ms at
-//! 100,000 (BENCHMARKS.md). New collections get 8 MiB WAL segments instead of 32 MiB, so the WAL is rotated in
-//! smaller steps.
+//! at a time ([`Current`]); the rotation waits for them. If the shard cannot be opened again (another process took
+//! its WAL lock meanwhile), reads and writes fail transiently and the next write round opens it. What a rotation costs
+//! is the reopen: 40 ms at 20,000 points, 77 ms at 100,000 (BENCHMARKS.md). New collections get 8 MiB WAL segments
+//! instead of 32 MiB, so the WAL is rotated in smaller steps. It is rotated once it has grown by more than
+//! `wal_max_bytes` since the shard was opened.
 //!
 //! A full disk: the engine writes through memory maps, so running out of space kills the process with SIGBUS
 //! (seen with a full filesystem under `QDRANT_PATH`) instead of returning an error. Every round therefore first checks
@@ -594,20 +596,38 @@ impl WalRotation {
         let flushed =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(shard))).is_ok();
         let deleted = flushed && std::fs::remove_dir_all(self.wal()).is_ok();
-        match load(&self.path, deleted) {
-            Ok(reopened) => {
-                *slot = Some(Arc::new(reopened));
-                self.opened_with
-                    .store(self.wal_bytes(), std::sync::atomic::Ordering::Relaxed);
+        match self.open(&mut slot) {
+            Ok(_) => {
                 self.rotations
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::debug!(path = %self.path.display(), wal_bytes = before, flushed, deleted,
                     took_ms = started.elapsed().as_secs_f64() * 1e3, "embedded store WAL rotated");
             }
             Err(error) => {
-                tracing::error!(path = %self.path.display(), %error, "the embedded store could not be reopened after rotating its WAL; every write and read fails until the process restarts");
+                tracing::error!(path = %self.path.display(), %error, "the embedded store could not be reopened after rotating its WAL; reads and writes fail until the next write reopens it");
             }
         }
+    }
+
+    /// The shard, reopened if a rotation left it closed (another process held its WAL lock meanwhile, say).
+    fn reopened(&self, current: &Current) -> Result<Arc<EdgeShard>, StoreError> {
+        let mut slot = current
+            .0
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        match slot.as_ref() {
+            Some(open) => Ok(open.clone()),
+            None => self.open(&mut slot),
+        }
+    }
+
+    /// Opens the shard into `slot` (on a fresh WAL when there is none) and notes the WAL's size.
+    fn open(&self, slot: &mut Option<Arc<EdgeShard>>) -> Result<Arc<EdgeShard>, StoreError> {
+        let shard = Arc::new(load(&self.path, !self.wal().exists())?);
+        *slot = Some(shard.clone());
+        self.opened_with
+            .store(self.wal_bytes(), std::sync::atomic::Ordering::Relaxed);
+        Ok(shard)
     }
 }
 
@@ -643,10 +663,14 @@ fn spawn_writer(
                 break;
             };
             let requests = waiters.len();
-            let outcome = match guard.check().and_then(|()| current.get()) {
-                Ok(open) => {
+            let outcome = match guard.check() {
+                Ok(()) => {
                     let (rotation, current) = (rotation.clone(), current.clone());
                     tokio::task::spawn_blocking(move || {
+                        let open = match current.get() {
+                            Ok(open) => open,
+                            Err(_) => rotation.reopened(&current)?,
+                        };
                         let written = write_round(&open, batch.concat(), flush, requests);
                         drop(open);
                         // Before the answers: once a caller has its answer, the writer holds nothing of the
@@ -713,4 +737,40 @@ fn write_round(
         "embedded write round"
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_shard_left_closed_by_a_failed_reopen_is_reopened_by_the_next_write_round() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = CollectionSpec {
+            name: "c".into(),
+            dimension: 4,
+            distance: Distance::Cosine,
+        };
+        let store = EdgeStore::open(dir.path(), spec.clone()).unwrap();
+        let point = crate::Point {
+            id: uuid::Uuid::new_v4(),
+            vector: vec![1.0; 4],
+            payload: serde_json::Map::new(),
+        };
+        store.upsert(vec![point.clone()]).await.unwrap();
+        // What a rotation whose reopen failed leaves: no shard. Reads fail, transiently.
+        let closed = store.shard.0.write().unwrap().take().unwrap();
+        drop(closed);
+        let refused = store.count(None).await.unwrap_err();
+        assert!(refused.is_transient(), "{refused}");
+        // The next write round opens it again, and everything written before is there.
+        store
+            .upsert(vec![crate::Point {
+                id: uuid::Uuid::new_v4(),
+                ..point
+            }])
+            .await
+            .unwrap();
+        assert_eq!(store.count(None).await.unwrap(), 2);
+    }
 }
