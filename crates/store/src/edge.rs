@@ -671,7 +671,9 @@ fn spawn_writer(
                             Ok(open) => open,
                             Err(_) => rotation.reopened(&current)?,
                         };
-                        let written = write_round(&open, batch.concat(), flush, requests);
+                        // Moved, not cloned (`concat` would copy every vector and payload).
+                        let points = batch.into_iter().flatten().collect();
+                        let written = write_round(&open, points, flush, requests);
                         drop(open);
                         // Before the answers: once a caller has its answer, the writer holds nothing of the
                         // shard, so a store dropped right after closes it at once.
