@@ -83,10 +83,11 @@ impl StoreLayer for Observed {
         inner: &dyn VectorStore,
         points: Vec<Point>,
     ) -> Result<Durable, StoreError> {
-        let durable = inner
-            .hand_over(points)
-            .await
-            .or_else(|refused| observe(self.0.as_ref(), Err(refused)))?;
+        let durable = match inner.hand_over(points).await {
+            Ok(durable) => durable,
+            // Refused before it was queued (the writer stopped, a vector of the wrong size): reported now.
+            Err(refused) => return observe(self.0.as_ref(), Err(refused)),
+        };
         let observer = self.0.clone();
         Ok(Box::pin(async move {
             observe(observer.as_ref(), durable.await)

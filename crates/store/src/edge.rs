@@ -193,12 +193,21 @@ impl EdgeStore {
         }))
     }
 
+    /// Runs `op` on the blocking pool. The shard is taken there too: a rotation holds it for the length of a reopen,
+    /// and waiting for it must not block a runtime thread.
     async fn read<T: Send + 'static>(
         &self,
         op: impl FnOnce(&EdgeShard) -> qdrant_edge::OperationResult<T> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let shard = self.shard.get()?;
-        blocking(move || op(&shard)).await
+        let current = self.shard.clone();
+        match tokio::task::spawn_blocking(move || current.get().map(|shard| op(&shard))).await {
+            Ok(Ok(Ok(value))) => Ok(value),
+            Ok(Ok(Err(e))) => Err(StoreError::Unavailable(format!("embedded Qdrant: {e}"))),
+            Ok(Err(closed)) => Err(closed),
+            Err(join) => Err(StoreError::Unavailable(format!(
+                "embedded Qdrant task failed: {join}"
+            ))),
+        }
     }
 }
 
@@ -357,18 +366,6 @@ fn writer_stopped() -> StoreError {
 
 fn engine(path: &Path, error: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(format!("embedded Qdrant at {}: {error}", path.display()))
-}
-
-async fn blocking<T: Send + 'static>(
-    op: impl FnOnce() -> qdrant_edge::OperationResult<T> + Send + 'static,
-) -> Result<T, StoreError> {
-    match tokio::task::spawn_blocking(op).await {
-        Ok(Ok(value)) => Ok(value),
-        Ok(Err(e)) => Err(StoreError::Unavailable(format!("embedded Qdrant: {e}"))),
-        Err(join) => Err(StoreError::Unavailable(format!(
-            "embedded Qdrant task failed: {join}"
-        ))),
-    }
 }
 
 #[async_trait]
