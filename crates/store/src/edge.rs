@@ -719,15 +719,6 @@ fn write_round(
             StoreError::Unavailable("flushing the embedded store to disk failed".into())
         })?;
     }
-    if std::env::var_os("TMP_ROUNDS").is_some() {
-        eprintln!(
-            "ROUND {} {} {:.2} {:.2}",
-            count,
-            requests,
-            applied.as_secs_f64() * 1e3,
-            (started.elapsed() - applied).as_secs_f64() * 1e3
-        );
-    }
     tracing::debug!(
         points = count,
         requests,
