@@ -103,6 +103,13 @@ pub fn subscribed_topics(registry: &Registry, topics: &TopicNames) -> Vec<String
 /// which fills): a full window drains in tens of milliseconds.
 const FETCH_QUEUE_BACKOFF_MS: u32 = 50;
 
+/// librdkafka's prefetch queue (`queued.max.messages.kbytes`, which also caps one fetch's `fetch.max.bytes`): a
+/// thirty-second of `KAFKA_MAX_IN_FLIGHT_BYTES` (2 MiB by default), between 1 MiB and 64 MiB. Fetched records wait
+/// there until the poller books them; while the windows are full it is the only other copy of them in memory.
+fn prefetch_kbytes(options: &ConsumerOptions) -> usize {
+    (options.max_in_flight_bytes / 32 / 1024).clamp(1024, 64 * 1024)
+}
+
 /// How long leaving the group may take at exit.
 const CLOSE_LIMIT: Duration = Duration::from_secs(5);
 
@@ -143,9 +150,11 @@ async fn close_within(consumer: Arc<StreamConsumer<MountContext>>, limit: Durati
 }
 
 /// The group member: offsets stored by us after each event's work and committed by librdkafka every second, the
-/// session and assignment strategy of the settings, a heartbeat a third of the session.
+/// session and assignment strategy of the settings, a heartbeat a third of the session, the prefetch queue of
+/// [`prefetch_kbytes`].
 fn group_consumer(
     settings: &KafkaSettings,
+    options: &ConsumerOptions,
     shared: &Arc<Shared>,
 ) -> Result<StreamConsumer<MountContext>, ClientError> {
     client_config(settings)?
@@ -156,7 +165,10 @@ fn group_consumer(
         .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", "false")
         .set("allow.auto.create.topics", "false")
-        .set("queued.max.messages.kbytes", "16384")
+        .set(
+            "queued.max.messages.kbytes",
+            prefetch_kbytes(options).to_string(),
+        )
         .set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS.to_string())
         .set("fetch.wait.max.ms", settings.fetch_wait_max_ms.to_string())
         .set(
@@ -203,7 +215,7 @@ pub async fn run_consumer(
         )),
     });
     let _pause_watch = Paused::watch(&shared.paused);
-    let consumer = Arc::new(group_consumer(settings, &shared)?);
+    let consumer = Arc::new(group_consumer(settings, &options, &shared)?);
     let names: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer
         .subscribe(&names)
@@ -455,10 +467,23 @@ mod tests {
         assert!(bounds.exceeds([1, 0, 1, 0], 1));
         assert!(bounds.exceeds([1, 0, 1, 0], 2));
         let defaults = Bounds::new(&ConsumerOptions::default());
-        assert!(!defaults.exceeds([999, 0, 999, 0], 1));
-        assert!(defaults.exceeds([1_000, 0, 1_000, 0], 1));
-        assert!(defaults.exceeds([500, 0, 500, 0], 2));
-        assert!(!defaults.exceeds([499, 0, 499, 0], 2));
+        assert!(!defaults.exceeds([499, 0, 499, 0], 1));
+        assert!(defaults.exceeds([500, 0, 500, 0], 1));
+        assert!(defaults.exceeds([250, 0, 250, 0], 2));
+        assert!(!defaults.exceeds([249, 0, 249, 0], 2));
+    }
+
+    #[test]
+    fn the_prefetch_queue_is_a_thirty_second_of_the_in_flight_bytes_within_1_to_64_mib() {
+        let with = |bytes| {
+            prefetch_kbytes(&ConsumerOptions {
+                max_in_flight_bytes: bytes,
+                ..ConsumerOptions::default()
+            })
+        };
+        assert_eq!(prefetch_kbytes(&ConsumerOptions::default()), 2 * 1024);
+        assert_eq!(with(1), 1024);
+        assert_eq!(with(8 << 30), 64 * 1024);
     }
 
     #[test]

@@ -46,7 +46,7 @@ impl Default for ConsumerOptions {
             ordering: KafkaOrdering::Key,
             concurrency: 64,
             pipeline_depth: 32,
-            max_in_flight_per_partition: 1_000,
+            max_in_flight_per_partition: 500,
             max_in_flight: 10_000,
             max_in_flight_bytes: 64 * 1024 * 1024,
             max_event_bytes: Limits::default().max_event_bytes,

@@ -122,7 +122,7 @@ pub struct KafkaSettings {
     /// acknowledged; the key's next event starts meanwhile. 1 = each event's outputs are acknowledged before the
     /// key's next event starts.
     pub pipeline_depth: usize,
-    /// `KAFKA_MAX_IN_FLIGHT_PER_PARTITION` (default 1000): events of one partition received and not yet committable
+    /// `KAFKA_MAX_IN_FLIGHT_PER_PARTITION` (default 500): events of one partition received and not yet committable
     /// (running, waiting behind their key, or finished behind an unfinished one); the partition pauses at this bound.
     pub max_in_flight_per_partition: usize,
     /// `KAFKA_MAX_IN_FLIGHT` (default 10000) and `KAFKA_MAX_IN_FLIGHT_BYTES` (default 67108864): the same for the
