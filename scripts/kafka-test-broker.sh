@@ -97,8 +97,12 @@ start() {
     local jvm=(-Xms128m "-Xmx${KAFKA_TEST_HEAP:-768m}" -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:TieredStopAtLevel=1
         -Djava.awt.headless=true "-Dlog4j2.configurationFile=$dir/log4j2.properties" -cp "$jars/*")
     if [[ ! -f "$dir/data/meta.properties" ]]; then
-        cluster=$(python3 -c 'import base64,uuid; print(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))')
-        "$java" "${jvm[@]}" kafka.tools.StorageTool format -t "$cluster" -c "$dir/server.properties" \
+        # Kafka's own random ids never start with '-': one that did (1 in 64 of these) was read by the tool's argument
+        # parser as an option ("--cluster-id: expected one argument"), and the broker never started.
+        cluster=$(python3 -c 'import base64,uuid
+while (c := base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")).startswith("-"): pass
+print(c)')
+        "$java" "${jvm[@]}" kafka.tools.StorageTool format --cluster-id="$cluster" -c "$dir/server.properties" \
             >>"$dir/format.log" 2>&1 || { cat "$dir/format.log" >&2; return 1; }
     fi
     : >"$dir/server.log"
