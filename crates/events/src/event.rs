@@ -81,22 +81,14 @@ impl<'de> Deserialize<'de> for Key {
 }
 
 /// `user_id` as [`lenient_user_id`] reads it.
-struct UserId(Option<String>);
-
-impl<'de> Deserialize<'de> for UserId {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        lenient_user_id(deserializer).map(Self)
-    }
-}
+#[derive(Deserialize)]
+#[serde(transparent)]
+struct UserId(#[serde(deserialize_with = "lenient_user_id")] Option<String>);
 
 /// `metadata` as [`null_as_empty`] reads it.
-struct Metadata(Map<String, Value>);
-
-impl<'de> Deserialize<'de> for Metadata {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        null_as_empty(deserializer).map(Self)
-    }
-}
+#[derive(Deserialize)]
+#[serde(transparent)]
+struct Metadata(#[serde(deserialize_with = "null_as_empty")] Map<String, Value>);
 
 /// Reads an event object field by field: the envelope into its fields (a repeated one is an error, a missing
 /// `event_id`, `event_type` or `timestamp` too), everything else into `fields`, in order (a repeated one keeps its

@@ -334,30 +334,29 @@ fn record(handler: &'static str, outcome: &'static str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{
-        CollectionInfo, CollectionSpec, Distance, ForeignPoints, Hit, Point, Query, StoreError,
-        VectorStore,
-    };
+    use crate::store::{Layered, Point, StoreError, StoreLayer, VectorStore};
+    use crate::testing::{Embedded, TEST_DIM, context_with, embedded};
     use crate::{Handler, InMemoryBus};
     use async_trait::async_trait;
     use futures::FutureExt;
     use tokio::sync::Semaphore;
 
-    /// A store whose writes become durable only as the test lets them (one permit each); nothing is kept.
-    struct GatedStore {
-        spec: CollectionSpec,
-        durable: Arc<Semaphore>,
-    }
+    /// Lets a write of the store inside count as durable only as the test allows (one permit each); a closed gate
+    /// fails it.
+    struct Gate(Arc<Semaphore>);
 
     #[async_trait]
-    impl VectorStore for GatedStore {
-        fn collection(&self) -> &CollectionSpec {
-            &self.spec
-        }
-        async fn hand_over(&self, _: Vec<Point>) -> Result<Durable, StoreError> {
-            let durable = self.durable.clone();
+    impl StoreLayer for Gate {
+        async fn hand_over(
+            &self,
+            inner: &dyn VectorStore,
+            points: Vec<Point>,
+        ) -> Result<Durable, StoreError> {
+            let written = inner.hand_over(points).await?;
+            let gate = self.0.clone();
             Ok(Box::pin(async move {
-                match durable.acquire_owned().await {
+                written.await?;
+                match gate.acquire_owned().await {
                     Ok(permit) => {
                         permit.forget();
                         Ok(())
@@ -365,21 +364,6 @@ mod tests {
                     Err(_) => Err(StoreError::Unavailable("the disk is gone (test)".into())),
                 }
             }))
-        }
-        async fn write(&self, points: Vec<Point>) -> Result<(), StoreError> {
-            self.hand_over(points).await?.await
-        }
-        async fn search(&self, _: Query<'_>) -> Result<Vec<Hit>, StoreError> {
-            Ok(Vec::new())
-        }
-        async fn count(&self, _: Option<&str>) -> Result<u64, StoreError> {
-            Ok(0)
-        }
-        async fn info(&self) -> Result<CollectionInfo, StoreError> {
-            Err(StoreError::Invalid("test store".into()))
-        }
-        async fn foreign_points(&self, _: &[String]) -> Result<Option<ForeignPoints>, StoreError> {
-            Ok(None)
         }
     }
 
@@ -401,7 +385,7 @@ mod tests {
         ) -> Result<Vec<Event>, HandlerError> {
             ctx.write_points(vec![Point {
                 id: event.event_id,
-                vector: vec![1.0; 4],
+                vector: vec![1.0; TEST_DIM],
                 payload: serde_json::Map::new(),
             }])
             .await?;
@@ -412,34 +396,21 @@ mod tests {
         }
     }
 
-    fn gated() -> (Dispatcher, Arc<Semaphore>, Arc<InMemoryBus>) {
+    /// A dispatcher whose handler writes to a real embedded store through a [`Gate`]. The store comes first, so a
+    /// test's bindings drop it (and its directory) last.
+    fn gated() -> (Embedded, Dispatcher, Arc<Semaphore>, Arc<InMemoryBus>) {
         let durable = Arc::new(Semaphore::new(0));
-        let store = GatedStore {
-            spec: CollectionSpec {
-                name: "gated".into(),
-                dimension: 4,
-                distance: Distance::Cosine,
-            },
-            durable: durable.clone(),
-        };
-        let context = HandlerContext {
-            store: Arc::new(store),
-            embedder: Arc::new(aura_embed::HashEmbedder::new(4)),
-            embedding_version: "test".into(),
-            limits: aura_events::limits::Limits::default(),
-        };
+        let store = embedded();
+        let gated = Layered::new(store.store.clone(), Gate(durable.clone()));
         let bus = Arc::new(InMemoryBus::new());
         let registry = Arc::new(Registry::new().with(WritesPoint));
-        (
-            Dispatcher::new(registry, context, bus.clone()),
-            durable,
-            bus,
-        )
+        let dispatcher = Dispatcher::new(registry, context_with(Arc::new(gated)), bus.clone());
+        (store, dispatcher, durable, bus)
     }
 
     #[tokio::test]
     async fn an_event_settles_only_once_its_writes_are_durable_and_a_failed_write_fails_it() {
-        let (dispatcher, durable, _) = gated();
+        let (store, dispatcher, durable, _) = gated();
         let event = Event::new("context.vectorized", Some("u1".into()), None);
         // Handed over at once: the write is queued, not durable.
         let (outcome, pending) = dispatcher.hand_over(&event).await.unwrap();
@@ -451,6 +422,7 @@ mod tests {
         );
         durable.add_permits(1);
         settling.await.unwrap();
+        assert_eq!(store.store.count(None).await.unwrap(), 1);
 
         // A write that never becomes durable fails the event (transient: it runs again).
         let (_, pending) = dispatcher.hand_over(&event).await.unwrap();
@@ -462,7 +434,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_output_is_handed_over_only_once_the_writes_before_it_are_durable() {
-        let (dispatcher, durable, bus) = gated();
+        let (store, dispatcher, durable, bus) = gated();
         let event = Event::new("context.aggregated", Some("u1".into()), None);
         let mut handing = Box::pin(dispatcher.hand_over(&event));
         assert!(
@@ -474,7 +446,8 @@ mod tests {
         let (outcome, pending) = handing.await.unwrap();
         pending.settle().await.unwrap();
         assert!(matches!(outcome, Outcome::Handled { produced: 1, .. }));
-        assert!(!bus.is_empty());
+        assert_eq!(bus.len(), 1);
+        assert_eq!(store.store.count(None).await.unwrap(), 1);
     }
 
     #[test]

@@ -42,5 +42,5 @@ pub use aura_embed as embed;
 pub use aura_events as events;
 pub use aura_store as store;
 
-#[cfg(feature = "testing")]
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
