@@ -10,9 +10,11 @@ The backlog is written first (Kafka: a confluent-kafka producer; Celery: `vector
 mark (`VmHWM`), read while the process runs. Prints a Markdown table.
 """
 import argparse
+import atexit
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -123,6 +125,13 @@ def chain_drained(bootstrap, group, prefix, count):
     return done, watcher
 
 
+def store_dir(prefix):
+    """A fresh folder for a process's embedded store, removed when the bench exits (a run writes 60-100 MB each)."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
 def publish_tasks(bin_dir, env, events):
     """The backlog as Celery tasks (`vectordb publish` writes what `send_task` writes)."""
     with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as handle:
@@ -138,7 +147,7 @@ def kafka_case(args, name, events):
     group = prefix + "group"
     env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=args.bootstrap, KAFKA_TOPIC_PREFIX=prefix, KAFKA_GROUP_ID=group,
                KAFKA_FETCH_WAIT_MAX_MS="20", MESSAGING_BACKEND="kafka", HTTP_ADDR="127.0.0.1:0",
-               QDRANT_PATH=tempfile.mkdtemp(prefix="bench-mem-qdrant-"), RUST_LOG="warn")
+               QDRANT_PATH=store_dir("bench-mem-qdrant-"), RUST_LOG="warn")
     subprocess.run([os.path.join(args.bin_dir, "vectordb"), "topics", "create", "--json"], env=env, check=True,
                    stdout=subprocess.DEVNULL)
     produce_backlog(args.bootstrap, prefix + TOPICS[0], events)
@@ -162,7 +171,7 @@ def celery_backlog(args, events, **settings):
 
 
 def celery_case(args, name, events):
-    client, env = celery_backlog(args, events, QDRANT_PATH=tempfile.mkdtemp(prefix="bench-mem-qdrant-"))
+    client, env = celery_backlog(args, events, QDRANT_PATH=store_dir("bench-mem-qdrant-"))
     idle_since = [None]
 
     def done():

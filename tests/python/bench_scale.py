@@ -21,14 +21,14 @@ import uuid
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_memory import (  # noqa: E402
-    TOPICS, backlog, bench_arguments, celery_backlog, chain_drained, produce_backlog)
+    TOPICS, backlog, bench_arguments, celery_backlog, chain_drained, produce_backlog, store_dir)
 
 
 def start(command, env, count, name):
     processes = []
     for i in range(count):
         log = tempfile.NamedTemporaryFile(prefix=f"bench-scale-{name}-{i}-", suffix=".log", delete=False)
-        member_env = dict(env, QDRANT_PATH=tempfile.mkdtemp(prefix="bench-scale-qdrant-"),
+        member_env = dict(env, QDRANT_PATH=store_dir("bench-scale-qdrant-"),
                           CELERY_WORKER_NAME=f"{name}-{i}@bench")
         processes.append((subprocess.Popen(command, env=member_env, stdout=subprocess.DEVNULL, stderr=log), log))
     return processes
