@@ -20,7 +20,9 @@
 //! update (~3.4 KB per 384-d point), on disk and — it is memory-mapped — in the process's resident memory: 100,000
 //! points left 335 MB of WAL and 191 MB of file-backed RSS. Since nothing reads it back, the writer *rotates* it: after
 //! a flushed round in which it passed its bound (`QDRANT_WAL_MAX_MB`), it closes the shard (which flushes
-//! every segment), deletes the WAL and opens the shard again on a fresh one. Readers hold the shard for one operation
+//! every segment), retires the WAL and opens the shard again on a fresh one. Retiring is a rename to `wal.retired`,
+//! then a delete: the engine refuses to open a WAL with a segment missing, so a process killed while it deleted one
+//! in place could not have started again. A `wal.retired` a killed process left is deleted when the store opens. Readers hold the shard for one operation
 //! at a time ([`Current`]); the rotation waits for them. If the shard cannot be opened again (another process took
 //! its WAL lock meanwhile), reads and writes fail transiently and the next write round opens it. What a rotation costs
 //! is the reopen: 40 ms at 20,000 points, 77 ms at 100,000 (BENCHMARKS.md). New collections get 8 MiB WAL segments
@@ -34,6 +36,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use qdrant_edge::{
@@ -140,8 +143,10 @@ impl EdgeStore {
     ) -> Result<Self, StoreError> {
         let path = root.join(&spec.name);
         let exists = path.join("edge_config.json").exists() || path.join("segments").exists();
+        let rotation = Arc::new(WalRotation::new(path.clone(), limits.wal_max_bytes));
         let shard = if exists {
-            let shard = load(&path, false)?;
+            rotation.delete_retired();
+            let shard = load(&path, !rotation.wal().exists())?;
             check_existing(&spec, &shard.config())?;
             shard
         } else {
@@ -150,7 +155,7 @@ impl EdgeStore {
         };
         ensure_keyword_indexes(&shard).map_err(|e| engine(&path, e))?;
         let shard = Arc::new(Current(std::sync::RwLock::new(Some(Arc::new(shard)))));
-        let rotation = Arc::new(WalRotation::new(path.clone(), limits.wal_max_bytes));
+        rotation.opened();
         let writer = spawn_writer(
             Arc::downgrade(&shard),
             SpaceGuard {
@@ -172,9 +177,7 @@ impl EdgeStore {
 
     /// How often the writer rotated the WAL since the store was opened.
     pub fn wal_rotations(&self) -> u64 {
-        self.rotation
-            .rotations
-            .load(std::sync::atomic::Ordering::Relaxed)
+        self.rotation.rotations.load(Ordering::Relaxed)
     }
 
     /// Queues points for the writer task; the returned future is the answer of the round that applies (and, if
@@ -520,8 +523,8 @@ impl SpaceGuard {
 struct WalRotation {
     path: PathBuf,
     max_bytes: u64,
-    opened_with: std::sync::atomic::AtomicU64,
-    rotations: std::sync::atomic::AtomicU64,
+    opened_with: AtomicU64,
+    rotations: AtomicU64,
 }
 
 /// How long a rotation waits for readers to let go of the shard before it leaves the rotation to a later round.
@@ -529,20 +532,45 @@ const ROTATION_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl WalRotation {
     fn new(path: PathBuf, max_bytes: u64) -> Self {
-        let rotation = Self {
+        Self {
             path,
             max_bytes,
-            opened_with: std::sync::atomic::AtomicU64::new(0),
-            rotations: std::sync::atomic::AtomicU64::new(0),
-        };
-        rotation
-            .opened_with
-            .store(rotation.wal_bytes(), std::sync::atomic::Ordering::Relaxed);
-        rotation
+            opened_with: AtomicU64::new(0),
+            rotations: AtomicU64::new(0),
+        }
     }
 
     fn wal(&self) -> PathBuf {
         self.path.join("wal")
+    }
+
+    /// Where a rotation moves the WAL before deleting it.
+    fn retired(&self) -> PathBuf {
+        self.path.join("wal.retired")
+    }
+
+    /// Deletes the WAL in one step that a kill cannot leave half done: a rename away, then the delete. Whether the
+    /// delete is finished does not matter: nothing opens `wal.retired`.
+    fn retire(&self) -> bool {
+        self.delete_retired();
+        let retired = std::fs::rename(self.wal(), self.retired()).is_ok();
+        self.delete_retired();
+        retired
+    }
+
+    /// Deletes what an earlier rotation retired (all of it, or what a killed process left of it).
+    fn delete_retired(&self) {
+        let retired = self.retired();
+        if retired.exists()
+            && let Err(error) = std::fs::remove_dir_all(&retired)
+        {
+            tracing::warn!(path = %retired.display(), %error, "a retired WAL could not be deleted");
+        }
+    }
+
+    /// Notes the WAL's size when the shard was (re)opened.
+    fn opened(&self) {
+        self.opened_with.store(self.wal_bytes(), Ordering::Relaxed);
     }
 
     /// Bytes the WAL's files take.
@@ -559,7 +587,7 @@ impl WalRotation {
     }
 
     fn due(&self) -> bool {
-        let opened_with = self.opened_with.load(std::sync::atomic::Ordering::Relaxed);
+        let opened_with = self.opened_with.load(Ordering::Relaxed);
         self.wal_bytes().saturating_sub(opened_with) > self.max_bytes
     }
 
@@ -592,11 +620,10 @@ impl WalRotation {
         // Dropping flushes every segment; qdrant-edge panics when that fails. Only a flushed shard's WAL may go.
         let flushed =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(shard))).is_ok();
-        let deleted = flushed && std::fs::remove_dir_all(self.wal()).is_ok();
+        let deleted = flushed && self.retire();
         match self.open(&mut slot) {
             Ok(_) => {
-                self.rotations
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.rotations.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(path = %self.path.display(), wal_bytes = before, flushed, deleted,
                     took_ms = started.elapsed().as_secs_f64() * 1e3, "embedded store WAL rotated");
             }
@@ -622,8 +649,7 @@ impl WalRotation {
     fn open(&self, slot: &mut Option<Arc<EdgeShard>>) -> Result<Arc<EdgeShard>, StoreError> {
         let shard = Arc::new(load(&self.path, !self.wal().exists())?);
         *slot = Some(shard.clone());
-        self.opened_with
-            .store(self.wal_bytes(), std::sync::atomic::Ordering::Relaxed);
+        self.opened();
         Ok(shard)
     }
 }

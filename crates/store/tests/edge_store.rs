@@ -279,12 +279,17 @@ async fn the_wal_is_rotated_past_its_bound_while_reads_go_on_and_every_point_sur
         store.upsert(points).await.unwrap();
     }
     assert!(reader.await.unwrap() > 0, "reads ran while the WAL rotated");
+    let collection = dir.path().join("user_context");
+    assert!(
+        !collection.join("wal.retired").exists(),
+        "each retired WAL is deleted"
+    );
     assert!(
         store.wal_rotations() >= 2,
         "rotations: {}",
         store.wal_rotations()
     );
-    let wal = dir.path().join("user_context").join("wal");
+    let wal = collection.join("wal");
     // Without rotation the WAL would hold every update (~27 MB, four or more 8 MiB segments).
     assert!(
         bytes_under(&wal) <= 24 * 1024 * 1024,
@@ -303,4 +308,35 @@ async fn the_wal_is_rotated_past_its_bound_while_reads_go_on_and_every_point_sur
         .unwrap();
     assert_eq!(hits.len(), 5);
     assert!(hits.iter().all(|h| h.payload["text"] == note));
+}
+
+#[tokio::test]
+async fn a_wal_left_retired_by_a_killed_rotation_is_deleted_at_open_and_every_point_is_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EdgeStore::open(dir.path(), spec(DIM)).unwrap();
+    store
+        .upsert((0..200).map(|n| point(n, "alice")).collect())
+        .await
+        .unwrap();
+    drop(store);
+    // What a process killed in the middle of a rotation leaves: the WAL moved to `wal.retired`, partly deleted.
+    let collection = dir.path().join("user_context");
+    let retired = collection.join("wal.retired");
+    std::fs::rename(collection.join("wal"), &retired).unwrap();
+    let first = std::fs::read_dir(&retired)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
+    std::fs::remove_file(first.path()).unwrap();
+
+    let store = EdgeStore::open(dir.path(), spec(DIM)).unwrap();
+    assert!(!retired.exists(), "the retired WAL is deleted at open");
+    assert!(collection.join("wal").is_dir(), "a fresh WAL");
+    assert_eq!(store.count(None).await.unwrap(), 200);
+    store.upsert(vec![point(200, "bob")]).await.unwrap();
+    drop(store);
+    let reopened = EdgeStore::open(dir.path(), spec(DIM)).unwrap();
+    assert_eq!(reopened.count(None).await.unwrap(), 201);
+    assert_eq!(reopened.count(Some("bob")).await.unwrap(), 1);
 }
